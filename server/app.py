@@ -1,0 +1,123 @@
+"""Wiring: settings to hub, broker, transport and listening socket; signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+
+from server.broker.memory import MemoryBroker
+from server.config import Settings
+from server.hub import Hub
+from server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
+from server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
+
+log = logging.getLogger("wsfan")
+
+
+class Node:
+    """One server process: everything that lives as long as the listening socket."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or secrets.token_hex(3)
+        self.broker = MemoryBroker(settings.history_size)
+        loop = asyncio.get_running_loop()
+        self.hub = Hub(
+            self.broker,
+            node_id=self.node_id,
+            schedule=loop.call_soon,
+            heartbeat_ms=settings.heartbeat,
+            rate_limit=settings.rate_limit,
+            rate_burst=settings.rate_burst,
+            rate_abuse_strikes=settings.rate_abuse_strikes,
+        )
+        self.registry = ConnectionRegistry(
+            settings.heartbeat, settings.heartbeat_timeout, self._count_heartbeat_close
+        )
+        self.limits = Limits(settings.max_message_size, settings.slow_consumer_limit)
+        self.draining = False
+        self.server: asyncio.Server | None = None
+
+    def _count_heartbeat_close(self) -> None:
+        self.hub.stats.heartbeat_closes += 1
+
+    def route(
+        self, request: WSUpgradeRequest
+    ) -> Connection | EchoConnection | WSUpgradeResponseWithListener | None:
+        """Pick a listener by path; plain GETs (health) are answered here too, since picows serves them."""
+        path = request.path.split(b"?", 1)[0]
+        if path == b"/ws":
+            if self.draining:
+                return _plain(503, b"draining\n", {"Retry-After": "1"})
+            offered = request.headers.get("Sec-WebSocket-Protocol", "")
+            if MSGPACK_SUBPROTOCOL in (p.strip() for p in offered.split(",")):
+                conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry)
+                headers = {"Sec-WebSocket-Protocol": MSGPACK_SUBPROTOCOL}
+                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
+            return Connection(self.hub, Encoding.JSON, self.limits, self.registry)
+        if path == b"/echo" and self.settings.echo_endpoint:
+            return EchoConnection(self.limits, self.registry)
+        if path == b"/healthz":
+            return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
+        return None
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.broker.start()
+        self.server = await ws_create_server(
+            self.route,
+            s.host,
+            s.port,
+            max_frame_size=s.max_message_size,
+            read_buffer_init_size=s.read_buffer_size,
+            enable_auto_pong=True,
+            websocket_handshake_timeout=5,
+            logger_name="server",
+        )
+        self.registry.start()
+        log.info("listening on ws://%s:%d/ws (node %s)", s.host, s.port, self.node_id)
+
+    async def drain(self) -> None:
+        """Stop accepting, close every connection with 1001, wait for their handshakes up to the drain timeout."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        self.registry.stop()
+        self.hub.flush()  # what was queued before the signal still goes out, ahead of the close frame
+        conns = list(self.registry.connections)
+        log.info("draining %d connections", len(conns))
+        for c in conns:
+            c.close(CloseCode.GOING_AWAY, "server going away")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        while self.registry.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for c in list(self.registry.connections):
+            c.abort()
+        await self.broker.close()
+
+
+def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:
+    if status == 200:
+        response = WSUpgradeResponse.create_ok_response(body, headers)
+    else:
+        response = WSUpgradeResponse.create_error_response(status, body, headers)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain; the exit code is 0 after a clean drain."""
+    node = Node(settings)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await node.drain()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,49 @@
+"""The seam between one node and the rest of the cluster.
+
+The hub publishes through a ``Broker`` and receives every publication back through
+the callback it binds, whether the broker lives in this process (single node) or
+in Redis (cluster). The hub never knows which one it has.
+
+Calls that may need the network return either a value or an awaitable of it: the
+in-process broker answers synchronously so the single-node hot path never creates
+a task, and the hub awaits only when it is handed an awaitable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from server.broker.publication import History, Publication
+
+DeliverFn = Callable[[Publication], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take a publish right now; the client gets ``UNAVAILABLE``."""
+
+
+class Broker(Protocol):
+    def bind(self, deliver: DeliverFn) -> None:
+        """Register the node's fan-out; called for every publication of a room this node subscribed to."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def publish(
+        self, room: str, sender: str, payload: bytes, encoding: int, origin: str
+    ) -> Publication | Awaitable[Publication]:
+        """Assign the room's next seq, keep the publication in history and fan it out to every node."""
+
+    def history(self, room: str, since: int | None) -> History | Awaitable[History]:
+        """Publications with ``seq > since`` (none when since is None) and the room's current seq."""
+
+    def subscribe(self, room: str) -> None | Awaitable[None]:
+        """This node has its first local subscriber of ``room``."""
+
+    def unsubscribe(self, room: str) -> None | Awaitable[None]:
+        """This node's last local subscriber of ``room`` left."""
+
+
+__all__ = ["Broker", "BrokerUnavailable", "DeliverFn", "History", "Publication"]

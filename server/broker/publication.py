@@ -1,0 +1,88 @@
+"""A published message as it travels between brokers, history and the hub."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from msgspec import Raw
+
+from server.protocol import CODECS, Delivery, Encoding, build_frame
+
+
+class Publication:
+    """One message of one room, with its delivery frames built lazily, once per encoding.
+
+    The frame for an encoding is built the first time any subscriber of that
+    encoding needs it and then shared by every subscriber and by history replay,
+    so a publish costs one encode + one frame build per encoding in use, not per
+    subscriber. A payload is transcoded only when it crosses encodings (a JSON
+    publisher and a MessagePack subscriber); same-encoding payloads are copied
+    byte for byte.
+    """
+
+    __slots__ = (
+        "room",
+        "seq",
+        "sender",
+        "payload",
+        "encoding",
+        "origin",
+        "published_at",
+        "_json",
+        "_msgpack",
+    )
+
+    def __init__(
+        self,
+        room: str,
+        seq: int,
+        sender: str,
+        payload: bytes,
+        encoding: int,
+        origin: str = "",
+        published_at: float = 0.0,
+    ) -> None:
+        self.room = room
+        self.seq = seq
+        self.sender = sender
+        self.payload = payload
+        self.encoding = encoding
+        self.origin = origin
+        self.published_at = published_at
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+
+    def frame(self, encoding: int) -> bytes:
+        if encoding == Encoding.JSON:
+            f = self._json
+            if f is None:
+                f = self._json = self._build(Encoding.JSON)
+            return f
+        f = self._msgpack
+        if f is None:
+            f = self._msgpack = self._build(Encoding.MSGPACK)
+        return f
+
+    def payload_in(self, encoding: int) -> bytes:
+        if encoding == self.encoding:
+            return self.payload
+        source, target = CODECS[Encoding(self.encoding)], CODECS[Encoding(encoding)]
+        return target.encode_value(source.decode_payload(self.payload))
+
+    def _build(self, encoding: Encoding) -> bytes:
+        codec = CODECS[encoding]
+        msg = Delivery(
+            room=self.room, seq=self.seq, sender=self.sender, payload=Raw(self.payload_in(encoding))
+        )
+        return build_frame(codec.opcode, codec.encode(msg))
+
+    def json(self) -> bytes:
+        """The delivery as JSON text without a frame header (SSE and logs)."""
+        frame = self.frame(Encoding.JSON)
+        return frame[2:] if frame[1] < 126 else frame[4:] if frame[1] == 126 else frame[10:]
+
+
+class History(NamedTuple):
+    publications: list[Publication]
+    recovered: bool
+    seq: int

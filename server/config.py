@@ -1,0 +1,142 @@
+"""One settings object, filled from defaults, a TOML file, environment variables and CLI flags.
+
+Precedence, lowest first: defaults, ``--config`` TOML file, ``WSFAN_*`` environment
+variables, command-line flags. Every option is declared once, in ``Settings``,
+with its help text in ``HELP``; the CLI, the env names and the TOML keys are all
+derived from it so that they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+ENV_PREFIX = "WSFAN_"
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8765
+    rate_limit: float = 100.0
+    rate_burst: float = 200.0
+    rate_abuse_strikes: int = 50
+    max_message_size: int = 64 * 1024
+    heartbeat: int = 30_000
+    heartbeat_timeout: int = 10_000
+    slow_consumer_limit: int = 4 * 1024 * 1024
+    history_size: int = 300
+    echo_endpoint: bool = False
+    log_level: str = "info"
+    drain_timeout: float = 10.0
+    read_buffer_size: int = 2048
+    node_id: str = ""
+
+
+HELP: dict[str, str] = {
+    "host": "address to listen on",
+    "port": "TCP port for WebSocket (/ws, /echo) and plain GET endpoints",
+    "rate_limit": "messages per second per connection (token bucket refill rate); 0 turns the limit off",
+    "rate_burst": "token bucket size: messages a connection may send at once before the rate applies",
+    "rate_abuse_strikes": "RATE_LIMITED refusals, without a quiet second between them, before close 4029",
+    "max_message_size": "largest inbound message in bytes, after reassembling fragments; larger closes with 1009",
+    "heartbeat": "ms of inbound silence before the server pings a connection; 0 turns heartbeats off",
+    "heartbeat_timeout": "ms to wait for the pong before closing with 4000",
+    "slow_consumer_limit": "bytes queued for one connection that cannot keep up before it is closed with 4008",
+    "history_size": "publications kept per room for recovery with `since`; 0 keeps none",
+    "echo_endpoint": "serve /echo, which echoes every message verbatim (for RFC 6455 conformance suites)",
+    "log_level": "debug, info, warning or error",
+    "drain_timeout": "seconds to wait for close handshakes on shutdown before dropping connections",
+    "read_buffer_size": "initial per-connection read buffer in bytes (grows on demand); small keeps idle connections cheap",
+    "node_id": "name of this node in welcome messages and conn ids; random when empty",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "wsfan") -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Pub/sub WebSocket server (PROTOCOL.md v1). Every flag can also be set with an "
+        f"environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT=9000) or a key in the --config TOML file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with settings (keys as flag names, _ or -)"
+    )
+    for name, field_type in Settings.__annotations__.items():
+        default = getattr(defaults, name)
+        help_text = f"{HELP[name]} (env {ENV_PREFIX}{name.upper()}; default: {default!r})"
+        if field_type == "bool":
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            py_type = {"int": int, "float": float, "str": str}[field_type]
+            parser.add_argument(_flag(name), dest=name, type=py_type, default=None, help=help_text)
+    return parser
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in Settings.__annotations__:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            out[name] = raw
+    return out
+
+
+def _from_toml(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    section = data.get("server", data)
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Merge all sources into one validated ``Settings``; raises ``SystemExit`` with a clear message on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    merged: dict[str, Any] = {}
+    if args.config:
+        try:
+            merged.update(_from_toml(args.config))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            parser.error(f"--config {args.config}: {exc}")
+    merged.update(_from_env(dict(os.environ) if environ is None else environ))
+    merged.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    try:
+        # strict=False lets env strings like "9000" or "true" convert to their field types.
+        settings = msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        parser.error(f"invalid setting: {exc}")
+    problems = validate(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return settings
+
+
+def validate(s: Settings) -> list[str]:
+    problems = []
+    if not 0 < s.port < 65536:
+        problems.append("port must be 1..65535")
+    if s.rate_limit < 0 or s.rate_burst < 1:
+        problems.append("rate-limit must be >= 0 and rate-burst >= 1")
+    if s.max_message_size < 1:
+        problems.append("max-message-size must be positive")
+    if s.heartbeat < 0 or s.heartbeat_timeout <= 0:
+        problems.append("heartbeat must be >= 0 and heartbeat-timeout > 0")
+    if s.history_size < 0:
+        problems.append("history-size must be >= 0")
+    if s.slow_consumer_limit < 1024:
+        problems.append("slow-consumer-limit must be at least 1024 bytes")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append("log-level must be debug, info, warning or error")
+    return problems

@@ -1,0 +1,452 @@
+"""Rooms, membership, requests and fan-out: the sans-I/O core of the server.
+
+The hub never touches a socket. It talks to each connection through a ``Peer``
+(write a session's queued frames in one go, close with a code), and asks the
+event loop for nothing but "call ``flush`` soon". Tests drive it with fakes and
+the micro benchmarks measure it alone.
+
+Corking, as uWebSockets does it: every outbound frame is appended to its
+session's queue, and the session is marked dirty once; at the end of the event
+loop iteration ``flush`` hands each dirty session's whole queue to its peer,
+which writes it with one call. A publish to N subscribers is one encode, one
+frame build and N list appends; a burst of publishes costs each subscriber one
+write, not one per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from server.broker import Broker, BrokerUnavailable, History, Publication
+from server.protocol import (
+    Ack,
+    Codec,
+    DecodeFailure,
+    Echo,
+    EchoReply,
+    Encoding,
+    Error,
+    ErrorCode,
+    Inbound,
+    Join,
+    JoinData,
+    Leave,
+    LeaveData,
+    Ping,
+    Pong,
+    Publish,
+    PublishData,
+    Welcome,
+)
+from server.ratelimit import TokenBucket
+from server.stats import Stats
+
+log = logging.getLogger("wsfan.hub")
+
+
+class Peer(Protocol):
+    """What the hub needs from a connection's transport."""
+
+    def flush(self, session: Session) -> None:
+        """Write ``session.out`` to the wire (one write) and empty it, or keep it while paused."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame with ``code`` and disconnect."""
+
+
+Handler = Callable[["Session", Any], None]
+Authorizer = Callable[["Session", str, str], bool]
+
+
+class Session:
+    """One connection's protocol state. Slots keep idle connections small."""
+
+    __slots__ = (
+        "peer",
+        "conn_id",
+        "user",
+        "codec",
+        "encoding",
+        "rooms",
+        "bucket",
+        "out",
+        "scheduled",
+        "closed",
+        "claims",
+    )
+
+    def __init__(self, peer: Peer, conn_id: str, user: str, codec: Codec, bucket: TokenBucket | None) -> None:
+        self.peer = peer
+        self.conn_id = conn_id
+        self.user = user
+        self.codec = codec
+        self.encoding = codec.encoding
+        self.rooms: set[str] = set()
+        self.bucket = bucket
+        self.out: list[bytes] = []
+        self.scheduled = False
+        self.closed = False
+        self.claims: Any = None
+
+
+class Room:
+    """Local subscribers of one room, split by encoding so fan-out never checks it per subscriber."""
+
+    __slots__ = ("name", "json", "msgpack", "recovering")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.json: dict[Session, None] = {}
+        self.msgpack: dict[Session, None] = {}
+        # Sessions whose join is waiting for history from an asynchronous broker:
+        # live publications are parked here so that replay comes first.
+        self.recovering: dict[Session, list[Publication]] = {}
+
+    def __len__(self) -> int:
+        return len(self.json) + len(self.msgpack)
+
+    def members(self, encoding: Encoding) -> dict[Session, None]:
+        return self.json if encoding is Encoding.JSON else self.msgpack
+
+
+class Hub:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        node_id: str,
+        schedule: Callable[[Callable[[], None]], Any],
+        heartbeat_ms: int = 30000,
+        rate_limit: float = 100.0,
+        rate_burst: float = 200.0,
+        rate_abuse_strikes: int = 50,
+        codecs: dict[Encoding, Codec] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.node_id = node_id
+        self.heartbeat_ms = heartbeat_ms
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst
+        self.rate_abuse_strikes = rate_abuse_strikes
+        self.stats = Stats()
+        self.sessions: dict[str, Session] = {}
+        self.rooms: dict[str, Room] = {}
+        self.authorize: Authorizer | None = None
+        self._schedule = schedule
+        self._dirty: list[Session] = []
+        self._flush_pending = False
+        self._ids = itertools.count(1)
+        self._extra_types: tuple[type[Inbound], ...] = ()
+        self._handlers: dict[type, Handler] = {
+            Join: self._on_join,
+            Leave: self._on_leave,
+            Publish: self._on_publish,
+            Echo: self._on_echo,
+            Ping: self._on_ping,
+        }
+        self.codecs = codecs or {e: Codec(e) for e in Encoding}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.flush_observers: list[Callable[[list[Publication]], None]] = []
+        self._flushed: list[Publication] = []
+        broker.bind(self.deliver)
+
+    # ------------------------------------------------------------ extension points
+
+    def register(self, message_type: type[Inbound], handler: Handler) -> None:
+        """Add an application message type (a tagged ``Inbound`` Struct) with its handler.
+
+        Decoders are rebuilt once here, so the built-in types' hot path is untouched.
+        """
+        self._extra_types += (message_type,)
+        self._handlers[message_type] = handler
+        self.codecs = {e: Codec(e, self._extra_types) for e in Encoding}
+
+    # ------------------------------------------------------------ connection lifecycle
+
+    def open(self, peer: Peer, encoding: Encoding, user: str | None = None, claims: Any = None) -> Session:
+        conn_id = f"{self.node_id}-{next(self._ids):x}"
+        bucket = TokenBucket(self.rate_limit, self.rate_burst) if self.rate_limit > 0 else None
+        s = Session(peer, conn_id, user or conn_id, self.codecs[encoding], bucket)
+        s.claims = claims
+        self.sessions[conn_id] = s
+        self.stats.connections_opened += 1
+        self.send(
+            s,
+            s.codec.frame(Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id)),
+        )
+        return s
+
+    def close(self, s: Session) -> None:
+        """Forget a session whose connection is gone; it leaves every room."""
+        if s.closed:
+            return
+        s.closed = True
+        s.out = []
+        self.sessions.pop(s.conn_id, None)
+        self.stats.connections_closed += 1
+        for name in list(s.rooms):
+            self._remove(s, name)
+
+    # ------------------------------------------------------------ inbound
+
+    def receive(self, s: Session, data: bytes | memoryview, opcode: int) -> None:
+        """Handle one complete message. ``data`` may alias a reusable read buffer: copy what outlives the call."""
+        stats = self.stats
+        stats.messages_in += 1
+        stats.bytes_in += len(data)
+        codec = s.codec
+        if opcode != codec.opcode:
+            kind = "text (JSON)" if codec.encoding is Encoding.JSON else "binary (MessagePack)"
+            self.error(s, None, ErrorCode.INVALID_MESSAGE, f"this connection speaks {kind} frames")
+            return
+        try:
+            msg = codec.decode(data)
+        except DecodeFailure as f:
+            self.error(s, f.request_id, f.code, f.message)
+            return
+        bucket = s.bucket
+        if bucket is not None and not bucket.take():
+            stats.rate_limited += 1
+            if bucket.strikes > self.rate_abuse_strikes:
+                stats.rate_limit_closes += 1
+                log.info("closing %s: still over the rate limit after %d refusals", s.conn_id, bucket.strikes)
+                s.peer.close(4029, "rate limit abuse")
+                return
+            self.error(
+                s, msg.id, ErrorCode.RATE_LIMITED, f"over {self.rate_limit:g} messages/s; message dropped"
+            )
+            return
+        try:
+            self._handlers[type(msg)](s, msg)
+        except Exception:
+            log.exception("handler for %s failed", type(msg).__name__)
+            self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
+
+    def _allowed(self, s: Session, action: str, room: str) -> bool:
+        auth = self.authorize
+        return auth is None or auth(s, action, room)
+
+    def _on_join(self, s: Session, m: Join) -> None:
+        room = m.room
+        if not self._allowed(s, "join", room):
+            self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
+            return
+        hist = self.broker.history(room, m.since)
+        if isinstance(hist, History):
+            self._add(s, room)
+            self._joined(s, m.id, room, hist)
+        else:
+            self._spawn(self._join_async(s, m.id, room, hist))
+
+    async def _join_async(
+        self, s: Session, request_id: str | None, name: str, pending: Awaitable[History]
+    ) -> None:
+        room = self._room(name)
+        parked: list[Publication] = room.recovering.setdefault(s, [])
+        try:
+            hist = await pending
+        except BrokerUnavailable as exc:
+            room.recovering.pop(s, None)
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            return
+        finally:
+            room.recovering.pop(s, None)
+        if s.closed:
+            return
+        self._add(s, name)
+        self._joined(s, request_id, name, hist)
+        last = hist.publications[-1].seq if hist.publications else hist.seq
+        for pub in parked:
+            if pub.seq > last and pub.origin != s.conn_id:
+                self.send(s, pub.frame(s.encoding))
+
+    def _joined(self, s: Session, request_id: str | None, room: str, hist: History) -> None:
+        # The ack goes first so a client learns ``recovered`` before the replayed messages.
+        if request_id is not None:
+            self.ack(s, request_id, JoinData(room=room, seq=hist.seq, recovered=hist.recovered))
+        enc = s.encoding
+        for pub in hist.publications:
+            self.send(s, pub.frame(enc))
+
+    def _on_leave(self, s: Session, m: Leave) -> None:
+        # Leaving a room one is not in is a no-op that still acks, as in Socket.IO.
+        if m.room in s.rooms:
+            self._remove(s, m.room)
+        if m.id is not None:
+            self.ack(s, m.id, LeaveData(room=m.room))
+
+    def _on_publish(self, s: Session, m: Publish) -> None:
+        room = m.room
+        if not self._allowed(s, "publish", room):
+            self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to publish to {room!r}")
+            return
+        if room not in s.rooms:
+            self.error(s, m.id, ErrorCode.NOT_JOINED, f"join {room!r} before publishing to it")
+            return
+        self.publish(
+            room, s.user, bytes(m.payload), s.encoding, origin=s.conn_id, reply_to=s, request_id=m.id
+        )
+
+    def publish(
+        self,
+        room: str,
+        sender: str,
+        payload: bytes,
+        encoding: int,
+        *,
+        origin: str = "",
+        reply_to: Session | None = None,
+        request_id: str | None = None,
+    ) -> Publication | Awaitable[Publication]:
+        """Publish into a room from a client or from the backend (admin publish)."""
+        self.stats.publishes += 1
+        try:
+            result = self.broker.publish(room, sender, payload, encoding, origin)
+        except BrokerUnavailable as exc:
+            if reply_to is not None:
+                self.error(reply_to, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            raise
+        if isinstance(result, Publication):
+            if reply_to is not None and request_id is not None:
+                self.ack(reply_to, request_id, PublishData(room=room, seq=result.seq))
+            return result
+        if reply_to is not None:
+            self._spawn(self._publish_async(reply_to, request_id, room, result))
+        return result
+
+    async def _publish_async(
+        self, s: Session, request_id: str | None, room: str, pending: Awaitable[Publication]
+    ) -> None:
+        try:
+            pub = await pending
+        except BrokerUnavailable as exc:
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            return
+        if request_id is not None:
+            self.ack(s, request_id, PublishData(room=room, seq=pub.seq))
+
+    def _on_echo(self, s: Session, m: Echo) -> None:
+        # Encoded right away: m.payload still points into the frame being handled.
+        self.send(s, s.codec.frame(EchoReply(requestId=m.id, payload=m.payload)))
+
+    def _on_ping(self, s: Session, m: Ping) -> None:
+        self.send(s, s.codec.frame(Pong(requestId=m.id, ts=m.ts)))
+
+    # ------------------------------------------------------------ membership
+
+    def _room(self, name: str) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+            self.stats.rooms_created += 1
+            sub = self.broker.subscribe(name)
+            if inspect.isawaitable(sub):
+                self._spawn(_await(sub))
+        return room
+
+    def _add(self, s: Session, name: str) -> None:
+        self._room(name).members(s.encoding)[s] = None
+        s.rooms.add(name)
+
+    def _remove(self, s: Session, name: str) -> None:
+        s.rooms.discard(name)
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        room.members(s.encoding).pop(s, None)
+        if not room and not room.recovering:
+            del self.rooms[name]
+            unsub = self.broker.unsubscribe(name)
+            if inspect.isawaitable(unsub):
+                self._spawn(_await(unsub))
+
+    # ------------------------------------------------------------ outbound
+
+    def deliver(self, pub: Publication) -> None:
+        """Fan a publication out to this node's subscribers, the publishing connection excluded."""
+        room = self.rooms.get(pub.room)
+        if room is None:
+            return
+        origin = self.sessions.get(pub.origin) if pub.origin else None
+        dirty = self._dirty
+        n = 0
+        size = 0
+        for members, enc in ((room.json, Encoding.JSON), (room.msgpack, Encoding.MSGPACK)):
+            if not members or (len(members) == 1 and origin in members):
+                continue
+            frame = pub.frame(enc)
+            count = 0
+            for s in members:
+                if s is origin:
+                    continue
+                s.out.append(frame)
+                if not s.scheduled:
+                    s.scheduled = True
+                    dirty.append(s)
+                count += 1
+            n += count
+            size += count * len(frame)
+        if room.recovering:
+            for parked in room.recovering.values():
+                parked.append(pub)
+        stats = self.stats
+        stats.deliveries += n
+        stats.bytes_out += size
+        if n:
+            self._flushed.append(pub)
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._schedule(self.flush)
+
+    def send(self, s: Session, frame: bytes) -> None:
+        """Queue one complete frame for one session."""
+        s.out.append(frame)
+        if not s.scheduled:
+            s.scheduled = True
+            self._dirty.append(s)
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._schedule(self.flush)
+
+    def ack(self, s: Session, request_id: str | None, data: Any) -> None:
+        self.stats.replies += 1
+        self.send(s, s.codec.frame(Ack(requestId=request_id, success=True, data=data)))
+
+    def error(self, s: Session, request_id: str | None, code: ErrorCode, message: str) -> None:
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        self.send(s, s.codec.frame(Error(requestId=request_id, success=False, code=code, message=message)))
+
+    def flush(self) -> None:
+        """Hand every dirty session's queue to its peer: one write per connection per loop iteration."""
+        self._flush_pending = False
+        dirty = self._dirty
+        if dirty:
+            self._dirty = []
+            for s in dirty:
+                s.scheduled = False
+                if not s.closed:
+                    s.peer.flush(s)
+        flushed = self._flushed
+        if flushed:
+            self._flushed = []
+            for observe in self.flush_observers:
+                observe(flushed)
+
+    # ------------------------------------------------------------ tasks
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _await(aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except Exception:
+        log.exception("broker call failed")

@@ -1,0 +1,257 @@
+"""The wire format of PROTOCOL.md v1, in one place.
+
+Every message is a ``msgspec.Struct``; inbound messages form a tagged union on
+``type`` so that one reusable decoder turns a frame's memoryview straight into a
+typed object without building a dict. Payloads stay ``msgspec.Raw``: the server
+never parses or re-encodes what a user published.
+
+Frames are built here too: server frames are never masked, so one delivery's
+frame is the same bytes for every subscriber and is built exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta, Raw, Struct, field
+
+ROOM_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}$"
+RoomName = Annotated[str, Meta(pattern=ROOM_PATTERN)]
+Seq = Annotated[int, Meta(ge=0)]
+
+
+class Encoding(enum.IntEnum):
+    """One encoding per connection; the value is the WebSocket opcode it travels in."""
+
+    JSON = 0x1  # text frames
+    MSGPACK = 0x2  # binary frames
+
+
+MSGPACK_SUBPROTOCOL: Final = "msgpack"
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    FORBIDDEN = "FORBIDDEN"
+    NOT_JOINED = "NOT_JOINED"
+    RATE_LIMITED = "RATE_LIMITED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_UTF8 = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    HEARTBEAT_TIMEOUT = 4000
+    TOKEN_EXPIRED = 4001
+    SLOW_CONSUMER = 4008
+    RATE_LIMIT_ABUSE = 4029
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+class Inbound(Struct, tag_field="type", kw_only=True):
+    """Fields every client message may carry; unknown fields are ignored for forward compatibility."""
+
+    id: str | None = None
+    ts: int | float | None = None
+
+
+class Join(Inbound, tag="join"):
+    room: RoomName
+    since: Seq | None = None
+
+
+class Leave(Inbound, tag="leave"):
+    room: RoomName
+
+
+class Publish(Inbound, tag="publish"):
+    room: RoomName
+    payload: Raw
+
+
+class Echo(Inbound, tag="echo"):
+    payload: Raw
+
+
+class Ping(Inbound, tag="ping"):
+    pass
+
+
+BUILTIN_TYPES: Final[tuple[type[Inbound], ...]] = (Join, Leave, Publish, Echo, Ping)
+
+
+class _Probe(Struct):
+    """Read only what is needed to answer a message that failed the schema: its id and type."""
+
+    type: Any = None
+    id: Any = None
+
+
+# ---------------------------------------------------------------- server -> client
+
+
+class Outbound(Struct, tag_field="type", omit_defaults=True):
+    pass
+
+
+class Welcome(Outbound, tag="welcome"):
+    conn: str
+    user: str
+    heartbeat: int
+    node: str
+
+
+class Delivery(Outbound, tag="message", kw_only=True):
+    room: str
+    seq: int
+    sender: str = field(name="from")
+    payload: Raw
+
+
+# ``success`` has no default on purpose: omit_defaults would otherwise drop it from the wire.
+class Ack(Outbound, tag="ack", kw_only=True):
+    requestId: str | None = None  # noqa: N815 - wire name
+    success: bool
+    data: Any = None
+
+
+class Error(Outbound, tag="error", kw_only=True):
+    requestId: str | None = None  # noqa: N815
+    success: bool
+    code: str
+    message: str
+
+
+class EchoReply(Outbound, tag="echo", kw_only=True):
+    requestId: str | None = None  # noqa: N815
+    payload: Raw
+
+
+class Pong(Outbound, tag="pong", kw_only=True):
+    requestId: str | None = None  # noqa: N815
+    ts: int | float | None = None
+
+
+class JoinData(Struct):
+    room: str
+    seq: int
+    recovered: bool
+
+
+class LeaveData(Struct):
+    room: str
+
+
+class PublishData(Struct):
+    room: str
+    seq: int
+
+
+# ---------------------------------------------------------------- codecs
+
+
+class DecodeFailure(Exception):
+    """A message that is valid WebSocket but not valid protocol; carries what the error reply needs."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class Codec:
+    """Decoder and encoder for one encoding, reused for every message of every connection.
+
+    ``extra_types`` lets application code register its own message types (with
+    their own handlers in the hub) without touching the built-in ones.
+    """
+
+    __slots__ = ("encoding", "opcode", "_decoder", "_probe", "_encoder", "known_types")
+
+    def __init__(self, encoding: Encoding, extra_types: tuple[type[Inbound], ...] = ()) -> None:
+        types = BUILTIN_TYPES + extra_types
+        union = types[0] if len(types) == 1 else _union(types)
+        self.encoding = encoding
+        self.opcode = int(encoding)
+        self.known_types = frozenset(t.__struct_config__.tag for t in types)
+        if encoding is Encoding.JSON:
+            self._decoder: Any = msgspec.json.Decoder(union)
+            self._probe: Any = msgspec.json.Decoder(_Probe)
+            self._encoder: Any = msgspec.json.Encoder()
+        else:
+            self._decoder = msgspec.msgpack.Decoder(union)
+            self._probe = msgspec.msgpack.Decoder(_Probe)
+            self._encoder = msgspec.msgpack.Encoder()
+
+    def decode(self, data: bytes | memoryview) -> Inbound:
+        """Decode one message or raise ``DecodeFailure`` with the protocol's error code."""
+        try:
+            return self._decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise self._explain(data, exc) from None
+
+    def _explain(self, data: bytes | memoryview, exc: msgspec.DecodeError) -> DecodeFailure:
+        # Cold path: a second, lenient decode finds the id to answer and tells an
+        # unknown type apart from a malformed message.
+        try:
+            probe = self._probe.decode(data)
+        except msgspec.DecodeError:
+            return DecodeFailure(ErrorCode.INVALID_MESSAGE, f"not parseable: {exc}", None)
+        request_id = probe.id if isinstance(probe.id, str) else None
+        if isinstance(probe.type, str) and probe.type not in self.known_types:
+            return DecodeFailure(ErrorCode.UNKNOWN_TYPE, f"unknown message type {probe.type!r}", request_id)
+        return DecodeFailure(ErrorCode.INVALID_MESSAGE, str(exc), request_id)
+
+    def encode(self, msg: Outbound) -> bytes:
+        return self._encoder.encode(msg)
+
+    def frame(self, msg: Outbound) -> bytes:
+        """Encode a message and wrap it in one complete, unmasked WebSocket frame."""
+        return build_frame(self.opcode, self._encoder.encode(msg))
+
+    def decode_payload(self, payload: bytes) -> Any:
+        """Turn a raw payload into Python values (used only to transcode between encodings)."""
+        if self.encoding is Encoding.JSON:
+            return msgspec.json.decode(payload)
+        return msgspec.msgpack.decode(payload)
+
+    def encode_value(self, value: Any) -> bytes:
+        return self._encoder.encode(value)
+
+
+def _union(types: tuple[type[Inbound], ...]) -> Any:
+    union: Any = types[0]
+    for t in types[1:]:
+        union = union | t
+    return union
+
+
+_H16 = struct.Struct("!BBH")
+_H64 = struct.Struct("!BBQ")
+
+
+def build_frame(opcode: int, payload: bytes) -> bytes:
+    """One FIN frame, unmasked (RFC 6455 5.1: servers never mask), header + payload in one bytes object."""
+    n = len(payload)
+    b0 = 0x80 | opcode
+    if n < 126:
+        return bytes((b0, n)) + payload
+    if n < 65536:
+        return _H16.pack(b0, 126, n) + payload
+    return _H64.pack(b0, 127, n) + payload
+
+
+CODECS: Final = {Encoding.JSON: Codec(Encoding.JSON), Encoding.MSGPACK: Codec(Encoding.MSGPACK)}

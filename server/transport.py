@@ -1,0 +1,357 @@
+"""picows frames in, complete messages to the hub, queued frames out. No business logic.
+
+picows works at the frame level and leaves the rest of RFC 6455 to the
+application; this module is that rest: reassembly of fragmented messages under
+one size limit, UTF-8 validation of text, reserved bits, orphan continuations,
+the close handshake, heartbeats and back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
+
+from server.hub import Hub, Session
+from server.protocol import CloseCode, Encoding
+
+log = logging.getLogger("wsfan.transport")
+
+TEXT = WSMsgType.TEXT
+BINARY = WSMsgType.BINARY
+CONTINUATION = WSMsgType.CONTINUATION
+CLOSE = WSMsgType.CLOSE
+PONG = WSMsgType.PONG
+
+# After our close frame, how long a peer gets to answer before the socket is dropped.
+CLOSE_GRACE_S = 2.0
+# uvloop's write-buffer high watermark; past it pause_writing() and our own queue take over.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class Limits:
+    """The per-connection limits the transport enforces, shared by all connections."""
+
+    __slots__ = ("max_message_size", "slow_consumer_limit")
+
+    def __init__(self, max_message_size: int, slow_consumer_limit: int) -> None:
+        self.max_message_size = max_message_size
+        self.slow_consumer_limit = slow_consumer_limit
+
+
+class Assembler(WSListener):
+    """Turns frames into whole messages and enforces RFC 6455; subclasses decide what a message means."""
+
+    # picows' WSListener is an extension type: slots keep the per-connection footprint small.
+    __slots__ = (
+        "transport",
+        "limits",
+        "rx",
+        "rx_seen",
+        "idle_since",
+        "ping_sent_at",
+        "closing",
+        "_frag",
+        "_frag_op",
+        "_utf8",
+        "_close_timer",
+        "registry",
+    )
+
+    def __init__(self, limits: Limits, registry: ConnectionRegistry) -> None:
+        super().__init__()
+        self.transport: WSTransport | None = None
+        self.limits = limits
+        self.registry = registry
+        self.rx = 0
+        self.rx_seen = 0
+        self.idle_since = 0.0
+        self.ping_sent_at = 0.0
+        self.closing = False
+        self._frag: bytearray | None = None
+        self._frag_op: WSMsgType = TEXT
+        self._utf8: Any = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ picows callbacks
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        transport.underlying_transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.idle_since = self.registry.now()
+        self.registry.add(self)
+        self.opened()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.registry.discard(self)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self.closed()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.rx += 1
+        op = frame.msg_type
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+            return
+        if op is TEXT or op is BINARY:
+            if self._frag is not None:
+                self.close(CloseCode.PROTOCOL_ERROR, "data frame inside a fragmented message")
+                return
+            if frame.fin:
+                data = frame.get_payload_as_memoryview()
+                if op is TEXT:
+                    try:
+                        str(data, "utf-8")
+                    except UnicodeDecodeError:
+                        self.close(CloseCode.INVALID_UTF8, "invalid UTF-8 in a text message")
+                        return
+                self.message(data, op.value)
+                return
+            self._start_fragments(frame, op)
+        elif op is CONTINUATION:
+            self._continue_fragments(frame)
+        elif op is CLOSE:
+            self._on_close_frame(frame)
+        # PONG only needs to count as traffic (rx above); picows answers PINGs itself.
+
+    def pause_writing(self) -> None:
+        self.paused(True)
+
+    def resume_writing(self) -> None:
+        self.paused(False)
+
+    # ------------------------------------------------------------ fragments
+
+    def _start_fragments(self, frame: WSFrame, op: WSMsgType) -> None:
+        self._frag = bytearray(frame.get_payload_as_memoryview())
+        self._frag_op = op
+        if op is TEXT:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")()
+            if not self._check_utf8(self._frag, False):
+                return
+        self._check_size()
+
+    def _continue_fragments(self, frame: WSFrame) -> None:
+        buf = self._frag
+        if buf is None:
+            self.close(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+            return
+        chunk = frame.get_payload_as_memoryview()
+        buf += chunk
+        if not self._check_size():
+            return
+        if self._frag_op is TEXT and not self._check_utf8(chunk, frame.fin):
+            return
+        if frame.fin:
+            self._frag = None
+            self._utf8 = None
+            self.message(bytes(buf), self._frag_op.value)
+
+    def _check_size(self) -> bool:
+        buf = self._frag
+        if buf is not None and len(buf) > self.limits.max_message_size:
+            self._frag = None
+            self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.limits.max_message_size} bytes")
+            return False
+        return True
+
+    def _check_utf8(self, chunk: bytes | bytearray | memoryview, final: bool) -> bool:
+        # Incremental so that invalid UTF-8 fails fast, at the fragment that carries it.
+        try:
+            self._utf8.decode(chunk, final)
+        except UnicodeDecodeError:
+            self._frag = None
+            self.close(CloseCode.INVALID_UTF8, "invalid UTF-8 in a text message")
+            return False
+        return True
+
+    # ------------------------------------------------------------ closing
+
+    def _on_close_frame(self, frame: WSFrame) -> None:
+        t = self.transport
+        assert t is not None
+        if not t.is_close_frame_sent:
+            code = int(frame.get_close_code())
+            if code == 0:
+                t.send(CLOSE, b"")  # an empty close is answered with an empty close
+            else:
+                t.send_close(code)
+        self.closing = True
+        t.disconnect()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; drop the socket if the peer does not answer within the grace period."""
+        t = self.transport
+        if t is None or self.closing:
+            return
+        self.closing = True
+        self._frag = None
+        if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            log.info("closing %s with %d: %s", self.name(), code, reason)
+        t.send_close(code, reason.encode()[:123])
+        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_disconnected:
+            t.underlying_transport.abort()
+
+    # ------------------------------------------------------------ for subclasses
+
+    def name(self) -> str:
+        return hex(id(self))
+
+    def opened(self) -> None: ...
+
+    def closed(self) -> None: ...
+
+    def message(self, data: bytes | memoryview, opcode: int) -> None: ...
+
+    def paused(self, on: bool) -> None: ...
+
+
+class Connection(Assembler):
+    """A ``/ws`` connection: whole messages go to the hub, the hub's queued frames come back here."""
+
+    __slots__ = ("hub", "encoding", "session", "is_paused", "backlog", "counted")
+
+    def __init__(self, hub: Hub, encoding: Encoding, limits: Limits, registry: ConnectionRegistry) -> None:
+        super().__init__(limits, registry)
+        self.hub = hub
+        self.encoding = encoding
+        self.session: Session | None = None
+        self.is_paused = False
+        self.backlog = 0
+        self.counted = 0
+
+    def name(self) -> str:
+        return self.session.conn_id if self.session is not None else "?"
+
+    def opened(self) -> None:
+        self.session = self.hub.open(self, self.encoding)
+        log.debug("connected %s", self.session.conn_id)
+
+    def closed(self) -> None:
+        s = self.session
+        if s is not None:
+            log.debug("disconnected %s", s.conn_id)
+            self.hub.close(s)
+
+    def message(self, data: bytes | memoryview, opcode: int) -> None:
+        if not self.closing:
+            self.hub.receive(self.session, data, opcode)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ Peer
+
+    def flush(self, session: Session) -> None:
+        out = session.out
+        if not out:
+            return
+        if self.closing:
+            out.clear()
+            return
+        if self.is_paused:
+            self._hold(session)
+            return
+        t = self.transport.underlying_transport  # type: ignore[union-attr]
+        if len(out) == 1:
+            t.write(out[0])
+        else:
+            t.writelines(out)
+        out.clear()
+
+    def _hold(self, session: Session) -> None:
+        # The socket is not draining: keep frames in our queue and count them, so
+        # memory stays bounded by the slow-consumer limit instead of growing in uvloop.
+        out = session.out
+        for i in range(self.counted, len(out)):
+            self.backlog += len(out[i])
+        self.counted = len(out)
+        if self.backlog > self.limits.slow_consumer_limit:
+            self.hub.stats.slow_consumer_closes += 1
+            out.clear()
+            self.backlog = self.counted = 0
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer over the limit")
+
+    def paused(self, on: bool) -> None:
+        self.is_paused = on
+        if not on:
+            self.backlog = self.counted = 0
+            s = self.session
+            if s is not None:
+                self.flush(s)
+
+
+class EchoConnection(Assembler):
+    """``/echo``: every message back verbatim, after the same assembly and validation (for Autobahn)."""
+
+    __slots__ = ()
+
+    def message(self, data: bytes | memoryview, opcode: int) -> None:
+        if not self.closing:
+            self.transport.send(WSMsgType(opcode), data)  # type: ignore[union-attr]
+
+
+class ConnectionRegistry:
+    """Every open connection, for heartbeats and shutdown; one periodic sweep instead of a timer each."""
+
+    def __init__(
+        self, heartbeat_ms: int, timeout_ms: int, on_timeout: Callable[[], None] | None = None
+    ) -> None:
+        self.connections: set[Assembler] = set()
+        self.heartbeat = heartbeat_ms / 1000.0
+        self.timeout = timeout_ms / 1000.0
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._on_timeout = on_timeout
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def add(self, c: Assembler) -> None:
+        self.connections.add(c)
+
+    def discard(self, c: Assembler) -> None:
+        self.connections.discard(c)
+
+    def start(self) -> None:
+        if self.heartbeat > 0:
+            self._task = self._loop.create_task(self._sweep_forever())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _sweep_forever(self) -> None:
+        # A tick of a quarter of the shorter interval keeps pings and timeouts
+        # within 25% of their settings while costing one pass per tick.
+        tick = max(0.02, min(1.0, min(self.heartbeat, self.timeout) / 4))
+        while True:
+            await asyncio.sleep(tick)
+            self.sweep(self._loop.time())
+
+    def sweep(self, now: float) -> None:
+        hb, timeout = self.heartbeat, self.timeout
+        for c in list(self.connections):
+            if c.rx != c.rx_seen:
+                c.rx_seen = c.rx
+                c.idle_since = now
+                c.ping_sent_at = 0.0
+            elif c.closing:
+                continue
+            elif c.ping_sent_at:
+                if now - c.ping_sent_at >= timeout:
+                    if self._on_timeout is not None:
+                        self._on_timeout()
+                    c.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout: no pong")
+            elif now - c.idle_since >= hb:
+                c.ping_sent_at = now
+                t = c.transport
+                if t is not None:
+                    t.send_ping()
