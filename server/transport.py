@@ -249,6 +249,14 @@ class Connection(Assembler):
 
     # ------------------------------------------------------------ Peer
 
+    def close(self, code: int, reason: str = "") -> None:
+        # Replies queued in this loop iteration (e.g. the RATE_LIMITED errors
+        # before a 4029) go out ahead of the close frame, as they were sent first.
+        s = self.session
+        if s is not None and s.out and not self.closing:
+            self.flush(s)
+        super().close(code, reason)
+
     def flush(self, session: Session) -> None:
         out = session.out
         if not out:

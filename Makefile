@@ -1,0 +1,47 @@
+# Every target works on a fresh clone with nothing but python3 installed: the venv is made on demand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 8765
+ARGS   ?=
+
+.PHONY: help install serve test test-fast lint format conformance bench bench-core bench-quick bench-micro swarm token clean
+
+help:
+	@echo "make serve        run a single-node server on 127.0.0.1:$(PORT) (ARGS='--flag value' for more)"
+	@echo "make test         run the whole test suite against real server processes"
+	@echo "make lint         ruff check + format check"
+	@echo "make conformance  RFC 6455 conformance: Autobahn|Testsuite fuzzingclient against /echo"
+	@echo "make bench-core   server CPU per delivery vs a naive picows loop, memory per idle connection"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(PY) -m server --host 127.0.0.1 --port $(PORT) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+conformance: install
+	bash tests/conformance/install_autobahn.sh
+	$(PY) tests/conformance/run_autobahn.py --outdir results/conformance
+
+bench-core: install
+	$(PY) -m bench core $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
