@@ -200,6 +200,11 @@ class Hub:
         stats.messages_in += 1
         stats.bytes_in += len(data)
         codec = s.codec
+        # The bucket is charged before decoding so that a flood of garbage is limited too.
+        bucket = s.bucket
+        if bucket is not None and not bucket.take():
+            self._refuse(s, bucket, codec.request_id(data))
+            return
         if opcode != codec.opcode:
             kind = "text (JSON)" if codec.encoding is Encoding.JSON else "binary (MessagePack)"
             self.error(s, None, ErrorCode.INVALID_MESSAGE, f"this connection speaks {kind} frames")
@@ -209,23 +214,20 @@ class Hub:
         except DecodeFailure as f:
             self.error(s, f.request_id, f.code, f.message)
             return
-        bucket = s.bucket
-        if bucket is not None and not bucket.take():
-            stats.rate_limited += 1
-            if bucket.strikes > self.rate_abuse_strikes:
-                stats.rate_limit_closes += 1
-                log.info("closing %s: still over the rate limit after %d refusals", s.conn_id, bucket.strikes)
-                s.peer.close(4029, "rate limit abuse")
-                return
-            self.error(
-                s, msg.id, ErrorCode.RATE_LIMITED, f"over {self.rate_limit:g} messages/s; message dropped"
-            )
-            return
         try:
             self._handlers[type(msg)](s, msg)
         except Exception:
             log.exception("handler for %s failed", type(msg).__name__)
             self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
+
+    def _refuse(self, s: Session, bucket: TokenBucket, request_id: str | None) -> None:
+        self.stats.rate_limited += 1
+        if bucket.strikes > self.rate_abuse_strikes:
+            self.stats.rate_limit_closes += 1
+            log.info("closing %s: still over the rate limit after %d refusals", s.conn_id, bucket.strikes - 1)
+            s.peer.close(4029, "rate limit abuse")
+            return
+        self.error(s, request_id, ErrorCode.RATE_LIMITED, f"over {self.rate_limit:g} messages/s; message dropped")
 
     def _allowed(self, s: Session, action: str, room: str) -> bool:
         auth = self.authorize

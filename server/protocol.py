@@ -203,6 +203,14 @@ class Codec:
         except msgspec.DecodeError as exc:
             raise self._explain(data, exc) from None
 
+    def request_id(self, data: bytes | memoryview) -> str | None:
+        """The id of a message that will not be handled (rate limited), to answer it all the same."""
+        try:
+            rid = self._probe.decode(data).id
+        except msgspec.DecodeError:
+            return None
+        return rid if isinstance(rid, str) else None
+
     def _explain(self, data: bytes | memoryview, exc: msgspec.DecodeError) -> DecodeFailure:
         # Cold path: a second, lenient decode finds the id to answer and tells an
         # unknown type apart from a malformed message.

@@ -201,3 +201,15 @@ async def test_client_close_is_answered_and_normal(make_server, peer):
     await c.close()
     await asyncio.wait_for(c.closed.wait(), 5)
     assert srv.alive()
+
+
+async def test_invalid_messages_count_against_the_rate_limit(make_server):
+    srv = make_server("--rate-limit", "1", "--rate-burst", "3", "--rate-abuse-strikes", "1000").start()
+    c = await PicowsPeer.connect(srv.url)
+    for _ in range(3):
+        await c.send_raw("{garbage")
+    await c.send_raw('{"type":"ping","id":"late"}')
+    replies = [await c.recv() for _ in range(4)]
+    assert [r["code"] for r in replies] == ["INVALID_MESSAGE"] * 3 + ["RATE_LIMITED"]
+    assert replies[-1]["requestId"] == "late", "a dropped message is still answered by its id"
+    await c.close()

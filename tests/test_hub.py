@@ -1,0 +1,151 @@
+"""The sans-I/O hub alone: corking, frame sharing, extension points and the INTERNAL error.
+
+These are the properties a socket cannot show directly (which bytes object went
+to whom, how many writes per loop iteration), so the hub is driven with a
+recording peer, exactly as the architecture intends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+from server.broker.memory import MemoryBroker
+from server.hub import Hub, Session
+from server.protocol import Encoding, Inbound
+
+
+class RecordingPeer:
+    def __init__(self) -> None:
+        self.writes: list[list[bytes]] = []
+        self.closed: list[tuple[int, str]] = []
+
+    def flush(self, session: Session) -> None:
+        self.writes.append(list(session.out))
+        session.out.clear()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+    def messages(self) -> list[dict]:
+        return [msgspec.json.decode(_unframe(f)) for batch in self.writes for f in batch]
+
+
+def _unframe(frame: bytes) -> bytes:
+    n = frame[1] & 0x7F
+    return frame[2 + (2 if n == 126 else 8 if n == 127 else 0) :]
+
+
+def make_hub(**kw) -> tuple[Hub, list[Callable[[], None]]]:
+    scheduled: list[Callable[[], None]] = []
+    hub = Hub(MemoryBroker(10), node_id="t", schedule=scheduled.append, rate_limit=0, **kw)
+    return hub, scheduled
+
+
+def run(scheduled: list[Callable[[], None]]) -> None:
+    while scheduled:
+        scheduled.pop(0)()
+
+
+def send(hub: Hub, s: Session, obj: dict) -> None:
+    hub.receive(s, msgspec.json.encode(obj), 0x1)
+
+
+def test_one_write_per_connection_per_loop_iteration():
+    hub, scheduled = make_hub()
+    peers = [RecordingPeer() for _ in range(3)]
+    sessions = [hub.open(p, Encoding.JSON) for p in peers]
+    for s in sessions:
+        send(hub, s, {"type": "join", "room": "r"})
+    run(scheduled)
+    for p in peers:
+        p.writes.clear()
+    for i in range(5):
+        send(hub, sessions[0], {"type": "publish", "room": "r", "payload": i})
+    assert len(scheduled) == 1, "one flush scheduled for the whole burst"
+    run(scheduled)
+    assert peers[0].writes == [], "the sender gets nothing"
+    for p in peers[1:]:
+        assert len(p.writes) == 1 and len(p.writes[0]) == 5, "five deliveries, one write"
+
+
+def test_every_subscriber_gets_the_same_frame_object():
+    hub, scheduled = make_hub()
+    peers = [RecordingPeer() for _ in range(4)]
+    sessions = [hub.open(p, Encoding.JSON) for p in peers]
+    for s in sessions:
+        send(hub, s, {"type": "join", "room": "r"})
+    run(scheduled)
+    for p in peers:
+        p.writes.clear()
+    send(hub, sessions[0], {"type": "publish", "room": "r", "payload": {"a": 1}})
+    run(scheduled)
+    frames = [p.writes[0][0] for p in peers[1:]]
+    assert all(f is frames[0] for f in frames), "encoded and framed once, shared by all"
+    assert hub.stats.deliveries == 3
+
+
+def test_a_crashing_handler_is_internal_and_logged(caplog):
+    class Boom(Inbound, tag="boom"):
+        pass
+
+    def explode(s: Session, m: Boom) -> None:
+        raise RuntimeError("kaput")
+
+    hub, scheduled = make_hub()
+    hub.register(Boom, explode)
+    peer = RecordingPeer()
+    s = hub.open(peer, Encoding.JSON)
+    with caplog.at_level(logging.ERROR, logger="wsfan.hub"):
+        send(hub, s, {"type": "boom", "id": "b1"})
+    run(scheduled)
+    err = peer.messages()[-1]
+    assert err == {"type": "error", "requestId": "b1", "success": False, "code": "INTERNAL", "message": "internal error"}
+    assert "kaput" in caplog.text and "Traceback" in caplog.text
+    # The connection carries on.
+    send(hub, s, {"type": "ping", "id": "p"})
+    run(scheduled)
+    assert peer.messages()[-1]["type"] == "pong"
+    assert peer.closed == []
+
+
+def test_registered_message_type_gets_its_handler():
+    class Whoami(Inbound, tag="whoami"):
+        pass
+
+    hub, scheduled = make_hub()
+
+    def whoami(s: Session, m: Whoami) -> None:
+        hub.ack(s, m.id, {"user": s.user})
+
+    hub.register(Whoami, whoami)
+    peer = RecordingPeer()
+    s = hub.open(peer, Encoding.JSON)
+    send(hub, s, {"type": "whoami", "id": "w"})
+    run(scheduled)
+    assert peer.messages()[-1]["data"] == {"user": s.user}
+
+
+def test_authorize_hook_refuses_with_forbidden():
+    hub, scheduled = make_hub()
+    hub.authorize = lambda s, action, room: room.startswith("public.")
+    peer = RecordingPeer()
+    s = hub.open(peer, Encoding.JSON)
+    send(hub, s, {"type": "join", "id": "1", "room": "secret"})
+    send(hub, s, {"type": "join", "id": "2", "room": "public.x"})
+    send(hub, s, {"type": "publish", "id": "3", "room": "secret", "payload": 1})
+    run(scheduled)
+    codes = [m.get("code", m["type"]) for m in peer.messages()[1:]]
+    assert codes == ["FORBIDDEN", "ack", "FORBIDDEN"]
+    assert s.rooms == {"public.x"}
+
+
+def test_closing_a_session_leaves_its_rooms_and_frees_empty_ones():
+    hub, scheduled = make_hub()
+    s = hub.open(RecordingPeer(), Encoding.JSON)
+    send(hub, s, {"type": "join", "room": "a"})
+    send(hub, s, {"type": "join", "room": "b"})
+    assert set(hub.rooms) == {"a", "b"}
+    hub.close(s)
+    assert hub.rooms == {} and hub.sessions == {}
