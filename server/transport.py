@@ -27,6 +27,8 @@ CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
 PONG = WSMsgType.PONG
 
+# RFC 6455 7.4.1: reserved for local use, never sent in a close frame (picows lets 1006 through).
+_NEVER_ON_THE_WIRE = frozenset((1004, 1005, 1006, 1015))
 # After our close frame, how long a peer gets to answer before the socket is dropped.
 CLOSE_GRACE_S = 2.0
 # uvloop's write-buffer high watermark; past it pause_writing() and our own queue take over.
@@ -180,6 +182,8 @@ class Assembler(WSListener):
             code = int(frame.get_close_code())
             if code == 0:
                 t.send(CLOSE, b"")  # an empty close is answered with an empty close
+            elif code in _NEVER_ON_THE_WIRE or code >= 5000:
+                t.send_close(CloseCode.PROTOCOL_ERROR, b"invalid close code")
             else:
                 t.send_close(code)
         self.closing = True

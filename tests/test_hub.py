@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 import msgspec
+
 from server.broker.memory import MemoryBroker
 from server.hub import Hub, Session
 from server.protocol import Encoding, Inbound

@@ -1,0 +1,71 @@
+"""RFC 6455 conformance of the /echo endpoint via the Autobahn|Testsuite fuzzingclient.
+
+Why a subprocess: the real work is tests/conformance/run_autobahn.py, the same script that
+`make conformance` runs, so pytest, make and CI can never disagree about what "conformant" means.
+
+Why it may skip: wstest needs a Python 2.7 venv that lives outside the repo and is built by
+tests/conformance/install_autobahn.sh. A developer who has not built it gets a skip with the
+command to run; CI sets WSFAN_REQUIRE_AUTOBAHN=1 so a missing install is a failure, not a
+silently green run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "tests" / "conformance" / "run_autobahn.py"
+INSTALLER = REPO_ROOT / "tests" / "conformance" / "install_autobahn.sh"
+
+
+def _autobahn_venv() -> Path:
+    """Same default location as install_autobahn.sh (kept in sync by hand; both are tiny)."""
+    venv = os.environ.get("WSFAN_AUTOBAHN_VENV")
+    if venv:
+        return Path(venv)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "wsfan" / "autobahn-venv"
+
+
+def _wstest_or_skip() -> Path:
+    """Return the cached wstest, or skip (fail when WSFAN_REQUIRE_AUTOBAHN=1)."""
+    explicit = os.environ.get("WSFAN_WSTEST")
+    venv = _autobahn_venv()
+    wstest = Path(explicit) if explicit else venv / "bin" / "wstest"
+    # The stamp is written last by the installer, so its presence means a complete install.
+    installed = os.access(wstest, os.X_OK) and (explicit or (venv / ".wsfan-autobahn-stamp").exists())
+    if installed:
+        return wstest
+    reason = f"Autobahn|Testsuite not installed at {wstest}; run: bash {INSTALLER.relative_to(REPO_ROOT)}"
+    if os.environ.get("WSFAN_REQUIRE_AUTOBAHN") == "1":
+        pytest.fail(f"WSFAN_REQUIRE_AUTOBAHN=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.mark.timeout(240)
+def test_autobahn_fuzzingclient_echo(tmp_path: Path) -> None:
+    """Every Autobahn case (except 9.*, 12.*, 13.*) is OK/NON-STRICT/INFORMATIONAL; SIGTERM exits 0."""
+    wstest = _wstest_or_skip()
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--no-install",
+        "--wstest",
+        str(wstest),
+        "--outdir",
+        str(tmp_path),
+        "--timeout",
+        "180",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=230
+    )
+    assert proc.returncode == 0, (
+        f"run_autobahn.py exited {proc.returncode} (1 = non-conformant cases, 2 = harness/server broke); "
+        f"reports in {tmp_path}\n{proc.stdout}"
+    )
