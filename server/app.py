@@ -9,6 +9,7 @@ import signal
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
+from server.broker import Broker
 from server.broker.memory import MemoryBroker
 from server.config import Settings
 from server.hub import Hub
@@ -24,7 +25,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.node_id = settings.node_id or secrets.token_hex(3)
-        self.broker = MemoryBroker(settings.history_size)
+        self.broker = make_broker(settings, self.node_id)
         loop = asyncio.get_running_loop()
         self.hub = Hub(
             self.broker,
@@ -99,6 +100,15 @@ class Node:
         for c in list(self.registry.connections):
             c.abort()
         await self.broker.close()
+
+
+def make_broker(settings: Settings, node_id: str) -> Broker:
+    """In-process unless a broker URL is given; the hub cannot tell the difference."""
+    if settings.broker:
+        from server.broker.redis import RedisBroker
+
+        return RedisBroker(settings.broker, history_size=settings.history_size, node_id=node_id)
+    return MemoryBroker(settings.history_size)
 
 
 def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:

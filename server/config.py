@@ -35,6 +35,20 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     drain_timeout: float = 10.0
     read_buffer_size: int = 2048
     node_id: str = ""
+    # security and HTTP surface
+    jwt_secret: str = ""
+    jwt_leeway: float = 5.0
+    admin_key: str = ""
+    http_port: int = 0
+    max_connections: int = 0
+    max_handshake_rate: float = 0.0
+    demo: bool = False
+    # production and cluster
+    broker: str = ""
+    workers: int = 1
+    production: bool = False
+    allow_anonymous: bool = False
+    log_format: str = "text"
 
 
 HELP: dict[str, str] = {
@@ -53,6 +67,18 @@ HELP: dict[str, str] = {
     "drain_timeout": "seconds to wait for close handshakes on shutdown before dropping connections",
     "read_buffer_size": "initial per-connection read buffer in bytes (grows on demand); small keeps idle connections cheap",
     "node_id": "name of this node in welcome messages and conn ids; random when empty",
+    "jwt_secret": "HS256 secret: when set, every upgrade needs a JWT (Authorization: Bearer or ?token=)",
+    "jwt_leeway": "seconds of clock skew tolerated on exp/nbf/iat",
+    "admin_key": "bearer key for POST /publish; the endpoint is off when empty",
+    "http_port": "port of the aiohttp side server (POST /publish, /sse, /metrics, /healthz); 0 = off",
+    "max_connections": "open WebSocket connections at most; past it upgrades get 503 + Retry-After; 0 = no limit",
+    "max_handshake_rate": "new connections per second (token bucket, burst = 1 s worth); past it 503 + Retry-After; 0 = off",
+    "demo": "serve the chat demo page at / (uses the browser client)",
+    "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
+    "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
+    "production": "production profile: workers = CPU cores, JSON logs, no /echo or demo, auth required",
+    "allow_anonymous": "with --production: start without --jwt-secret/--admin-key (anonymous users)",
+    "log_format": "text or json (one JSON object per line)",
 }
 
 
@@ -117,14 +143,38 @@ def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         settings = msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
         parser.error(f"invalid setting: {exc}")
+    if settings.production:
+        settings = production_profile(settings, given=set(merged))
     problems = validate(settings)
     if problems:
         parser.error("; ".join(problems))
     return settings
 
 
+def production_profile(s: Settings, given: set[str]) -> Settings:
+    """What --production changes, unless a setting was given explicitly (then the explicit value wins)."""
+    changes: dict[str, Any] = {"echo_endpoint": False, "demo": False}
+    if "workers" not in given:
+        changes["workers"] = os.cpu_count() or 1
+    if "log_format" not in given:
+        changes["log_format"] = "json"
+    return msgspec.structs.replace(s, **changes)
+
+
 def validate(s: Settings) -> list[str]:
     problems = []
+    if s.workers < 1:
+        problems.append("workers must be >= 1")
+    if s.workers > 1 and not s.broker:
+        problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
+    if s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("broker must be a redis:// URL")
+    if s.production and not s.allow_anonymous and not (s.jwt_secret and s.admin_key):
+        problems.append("--production needs --jwt-secret and --admin-key (or --allow-anonymous)")
+    if s.log_format not in ("text", "json"):
+        problems.append("log-format must be text or json")
+    if s.max_connections < 0 or s.max_handshake_rate < 0:
+        problems.append("max-connections and max-handshake-rate must be >= 0")
     if not 0 < s.port < 65536:
         problems.append("port must be 1..65535")
     if s.rate_limit < 0 or s.rate_burst < 1:

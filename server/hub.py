@@ -227,7 +227,9 @@ class Hub:
             log.info("closing %s: still over the rate limit after %d refusals", s.conn_id, bucket.strikes - 1)
             s.peer.close(4029, "rate limit abuse")
             return
-        self.error(s, request_id, ErrorCode.RATE_LIMITED, f"over {self.rate_limit:g} messages/s; message dropped")
+        self.error(
+            s, request_id, ErrorCode.RATE_LIMITED, f"over {self.rate_limit:g} messages/s; message dropped"
+        )
 
     def _allowed(self, s: Session, action: str, room: str) -> bool:
         auth = self.authorize
