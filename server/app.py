@@ -75,7 +75,7 @@ class Node:
             s.port,
             max_frame_size=s.max_message_size,
             read_buffer_init_size=s.read_buffer_size,
-            enable_auto_pong=True,
+            enable_auto_pong=False,  # transport.py answers pings after validating them
             websocket_handshake_timeout=5,
             logger_name="server",
         )

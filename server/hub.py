@@ -207,7 +207,10 @@ class Hub:
             return
         if opcode != codec.opcode:
             kind = "text (JSON)" if codec.encoding is Encoding.JSON else "binary (MessagePack)"
-            self.error(s, None, ErrorCode.INVALID_MESSAGE, f"this connection speaks {kind} frames")
+            other = self.codecs[Encoding.MSGPACK if codec.encoding is Encoding.JSON else Encoding.JSON]
+            self.error(
+                s, other.request_id(data), ErrorCode.INVALID_MESSAGE, f"this connection speaks {kind} frames"
+            )
             return
         try:
             msg = codec.decode(data)

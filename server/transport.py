@@ -25,7 +25,7 @@ TEXT = WSMsgType.TEXT
 BINARY = WSMsgType.BINARY
 CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
-PONG = WSMsgType.PONG
+PING = WSMsgType.PING
 
 # RFC 6455 7.4.1: reserved for local use, never sent in a close frame (picows lets 1006 through).
 _NEVER_ON_THE_WIRE = frozenset((1004, 1005, 1006, 1015))
@@ -120,7 +120,11 @@ class Assembler(WSListener):
             self._continue_fragments(frame)
         elif op is CLOSE:
             self._on_close_frame(frame)
-        # PONG only needs to count as traffic (rx above); picows answers PINGs itself.
+        elif op is PING:
+            # Answered here rather than by picows' auto-pong, so that the RSV check above applies to pings too.
+            if not self.closing:
+                transport.send_pong(frame.get_payload_as_bytes())
+        # PONG only needs to count as traffic (rx above).
 
     def pause_writing(self) -> None:
         self.paused(True)
@@ -180,9 +184,9 @@ class Assembler(WSListener):
         assert t is not None
         if not t.is_close_frame_sent:
             code = int(frame.get_close_code())
-            if code == 0:
+            if frame.payload_size == 0:
                 t.send(CLOSE, b"")  # an empty close is answered with an empty close
-            elif code in _NEVER_ON_THE_WIRE or code >= 5000:
+            elif code < 1000 or code in _NEVER_ON_THE_WIRE or code >= 5000:
                 t.send_close(CloseCode.PROTOCOL_ERROR, b"invalid close code")
             else:
                 t.send_close(code)
@@ -265,7 +269,8 @@ class Connection(Assembler):
         out = session.out
         if not out:
             return
-        if self.closing:
+        if self.closing or self.transport.is_close_frame_sent:  # type: ignore[union-attr]
+            # No data after our close frame (RFC 6455 5.5.1), also when picows sent it for a framing error.
             out.clear()
             return
         if self.is_paused:

@@ -7,6 +7,7 @@ import json
 
 import msgspec
 import pytest
+
 from wsclients import PEERS, Peer, PicowsPeer, WebsocketsPeer
 
 
@@ -63,7 +64,13 @@ async def test_publish_reaches_every_subscriber_except_the_sender(server, Client
     assert ack["data"] == {"room": room, "seq": 1}
     for s in subs:
         msg = await s.recv()
-        assert msg == {"type": "message", "room": room, "seq": 1, "from": pub.welcome["user"], "payload": {"n": 1}}
+        assert msg == {
+            "type": "message",
+            "room": room,
+            "seq": 1,
+            "from": pub.welcome["user"],
+            "payload": {"n": 1},
+        }
     await pub.no_message()
     for c in (pub, *subs):
         await c.close()
@@ -273,7 +280,12 @@ async def test_bad_input_changes_nothing_for_other_connections(server, Client):
     room = f"unaffected-{Client.__name__}"
     a = await joined(Client, server.url, room)
     b = await joined(Client, server.url, room)
-    for raw in ["{", '{"type":"nope"}', '{"type":"join","room":""}', '{"type":"publish","room":"zz","payload":1}']:
+    for raw in [
+        "{",
+        '{"type":"nope"}',
+        '{"type":"join","room":""}',
+        '{"type":"publish","room":"zz","payload":1}',
+    ]:
         await a.send_raw(raw)
         assert (await a.recv())["type"] == "error"
     await b.no_message(0.2)
@@ -401,3 +413,17 @@ async def test_msgpack_schema_errors_use_the_same_codes(server):
     await c.send_raw(b"\xc1")  # never-used msgpack byte
     assert (await c.recv())["code"] == "INVALID_MESSAGE"
     await c.close()
+
+
+async def test_frame_in_the_wrong_encoding_is_invalid_message_with_its_id(server):
+    mp = await PicowsPeer.connect(server.url, msgpack=True)
+    await mp.send_raw('{"type":"ping","id":"t1"}')  # text JSON on a MessagePack connection
+    err = await mp.recv()
+    assert err["code"] == "INVALID_MESSAGE" and err["requestId"] == "t1" and "binary" in err["message"]
+    js = await PicowsPeer.connect(server.url)
+    await js.send_raw(msgspec.msgpack.encode({"type": "ping", "id": "b1"}))  # binary on a JSON connection
+    err = await js.recv()
+    assert err["code"] == "INVALID_MESSAGE" and err["requestId"] == "b1" and "text" in err["message"]
+    for c in (mp, js):
+        assert (await c.request("ping"))["type"] == "pong", "the connection stays open"
+        await c.close()
