@@ -45,3 +45,6 @@ bench-core: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+token: install
+	$(PY) -m server token $(ARGS)

@@ -12,7 +12,12 @@ from server.app import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = config.load(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["token"]:
+        from server.auth import token_main
+
+        return token_main(args[1:])
+    settings = config.load(args)
     logs.setup(settings.log_level, settings.log_format)
     if settings.workers > 1:
         from server.workers import supervise

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import signal
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
+from server.auth import Authenticator, AuthError, token_from_request
 from server.broker import Broker
 from server.broker.memory import MemoryBroker
 from server.config import Settings
-from server.hub import Hub
+from server.http import HttpSide
+from server.hub import Hub, Session
+from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
+from server.ratelimit import TokenBucket
 from server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
 
 log = logging.getLogger("wsfan")
@@ -42,6 +47,15 @@ class Node:
         self.limits = Limits(settings.max_message_size, settings.slow_consumer_limit)
         self.draining = False
         self.server: asyncio.Server | None = None
+        self.authenticator = (
+            Authenticator(settings.jwt_secret, settings.jwt_leeway) if settings.jwt_secret else None
+        )
+        if self.authenticator is not None:
+            self.hub.authorize = _authorize
+        rate = settings.max_handshake_rate
+        self.handshakes = TokenBucket(rate, max(1.0, rate)) if rate > 0 else None
+        self.metrics = Metrics(self.hub, lambda: len(self.registry.connections))
+        self.http = HttpSide(self) if settings.http_port else None
 
     def _count_heartbeat_close(self) -> None:
         self.hub.stats.heartbeat_closes += 1
@@ -50,21 +64,50 @@ class Node:
         self, request: WSUpgradeRequest
     ) -> Connection | EchoConnection | WSUpgradeResponseWithListener | None:
         """Pick a listener by path; plain GETs (health) are answered here too, since picows serves them."""
-        path = request.path.split(b"?", 1)[0]
+        path, _, query = request.path.partition(b"?")
         if path == b"/ws":
-            if self.draining:
-                return _plain(503, b"draining\n", {"Retry-After": "1"})
+            refused = self.admit()
+            if refused is not None:
+                return refused
+            identity = None
+            if self.authenticator is not None:
+                try:
+                    identity = self.authenticator.verify(token_from_request(request.headers, query))
+                except AuthError as exc:
+                    self._reject("auth")
+                    return _plain(401, f"unauthorized: {exc}\n".encode(), {"WWW-Authenticate": "Bearer"})
             offered = request.headers.get("Sec-WebSocket-Protocol", "")
             if MSGPACK_SUBPROTOCOL in (p.strip() for p in offered.split(",")):
-                conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry)
+                conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry, identity)
                 headers = {"Sec-WebSocket-Protocol": MSGPACK_SUBPROTOCOL}
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
-            return Connection(self.hub, Encoding.JSON, self.limits, self.registry)
+            return Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity)
         if path == b"/echo" and self.settings.echo_endpoint:
             return EchoConnection(self.limits, self.registry)
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
+        if path == b"/metrics":
+            return _plain(200, self.metrics.render(), {"Content-Type": CONTENT_TYPE})
         return None
+
+    def admit(self) -> WSUpgradeResponseWithListener | None:
+        """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
+        if self.draining:
+            return _plain(503, b"draining\n", {"Retry-After": "1"})
+        limit = self.settings.max_connections
+        if limit and len(self.registry.connections) >= limit:
+            self._reject("max_connections")
+            return _plain(503, b"too many connections\n", {"Retry-After": "1"})
+        bucket = self.handshakes
+        if bucket is not None and not bucket.take():
+            self._reject("handshake_rate")
+            retry = max(1, math.ceil(1.0 / bucket.rate))
+            return _plain(503, b"too many new connections\n", {"Retry-After": str(retry)})
+        return None
+
+    def _reject(self, reason: str) -> None:
+        rejected = self.hub.stats.rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
 
     async def start(self) -> None:
         s = self.settings
@@ -80,6 +123,8 @@ class Node:
             logger_name="server",
         )
         self.registry.start()
+        if self.http is not None:
+            await self.http.start(s.host, s.http_port)
         log.info("listening on ws://%s:%d/ws (node %s)", s.host, s.port, self.node_id)
 
     async def drain(self) -> None:
@@ -99,7 +144,14 @@ class Node:
             await asyncio.sleep(0.02)
         for c in list(self.registry.connections):
             c.abort()
+        if self.http is not None:
+            await self.http.stop()
         await self.broker.close()
+
+
+def _authorize(s: Session, action: str, room: str) -> bool:
+    ident = s.claims
+    return ident is None or ident.allows(room)
 
 
 def make_broker(settings: Settings, node_id: str) -> Broker:

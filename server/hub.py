@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from server.broker import Broker, BrokerUnavailable, History, Publication
 from server.protocol import (
+    WIRE_ENCODINGS,
     Ack,
     Codec,
     DecodeFailure,
@@ -97,21 +98,24 @@ class Session:
 class Room:
     """Local subscribers of one room, split by encoding so fan-out never checks it per subscriber."""
 
-    __slots__ = ("name", "json", "msgpack", "recovering")
+    __slots__ = ("name", "json", "msgpack", "sse", "recovering")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.json: dict[Session, None] = {}
         self.msgpack: dict[Session, None] = {}
+        self.sse: dict[Session, None] = {}
         # Sessions whose join is waiting for history from an asynchronous broker:
         # live publications are parked here so that replay comes first.
         self.recovering: dict[Session, list[Publication]] = {}
 
     def __len__(self) -> int:
-        return len(self.json) + len(self.msgpack)
+        return len(self.json) + len(self.msgpack) + len(self.sse)
 
     def members(self, encoding: Encoding) -> dict[Session, None]:
-        return self.json if encoding is Encoding.JSON else self.msgpack
+        if encoding is Encoding.JSON:
+            return self.json
+        return self.msgpack if encoding is Encoding.MSGPACK else self.sse
 
 
 class Hub:
@@ -149,7 +153,7 @@ class Hub:
             Echo: self._on_echo,
             Ping: self._on_ping,
         }
-        self.codecs = codecs or {e: Codec(e) for e in Encoding}
+        self.codecs = codecs or {e: Codec(e) for e in WIRE_ENCODINGS}
         self._tasks: set[asyncio.Task[None]] = set()
         self.flush_observers: list[Callable[[list[Publication]], None]] = []
         self._flushed: list[Publication] = []
@@ -164,7 +168,7 @@ class Hub:
         """
         self._extra_types += (message_type,)
         self._handlers[message_type] = handler
-        self.codecs = {e: Codec(e, self._extra_types) for e in Encoding}
+        self.codecs = {e: Codec(e, self._extra_types) for e in WIRE_ENCODINGS}
 
     # ------------------------------------------------------------ connection lifecycle
 
@@ -180,6 +184,20 @@ class Hub:
             s.codec.frame(Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id)),
         )
         return s
+
+    def open_stream(self, peer: Peer, user: str | None = None, claims: Any = None) -> Session:
+        """A receive-only subscriber (Server-Sent Events): no welcome, no replies, deliveries as SSE events."""
+        conn_id = f"{self.node_id}-{next(self._ids):x}"
+        s = Session(peer, conn_id, user or conn_id, self.codecs[Encoding.JSON], None)
+        s.encoding = Encoding.SSE
+        s.claims = claims
+        self.sessions[conn_id] = s
+        self.stats.connections_opened += 1
+        return s
+
+    def join(self, s: Session, room: str, since: int | None = None, request_id: str | None = None) -> None:
+        """Subscribe with optional recovery; used by the ``join`` message and by SSE streams."""
+        self._on_join(s, Join(room=room, since=since, id=request_id))
 
     def close(self, s: Session) -> None:
         """Forget a session whose connection is gone; it leaves every room."""
@@ -383,7 +401,11 @@ class Hub:
         dirty = self._dirty
         n = 0
         size = 0
-        for members, enc in ((room.json, Encoding.JSON), (room.msgpack, Encoding.MSGPACK)):
+        for members, enc in (
+            (room.json, Encoding.JSON),
+            (room.msgpack, Encoding.MSGPACK),
+            (room.sse, Encoding.SSE),
+        ):
             if not members or (len(members) == 1 and origin in members):
                 continue
             frame = pub.frame(enc)
@@ -411,7 +433,9 @@ class Hub:
                 self._schedule(self.flush)
 
     def send(self, s: Session, frame: bytes) -> None:
-        """Queue one complete frame for one session."""
+        """Queue one complete frame for one session (replies, welcome, replay)."""
+        if s.encoding is Encoding.SSE and not frame.startswith(b"id: "):
+            return  # an SSE stream carries deliveries only: no welcome, acks or errors
         s.out.append(frame)
         if not s.scheduled:
             s.scheduled = True

@@ -28,6 +28,10 @@ class Encoding(enum.IntEnum):
 
     JSON = 0x1  # text frames
     MSGPACK = 0x2  # binary frames
+    SSE = 0x100  # not a WebSocket opcode: Server-Sent Events subscribers get `id:`/`data:` text
+
+
+WIRE_ENCODINGS: Final = (Encoding.JSON, Encoding.MSGPACK)
 
 
 MSGPACK_SUBPROTOCOL: Final = "msgpack"

@@ -20,6 +20,8 @@ class Stats:
         "rate_limit_closes",
         "slow_consumer_closes",
         "heartbeat_closes",
+        "token_expired_closes",
+        "rejected",
         "rooms_created",
         "close_codes",
     )
@@ -38,6 +40,8 @@ class Stats:
         self.rate_limit_closes = 0
         self.slow_consumer_closes = 0
         self.heartbeat_closes = 0
+        self.token_expired_closes = 0
+        self.rejected: dict[str, int] = {}
         self.rooms_created = 0
         self.close_codes: dict[int, int] = {}
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
+from server.auth import Identity
 from server.hub import Hub, Session
 from server.protocol import CloseCode, Encoding
 
@@ -227,9 +229,16 @@ class Assembler(WSListener):
 class Connection(Assembler):
     """A ``/ws`` connection: whole messages go to the hub, the hub's queued frames come back here."""
 
-    __slots__ = ("hub", "encoding", "session", "is_paused", "backlog", "counted")
+    __slots__ = ("hub", "encoding", "session", "is_paused", "backlog", "counted", "identity", "_expiry")
 
-    def __init__(self, hub: Hub, encoding: Encoding, limits: Limits, registry: ConnectionRegistry) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        encoding: Encoding,
+        limits: Limits,
+        registry: ConnectionRegistry,
+        identity: Identity | None = None,
+    ) -> None:
         super().__init__(limits, registry)
         self.hub = hub
         self.encoding = encoding
@@ -237,15 +246,34 @@ class Connection(Assembler):
         self.is_paused = False
         self.backlog = 0
         self.counted = 0
+        self.identity = identity
+        self._expiry: asyncio.TimerHandle | None = None
 
     def name(self) -> str:
         return self.session.conn_id if self.session is not None else "?"
 
     def opened(self) -> None:
-        self.session = self.hub.open(self, self.encoding)
+        ident = self.identity
+        if ident is None:
+            self.session = self.hub.open(self, self.encoding)
+        else:
+            self.session = self.hub.open(self, self.encoding, user=ident.user, claims=ident)
+            if ident.exp is not None:
+                # One timer per authenticated connection, fired at the token's expiry: no periodic scan.
+                loop = asyncio.get_running_loop()
+                delay = max(0.0, ident.exp - time.time())
+                self._expiry = loop.call_at(loop.time() + delay, self._token_expired)
         log.debug("connected %s", self.session.conn_id)
 
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self.hub.stats.token_expired_closes += 1
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
     def closed(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         s = self.session
         if s is not None:
             log.debug("disconnected %s", s.conn_id)

@@ -30,6 +30,7 @@ class Publication:
         "published_at",
         "_json",
         "_msgpack",
+        "_sse",
     )
 
     def __init__(
@@ -51,12 +52,18 @@ class Publication:
         self.published_at = published_at
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
+        self._sse: bytes | None = None
 
     def frame(self, encoding: int) -> bytes:
         if encoding == Encoding.JSON:
             f = self._json
             if f is None:
                 f = self._json = self._build(Encoding.JSON)
+            return f
+        if encoding == Encoding.SSE:
+            f = self._sse
+            if f is None:
+                f = self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, self.json())
             return f
         f = self._msgpack
         if f is None:

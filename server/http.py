@@ -1,0 +1,191 @@
+"""The HTTP side server (aiohttp, on ``--http-port``): health, metrics, admin publish and SSE.
+
+picows answers plain GETs on the WebSocket port (``/healthz`` and ``/metrics``
+live there too), but a POST body or a long-lived stream needs a real HTTP
+server. Both share the node's hub, so an admin publish or an SSE subscriber is
+just another publisher or subscriber of the same rooms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from server.auth import AuthError, Identity, token_from_request
+from server.broker import BrokerUnavailable, Publication
+from server.hub import Session
+from server.metrics import CONTENT_TYPE
+from server.protocol import ROOM_PATTERN, Encoding, RoomName
+
+if TYPE_CHECKING:
+    from server.app import Node
+
+log = logging.getLogger("wsfan.http")
+
+_ROOM = re.compile(ROOM_PATTERN)
+SSE_KEEPALIVE_S = 15.0
+
+
+class AdminPublish(msgspec.Struct, forbid_unknown_fields=True):
+    room: RoomName
+    payload: msgspec.Raw
+
+
+_admin_decoder = msgspec.json.Decoder(AdminPublish)
+
+
+def _json_error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+class SsePeer:
+    """A hub peer that hands SSE event bytes to the stream's writer task, bounded like a slow consumer."""
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.backlog = 0
+        self.limit = limit
+        self.wakeup = asyncio.Event()
+        self.close_code: int | None = None
+
+    def flush(self, session: Session) -> None:
+        data = b"".join(session.out)
+        session.out.clear()
+        self.chunks.append(data)
+        self.backlog += len(data)
+        if self.backlog > self.limit:
+            self.chunks.clear()
+            self.close(4008, "slow consumer")
+        self.wakeup.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.close_code = code
+        self.wakeup.set()
+
+
+class HttpSide:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.runner: web.AppRunner | None = None
+        self.streams: set[asyncio.Task[None]] = set()
+        app = web.Application(client_max_size=node.settings.max_message_size + 1024)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/publish", self.publish)
+        app.router.add_get("/sse", self.sse)
+        self.app = app
+
+    async def start(self, host: str, port: int) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port, reuse_port=self.node.settings.workers > 1).start()
+        log.info("HTTP endpoints on http://%s:%d (/healthz /metrics /publish /sse)", host, port)
+
+    async def stop(self) -> None:
+        for task in list(self.streams):
+            task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.node.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ok\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def publish(self, request: web.Request) -> web.Response:
+        key = self.node.settings.admin_key
+        if not key:
+            return _json_error(404, "admin publish is off: start the server with --admin-key")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return _json_error(401, "missing or wrong admin key", **{"WWW-Authenticate": "Bearer"})
+        try:
+            msg = _admin_decoder.decode(await request.read())
+        except msgspec.DecodeError as exc:
+            return _json_error(400, f"body must be {{'room','payload'}} JSON: {exc}")
+        result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
+        try:
+            pub = result if isinstance(result, Publication) else await result
+        except BrokerUnavailable as exc:
+            return _json_error(503, f"broker unavailable: {exc}", **{"Retry-After": "1"})
+        return web.json_response({"room": pub.room, "seq": pub.seq})
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        room = request.query.get("room", "")
+        if not _ROOM.match(room):
+            return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
+        since: int | None = None
+        if since_text:
+            if not since_text.isdigit():
+                return _json_error(400, "Last-Event-ID must be a seq (a non-negative integer)")
+            since = int(since_text)
+        identity: Identity | None = None
+        auth = self.node.authenticator
+        if auth is not None:
+            try:
+                identity = auth.verify(token_from_request(request.headers, request.query_string))
+            except AuthError as exc:
+                return _json_error(401, str(exc))
+            if not identity.allows(room):
+                return _json_error(403, f"not allowed to join {room!r}")
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        task = asyncio.current_task()
+        assert task is not None
+        self.streams.add(task)
+        hub = self.node.hub
+        peer = SsePeer(self.node.settings.slow_consumer_limit)
+        s = hub.open_stream(peer, identity.user if identity else None, identity)
+        try:
+            await resp.write(b": joined %s\n\n" % room.encode())
+            hub.join(s, room, since)
+            await self._pump(resp, peer, identity)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.streams.discard(task)
+            hub.close(s)
+        return resp
+
+    async def _pump(self, resp: web.StreamResponse, peer: SsePeer, identity: Identity | None) -> None:
+        expires = identity.exp if identity is not None and identity.exp else None
+        while peer.close_code is None:
+            timeout = SSE_KEEPALIVE_S
+            if expires is not None:
+                left = expires - time.time()
+                if left <= 0:
+                    await resp.write(b"event: close\ndata: token expired\n\n")
+                    return
+                timeout = min(timeout, left)
+            peer.wakeup.clear()
+            if not peer.chunks:
+                try:
+                    await asyncio.wait_for(peer.wakeup.wait(), timeout)
+                except TimeoutError:
+                    # A comment line: keeps proxies and load balancers from closing an idle stream.
+                    await resp.write(b": keepalive\n\n")
+                    continue
+            while peer.chunks:
+                data = peer.chunks.popleft()
+                peer.backlog -= len(data)
+                await resp.write(data)
+        if peer.close_code is not None:
+            await resp.write(b"event: close\ndata: %d\n\n" % peer.close_code)
