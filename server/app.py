@@ -128,22 +128,28 @@ class Node:
         log.info("listening on ws://%s:%d/ws (node %s)", s.host, s.port, self.node_id)
 
     async def drain(self) -> None:
-        """Stop accepting, close every connection with 1001, wait for their handshakes up to the drain timeout."""
+        """Stop accepting, close every connection with 1001, wait for their handshakes up to the drain timeout.
+
+        The listening socket stays open until the end so that, while draining, upgrades get 503 with
+        Retry-After and ``/healthz`` says 503 (load balancers take the node out) instead of a refused
+        connection.
+        """
         self.draining = True
-        if self.server is not None:
-            self.server.close()
         self.registry.stop()
         self.hub.flush()  # what was queued before the signal still goes out, ahead of the close frame
         conns = list(self.registry.connections)
         log.info("draining %d connections", len(conns))
+        grace = self.settings.drain_timeout
         for c in conns:
-            c.close(CloseCode.GOING_AWAY, "server going away")
+            c.close(CloseCode.GOING_AWAY, "server going away", grace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         while self.registry.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.registry.connections):
             c.abort()
+        if self.server is not None:
+            self.server.close()
         if self.http is not None:
             await self.http.stop()
         await self.broker.close()

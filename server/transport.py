@@ -195,8 +195,8 @@ class Assembler(WSListener):
         self.closing = True
         t.disconnect()
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake; drop the socket if the peer does not answer within the grace period."""
+    def close(self, code: int, reason: str = "", grace: float = CLOSE_GRACE_S) -> None:
+        """Start the closing handshake; drop the socket if the peer does not answer within ``grace`` seconds."""
         t = self.transport
         if t is None or self.closing:
             return
@@ -205,7 +205,7 @@ class Assembler(WSListener):
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             log.info("closing %s with %d: %s", self.name(), code, reason)
         t.send_close(code, reason.encode()[:123])
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+        self._close_timer = asyncio.get_running_loop().call_later(grace, self.abort)
 
     def abort(self) -> None:
         t = self.transport
@@ -285,13 +285,13 @@ class Connection(Assembler):
 
     # ------------------------------------------------------------ Peer
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: int, reason: str = "", grace: float = CLOSE_GRACE_S) -> None:
         # Replies queued in this loop iteration (e.g. the RATE_LIMITED errors
         # before a 4029) go out ahead of the close frame, as they were sent first.
         s = self.session
         if s is not None and s.out and not self.closing:
             self.flush(s)
-        super().close(code, reason)
+        super().close(code, reason, grace)
 
     def flush(self, session: Session) -> None:
         out = session.out

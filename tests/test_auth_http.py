@@ -377,6 +377,11 @@ async def test_healthz_is_503_while_draining(make_server):
         await asyncio.sleep(0.3)
         async with http.get(f"http://127.0.0.1:{http_port}/healthz") as r:
             assert r.status == 503
+        # The WebSocket port keeps answering while draining: 503 for health and for new upgrades.
+        async with http.get(f"http://127.0.0.1:{srv.port}/healthz") as r:
+            assert r.status == 503
+        status, _, headers = await upgrade_status(srv.url)
+        assert status == 503 and headers["retry-after"] == "1"
     loop = asyncio.get_running_loop()
     assert await loop.run_in_executor(None, srv.proc.wait, 10) == 0
     stuck.close()

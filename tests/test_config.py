@@ -12,7 +12,9 @@ from server import config
 
 
 def test_help_documents_every_setting_with_its_default():
-    out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
     flat = " ".join(out.split())
     defaults = config.Settings()
     for name in config.Settings.__annotations__:
@@ -24,7 +26,7 @@ def test_help_documents_every_setting_with_its_default():
 
 def test_precedence_defaults_toml_env_cli(tmp_path):
     toml = tmp_path / "wsfan.toml"
-    toml.write_text('[server]\nport = 9001\nrate-limit = 5\nhistory_size = 7\necho_endpoint = true\n')
+    toml.write_text("[server]\nport = 9001\nrate-limit = 5\nhistory_size = 7\necho_endpoint = true\n")
     s = config.load(["--config", str(toml)], environ={})
     assert (s.port, s.rate_limit, s.history_size, s.echo_endpoint) == (9001, 5.0, 7, True)
     s = config.load(["--config", str(toml)], environ={"WSFAN_PORT": "9002", "WSFAN_ECHO_ENDPOINT": "false"})
@@ -44,7 +46,9 @@ def test_precedence_defaults_toml_env_cli(tmp_path):
     ],
 )
 def test_bad_settings_exit_with_a_clear_message(argv, message):
-    r = subprocess.run([sys.executable, "-m", "server", *argv], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [sys.executable, "-m", "server", *argv], cwd=ROOT, capture_output=True, text=True, timeout=20
+    )
     assert r.returncode == 2
     assert message in r.stderr
 
@@ -52,7 +56,9 @@ def test_bad_settings_exit_with_a_clear_message(argv, message):
 def test_unknown_toml_key_is_refused(tmp_path):
     toml = tmp_path / "bad.toml"
     toml.write_text("prot = 1\n")
-    r = subprocess.run([sys.executable, "-m", "server", "--config", str(toml)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "--config", str(toml)], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "prot" in r.stderr
 
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 import pytest
+
 from wsclients import PicowsPeer, WebsocketsPeer
 
 

@@ -1,0 +1,86 @@
+"""Asyncio client for the wsfan pub/sub WebSocket server (PROTOCOL.md v1), on picows.
+
+    from client import connect
+
+    async with connect("ws://127.0.0.1:8080/ws", token, encoding="msgpack") as c:
+        await c.join("news")
+        await c.publish("news", {"hello": "world"})
+        async for msg in c.messages("news"):
+            print(msg.room, msg.seq, msg.sender, msg.payload)
+
+The same client serves tests, benchmarks (``on_message=``, ``publish_nowait``,
+``encode_payload``, ``raw_payloads=True``) and applications (reconnect with
+backoff, rejoin with recovery, typed errors). See ``client.client.Client``.
+"""
+
+from client.backoff import Backoff, parse_retry_after
+from client.client import Client, connect
+from client.codec import Message, RawMessage, Welcome
+from client.errors import (
+    ClientError,
+    ConnectionClosed,
+    Forbidden,
+    HandshakeRejected,
+    InternalError,
+    InvalidMessage,
+    MessagesDropped,
+    NotConnected,
+    NotJoined,
+    ProtocolError,
+    RateLimited,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+    UnknownType,
+    error_for,
+)
+from client.events import (
+    Connected,
+    Disconnected,
+    Event,
+    Gap,
+    Overflow,
+    Reconnecting,
+    Recovered,
+    RejoinFailed,
+    ServerError,
+)
+from client.inbox import MessageStream
+from client.session import Stats
+
+__all__ = [
+    "Backoff",
+    "Client",
+    "ClientError",
+    "Connected",
+    "ConnectionClosed",
+    "Disconnected",
+    "Event",
+    "Forbidden",
+    "Gap",
+    "HandshakeRejected",
+    "InternalError",
+    "InvalidMessage",
+    "Message",
+    "MessageStream",
+    "MessagesDropped",
+    "NotConnected",
+    "NotJoined",
+    "Overflow",
+    "ProtocolError",
+    "RateLimited",
+    "RawMessage",
+    "Reconnecting",
+    "RejoinFailed",
+    "Recovered",
+    "RequestTimeout",
+    "ServerError",
+    "Stats",
+    "Unauthorized",
+    "Unavailable",
+    "UnknownType",
+    "Welcome",
+    "connect",
+    "error_for",
+    "parse_retry_after",
+]

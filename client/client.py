@@ -1,0 +1,239 @@
+"""The public asyncio client: ``connect()``, requests with replies, fire-and-forget sends, deliveries.
+
+Everything that survives a reconnect lives in ``client.session.Session``; the
+reconnect policy in ``client.reconnect``; this module is the API surface only,
+so its methods read like the protocol table in PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Generator
+from time import perf_counter
+from typing import Any
+
+from msgspec import Raw
+
+from client.codec import Encoding, Request
+from client.errors import ClientError, NotConnected
+from client.inbox import MessageStream
+from client.session import DEFAULT, Session
+
+
+class Client(Session):
+    """A pub/sub session against one server URL. Create it with ``await connect(...)``.
+
+    Keyword options (all optional):
+
+    * ``token``: JWT sent as ``Authorization: Bearer``.
+    * ``encoding``: ``"json"`` (text frames) or ``"msgpack"`` (offers subprotocol
+      ``msgpack``, binary frames; fails if the server does not accept it).
+    * ``request_timeout`` (5 s): default for every call, overridable per call with
+      ``timeout=``; None waits forever. Includes waiting for a reconnect.
+    * ``open_timeout`` (5 s): TCP + upgrade + welcome.
+    * ``ping_interval`` (20 s) / ``ping_timeout`` (10 s): after ``ping_interval``
+      without incoming data a ping frame is sent; no pong within ``ping_timeout``
+      declares the connection dead (close 1006) and it is reconnected. None disables.
+      ``ping_timeout`` is capped at ``ping_interval`` (a picows constraint).
+    * ``reconnect`` (True), ``backoff_base`` (0.5 s), ``backoff_cap`` (30 s),
+      ``max_attempts`` (None = forever), ``rng`` (``random.Random``, seed it in
+      tests), ``stable_after`` (10 s), ``refresh_token``: see ``client.reconnect``.
+    * ``on_message``: called with every delivery instead of buffering it (the
+      cheapest path, for benchmarks); ``messages()`` is then unavailable.
+    * ``on_event``: called with ``client.events`` records (connected, disconnected,
+      reconnecting, recovered, gap, ...). Both callbacks may be ``async``.
+    * ``max_buffered`` (10000): bound of each message buffer; overflow drops the
+      oldest and the next read raises ``MessagesDropped`` (see ``client.inbox``).
+    * ``raw_payloads`` (False): deliver payloads as ``msgspec.Raw`` (undecoded).
+    * ``headers``: extra ``(name, value)`` upgrade headers.
+    """
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Client:
+        """Open the first connection. It is not retried: a wrong URL or token should fail loudly."""
+        if self._done is not None:
+            raise ClientError("client already started")
+        self._done = asyncio.get_running_loop().create_future()
+        try:
+            conn = await self._open(reconnect=False)
+        except BaseException as exc:
+            self._finish(exc if isinstance(exc, Exception) else None)
+            raise
+        self._supervise(conn)
+        return self
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close for good: no reconnect; message streams drain and end; waiting calls fail."""
+        if self._closing:  # already closing or stopped: closing again is a no-op, never an error
+            if self._done is not None:
+                await asyncio.wait([self._done])
+            return
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        conn = self._conn
+        if conn is not None:
+            await conn.close(code, reason)
+        self._finish(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until the client stopped. Returns after ``close()``; raises why it stopped on its own.
+
+        It stops on its own when the server closed with 1000/4001 and no new token
+        was supplied (``ConnectionClosed``), on a 401 while reconnecting
+        (``Unauthorized``), or when ``max_attempts`` reconnects failed
+        (``ConnectionClosed(1006)``).
+        """
+        if self._done is not None:
+            await asyncio.shield(self._done)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def encoding(self) -> Encoding:
+        return self._codec.encoding
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open and every room has been rejoined."""
+        return self._conn is not None and self._ready.is_set()
+
+    @property
+    def stopped(self) -> BaseException | None:
+        """Why the client stopped for good (``ConnectionClosed`` after ``close()``), or None while running."""
+        return self._stopped
+
+    @property
+    def rooms(self) -> list[str]:
+        """Rooms joined (acked); they are rejoined automatically after a reconnect."""
+        return self._rooms.joined()
+
+    def last_seq(self, room: str) -> int | None:
+        """The last seq handed to the application for ``room``: what a rejoin sends as ``since``."""
+        return self._rooms.last_seq(room)
+
+    # ------------------------------------------------------------ requests (one reply each)
+
+    async def join(
+        self, room: str, since: int | None = None, *, timeout: float | None = DEFAULT
+    ) -> dict[str, Any]:
+        """Subscribe; with ``since`` the server first replays history after it.
+
+        Returns the ack data ``{"room", "seq", "recovered"}``. A ``Recovered`` or
+        ``Gap`` event is reported when ``since`` was given.
+        """
+        return await self._bounded("join", timeout, self._join(room, since))
+
+    async def leave(self, room: str, *, timeout: float | None = DEFAULT) -> dict[str, Any]:
+        """Unsubscribe. The room is forgotten at once (no rejoin; its stream ends) even if the reply is lost."""
+        self._rooms.leave(room)
+        self._router.end_room(room)
+        if not self.connected:  # the next connection will not have it: nothing to tell the server
+            return {"room": room}
+        return await self._bounded("leave", timeout, self._request("leave", room=room))
+
+    async def publish(self, room: str, payload: Any, *, timeout: float | None = DEFAULT) -> dict[str, Any]:
+        """Publish to a joined room; returns ``{"room", "seq"}``. ``payload`` may be pre-encoded ``msgspec.Raw``."""
+        data = await self._bounded("publish", timeout, self._request("publish", room=room, payload=payload))
+        self._rooms.published(room, data.get("seq") if isinstance(data, dict) else None)
+        return data
+
+    async def echo(self, payload: Any, *, timeout: float | None = DEFAULT) -> Any:
+        """The server sends ``payload`` back to this connection only; returns it decoded."""
+        return await self._bounded("echo", timeout, self._request("echo", payload=payload))
+
+    async def ping(self, *, timeout: float | None = DEFAULT) -> float:
+        """Application-level round trip through the server's message loop (not just its socket), in seconds."""
+        started = perf_counter()
+        await self._bounded("ping", timeout, self._request("ping", ts=time.time() * 1000.0))
+        return perf_counter() - started
+
+    # ------------------------------------------------------------ fire-and-forget (no id, no reply)
+
+    def publish_nowait(self, room: str, payload: Any) -> None:
+        """Publish without an id, for load generation: no ack; errors arrive as ``ServerError`` events.
+
+        Raises ``NotConnected`` while there is no connection (it is not queued).
+        """
+        self._send_nowait(Request(type="publish", room=room, payload=payload))
+
+    @property
+    def writable(self) -> bool:
+        """False while the socket's write buffer is over its high-water mark: a load generator should ``drain()``."""
+        conn = self._conn
+        return conn is not None and conn.writable
+
+    async def drain(self) -> None:
+        """Back-pressure for fire-and-forget senders: wait until the socket accepts writes again.
+
+        Returns at once when not connected; the next ``*_nowait`` call then raises ``NotConnected``.
+        """
+        conn = self._conn
+        if conn is not None:
+            await conn.drain()
+
+    def echo_nowait(self, payload: Any) -> None:
+        """Echo without an id; the echoed reply is discarded."""
+        self._send_nowait(Request(type="echo", payload=payload))
+
+    def send_raw(self, data: bytes) -> None:
+        """Write one already-encoded message as is (tests of server validation, replaying traffic)."""
+        conn = self._conn
+        if conn is None:
+            raise NotConnected("not connected")
+        conn.send(data)
+        self.stats.sent += 1
+
+    # ------------------------------------------------------------ deliveries and payloads
+
+    def messages(self, room: str | None = None) -> MessageStream:
+        """Deliveries of every room, or of one: ``async for msg in client.messages("r")``.
+
+        Each message is read once, by the most specific stream; buffering starts
+        when the client connects, so nothing is lost between ``join()`` and the
+        first read (see ``client.inbox``). Unavailable with ``on_message``.
+        """
+        if self._on_message is not None:
+            raise ClientError("messages() is not available when the client was created with on_message")
+        return self._router.stream(room)
+
+    def encode_payload(self, value: Any) -> Raw:
+        """Encode a payload once in this client's encoding, to publish it many times for free."""
+        return self._codec.encode_payload(value)
+
+    def decode_payload(self, payload: Any) -> Any:
+        """Decode a ``Raw`` payload received with ``raw_payloads=True``."""
+        return self._codec.decode_payload(payload)
+
+
+class _Connecting:
+    """What ``connect()`` returns: await it for a started client, or use it with ``async with``."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._client.start().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._client.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.close()
+
+
+def connect(url: str, token: str | None = None, encoding: Encoding = "json", **options: Any) -> _Connecting:
+    """``client = await connect("ws://host:port/ws", token, "msgpack", on_event=print)``.
+
+    Returns once the server's welcome arrived (``client.welcome``). The first
+    connection is not retried. See ``Client`` for the options.
+    """
+    return _Connecting(Client(url, token=token, encoding=encoding, **options))

@@ -1,0 +1,134 @@
+"""The client's exceptions: one small hierarchy, so callers can catch as broadly as they need.
+
+``ClientError`` is the root. Errors the *server* reported for one request are
+``ProtocolError`` subclasses keyed by the wire ``code``, so application code can
+write ``except NotJoined`` instead of comparing strings, while an unknown future
+code still arrives as a plain ``ProtocolError`` rather than crashing the client.
+Everything about the *connection* (handshake refused, closed, gave up) is a
+``ConnectionError``-flavoured ``ClientError`` so generic network handling works.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ClientError(Exception):
+    """Root of every exception raised by this package."""
+
+
+class ProtocolError(ClientError):
+    """The server answered a request with ``{"type": "error"}``.
+
+    Raised from the awaiting call; the connection stays open (the protocol
+    guarantees an error reply never closes it by itself).
+    """
+
+    code_name: ClassVar[str] = ""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class InvalidMessage(ProtocolError):
+    code_name = "INVALID_MESSAGE"
+
+
+class UnknownType(ProtocolError):
+    code_name = "UNKNOWN_TYPE"
+
+
+class Forbidden(ProtocolError):
+    code_name = "FORBIDDEN"
+
+
+class NotJoined(ProtocolError):
+    code_name = "NOT_JOINED"
+
+
+class RateLimited(ProtocolError):
+    code_name = "RATE_LIMITED"
+
+
+class Unavailable(ProtocolError):
+    """The server could not take the request right now (e.g. its broker is down); retrying may work."""
+
+    code_name = "UNAVAILABLE"
+
+
+class InternalError(ProtocolError):
+    code_name = "INTERNAL"
+
+
+_BY_CODE: dict[str, type[ProtocolError]] = {
+    cls.code_name: cls
+    for cls in (InvalidMessage, UnknownType, Forbidden, NotJoined, RateLimited, Unavailable, InternalError)
+}
+
+
+def error_for(code: str, message: str = "") -> ProtocolError:
+    """Build the most specific exception for a wire error code (unknown codes stay usable)."""
+    return _BY_CODE.get(code, ProtocolError)(code, message)
+
+
+class RequestTimeout(ClientError, TimeoutError):
+    """No reply within the request's timeout.
+
+    Subclasses ``TimeoutError`` so ``except TimeoutError`` keeps working. The
+    request may still have been executed by the server; a reply that arrives
+    later is dropped silently.
+    """
+
+    def __init__(self, kind: str, timeout: float) -> None:
+        super().__init__(f"no reply to {kind!r} within {timeout:g}s")
+        self.kind = kind
+        self.timeout = timeout
+
+
+class ConnectionClosed(ClientError, ConnectionError):
+    """The connection ended before the request got a reply, or the client has stopped for good.
+
+    A request in flight when the socket drops fails with this instead of being
+    resent: the server may or may not have executed it (publish is not idempotent).
+    """
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"connection closed with {code}" + (f": {reason}" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+
+class NotConnected(ClientError, ConnectionError):
+    """A fire-and-forget send was attempted while no connection is open (e.g. while reconnecting)."""
+
+
+class HandshakeRejected(ClientError, ConnectionError):
+    """The server answered the WebSocket upgrade with an HTTP error instead of 101.
+
+    ``retry_after`` holds the parsed ``Retry-After`` header in seconds (503 while
+    draining), which the reconnect loop honours.
+    """
+
+    def __init__(self, status: int, retry_after: float | None = None, body: bytes = b"") -> None:
+        super().__init__(f"upgrade refused with HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+
+
+class Unauthorized(HandshakeRejected):
+    """HTTP 401: missing, bad or expired token. Retrying with the same token cannot succeed."""
+
+
+class MessagesDropped(ClientError):
+    """Raised once by a message stream read after its buffer overflowed.
+
+    The stream stays usable: the next read returns the oldest message still
+    buffered. ``count`` is how many messages were discarded since the last read.
+    """
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} message(s) dropped: the reader did not keep up")
+        self.count = count

@@ -1,0 +1,91 @@
+"""Lifecycle events the client reports through its ``on_event`` callback.
+
+One callback receiving small typed records (rather than one callback per kind)
+keeps the constructor short and lets an application log everything with a
+single ``print``, while ``match``/``isinstance`` picks out the kinds it acts on.
+Events are reported synchronously from the event loop; a callback returning an
+awaitable has it scheduled as a task, so a slow handler never stalls frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from client.codec import Welcome
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A connection is open and (on a reconnect) every room has been rejoined."""
+
+    welcome: Welcome
+    reconnect: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The connection ended. ``code`` is the close code received (1006 when none was: the socket died)."""
+
+    code: int
+    reason: str
+    will_reconnect: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """About to sleep ``delay`` seconds before reconnect ``attempt`` (1-based); ``error`` is why the last try failed."""
+
+    attempt: int
+    delay: float
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A room was rejoined and the server replayed everything after ``since``: nothing was lost."""
+
+    room: str
+    since: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A room was rejoined but history no longer reaches back to ``since``: messages were lost.
+
+    ``reset`` is true when the server's seq went *backwards* (``seq < since``), i.e.
+    the room's history was lost entirely (a single node restarted); the client then
+    continues from the server's new numbering.
+    """
+
+    room: str
+    since: int
+    seq: int
+    reset: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RejoinFailed:
+    """A room could not be rejoined after a reconnect (e.g. FORBIDDEN with a new token); it was dropped."""
+
+    room: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class ServerError:
+    """An error reply to a fire-and-forget message (no ``id``), e.g. RATE_LIMITED on ``publish_nowait``."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Overflow:
+    """A message buffer dropped its oldest messages; reported once per burst (until the next read)."""
+
+    room: str | None
+    dropped: int
+
+
+Event = Connected | Disconnected | Reconnecting | Recovered | Gap | RejoinFailed | ServerError | Overflow

@@ -1,0 +1,348 @@
+"""The state a client keeps across connections, and the plumbing between it and the socket.
+
+A session outlives its connections. Room membership, the last seq seen per
+room, the message buffers and the request ids belong here, so a reconnect (new
+socket, new ``Connection``) is invisible to the application apart from events:
+rooms are rejoined with ``since``, duplicates are dropped, and a gap is
+reported when the server could not replay everything.
+
+Requests in flight when a connection drops fail with ``ConnectionClosed``
+instead of being resent, because the server may already have executed them (a
+publish is not idempotent). Requests issued while reconnecting wait for the
+new connection, within their own timeout.
+
+``client.Client`` adds the public API on top; this module has no public names
+apart from ``Session`` and ``Stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from client.backoff import Backoff
+from client.codec import (
+    Ack,
+    Codec,
+    EchoReply,
+    Encoding,
+    ErrorReply,
+    Message,
+    Pong,
+    Request,
+    ServerMessage,
+    Welcome,
+)
+from client.errors import ConnectionClosed, NotConnected, ProtocolError, RequestTimeout, error_for
+from client.events import Connected, Event, Overflow, RejoinFailed, ServerError
+from client.inbox import Router
+from client.reconnect import Reconnector, TokenFn
+from client.rooms import RoomTracker
+from client.transport import Connection, open_connection
+
+log = logging.getLogger(__name__)
+
+EventFn = Callable[[Event], Any]
+MessageFn = Callable[[Message], Any]
+DEFAULT: Any = object()  # "use the client's request_timeout"; None means "no timeout"
+
+
+class Stats:
+    """Counters cheap enough to keep on the hot path; read them in benchmarks and tests."""
+
+    __slots__ = ("messages", "sent", "reconnects", "errors")
+
+    def __init__(self) -> None:
+        self.messages = 0  # deliveries handed to the application
+        self.sent = 0  # messages written to the socket
+        self.reconnects = 0
+        self.errors: dict[str, int] = {}  # error replies by code, including fire-and-forget ones
+
+
+class Session:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        encoding: Encoding = "json",
+        request_timeout: float | None = 5.0,
+        open_timeout: float = 5.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float = 10.0,
+        reconnect: bool = True,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        max_attempts: int | None = None,
+        rng: random.Random | None = None,
+        stable_after: float = 10.0,
+        refresh_token: TokenFn | None = None,
+        on_message: MessageFn | None = None,
+        on_event: EventFn | None = None,
+        max_buffered: int = 10_000,
+        raw_payloads: bool = False,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.request_timeout = request_timeout
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.headers = list(headers)
+        self.reconnector = Reconnector(
+            Backoff(backoff_base, backoff_cap, max_attempts, rng),
+            enabled=reconnect,
+            stable_after=stable_after,
+            refresh_token=refresh_token,
+        )
+        self.stats = Stats()
+        self.welcome: Welcome | None = None
+        self._codec = Codec(encoding, raw_payloads)
+        self._encode = self._codec.encode
+        self._on_message = on_message
+        self._on_event = on_event
+        self._router = Router(max_buffered, self._overflowed)
+        self._rooms = RoomTracker()
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._conn: Connection | None = None
+        self._ready = asyncio.Event()  # set while a connection is open and its rooms are rejoined
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stopped: BaseException | None = None  # why the session will never connect again
+        self._done: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ connections
+
+    async def _open(self, reconnect: bool) -> Connection:
+        conn = await open_connection(
+            self.url,
+            self._codec,
+            on_delivery=self._on_delivery,
+            on_reply=self._on_reply,
+            on_lost=self._on_lost,
+            token=self.token,
+            headers=self.headers,
+            open_timeout=self.open_timeout,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+        )
+        if self._closing:  # close() ran while we were connecting
+            conn.abort()
+            raise NotConnected("client closed")
+        self._conn = conn
+        self.welcome = conn.welcome
+        if reconnect:
+            try:
+                await self._rejoin_all(conn)
+            except BaseException:
+                conn.abort()
+                raise
+            self.stats.reconnects += 1
+        if not conn.is_open:
+            raise ConnectionClosed(*conn.closed.result()) if conn.closed.done() else NotConnected()
+        self._ready.set()
+        self._emit(Connected(conn.welcome, reconnect))
+        return conn
+
+    def _reopen(self) -> Awaitable[Connection]:
+        return self._open(reconnect=True)
+
+    def _supervise(self, conn: Connection) -> None:
+        run = self.reconnector.run(
+            conn,
+            reopen=self._reopen,
+            stop=self._finish,
+            emit=self._emit,
+            use_token=self._use_token,
+            closing=self._is_closing,
+        )
+        self._supervisor = asyncio.create_task(run, name=f"client reconnect {self.url}")
+
+    def _use_token(self, token: str) -> None:
+        self.token = token
+
+    def _is_closing(self) -> bool:
+        return self._closing
+
+    async def _rejoin_all(self, conn: Connection) -> None:
+        rooms = self._rooms.joined()
+        results = await asyncio.gather(
+            *(self._bounded("join", DEFAULT, self._join_on(conn, room, None)) for room in rooms),
+            return_exceptions=True,
+        )
+        for room, result in zip(rooms, results, strict=True):
+            if isinstance(result, ProtocolError):  # the server refuses the room now: drop it, say so
+                self._rooms.leave(room)
+                self._router.end_room(room)
+                self._emit(RejoinFailed(room, result))
+            elif isinstance(result, BaseException):
+                raise result  # the connection failed during rejoin: the whole reconnect is retried
+
+    def _on_lost(self, conn: Connection, code: int, reason: str) -> None:
+        """Runs synchronously when the socket closes: nothing may be sent on ``conn`` after this."""
+        if conn is self._conn:
+            self._conn = None
+            if self._stopped is None:
+                self._ready.clear()
+        self._fail_pending(ConnectionClosed(code, reason))
+        self._rooms.connection_lost()
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _finish(self, error: BaseException | None) -> None:
+        """Stop for good. ``error`` None means the application closed us; otherwise it is why we gave up.
+
+        Calls waiting for a connection fail; message streams drain, then end
+        (after ``close()``) or raise ``error``.
+        """
+        if self._stopped is not None:
+            return
+        self._closing = True
+        self._stopped = error if error is not None else ConnectionClosed(1000, "client closed")
+        self._conn = None
+        self._fail_pending(self._stopped)
+        self._router.end(error)
+        self._ready.set()  # wake calls waiting for a connection: they see _stopped and raise
+        done = self._done
+        if done is not None and not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+                done.exception()  # marks it retrieved: wait_closed() re-raises it if anyone asks
+
+    # ------------------------------------------------------------ incoming
+
+    def _on_delivery(self, msg: Message) -> None:
+        if self._rooms.accept(msg):
+            self._hand_over(msg)
+
+    def _hand_over(self, msg: Message) -> None:
+        self.stats.messages += 1
+        callback = self._on_message
+        if callback is None:
+            self._router.route(msg)
+            return
+        try:
+            result = callback(msg)
+            if result is not None and inspect.isawaitable(result):
+                self._spawn(result)
+        except Exception:
+            log.exception("on_message callback failed")
+
+    def _on_reply(self, msg: ServerMessage) -> None:
+        kind = type(msg)
+        if kind is ErrorReply:
+            errors = self.stats.errors
+            errors[msg.code] = errors.get(msg.code, 0) + 1
+        request_id = getattr(msg, "requestId", None)
+        if request_id is None:
+            if kind is ErrorReply:
+                self._emit(ServerError(msg.code, msg.message))
+            return
+        fut = self._pending.pop(request_id, None)
+        if fut is None or fut.done():
+            return  # the caller timed out or went away: a late reply is dropped on purpose
+        if kind is Ack:
+            fut.set_result(msg.data if msg.data is not None else {})
+        elif kind is ErrorReply:
+            fut.set_exception(error_for(msg.code, msg.message))
+        elif kind is EchoReply:
+            fut.set_result(msg.payload)
+        elif kind is Pong:
+            fut.set_result(msg.ts)
+
+    def _emit(self, event: Event) -> None:
+        handler = self._on_event
+        if handler is None:
+            return
+        try:
+            result = handler(event)
+            if result is not None and inspect.isawaitable(result):
+                self._spawn(result)
+        except Exception:
+            log.exception("on_event callback failed for %r", event)
+
+    def _overflowed(self, room: str | None, dropped: int) -> None:
+        self._emit(Overflow(room, dropped))
+
+    def _spawn(self, awaitable: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ requests
+
+    async def _ready_connection(self) -> Connection:
+        while True:
+            if self._stopped is not None:
+                raise self._stopped
+            conn = self._conn
+            if conn is not None and self._ready.is_set():
+                return conn
+            await self._ready.wait()
+
+    async def _call(self, conn: Connection, kind: str, **fields: Any) -> Any:
+        """Send one request with a fresh id on ``conn`` and wait for its reply (the caller bounds the wait)."""
+        if not conn.is_open:
+            raise ConnectionClosed(*conn.closed.result()) if conn.closed.done() else NotConnected()
+        request_id = str(next(self._ids))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        try:
+            conn.send(self._encode(Request(type=kind, id=request_id, **fields)))
+            self.stats.sent += 1
+            return await fut
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _request(self, kind: str, **fields: Any) -> Any:
+        return await self._call(await self._ready_connection(), kind, **fields)
+
+    async def _bounded(self, kind: str, timeout: float | None, work: Awaitable[Any]) -> Any:
+        """Run ``work`` (waiting for a connection included) within the call's timeout."""
+        limit = self.request_timeout if timeout is DEFAULT else timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():
+                raise RequestTimeout(kind, limit or 0.0) from None
+            raise
+
+    async def _join_on(self, conn: Connection, room: str, since: int | None) -> dict[str, Any]:
+        sent_since = self._rooms.begin_join(room, since)
+        try:
+            data = await self._call(conn, "join", room=room, since=sent_since)
+        except BaseException:
+            self._rooms.abort_join(room)
+            raise
+        released, event = self._rooms.end_join(room, data)
+        for msg in released:
+            self._hand_over(msg)
+        if event is not None:
+            self._emit(event)
+        return data
+
+    async def _join(self, room: str, since: int | None) -> dict[str, Any]:
+        return await self._join_on(await self._ready_connection(), room, since)
+
+    def _send_nowait(self, request: Request) -> None:
+        conn = self._conn
+        if conn is None or not self._ready.is_set():
+            raise NotConnected("not connected" if self._stopped is None else "client stopped")
+        conn.send(self._encode(request))
+        self.stats.sent += 1

@@ -1,0 +1,653 @@
+"""The reusable client (client/): unit rules first, then against a real server process.
+
+Server-backed tests start ``python -m server`` as a subprocess (tests/client_fixtures.py)
+because reconnection is only meaningful against a process that can really die,
+freeze (SIGSTOP) or come back on the same port with its history gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+import pytest
+import uvloop
+
+from client import (
+    Backoff,
+    ClientError,
+    Connected,
+    ConnectionClosed,
+    Disconnected,
+    Gap,
+    HandshakeRejected,
+    InvalidMessage,
+    Message,
+    MessagesDropped,
+    NotConnected,
+    NotJoined,
+    ProtocolError,
+    RateLimited,
+    Reconnecting,
+    Recovered,
+    RequestTimeout,
+    ServerError,
+    Unauthorized,
+    connect,
+    error_for,
+    parse_retry_after,
+)
+from client.codec import Codec, Request
+from client.inbox import Inbox, Router
+from client.reconnect import Reconnector
+from client.rooms import RoomTracker
+from client_fixtures import ServerProcess, free_port, run, until
+
+
+def msg(room: str, seq: int, payload: object = None) -> Message:
+    return Message(room=room, seq=seq, sender="u", payload=payload)
+
+
+# ---------------------------------------------------------------- backoff
+
+
+def test_backoff_is_full_jitter_with_cap():
+    backoff = Backoff(base=0.5, cap=4.0, rng=random.Random(7))
+    reference = random.Random(7)
+    delays = [backoff.next_delay() for _ in range(8)]
+    expected = [reference.uniform(0, min(4.0, 0.5 * 2**i)) for i in range(8)]
+    assert delays == expected
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert backoff.attempt == 8
+
+
+def test_backoff_reset_and_max_attempts():
+    backoff = Backoff(base=1.0, cap=10.0, max_attempts=2, rng=random.Random(1))
+    backoff.next_delay()
+    backoff.next_delay()
+    assert backoff.exhausted
+    backoff.reset()
+    assert not backoff.exhausted and backoff.attempt == 0
+    assert Backoff(max_attempts=None).exhausted is False
+    assert Backoff(base=1.0, cap=30.0).window(1000) == 30.0  # no float overflow on long outages
+
+
+def test_backoff_adds_retry_after_to_the_jittered_delay():
+    backoff = Backoff(base=0.5, cap=4.0, rng=random.Random(3))
+    jitter = random.Random(3).uniform(0, 0.5)
+    assert backoff.next_delay(retry_after=2.0) == pytest.approx(2.0 + jitter)
+
+
+def test_parse_retry_after_seconds_and_http_date():
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-4") == 0.0
+    now = 1_000_000_000.0
+    assert parse_retry_after("Sun, 09 Sep 2001 01:46:50 GMT", now=now) == pytest.approx(10.0)
+
+
+# ---------------------------------------------------------------- codec and errors
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_codec_omits_absent_fields_and_passes_raw_payload_verbatim(encoding):
+    codec = Codec(encoding)
+    mod = msgspec.json if encoding == "json" else msgspec.msgpack
+    assert mod.decode(codec.encode(Request(type="leave", id="1", room="r"))) == {
+        "type": "leave",
+        "id": "1",
+        "room": "r",
+    }
+    assert mod.decode(codec.encode(Request(type="echo", payload=None))) == {"type": "echo", "payload": None}
+    raw = codec.encode_payload({"k": [1, 2]})
+    wire = codec.encode(Request(type="publish", room="r", payload=raw))
+    assert bytes(raw) in wire
+    delivered = codec.decode(
+        mod.encode({"type": "message", "room": "r", "seq": 4, "from": "u1", "payload": [1]})
+    )
+    assert isinstance(delivered, Message)
+    assert (delivered.room, delivered.seq, delivered.sender, delivered.payload) == ("r", 4, "u1", [1])
+
+
+def test_codec_rejects_unknown_encoding():
+    with pytest.raises(ValueError):
+        Codec("xml")  # type: ignore[arg-type]
+
+
+def test_error_codes_map_to_typed_exceptions():
+    assert isinstance(error_for("NOT_JOINED", "x"), NotJoined)
+    assert isinstance(error_for("RATE_LIMITED"), RateLimited)
+    future = error_for("SOMETHING_NEW", "m")
+    assert type(future) is ProtocolError and future.code == "SOMETHING_NEW" and future.message == "m"
+    assert isinstance(RequestTimeout("ping", 1.0), TimeoutError)
+
+
+# ---------------------------------------------------------------- rooms: dedupe and recovery
+
+
+def test_rooms_deliver_each_seq_once_in_order():
+    rooms = RoomTracker()
+    rooms.begin_join("r", None)
+    assert rooms.end_join("r", {"room": "r", "seq": 5, "recovered": False}) == ([], None)
+    assert [rooms.accept(msg("r", s)) for s in (6, 7, 7, 5, 8)] == [True, True, False, False, True]
+    assert rooms.duplicates == 2
+    assert rooms.accept(msg("other", 1)) is False and rooms.unknown == 1
+
+
+def test_rooms_rejoin_holds_replay_until_ack_and_reports_recovered():
+    rooms = RoomTracker()
+    rooms.begin_join("r", None)
+    rooms.end_join("r", {"seq": 3})
+    rooms.connection_lost()
+    assert rooms.begin_join("r", None) == 3  # rejoin resumes from the last seq seen
+    assert rooms.accept(msg("r", 4)) is False  # held until the ack says how to number it
+    released, event = rooms.end_join("r", {"seq": 5, "recovered": True})
+    assert [m.seq for m in released] == [4]
+    assert event == Recovered("r", 3, 5)
+    assert rooms.accept(msg("r", 5)) and not rooms.accept(msg("r", 4))
+
+
+def test_rooms_seq_reset_reports_gap_and_accepts_new_numbering():
+    rooms = RoomTracker()
+    rooms.begin_join("r", None)
+    rooms.end_join("r", {"seq": 0})
+    for s in (1, 2, 3):
+        assert rooms.accept(msg("r", s))
+    rooms.connection_lost()
+    rooms.begin_join("r", None)
+    released, event = rooms.end_join("r", {"seq": 0, "recovered": False})
+    assert event == Gap("r", since=3, seq=0, reset=True)
+    assert rooms.last_seq("r") == 0
+    assert rooms.accept(msg("r", 1))  # the restarted server's first message is new, not a duplicate
+
+
+def test_rooms_gap_without_reset_keeps_partial_replay():
+    rooms = RoomTracker()
+    rooms.begin_join("r", 10)
+    released, event = rooms.end_join("r", {"seq": 500, "recovered": False})
+    assert event == Gap("r", since=10, seq=500, reset=False)
+    assert rooms.accept(msg("r", 200)) and rooms.accept(msg("r", 501))
+
+
+def test_rooms_skip_own_publications_replayed_after_reconnect():
+    rooms = RoomTracker()
+    rooms.begin_join("r", None)
+    rooms.end_join("r", {"seq": 0})
+    rooms.published("r", 2)  # ours; seq 1 (someone else's) still in flight
+    assert rooms.last_seq("r") == 0
+    assert rooms.accept(msg("r", 1))
+    assert rooms.last_seq("r") == 2  # moved over our own 2
+    rooms.published("r", 3)
+    assert rooms.last_seq("r") == 3
+    rooms.published("r", 5)
+    rooms.connection_lost()
+    rooms.begin_join("r", None)
+    rooms.end_join("r", {"seq": 5, "recovered": True})
+    assert rooms.accept(msg("r", 4)) and not rooms.accept(msg("r", 5))  # 5 is ours, replayed
+
+
+def test_rooms_failed_first_join_is_forgotten():
+    rooms = RoomTracker()
+    rooms.begin_join("r", None)
+    rooms.abort_join("r")
+    assert rooms.joined() == [] and not rooms.accept(msg("r", 1))
+
+
+# ---------------------------------------------------------------- buffers: overflow policy and routing
+
+
+def test_inbox_drops_oldest_then_raises_once_and_stays_usable():
+    async def body():
+        reported = []
+        inbox = Inbox(None, 3, lambda room, n: reported.append(n))
+        for s in range(1, 6):
+            inbox.put(msg("r", s))
+        with pytest.raises(MessagesDropped) as info:
+            await inbox.get()
+        assert info.value.count == 2
+        assert [(await inbox.get()).seq for _ in range(3)] == [3, 4, 5]
+        assert reported == [1]  # one event per burst, not per message
+        inbox.end(None)
+        with pytest.raises(StopAsyncIteration):
+            await inbox.get()
+
+    run(body())
+
+
+def test_router_room_stream_takes_its_backlog_and_ends_on_leave():
+    async def body():
+        router = Router(100)
+        for m in (msg("a", 1), msg("b", 1), msg("a", 2)):
+            router.route(m)
+        stream_a = router.stream("a")
+        assert [m.seq for m in (await stream_a.get(1), await stream_a.get(1))] == [1, 2]
+        router.route(msg("a", 3))
+        router.route(msg("b", 2))
+        assert (await stream_a.get(1)).seq == 3
+        everything = router.stream(None)
+        assert [(await everything.get(1)).room for _ in range(2)] == ["b", "b"]
+        router.end_room("a")
+        assert [m async for m in stream_a] == []
+        del stream_a
+        router.route(msg("a", 4))  # no reader for "a" any more: back to the all-rooms buffer
+        assert (await everything.get(1)).room == "a"
+
+    run(body())
+
+
+# ---------------------------------------------------------------- reconnect policy (fake connections)
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.closed = asyncio.get_running_loop().create_future()
+
+
+def drive_reconnector(reconnector, first_close, outcomes, refresh=None):
+    """Run Reconnector.run with scripted reopen outcomes; returns (events, stop reason, tokens, sleeps)."""
+
+    async def body():
+        events, stops, tokens, sleeps = [], [], [], []
+        script = list(outcomes)
+
+        async def fake_sleep(delay):
+            sleeps.append(delay)
+
+        async def reopen():
+            outcome = script.pop(0)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            conn = FakeConn()
+            conn.closed.set_result((1000, "done"))  # end the session after this connection
+            return conn
+
+        reconnector.sleep = fake_sleep
+        conn = FakeConn()
+        conn.closed.set_result(first_close)
+        state = {"closing": False}
+
+        def stop(exc):
+            stops.append(exc)
+            state["closing"] = True
+
+        await reconnector.run(
+            conn,
+            reopen=reopen,
+            stop=stop,
+            emit=events.append,
+            use_token=tokens.append,
+            closing=lambda: state["closing"],
+        )
+        return events, stops, tokens, sleeps
+
+    return run(body())
+
+
+def test_reconnect_not_after_normal_close_or_token_expiry():
+    for code in (1000, 4001):
+        events, stops, _, sleeps = drive_reconnector(Reconnector(Backoff()), (code, "bye"), [])
+        assert events == [Disconnected(code, "bye", will_reconnect=False)]
+        assert isinstance(stops[0], ConnectionClosed) and stops[0].code == code and sleeps == []
+
+
+def test_reconnect_after_token_expiry_when_refresh_supplies_a_token():
+    async def refresh(why):
+        return f"new-token-{why}" if why == 4001 else None  # the scripted second close (1000) ends it
+
+    r = Reconnector(Backoff(rng=random.Random(0)), refresh_token=refresh)
+    events, stops, tokens, _ = drive_reconnector(r, (4001, "expired"), [None])
+    assert tokens == ["new-token-4001"]
+    assert events[0] == Disconnected(4001, "expired", will_reconnect=True)
+    assert isinstance(events[1], Reconnecting) and events[1].attempt == 1
+
+
+def test_reconnect_honours_retry_after_on_503_and_stops_on_401():
+    r = Reconnector(Backoff(base=0.1, cap=0.1, rng=random.Random(5)))
+    events, stops, _, sleeps = drive_reconnector(
+        r, (1006, ""), [HandshakeRejected(503, retry_after=2.0), Unauthorized(401)]
+    )
+    jitter = random.Random(5)
+    first, second = jitter.uniform(0, 0.1), jitter.uniform(0, 0.1)
+    assert sleeps == [pytest.approx(first), pytest.approx(2.0 + second)]
+    assert isinstance(stops[0], Unauthorized)
+    assert [type(e) for e in events] == [Disconnected, Reconnecting, Reconnecting]
+
+
+def test_reconnect_gives_up_after_max_attempts():
+    r = Reconnector(Backoff(base=0.01, max_attempts=3))
+    events, stops, _, sleeps = drive_reconnector(r, (1001, "going away"), [OSError("refused")] * 3)
+    assert len(sleeps) == 3 and [e.attempt for e in events if isinstance(e, Reconnecting)] == [1, 2, 3]
+    assert isinstance(stops[0], ConnectionClosed) and stops[0].code == 1006
+
+
+async def _fake_http_server(
+    status_line: bytes, headers: bytes, requests: list | None = None
+) -> asyncio.Server:
+    async def respond(reader, writer):
+        request = await reader.readuntil(b"\r\n\r\n")
+        if requests is not None:
+            requests.append(request.decode().lower())
+        writer.write(status_line + b"\r\n" + headers + b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(respond, "127.0.0.1", 0)
+
+
+def test_upgrade_sends_token_and_subprotocol_and_surfaces_refusals():
+    async def body():
+        server = await _fake_http_server(b"HTTP/1.1 503 Service Unavailable", b"Retry-After: 7\r\n")
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(HandshakeRejected) as info:
+            await connect(f"ws://127.0.0.1:{port}/ws")
+        assert info.value.status == 503 and info.value.retry_after == 7.0
+        server.close()
+        requests = []
+        server = await _fake_http_server(b"HTTP/1.1 401 Unauthorized", b"", requests)
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(Unauthorized):
+            await connect(f"ws://127.0.0.1:{port}/ws", token="bad.jwt", encoding="msgpack")
+        server.close()
+        assert "authorization: bearer bad.jwt\r\n" in requests[0]
+        assert "sec-websocket-protocol: msgpack\r\n" in requests[0]
+
+    run(body())
+
+
+# ---------------------------------------------------------------- against the real server
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    with ServerProcess() as server:
+        yield server
+
+
+@pytest.mark.parametrize("enc_a,enc_b", [("json", "json"), ("msgpack", "msgpack"), ("json", "msgpack")])
+def test_publish_is_delivered_to_other_members_not_the_sender(live_server, enc_a, enc_b):
+    async def body():
+        room = f"pubsub-{enc_a}-{enc_b}"
+        async with (
+            connect(live_server.url, encoding=enc_a) as a,
+            connect(live_server.url, encoding=enc_b) as b,
+        ):
+            assert a.welcome is not None and a.welcome.conn and a.welcome.node and a.welcome.heartbeat > 0
+            assert b.encoding == enc_b
+            await a.join(room)
+            joined = await b.join(room)
+            assert joined["room"] == room and isinstance(joined["seq"], int)
+            ack = await b.publish(room, {"n": 1, "s": "héllo"})
+            assert ack == {"room": room, "seq": joined["seq"] + 1}
+            b.publish_nowait(room, [1, 2, 3])
+            stream = a.messages(room)
+            first, second = await stream.get(2), await stream.get(2)
+            assert first.payload == {"n": 1, "s": "héllo"} and second.payload == [1, 2, 3]
+            assert (first.seq, second.seq) == (ack["seq"], ack["seq"] + 1)
+            assert first.sender == b.welcome.user and first.room == room
+            assert 0 < first.received_at <= time.perf_counter()
+            assert len(b.messages(room)) == 0  # the sender gets no copy
+
+    run(body())
+
+
+def test_client_runs_on_uvloop(live_server):
+    async def body():
+        async with connect(live_server.url, encoding="msgpack") as a, connect(live_server.url) as b:
+            await a.join("uv")
+            await b.join("uv")
+            await b.publish("uv", {"loop": "uvloop"})
+            assert (await a.messages().get(2)).payload == {"loop": "uvloop"}
+            assert await a.echo(1) == 1
+
+    uvloop.run(asyncio.wait_for(body(), 10))
+
+
+def test_raw_payload_passes_through_byte_for_byte(live_server):
+    async def body():
+        async with connect(live_server.url, raw_payloads=True) as a, connect(live_server.url) as b:
+            await a.join("raw")
+            await b.join("raw")
+            await b.publish("raw", msgspec.Raw(b'{"k": [1, 2],  "x":null}'))
+            got = await a.messages("raw").get(2)
+            assert bytes(got.payload) == b'{"k": [1, 2],  "x":null}'
+            assert a.decode_payload(got.payload) == {"k": [1, 2], "x": None}
+
+    run(body())
+
+
+def test_echo_and_ping_reply_to_the_caller(live_server):
+    async def body():
+        async with connect(live_server.url, encoding="msgpack") as c:
+            assert await c.echo({"deep": [1, {"x": None}]}) == {"deep": [1, {"x": None}]}
+            assert await c.echo(None) is None
+            assert 0 < await c.ping() < 1.0
+
+    run(body())
+
+
+def test_errors_are_typed_and_keep_the_connection_open(live_server):
+    async def body():
+        events = []
+        async with connect(live_server.url, on_event=events.append) as c:
+            with pytest.raises(NotJoined) as info:
+                await c.publish("never-joined", 1)
+            assert info.value.code == "NOT_JOINED" and info.value.message
+            with pytest.raises(InvalidMessage):
+                await c.join("bad room!")
+            with pytest.raises(InvalidMessage):
+                await c.join("x" * 129)
+            c.publish_nowait("never-joined", 1)  # no id: the error arrives as an event
+            c.send_raw(b'{"type":"bogus"}')
+            await until(lambda: sum(isinstance(e, ServerError) for e in events) >= 2)
+            codes = [e.code for e in events if isinstance(e, ServerError)]
+            assert codes == ["NOT_JOINED", "UNKNOWN_TYPE"]
+            assert c.stats.errors["NOT_JOINED"] == 2
+            assert await c.echo("still open") == "still open"
+
+    run(body())
+
+
+def test_on_message_callback_replaces_buffering(live_server):
+    async def body():
+        got: list[Message] = []
+        async with connect(live_server.url, on_message=got.append) as a, connect(live_server.url) as b:
+            with pytest.raises(ClientError):
+                a.messages()
+            await a.join("cb")
+            await b.join("cb")
+            for i in range(20):
+                b.publish_nowait("cb", i)
+                if not b.writable:  # back-pressure hook for load generators
+                    await b.drain()
+            await until(lambda: len(got) == 20)
+            assert [m.payload for m in got] == list(range(20))
+            assert a.stats.messages == 20 and b.stats.sent == 21  # 20 publishes + the join
+
+    run(body())
+
+
+def test_slow_reader_overflow_drops_oldest_and_raises_once(live_server):
+    async def body():
+        events = []
+        async with connect(live_server.url, max_buffered=5, on_event=events.append) as a:
+            async with connect(live_server.url) as b:
+                await a.join("slow")
+                await b.join("slow")
+                for i in range(12):
+                    await b.publish("slow", i)
+                await until(lambda: a.stats.messages == 12)
+                stream = a.messages()
+                with pytest.raises(MessagesDropped) as info:
+                    await stream.get(1)
+                assert info.value.count == 7
+                assert [(await stream.get(1)).payload for _ in range(5)] == [7, 8, 9, 10, 11]
+                assert [e.dropped for e in events if type(e).__name__ == "Overflow"] == [1]
+
+    run(body())
+
+
+def test_request_timeout_when_server_is_frozen_and_late_reply_is_dropped(live_server):
+    async def body():
+        async with connect(live_server.url, request_timeout=5.0) as c:
+            live_server.pause()
+            try:
+                started = time.perf_counter()
+                with pytest.raises(RequestTimeout) as info:
+                    await c.echo("late", timeout=0.2)
+                assert 0.15 < time.perf_counter() - started < 1.0
+                assert info.value.kind == "echo" and c._pending == {}
+            finally:
+                live_server.resume()
+            # The reply to "late" arrives now and must not be mistaken for this one's.
+            assert await c.echo("fresh") == "fresh"
+            assert c._pending == {}
+
+    run(body())
+
+
+def test_dead_connection_is_detected_by_ping_and_reconnected(live_server):
+    async def body():
+        events = []
+        async with connect(
+            live_server.url,
+            ping_interval=0.2,
+            ping_timeout=0.3,
+            open_timeout=0.4,
+            backoff_base=0.05,
+            backoff_cap=0.2,
+            on_event=events.append,
+        ) as c:
+            await c.join("alive")
+            live_server.pause()
+            try:
+                await until(lambda: any(isinstance(e, Disconnected) for e in events), timeout=3)
+                gone = next(e for e in events if isinstance(e, Disconnected))
+                assert gone.code == 1006 and gone.will_reconnect and "pong" in gone.reason
+                assert not c.connected
+                with pytest.raises(NotConnected):
+                    c.publish_nowait("alive", 1)
+                with pytest.raises(RequestTimeout):  # waits for the reconnect, within its timeout
+                    await c.ping(timeout=0.1)
+            finally:
+                live_server.resume()
+            await until(lambda: c.connected, timeout=5)
+            assert any(isinstance(e, Connected) and e.reconnect for e in events)
+            assert c.rooms == ["alive"]
+            assert await c.publish("alive", "back") == {"room": "alive", "seq": 1}
+
+    run(body())
+
+
+class MaxRandom(random.Random):
+    """Always the top of the jitter window: a predictable reconnect delay."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_reconnect_rejoins_with_since_and_recovers_each_missed_message_once(live_server):
+    async def body():
+        events = []
+        async with (
+            connect(live_server.url, backoff_base=0.3, rng=MaxRandom(), on_event=events.append) as a,
+            connect(live_server.url) as b,
+        ):
+            await a.join("rec")
+            await b.join("rec")
+            await b.publish("rec", "m1")
+            await a.publish("rec", "own")  # a never gets its own message back, not even on replay
+            await b.publish("rec", "m3")
+            stream = a.messages("rec")
+            assert [(await stream.get(2)).payload for _ in range(2)] == ["m1", "m3"]
+            a._conn.abort()  # the socket dies under the client
+            await until(lambda: not a.connected)
+            for text in ("m4", "m5", "m6"):  # published while a is away (its reconnect waits 0.3 s)
+                await b.publish("rec", text)
+            await until(lambda: a.connected, timeout=5)
+            assert [(await stream.get(2)).payload for _ in range(3)] == ["m4", "m5", "m6"]
+            assert Recovered("rec", since=3, seq=6) in events
+            await b.publish("rec", "m7")
+            assert (await stream.get(2)).seq == 7
+            assert len(stream) == 0 and a._rooms.duplicates == 0
+
+    run(body())
+
+
+def test_server_restart_reconnects_rejoins_and_reports_the_seq_reset():
+    async def body(server):
+        events_a, events_b = [], []
+        options = dict(backoff_base=0.05, backoff_cap=0.2, stable_after=0.0)
+        async with (
+            connect(server.url, on_event=events_a.append, **options) as a,
+            connect(server.url, on_event=events_b.append, **options) as b,
+        ):
+            await a.join("restart")
+            await b.join("restart")
+            for i in range(3):
+                await b.publish("restart", i)
+            stream = a.messages("restart")
+            assert [(await stream.get(2)).seq for _ in range(3)] == [1, 2, 3]
+            assert await asyncio.to_thread(server.terminate) == 0  # graceful: connections closed with 1001
+            assert Disconnected(1001, "server going away", will_reconnect=True) in events_a
+            await asyncio.to_thread(server.start)  # same port, empty history: seq starts over
+            await until(lambda: a.connected and b.connected, timeout=10)
+            assert Gap("restart", since=3, seq=0, reset=True) in events_a
+            assert Gap("restart", since=3, seq=0, reset=True) in events_b  # b's own seqs count as seen
+            assert a.rooms == ["restart"] and b.rooms == ["restart"]
+            assert await b.publish("restart", "after") == {"room": "restart", "seq": 1}
+            after = await stream.get(2)
+            assert (after.seq, after.payload) == (1, "after")
+
+    with ServerProcess() as server:
+        run(body(server))
+
+
+def test_backoff_delays_follow_the_seeded_distribution_while_server_is_down():
+    async def body(server):
+        events = []
+        c = await connect(
+            server.url,
+            backoff_base=0.02,
+            backoff_cap=0.1,
+            max_attempts=5,
+            rng=random.Random(1234),
+            stable_after=3600,
+            on_event=events.append,
+        )
+        server.kill()  # no close frame: 1006
+        with pytest.raises(ConnectionClosed) as info:
+            await c.wait_closed()
+        assert info.value.code == 1006
+        reference = random.Random(1234)
+        expected = [reference.uniform(0, min(0.1, 0.02 * 2**i)) for i in range(5)]
+        attempts = [e for e in events if isinstance(e, Reconnecting)]
+        assert [e.attempt for e in attempts] == [1, 2, 3, 4, 5]
+        assert [e.delay for e in attempts] == expected
+        assert all(isinstance(e.error, OSError) for e in attempts[1:])
+        assert events[0] == Connected(c.welcome, reconnect=False)
+        assert isinstance(events[1], Disconnected) and events[1].code == 1006
+        with pytest.raises(ConnectionClosed):
+            await c.ping()
+        with pytest.raises(ConnectionClosed):
+            await c.messages().get(1)
+        await c.close()
+
+    with ServerProcess(port=free_port()) as server:
+        run(body(server))
+
+
+def test_client_answers_server_heartbeat_pings():
+    async def body(server):
+        events = []
+        async with connect(server.url, ping_interval=None, on_event=events.append) as c:
+            assert c.welcome.heartbeat == 200
+            await asyncio.sleep(1.2)  # several server ping rounds while the client sends nothing
+            assert [type(e) for e in events] == [Connected]
+            assert await c.echo("alive") == "alive"
+
+    with ServerProcess("--heartbeat", "200", "--heartbeat-timeout", "300") as server:
+        run(body(server))
