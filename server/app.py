@@ -179,12 +179,13 @@ def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> W
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain; the exit code is 0 after a clean drain."""
-    node = Node(settings)
-    await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM that arrives as soon as the port is open must still drain cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    node = Node(settings)
+    await node.start()
     await stop.wait()
     await node.drain()
     log.info("stopped")
