@@ -1,0 +1,32 @@
+"""``python -m bench <scenario> [options]``: run a benchmark scenario, print its table, write ``results/``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bench.scenarios import SCENARIOS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for name, module in SCENARIOS.items():
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return SCENARIOS[args.scenario].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
