@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8765
 ARGS   ?=
 
-.PHONY: help install serve test test-fast lint format conformance bench bench-core bench-quick bench-micro swarm token clean
+.PHONY: help install serve test lint format conformance bench bench-core bench-quick bench-micro swarm token clean
 
 help:
 	@echo "make serve        run a single-node server on 127.0.0.1:$(PORT) (ARGS='--flag value' for more)"
@@ -48,3 +48,6 @@ clean:
 
 token: install
 	$(PY) -m server token $(ARGS)
+
+swarm: install
+	bash loadtest/swarm.sh $(ARGS)

@@ -1,0 +1,450 @@
+"""The Locust load generator (loadtest/) against real server processes.
+
+Every Locust run is a subprocess (``python -m locust --headless``): Locust
+monkey-patches the whole process with gevent on import, which must not happen
+inside pytest. Each run writes ``--csv``, and loadtest's report module adds
+``<prefix>_summary.json`` with every stats row, the error table and counters;
+the assertions read that file. Runs are a few seconds with a handful of
+users, all traffic is on 127.0.0.1, and every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SCEN = ROOT / "loadtest" / "scenarios"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``python -m server`` on a free port; the log is kept to explain failures."""
+
+    def __init__(self, tmp: Path, *args: str, port: int = 0) -> None:
+        self.port = port or _free_port()
+        self.log_path = tmp / f"server-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.3):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"server not listening: {self.log()}") from None
+                time.sleep(0.05)
+
+    @property
+    def host(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def metric(self, name: str) -> float:
+        """One value from GET /metrics (0 if absent)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+class Run:
+    """Result of one headless Locust run: exit code, output and the summary rows by name."""
+
+    def __init__(self, rc: int, output: str, summary: dict[str, Any]) -> None:
+        self.rc = rc
+        self.output = output
+        self.summary = summary
+        self.rows = {e["name"]: e for e in summary.get("entries", [])}
+
+    def count(self, name: str) -> int:
+        return int(self.rows.get(name, {}).get("count", 0))
+
+    def failures(self, name: str | None = None) -> int:
+        if name is None:
+            return int(self.summary["totals"]["failures"])
+        return int(self.rows.get(name, {}).get("failures", 0))
+
+    def explain(self) -> str:
+        rows = {n: (e["count"], e["failures"]) for n, e in self.rows.items()}
+        return f"rc={self.rc} rows={rows} errors={self.summary.get('errors')}\n{self.output[-2500:]}"
+
+
+def locust(tmp: Path, scenario: str, host: str, *args: str, timeout: float = 60, tag: str = "run") -> Run:
+    """One headless run writing CSV + summary under ``tmp``; bounded by ``timeout``."""
+    prefix = tmp / tag
+    cmd = [PY, "-m", "locust", "-f", str(SCEN / f"{scenario}.py"), "--headless", "--host", host,
+           "--csv", str(prefix), "--loglevel", "INFO", *args]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    path = Path(f"{prefix}_summary.json")
+    summary = json.loads(path.read_text()) if path.exists() else {"entries": [], "totals": {"failures": -1}}
+    return Run(done.returncode, done.stdout + done.stderr, summary)
+
+
+@pytest.fixture(scope="module")
+def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loadtest")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_module: Path) -> Iterator[Server]:
+    """A default server, with fast heartbeats so that the idle scenario sees pings within seconds."""
+    s = Server(tmp_module, "--heartbeat", "400", "--heartbeat-timeout", "3000", "--echo-endpoint")
+    yield s
+    s.stop()
+
+
+def _assert_clean(run: Run, *names: str) -> None:
+    assert run.rc == 0, run.explain()
+    assert run.failures() == 0, run.explain()
+    for name in names:
+        assert run.count(name) > 0, f"no {name!r} row\n{run.explain()}"
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+@pytest.mark.parametrize("variant", ["json", "msgpack", "no-ack"])
+def test_chat_scenario(server: Server, tmp_path: Path, variant: str) -> None:
+    extra = {"json": [], "msgpack": ["--msgpack"], "no-ack": ["--no-publish-ack"]}[variant]
+    run = locust(tmp_path, "chat", server.host, "-u", "6", "-r", "6", "-t", "3s",
+                 "--rooms", "2", "--publish-rate", "5", "--payload-size", "200", *extra)  # fmt: skip
+    _assert_clean(run, "connect", "join", "publish", "delivery")
+    assert run.count("connect") == 6 and run.count("join") == 6, run.explain()
+    # 3 users per room: every publish reaches the 2 others, minus those still in flight at the end
+    assert run.count("delivery") >= run.count("publish"), run.explain()
+    assert run.rows["delivery"]["avg_size"] > 200, run.explain()  # payload padding reached the wire
+    assert run.summary["counters"].get("messages_missing", 0) == 0
+
+
+@pytest.mark.parametrize("path", ["", "/echo"])
+def test_echo_scenario(server: Server, tmp_path: Path, path: str) -> None:
+    extra = ["--echo-path", path] if path else []
+    run = locust(tmp_path, "echo", server.host, "-u", "4", "-r", "4", "-t", "3s", "--echo-rate", "10", *extra)
+    _assert_clean(run, "connect", "echo")
+    assert run.count("echo") >= 4 * 10, run.explain()  # ~4 users x 10/s x ~2.5 s
+
+
+def test_idle_scenario_answers_heartbeats(server: Server, tmp_path: Path) -> None:
+    run = locust(tmp_path, "idle", server.host, "-u", "4", "-r", "4", "-t", "3s")
+    _assert_clean(run, "connect", "heartbeat")
+    assert run.count("heartbeat") >= 4, run.explain()  # pings every ~0.4 s to each idle connection
+    assert not any(n.startswith("close:") for n in run.rows), run.explain()  # nobody hit the 4000 timeout
+
+
+@pytest.mark.parametrize("backoff", ["full-jitter", "none"])
+def test_reconnection_storm(server: Server, tmp_path: Path, backoff: str) -> None:
+    run = locust(tmp_path, "storm", server.host, "--storm-users", "8", "--storm-spawn-rate", "8",
+                 "--storm-hold", "1.5", "--storm-after", "0.5", "--storm-timeout", "15",
+                 "--storm-drop-ratio", "0.75", "--backoff", backoff, "--backoff-base", "0.5",
+                 "--rooms", "2", "--publish-rate", "10")  # fmt: skip
+    _assert_clean(run, "connect", "join", "rejoin", "storm1:reconnect")
+    assert run.count("storm1:reconnect") == 6, run.explain()  # 75 % of 8 dropped, all came back
+    (storm,) = run.summary["storms"]
+    assert storm["complete"] and storm["rejoined"] == storm["expected"] == 6, storm
+    assert storm["all_rejoined_ms"] is not None and storm["all_rejoined_ms"] < 10_000, storm
+    c = run.summary["counters"]
+    assert c.get("messages_missing", 0) == 0, c  # no gaps after rejoin with since
+    if backoff == "full-jitter":
+        # away for up to 0.5 s while 2 users keep publishing 10/s: something to recover
+        assert run.count("storm1:recovered") > 0 and c.get("messages_recovered", 0) > 0, run.explain()
+        assert c["messages_recovered"] == c["messages_missed_while_away"], c
+        assert run.count("delivery:replayed") == c["messages_recovered"], run.explain()
+
+
+def test_storm_by_server_restart(tmp_path: Path) -> None:
+    """--storm-trigger none while the test restarts the server: 1001 closes, reconnects, history lost.
+
+    A restarted single node has a new epoch, so the rejoin with since + epoch
+    must be reported as not recovered instead of silently resuming.
+    """
+    srv = Server(tmp_path)
+    prefix = tmp_path / "restart"
+    proc = subprocess.Popen(
+        [PY, "-m", "locust", "-f", str(SCEN / "storm.py"), "--headless", "--host", srv.host, "--csv", str(prefix),
+         "--storm-users", "6", "--storm-spawn-rate", "6", "--storm-hold", "0.5", "--storm-timeout", "6",
+         "--storm-after", "0.5", "--storm-trigger", "none", "--rooms", "2", "--publish-rate", "5",
+         "--backoff-base", "0.2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    srv2: Server | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while srv.metric("wsfan_connections") < 6:  # every user connected before the restart
+            assert time.monotonic() < deadline and proc.poll() is None, "users never connected"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        srv.stop()  # SIGTERM: graceful, 1001 to everybody
+        srv2 = Server(tmp_path, port=srv.port)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        if srv2 is not None:
+            srv2.stop()
+    run = Run(proc.returncode, out, json.loads(Path(f"{prefix}_summary.json").read_text()))
+    assert run.failures("close:1001") == 6, run.explain()
+    assert run.count("reconnect") == 6 and run.failures("reconnect") == 0, run.explain()
+    assert run.failures("recovered") == 6, run.explain()  # new epoch: nothing recoverable, and said so
+    assert {r for r in run.rows if run.failures(r)} <= {"close:1001", "recovered", "connect"}, run.explain()
+
+
+def test_token_secret_mints_jwts(tmp_path: Path) -> None:
+    srv = Server(tmp_path, "--jwt-secret", "s3cret")
+    try:
+        ok = locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret", "s3cret",
+                    "--token-rooms", "lt-*", tag="good")  # fmt: skip
+        _assert_clean(ok, "connect", "join")
+        bad = locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret", "wrong",
+                     "--backoff-base", "0.5", tag="bad")  # fmt: skip
+        assert bad.count("connect") >= 2 and bad.failures("connect") == bad.count("connect"), bad.explain()
+        assert any("HTTP 401" in e["error"] for e in bad.summary["errors"]), bad.explain()
+    finally:
+        srv.stop()
+
+
+# -------------------------------------------------------- failures with codes
+
+
+def test_rate_limit_shows_error_and_close_codes(tmp_path: Path) -> None:
+    srv = Server(tmp_path, "--rate-limit", "1", "--rate-burst", "1", "--rate-abuse-strikes", "5")
+    try:
+        run = locust(tmp_path, "chat", srv.host, "-u", "3", "-r", "3", "-t", "3s",
+                     "--rooms", "1", "--publish-rate", "10", "--backoff-base", "0.2")  # fmt: skip
+    finally:
+        srv.stop()
+    assert run.rc == 1, run.explain()  # Locust exits 1 when anything failed
+    assert run.failures("error:RATE_LIMITED") > 0, run.explain()
+    assert run.failures("close:4029") > 0, run.explain()
+    assert run.count("join") > 0 and run.count("connect") > 3, run.explain()  # kicked users came back
+
+
+def test_slow_consumer_is_closed_with_4008(tmp_path: Path) -> None:
+    """Two fast publishers, one listener that reads 60 KB messages every 12 ms (slower than they arrive).
+
+    The listener must be slow, but fast enough to read through the kernel
+    buffers to the server's close frame within its 2 s close grace: a reader
+    that stalls completely is aborted after the grace and only sees 1006.
+    """
+    srv = Server(tmp_path, "--slow-consumer-limit", "1024")
+    try:
+        run = locust(tmp_path, "chat", srv.host, "-u", "3", "-r", "3", "-t", "8s", "--rooms", "1",
+                     "--publish-rate", "80", "--payload-size", "60000", "--publisher-ratio", "0.67",
+                     "--recv-delay-ms", "12", "--no-reconnect")  # fmt: skip
+        closes = srv.metric("wsfan_slow_consumer_closes_total")
+    finally:
+        srv.stop()
+    assert closes >= 1, run.explain()
+    assert run.failures("close:4008") >= 1, run.explain()
+    assert run.failures("close:4008") == run.failures(), run.explain()  # nothing else failed
+
+
+def test_cpu_warning_is_surfaced_in_the_report(server: Server, tmp_path: Path) -> None:
+    """Locust's cpu_warning event (fired by its CPU monitor above 90 %) becomes a LOADGEN stats row."""
+    lf = tmp_path / "cpu_locustfile.py"
+    lf.write_text(
+        "from locust import events\n"
+        "from loadtest.users import EchoUser\n"
+        "@events.test_start.add_listener\n"
+        "def _saturated(environment, **_kw):\n"
+        "    environment.events.cpu_warning.fire(environment=environment, cpu_usage=97.0)\n"
+    )
+    prefix = tmp_path / "cpu"
+    done = subprocess.run(
+        [PY, "-m", "locust", "-f", str(lf), "--headless", "--host", server.host, "-u", "1", "-r", "1", "-t", "2s",
+         "--csv", str(prefix)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+    run = Run(done.returncode, done.stdout + done.stderr, summary)
+    row = run.rows.get("cpu>90%")
+    assert row is not None and row["type"] == "LOADGEN" and row["max_ms"] == 97.0, run.explain()
+    assert row["failures"] == 0 and run.rc == 0, run.explain()  # recorded, not failed (--cpu-warning-fails)
+    assert summary["loadgen_cpu"]["saturated"] and summary["loadgen_cpu"]["max_percent"] == 97.0
+    assert "cpu>90%" in Path(f"{prefix}_stats.csv").read_text()
+
+
+# ----------------------------------------------------------------- distributed
+
+
+def test_master_and_worker(server: Server, tmp_path: Path) -> None:
+    port = _free_port()
+    prefix = tmp_path / "dist"
+    common = ["-f", str(SCEN / "chat.py")]
+    master = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "locust",
+            *common,
+            "--master",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            str(port),
+            "--expect-workers",
+            "1",
+            "--expect-workers-max-wait",
+            "30",
+            "--headless",
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "4s",
+            "--host",
+            server.host,
+            "--csv",
+            str(prefix),
+            "--rooms",
+            "2",
+            "--publish-rate",
+            "5",
+        ],  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        worker = subprocess.run(
+            [PY, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        out, _ = master.communicate(timeout=30)
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(timeout=5)
+    summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+    run = Run(master.returncode, out + worker.stdout[-1500:] + worker.stderr[-1500:], summary)
+    _assert_clean(run, "connect", "join", "publish", "delivery")
+    assert worker.returncode == 0, run.explain()
+    assert summary["workers"] == 1 and run.count("connect") == 4, run.explain()
+
+
+# ----------------------------------------------------------------- swarm
+
+
+def test_swarm_script(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [PY, "-m", "loadtest.swarm", "--users", "4", "--run-time", "3s", "--results-root", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    for name in (
+        "report.html",
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "locust_summary.json",
+        "server.log",
+    ):
+        assert (out / name).stat().st_size > 0, name
+
+
+# ----------------------------------------------------------------- units (no server)
+
+
+def test_settings_rooms_publishers_backoff_and_token() -> None:
+    code = r"""
+import random, jwt
+from loadtest.opts import Settings
+s = Settings(rooms=3, rooms_per_user=2, room_prefix="r", publisher_ratio=0.25)
+assert s.rooms_for(0) == ["r-0", "r-1"] and s.rooms_for(4) == ["r-1", "r-2"]
+assert sum(s.is_publisher(i) for i in range(100)) == 25
+s2 = Settings(room_size=10, total_users=95)
+assert s2.room_count() == 10
+rng = random.Random(1)
+fj = Settings(backoff="full-jitter", backoff_base=0.1, backoff_cap=1.0)
+assert all(0 <= fj.backoff_delay(n, rng) <= min(1.0, 0.1 * 2 ** n) for n in range(12))
+no = Settings(backoff="none", backoff_base=0.3)
+assert no.backoff_delay(0, rng) == 0 and no.backoff_delay(5, rng) == 0.3
+ex = Settings(backoff="exponential", backoff_base=0.1, backoff_cap=1.0)
+assert ex.backoff_delay(2, rng) == 0.4 and ex.backoff_delay(9, rng) == 1.0
+tok = Settings(token_secret="k", token_rooms="a-*, b").bearer("u1")
+claims = jwt.decode(tok, "k", algorithms=["HS256"])
+assert claims["sub"] == "u1" and claims["rooms"] == ["a-*", "b"] and claims["exp"] > 0
+assert Settings(token="static").bearer("x") == "static"
+print("ok")
+"""
+    done = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_options_are_listed() -> None:
+    """``locust --help`` cannot show locustfile options, so ``python -m loadtest.opts`` does."""
+    done = subprocess.run([PY, "-m", "loadtest.opts"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for opt in (
+        "--rooms",
+        "--publish-rate",
+        "--token-secret",
+        "--storm-users",
+        "--backoff",
+        "--results-root",
+    ):
+        assert opt in done.stdout, opt
+
+
+def test_wsclient_masks_and_frames() -> None:
+    code = r"""
+from loadtest import wsclient as w
+key = b"\x01\x02\x03\x04"
+data = bytes(range(256)) * 3 + b"xyz"
+assert w._mask(key, w._mask(key, data)) == data
+assert w._mask(key, b"abcd") == bytes(a ^ b for a, b in zip(b"abcd", key))
+assert w._frame_header(w.OP_TEXT, 5) == b"\x81\x85"
+assert w._frame_header(w.OP_BINARY, 300)[:2] == b"\x82\xfe"
+assert w._frame_header(w.OP_TEXT, 70000)[:2] == b"\x81\xff"
+assert w.parse_close_payload(b"\x0f\xa8slow") == (4008, "slow")
+assert w.parse_close_payload(b"") == (1005, "")
+t = w.parse_url("ws://127.0.0.1:9000/ws?x=1")
+assert (t.secure, t.host, t.port, t.resource, t.host_header) == (False, "127.0.0.1", 9000, "/ws?x=1", "127.0.0.1:9000")
+assert w.parse_url("https://h").port == 443 and w.parse_url("https://h").secure
+print("ok")
+"""
+    done = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
