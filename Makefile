@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8765
 ARGS   ?=
 
-.PHONY: help install serve test lint format conformance bench bench-core bench-quick bench-micro swarm token clean
+.PHONY: help install serve test test-browser lint format conformance bench bench-core bench-quick bench-micro swarm token clean
 
 help:
 	@echo "make serve        run a single-node server on 127.0.0.1:$(PORT) (ARGS='--flag value' for more)"
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(PY) -m server --host 127.0.0.1 --port $(PORT) $(ARGS)
+	$(PY) -m server --host 127.0.0.1 --port $(PORT) --demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
@@ -51,3 +51,6 @@ token: install
 
 swarm: install
 	bash loadtest/swarm.sh $(ARGS)
+
+test-browser: install
+	$(PY) -m pytest -q tests/test_browser.py tests/test_client_storm.py

@@ -14,6 +14,7 @@ from server.auth import Authenticator, AuthError, token_from_request
 from server.broker import Broker
 from server.broker.memory import MemoryBroker
 from server.config import Settings
+from server.demo import load_pages
 from server.http import HttpSide
 from server.hub import Hub, Session
 from server.metrics import CONTENT_TYPE, Metrics
@@ -22,6 +23,13 @@ from server.ratelimit import TokenBucket
 from server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
 
 log = logging.getLogger("wsfan")
+
+try:
+    import aiofastnet  # noqa: F401 - only its presence matters
+
+    _HAS_AIOFASTNET = True
+except ImportError:
+    _HAS_AIOFASTNET = False
 
 
 class Node:
@@ -36,6 +44,9 @@ class Node:
             self.broker,
             node_id=self.node_id,
             schedule=loop.call_soon,
+            cork_delay=settings.cork_ms / 1000.0,
+            schedule_later=loop.call_later,
+            clock=loop.time,
             heartbeat_ms=settings.heartbeat,
             rate_limit=settings.rate_limit,
             rate_burst=settings.rate_burst,
@@ -56,6 +67,8 @@ class Node:
         self.handshakes = TokenBucket(rate, max(1.0, rate)) if rate > 0 else None
         self.metrics = Metrics(self.hub, lambda: len(self.registry.connections))
         self.http = HttpSide(self) if settings.http_port else None
+        # --demo: the chat page and the browser client, read once here (server/demo.py)
+        self.demo_pages = load_pages() if settings.demo else None
 
     def _count_heartbeat_close(self) -> None:
         self.hub.stats.heartbeat_closes += 1
@@ -88,6 +101,8 @@ class Node:
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
         if path == b"/metrics":
             return _plain(200, self.metrics.render(), {"Content-Type": CONTENT_TYPE})
+        if self.demo_pages is not None and (page := self.demo_pages.get(path)) is not None:
+            return _plain(200, page.body, page.headers)
         return None
 
     def admit(self) -> WSUpgradeResponseWithListener | None:
@@ -121,6 +136,9 @@ class Node:
             enable_auto_pong=False,  # transport.py answers pings after validating them
             websocket_handshake_timeout=5,
             logger_name="server",
+            use_aiofastnet=s.aiofastnet and _HAS_AIOFASTNET,
+            # Workers each bind the port; the kernel spreads new connections over them.
+            reuse_port=s.workers > 1,
         )
         self.registry.start()
         if self.http is not None:

@@ -34,6 +34,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = "info"
     drain_timeout: float = 10.0
     read_buffer_size: int = 2048
+    aiofastnet: bool = True
+    cork_ms: float = 0.0
     node_id: str = ""
     # security and HTTP surface
     jwt_secret: str = ""
@@ -66,6 +68,8 @@ HELP: dict[str, str] = {
     "log_level": "debug, info, warning or error",
     "drain_timeout": "seconds to wait for close handshakes on shutdown before dropping connections",
     "read_buffer_size": "initial per-connection read buffer in bytes (grows on demand); small keeps idle connections cheap",
+    "aiofastnet": "use picows' aiofastnet transport: ~13%% less CPU per delivery, ~5 KB more memory per connection",
+    "cork_ms": "hold a busy connection's output up to this many ms to batch writes (0: flush every loop iteration)",
     "node_id": "name of this node in welcome messages and conn ids; random when empty",
     "jwt_secret": "HS256 secret: when set, every upgrade needs a JWT (Authorization: Bearer or ?token=)",
     "jwt_leeway": "seconds of clock skew tolerated on exp/nbf/iat",
@@ -92,7 +96,6 @@ def build_parser(prog: str = "wsfan") -> argparse.ArgumentParser:
         prog=prog,
         description="Pub/sub WebSocket server (PROTOCOL.md v1). Every flag can also be set with an "
         f"environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT=9000) or a key in the --config TOML file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with settings (keys as flag names, _ or -)"
@@ -183,6 +186,8 @@ def validate(s: Settings) -> list[str]:
         problems.append("max-message-size must be positive")
     if s.heartbeat < 0 or s.heartbeat_timeout <= 0:
         problems.append("heartbeat must be >= 0 and heartbeat-timeout > 0")
+    if not 0 <= s.cork_ms <= 50:
+        problems.append("cork-ms must be between 0 and 50")
     if s.history_size < 0:
         problems.append("history-size must be >= 0")
     if s.slow_consumer_limit < 1024:

@@ -19,6 +19,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -61,6 +62,7 @@ class Peer(Protocol):
 
 
 Handler = Callable[["Session", Any], None]
+_NO_ROOMS: frozenset[str] = frozenset()
 Authorizer = Callable[["Session", str, str], bool]
 
 
@@ -87,7 +89,8 @@ class Session:
         self.user = user
         self.codec = codec
         self.encoding = codec.encoding
-        self.rooms: set[str] = set()
+        # Most idle connections never join: they share one empty frozenset until the first join.
+        self.rooms: set[str] | frozenset[str] = _NO_ROOMS
         self.bucket = bucket
         self.out: list[bytes] = []
         self.scheduled = False
@@ -130,6 +133,9 @@ class Hub:
         rate_burst: float = 200.0,
         rate_abuse_strikes: int = 50,
         codecs: dict[Encoding, Codec] | None = None,
+        cork_delay: float = 0.0,
+        schedule_later: Callable[[float, Callable[[], None]], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
         self.node_id = node_id
@@ -142,6 +148,12 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.authorize: Authorizer | None = None
         self._schedule = schedule
+        if cork_delay and schedule_later is None:
+            raise ValueError("cork_delay needs schedule_later")
+        self.cork_delay = cork_delay
+        self._schedule_later = schedule_later
+        self._clock = clock
+        self._last_flush = 0.0
         self._dirty: list[Session] = []
         self._flush_pending = False
         self._ids = itertools.count(1)
@@ -261,7 +273,7 @@ class Hub:
         if not self._allowed(s, "join", room):
             self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
             return
-        hist = self.broker.history(room, m.since)
+        hist = self.broker.history(room, m.since, m.epoch)
         if isinstance(hist, History):
             self._add(s, room)
             self._joined(s, m.id, room, hist)
@@ -277,11 +289,13 @@ class Hub:
             hist = await pending
         except BrokerUnavailable as exc:
             room.recovering.pop(s, None)
+            self._forget_if_unused(room)
             self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
             return
         finally:
             room.recovering.pop(s, None)
         if s.closed:
+            self._forget_if_unused(room)
             return
         self._add(s, name)
         self._joined(s, request_id, name, hist)
@@ -290,10 +304,20 @@ class Hub:
             if pub.seq > last and pub.origin != s.conn_id:
                 self.send(s, pub.frame(s.encoding))
 
+    def _forget_if_unused(self, room: Room) -> None:
+        """A join that failed or whose connection left created the room: do not keep it subscribed."""
+        if not room and not room.recovering and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+            unsub = self.broker.unsubscribe(room.name)
+            if inspect.isawaitable(unsub):
+                self._spawn(_await(unsub))
+
     def _joined(self, s: Session, request_id: str | None, room: str, hist: History) -> None:
         # The ack goes first so a client learns ``recovered`` before the replayed messages.
         if request_id is not None:
-            self.ack(s, request_id, JoinData(room=room, seq=hist.seq, recovered=hist.recovered))
+            self.ack(
+                s, request_id, JoinData(room=room, seq=hist.seq, recovered=hist.recovered, epoch=hist.epoch)
+            )
         enc = s.encoding
         for pub in hist.publications:
             self.send(s, pub.frame(enc))
@@ -327,22 +351,45 @@ class Hub:
         origin: str = "",
         reply_to: Session | None = None,
         request_id: str | None = None,
-    ) -> Publication | Awaitable[Publication]:
-        """Publish into a room from a client or from the backend (admin publish)."""
+    ) -> Publication | Awaitable[Publication] | None:
+        """Publish into a room from a client or from the backend (admin publish).
+
+        None means the publish was refused and ``reply_to`` has been told why.
+        """
         self.stats.publishes += 1
         try:
             result = self.broker.publish(room, sender, payload, encoding, origin)
         except BrokerUnavailable as exc:
-            if reply_to is not None:
-                self.error(reply_to, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
-            raise
+            if reply_to is None:
+                raise  # the backend caller (admin publish) turns it into its own error
+            self.error(reply_to, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            return None
         if isinstance(result, Publication):
             if reply_to is not None and request_id is not None:
                 self.ack(reply_to, request_id, PublishData(room=room, seq=result.seq))
             return result
         if reply_to is not None:
-            self._spawn(self._publish_async(reply_to, request_id, room, result))
+            if isinstance(result, asyncio.Future):
+                # A callback on the broker's future costs far less than a task per publish.
+                result.add_done_callback(lambda f: self._published(reply_to, request_id, room, f))
+            else:
+                self._spawn(self._publish_async(reply_to, request_id, room, result))
         return result
+
+    def _published(
+        self, s: Session, request_id: str | None, room: str, done: asyncio.Future[Publication]
+    ) -> None:
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is None:
+            if request_id is not None:
+                self.ack(s, request_id, PublishData(room=room, seq=done.result().seq))
+        elif isinstance(exc, BrokerUnavailable):
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+        else:
+            log.error("publish to %r failed", room, exc_info=exc)
+            self.error(s, request_id, ErrorCode.INTERNAL, "internal error")
 
     async def _publish_async(
         self, s: Session, request_id: str | None, room: str, pending: Awaitable[Publication]
@@ -376,10 +423,14 @@ class Hub:
 
     def _add(self, s: Session, name: str) -> None:
         self._room(name).members(s.encoding)[s] = None
-        s.rooms.add(name)
+        rooms = s.rooms
+        if rooms is _NO_ROOMS:
+            rooms = s.rooms = set()
+        rooms.add(name)  # type: ignore[union-attr]
 
     def _remove(self, s: Session, name: str) -> None:
-        s.rooms.discard(name)
+        if name in s.rooms:
+            s.rooms.discard(name)  # type: ignore[union-attr]
         room = self.rooms.get(name)
         if room is None:
             return
@@ -429,8 +480,7 @@ class Hub:
         if n:
             self._flushed.append(pub)
             if not self._flush_pending:
-                self._flush_pending = True
-                self._schedule(self.flush)
+                self._request_flush()
 
     def send(self, s: Session, frame: bytes) -> None:
         """Queue one complete frame for one session (replies, welcome, replay)."""
@@ -441,8 +491,7 @@ class Hub:
             s.scheduled = True
             self._dirty.append(s)
             if not self._flush_pending:
-                self._flush_pending = True
-                self._schedule(self.flush)
+                self._request_flush()
 
     def ack(self, s: Session, request_id: str | None, data: Any) -> None:
         self.stats.replies += 1
@@ -452,9 +501,24 @@ class Hub:
         self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
         self.send(s, s.codec.frame(Error(requestId=request_id, success=False, code=code, message=message)))
 
+    def _request_flush(self) -> None:
+        self._flush_pending = True
+        delay = self.cork_delay
+        if delay:
+            # Adaptive corking: right away after a quiet spell, otherwise no sooner than
+            # ``cork_delay`` after the previous flush, so a busy room's subscribers get
+            # fewer, larger writes (Nagle-like, but bounded and off by default).
+            wait = self._last_flush + delay - self._clock()
+            if wait > 0:
+                self._schedule_later(wait, self.flush)
+                return
+        self._schedule(self.flush)
+
     def flush(self) -> None:
         """Hand every dirty session's queue to its peer: one write per connection per loop iteration."""
         self._flush_pending = False
+        if self.cork_delay:
+            self._last_flush = self._clock()
         dirty = self._dirty
         if dirty:
             self._dirty = []

@@ -74,6 +74,9 @@ class Inbound(Struct, tag_field="type", kw_only=True):
 class Join(Inbound, tag="join"):
     room: RoomName
     since: Seq | None = None
+    # Extension to v1: the epoch from an earlier join ack, so that a room that was lost
+    # and renumbered since is not reported recovered (docs/protocol-choices.md, "Cluster").
+    epoch: Annotated[str, Meta(max_length=64)] | None = None
 
 
 class Leave(Inbound, tag="leave"):
@@ -148,10 +151,11 @@ class Pong(Outbound, tag="pong", kw_only=True):
     ts: int | float | None = None
 
 
-class JoinData(Struct):
+class JoinData(Struct, omit_defaults=True):
     room: str
     seq: int
     recovered: bool
+    epoch: str = ""  # the room's numbering; a client sends it back with since when it rejoins
 
 
 class LeaveData(Struct):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from multidict import CIMultiDict
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from server.auth import Identity
@@ -29,6 +30,7 @@ CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
 PING = WSMsgType.PING
 
+_NO_HEADERS: Any = CIMultiDict()
 # RFC 6455 7.4.1: reserved for local use, never sent in a close frame (picows lets 1006 through).
 _NEVER_ON_THE_WIRE = frozenset((1004, 1005, 1006, 1015))
 # After our close frame, how long a peer gets to answer before the socket is dropped.
@@ -53,6 +55,7 @@ class Assembler(WSListener):
     # picows' WSListener is an extension type: slots keep the per-connection footprint small.
     __slots__ = (
         "transport",
+        "raw",
         "limits",
         "rx",
         "rx_seen",
@@ -69,6 +72,7 @@ class Assembler(WSListener):
     def __init__(self, limits: Limits, registry: ConnectionRegistry) -> None:
         super().__init__()
         self.transport: WSTransport | None = None
+        self.raw: Any = None
         self.limits = limits
         self.registry = registry
         self.rx = 0
@@ -85,7 +89,14 @@ class Assembler(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        transport.underlying_transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.raw = transport.underlying_transport
+        self.raw.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # picows keeps the upgrade request and response for the connection's lifetime; their
+        # header maps are dead weight once connected (about 0.6 KB per idle connection).
+        if transport.request is not None:
+            transport.request.headers = _NO_HEADERS
+        if transport.response is not None:
+            transport.response.headers = _NO_HEADERS
         self.idle_since = self.registry.now()
         self.registry.add(self)
         self.opened()
@@ -304,7 +315,7 @@ class Connection(Assembler):
         if self.is_paused:
             self._hold(session)
             return
-        t = self.transport.underlying_transport  # type: ignore[union-attr]
+        t = self.raw
         if len(out) == 1:
             t.write(out[0])
         else:

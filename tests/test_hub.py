@@ -102,7 +102,13 @@ def test_a_crashing_handler_is_internal_and_logged(caplog):
         send(hub, s, {"type": "boom", "id": "b1"})
     run(scheduled)
     err = peer.messages()[-1]
-    assert err == {"type": "error", "requestId": "b1", "success": False, "code": "INTERNAL", "message": "internal error"}
+    assert err == {
+        "type": "error",
+        "requestId": "b1",
+        "success": False,
+        "code": "INTERNAL",
+        "message": "internal error",
+    }
     assert "kaput" in caplog.text and "Traceback" in caplog.text
     # The connection carries on.
     send(hub, s, {"type": "ping", "id": "p"})
@@ -150,3 +156,37 @@ def test_closing_a_session_leaves_its_rooms_and_frees_empty_ones():
     assert set(hub.rooms) == {"a", "b"}
     hub.close(s)
     assert hub.rooms == {} and hub.sessions == {}
+
+
+def test_cork_delay_batches_a_busy_connection_and_spares_a_quiet_one():
+    now = [100.0]
+    soon: list[Callable[[], None]] = []
+    later: list[tuple[float, Callable[[], None]]] = []
+    hub = Hub(
+        MemoryBroker(10),
+        node_id="t",
+        schedule=soon.append,
+        rate_limit=0,
+        cork_delay=0.002,
+        schedule_later=lambda d, f: later.append((d, f)),
+        clock=lambda: now[0],
+    )
+    peers = [RecordingPeer(), RecordingPeer()]
+    a, b = (hub.open(p, Encoding.JSON) for p in peers)
+    run(soon)  # welcome frames: after a quiet spell the first flush is immediate
+    assert later == []
+    for s in (a, b):
+        send(hub, s, {"type": "join", "id": "j", "room": "r"})
+    assert later and abs(later[0][0] - 0.002) < 1e-9, "a flush 0 ms after the last one waits for the cork delay"
+    later.pop()[1]()
+    peers[1].writes.clear()
+    now[0] += 0.0005
+    for i in range(3):
+        send(hub, a, {"type": "publish", "room": "r", "payload": i})
+    delay, flush = later.pop()
+    assert abs(delay - 0.0015) < 1e-9, "waits only for what is left of the delay"
+    flush()
+    assert len(peers[1].writes) == 1 and len(peers[1].writes[0]) == 3
+    now[0] += 1.0
+    send(hub, a, {"type": "publish", "room": "r", "payload": "quiet"})
+    assert soon and not later, "after a quiet second the flush is immediate again"

@@ -50,7 +50,7 @@ async def test_join_acks_room_seq_and_recovered(server, Client):
         "type": "ack",
         "requestId": ack["requestId"],
         "success": True,
-        "data": {"room": "join-ack", "seq": 0, "recovered": False},
+        "data": {"room": "join-ack", "seq": 0, "recovered": False, "epoch": ack["data"]["epoch"]},
     }
     await c.close()
 
@@ -325,7 +325,12 @@ async def test_join_with_since_replays_missed_messages_before_live_ones(server, 
     await late.send({"type": "join", "id": "j", "room": room, "since": 4})
     await pub.send({"type": "publish", "room": room, "payload": "live"})
     ack = await late.recv()
-    assert ack["requestId"] == "j" and ack["data"] == {"room": room, "seq": 10, "recovered": True}
+    assert ack["requestId"] == "j" and ack["data"] == {
+        "room": room,
+        "seq": 10,
+        "recovered": True,
+        "epoch": ack["data"]["epoch"],
+    }
     got = [await late.recv() for _ in range(7)]
     assert [m["seq"] for m in got] == [5, 6, 7, 8, 9, 10, 11]
     assert [m["payload"] for m in got] == [4, 5, 6, 7, 8, 9, "live"]
@@ -339,7 +344,7 @@ async def test_join_with_current_seq_recovers_nothing_missing(server):
     await pub.request("publish", room=room, payload=1)
     c = await PicowsPeer.connect(server.url)
     ack = await c.request("join", room=room, since=1)
-    assert ack["data"] == {"room": room, "seq": 1, "recovered": True}
+    assert ack["data"] == {"room": room, "seq": 1, "recovered": True, "epoch": ack["data"]["epoch"]}
     await c.no_message()
     await pub.close()
     await c.close()
@@ -352,7 +357,7 @@ async def test_since_older_than_history_is_not_recovered(make_server):
         await pub.request("publish", room="short", payload=i)
     c = await PicowsPeer.connect(srv.url)
     ack = await c.request("join", room="short", since=2)
-    assert ack["data"] == {"room": "short", "seq": 12, "recovered": False}
+    assert ack["data"] == {"room": "short", "seq": 12, "recovered": False, "epoch": ack["data"]["epoch"]}
     got = [await c.recv() for _ in range(5)]
     assert [m["seq"] for m in got] == [8, 9, 10, 11, 12], "what history still has is replayed"
     # since exactly at the edge of history is recovered
@@ -368,7 +373,12 @@ async def test_since_beyond_the_rooms_seq_is_not_recovered(server):
     """A seq this server never assigned (e.g. it restarted and lost history) must not look recovered."""
     c = await PicowsPeer.connect(server.url)
     ack = await c.request("join", room="from-the-future", since=50)
-    assert ack["data"] == {"room": "from-the-future", "seq": 0, "recovered": False}
+    assert ack["data"] == {
+        "room": "from-the-future",
+        "seq": 0,
+        "recovered": False,
+        "epoch": ack["data"]["epoch"],
+    }
     await c.close()
 
 

@@ -113,7 +113,9 @@ class PicowsPeer(Peer):
     async def connect(cls, url: str, msgpack: bool = False, **kwargs: Any) -> PicowsPeer:
         peer = cls(msgpack)
         headers = {"Sec-WebSocket-Protocol": "msgpack"} if msgpack else None
-        peer.transport, _ = await ws_connect(lambda: _PicowsListener(peer), url, extra_headers=headers, **kwargs)
+        peer.transport, _ = await ws_connect(
+            lambda: _PicowsListener(peer), url, extra_headers=headers, **kwargs
+        )
         peer.welcome = await peer.recv()
         return peer
 

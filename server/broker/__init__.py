@@ -36,8 +36,12 @@ class Broker(Protocol):
     ) -> Publication | Awaitable[Publication]:
         """Assign the room's next seq, keep the publication in history and fan it out to every node."""
 
-    def history(self, room: str, since: int | None) -> History | Awaitable[History]:
-        """Publications with ``seq > since`` (none when since is None) and the room's current seq."""
+    def history(self, room: str, since: int | None, epoch: str | None = None) -> History | Awaitable[History]:
+        """Publications with ``seq > since`` (none when since is None), the room's seq and epoch.
+
+        An ``epoch`` other than the room's means ``since`` counts in a numbering that is
+        gone: the result is not recovered, and carries whatever history the room has now.
+        """
 
     def subscribe(self, room: str) -> None | Awaitable[None]:
         """This node has its first local subscriber of ``room``."""

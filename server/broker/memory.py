@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import deque
 
@@ -18,18 +19,22 @@ class RoomLog:
         self.seq = 0
         self.ring: deque[Publication] = deque(maxlen=size)
 
-    def since(self, since: int | None) -> History:
+    def since(self, since: int | None, epoch: str, client_epoch: str | None = None) -> History:
         if since is None:
-            return History([], False, self.seq)
+            return History([], False, self.seq, epoch)
+        if client_epoch and client_epoch != epoch:
+            # The client counted in an earlier process's numbering: nothing after its
+            # since is recoverable, and all this process has is news to it.
+            return History(list(self.ring), False, self.seq, epoch)
         if since >= self.seq:
             # Nothing missed; a since beyond our seq means the client saw a seq
             # this process never assigned (a restart lost the room): not recovered.
-            return History([], since == self.seq, self.seq)
+            return History([], since == self.seq, self.seq, epoch)
         missed = self.seq - since
         ring = self.ring
         if missed > len(ring):
-            return History(list(ring), False, self.seq)
-        return History(list(ring)[len(ring) - missed :], True, self.seq)
+            return History(list(ring), False, self.seq, epoch)
+        return History(list(ring)[len(ring) - missed :], True, self.seq, epoch)
 
 
 class MemoryBroker:
@@ -37,6 +42,8 @@ class MemoryBroker:
 
     def __init__(self, history_size: int = 300) -> None:
         self.history_size = history_size
+        # Every room's seq lives and dies with this process: one epoch for all of them.
+        self.epoch = secrets.token_hex(4)
         self.rooms: dict[str, RoomLog] = {}
         self._deliver: DeliverFn | None = None
 
@@ -65,11 +72,12 @@ class MemoryBroker:
         self._deliver(pub)
         return pub
 
-    def history(self, room: str, since: int | None) -> History:
+    def history(self, room: str, since: int | None, epoch: str | None = None) -> History:
         log = self.rooms.get(room)
         if log is None:
-            return History([], since is not None and since == 0, 0)
-        return log.since(since)
+            fresh = since == 0 and (not epoch or epoch == self.epoch)
+            return History([], fresh, 0, self.epoch)
+        return log.since(since, self.epoch, epoch)
 
     def subscribe(self, room: str) -> None:
         return None

@@ -93,3 +93,6 @@ class History(NamedTuple):
     publications: list[Publication]
     recovered: bool
     seq: int
+    # Names the room's numbering: it changes when the broker lost the room and its seq
+    # started over, which ``since`` alone cannot reveal once the new seq has passed it.
+    epoch: str = ""

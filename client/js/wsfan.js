@@ -1,0 +1,1076 @@
+/**
+ * wsfan.js: a dependency-free ES module client for the wsfan pub/sub WebSocket server
+ * (PROTOCOL.md v1), for browsers and Node >= 22 (any global `WebSocket`, or pass one as
+ * the `WebSocket` option).
+ *
+ *     import { connect } from "/wsfan.js";
+ *     const client = await connect("/ws", { token, onEvent: (e) => console.log(e.type, e) });
+ *     await client.join("news");
+ *     client.addEventListener("message", (e) => console.log(e.detail.seq, e.detail.payload));
+ *     const { seq } = await client.publish("news", { hello: "world" });
+ *     for await (const msg of client.messages("news")) { ... }
+ *
+ * It behaves like the Python client in client/ (same rules, same event names), so an
+ * application sees the same thing from either:
+ *
+ * - Requests (join, leave, publish, echo, ping) return Promises that resolve with the
+ *   ack data, or reject with a `ProtocolError` (the server's `code` and `message`), a
+ *   `RequestTimeout` (the pending entry is removed; a late reply is dropped), or a
+ *   `ConnectionClosed` (the socket dropped first: a publish is not resent because the
+ *   server may already have executed it). Requests made while reconnecting wait for
+ *   the new connection, within their own timeout.
+ * - Reconnection: exponential backoff with full jitter (sleep = random() *
+ *   min(cap, base * 2**attempt), the first attempt included, so a crowd dropped by
+ *   the same restart spreads out), reset once a connection stayed up `stableAfter` ms.
+ *   Close codes 1000 and 4001 end the session unless `refreshToken` returns a new
+ *   token. Every joined room is rejoined with `since` = the last seq handed to the
+ *   application; duplicates are dropped by seq; a `recovered` or `gap` event says
+ *   whether history covered the outage.
+ * - Browsers cannot see WebSocket ping frames (they answer the server's pings by
+ *   themselves) and cannot tell why a handshake failed (401 and 503 both look like
+ *   close 1006). So liveness is checked with app-level `ping` messages (no inbound
+ *   traffic within `pingTimeout` after a ping: the socket is dropped and reconnected),
+ *   and an expired token is detected by reading the JWT's `exp` before each attempt.
+ * - The token travels as `?token=` because browsers cannot set upgrade headers.
+ * - JSON only (text frames): a MessagePack decoder is not worth shipping to browsers.
+ *
+ * All durations are milliseconds.
+ */
+
+/** Close codes after which reconnecting is pointless unless the application supplies a new token. */
+export const NO_RECONNECT_CODES = new Set([1000, 4001]);
+
+/**
+ * Error codes that say "not now" rather than "never": a rejoin refused with one of them is
+ * retried with the whole reconnect (after the next backoff) instead of dropping the room.
+ * UNAVAILABLE is what a cluster node answers while its broker is down or overloaded, which
+ * is exactly when a crowd of clients reconnects.
+ */
+export const TRANSIENT_CODES = new Set(["UNAVAILABLE", "RATE_LIMITED", "INTERNAL"]);
+
+const now = () => (globalThis.performance ? performance.now() : Date.now());
+
+// ------------------------------------------------------------------ errors
+
+/** Root of every error this module rejects with; `code` is a stable string to switch on. */
+export class WsfanError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = "WsfanError";
+    this.code = code;
+  }
+}
+
+/** The server answered the request with `{"type":"error"}` (INVALID_MESSAGE, NOT_JOINED, FORBIDDEN, ...). */
+export class ProtocolError extends WsfanError {
+  constructor(code, message = "") {
+    super(code, message ? `${code}: ${message}` : code);
+    this.name = "ProtocolError";
+    this.serverMessage = message;
+  }
+}
+
+/** No reply within the timeout. The server may still have executed the request. */
+export class RequestTimeout extends WsfanError {
+  constructor(kind, timeout) {
+    super("TIMEOUT", `no reply to '${kind}' within ${timeout} ms`);
+    this.name = "RequestTimeout";
+    this.kind = kind;
+    this.timeout = timeout;
+  }
+}
+
+/** The connection ended before the reply, or the client stopped for good (`closeCode` says how). */
+export class ConnectionClosed extends WsfanError {
+  constructor(closeCode, reason = "") {
+    super("CONNECTION_CLOSED", `connection closed with ${closeCode}${reason ? `: ${reason}` : ""}`);
+    this.name = "ConnectionClosed";
+    this.closeCode = closeCode;
+    this.reason = reason;
+  }
+}
+
+/** A fire-and-forget send while no connection is open (it is not queued). */
+export class NotConnected extends WsfanError {
+  constructor(message = "not connected") {
+    super("NOT_CONNECTED", message);
+    this.name = "NotConnected";
+  }
+}
+
+// ------------------------------------------------------------------ backoff
+
+/**
+ * Successive reconnect delays: full jitter (AWS "Exponential Backoff And Jitter").
+ * `random` is injectable so tests can predict every delay.
+ */
+export class Backoff {
+  constructor({ base = 500, cap = 30000, maxAttempts = Infinity, random = Math.random } = {}) {
+    if (!(base >= 0) || !(cap >= 0)) throw new RangeError("backoff base and cap must be >= 0");
+    this.base = base;
+    this.cap = cap;
+    this.maxAttempts = maxAttempts == null ? Infinity : maxAttempts;
+    this.random = random;
+    this.attempt = 0;
+  }
+
+  get exhausted() {
+    return this.attempt >= this.maxAttempts;
+  }
+
+  /** Upper bound of the jitter window for `attempt` (0-based); guarded so a long outage cannot overflow. */
+  window(attempt) {
+    if (attempt >= 64) return this.cap;
+    return Math.min(this.cap, this.base * 2 ** attempt);
+  }
+
+  /** The delay before the next attempt; counts that attempt. */
+  nextDelay() {
+    const delay = this.random() * this.window(this.attempt);
+    this.attempt += 1;
+    return delay;
+  }
+
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+// ------------------------------------------------------------------ rooms: dedupe and recovery
+
+/**
+ * Which rooms the application is in and the last seq it saw in each (a port of client/rooms.py).
+ *
+ * - A delivery reaches the application only if its seq is above the last one handed
+ *   over for its room, so overlapping replays are dropped and every message is seen
+ *   once, in order.
+ * - While a join with `since` is in flight its room's deliveries are held: only the
+ *   ack tells how to number them. `recovered: false` with `ack.seq < since` means the
+ *   server's numbering started over (a single node restarted and lost the room), so
+ *   what arrives is new even though its seq is small: the baseline becomes 0, so the
+ *   history of the new numbering that the server replays after the ack is delivered.
+ * - The ack's seq is the baseline of a fresh join, so a reconnect before the first
+ *   delivery still recovers what was published meanwhile.
+ * - Our own acked publications are remembered and skipped when history replays them.
+ * - The ack's `epoch` (a protocol extension: the identity of the room's numbering) is
+ *   sent back with `since` on a rejoin; an ack with another epoch means the room was lost
+ *   and renumbered (e.g. Redis restarted without persistence) even if its seq has passed
+ *   our `since` again, so it is a reset like a seq that went backwards. Servers that send
+ *   no epoch are handled by the seq rule alone.
+ */
+export class RoomTracker {
+  constructor() {
+    this.rooms = new Map();
+    this.duplicates = 0;
+    this.unknown = 0;
+  }
+
+  /** Record a join about to be sent; returns the `since` to send (explicit since rewinds the room). */
+  beginJoin(room, since = null) {
+    let state = this.rooms.get(room);
+    if (!state) {
+      state = { lastSeq: null, own: null, joined: false, held: null, since: null, epoch: null };
+      this.rooms.set(room, state);
+    }
+    if (since == null) since = state.lastSeq;
+    else state.lastSeq = since;
+    state.since = since;
+    state.held = since != null ? [] : null;
+    return since;
+  }
+
+  /** Apply a join ack: returns [deliveries now due to the application, event or null]. */
+  endJoin(room, data) {
+    const state = this.rooms.get(room);
+    if (!state) return [[], null];
+    const held = state.held || [];
+    const since = state.since;
+    state.held = null;
+    state.since = null;
+    state.joined = true;
+    const seq = data && Number.isInteger(data.seq) ? data.seq : null;
+    const recovered = data && "recovered" in data ? Boolean(data.recovered) : true;
+    const epoch = data && typeof data.epoch === "string" && data.epoch ? data.epoch : null;
+    const renumbered = epoch !== null && state.epoch !== null && epoch !== state.epoch;
+    if (epoch !== null) state.epoch = epoch;
+    let event = null;
+    if (since != null && seq != null) {
+      if (recovered) {
+        event = { type: "recovered", room, since, seq };
+      } else {
+        const reset = seq < since || renumbered;
+        event = { type: "gap", room, since, seq, reset };
+        if (reset) {
+          // Nothing of the new numbering was seen: what the server replays after this ack (all
+          // the history it has for a stale epoch) is news, so the baseline is 0, not ack.seq.
+          state.lastSeq = 0;
+          state.own = null;
+        }
+      }
+    }
+    const released = held.filter((m) => this.accept(m));
+    if (state.lastSeq == null && seq != null) state.lastSeq = seq;
+    return [released, event];
+  }
+
+  /** The join failed: forget a room never acked, keep one joined before. */
+  abortJoin(room) {
+    const state = this.rooms.get(room);
+    if (!state) return;
+    if (!state.joined) this.rooms.delete(room);
+    else {
+      state.held = null;
+      state.since = null;
+    }
+  }
+
+  leave(room) {
+    this.rooms.delete(room);
+  }
+
+  /** Whether a delivery goes to the application now. */
+  accept(msg) {
+    const state = this.rooms.get(msg.room);
+    if (!state) {
+      this.unknown += 1;
+      return false;
+    }
+    if (state.held) {
+      state.held.push(msg);
+      return false;
+    }
+    const last = state.lastSeq;
+    const seq = msg.seq;
+    if (last != null && seq <= last) {
+      this.duplicates += 1;
+      return false;
+    }
+    state.lastSeq = seq;
+    if (state.own && state.own.size) {
+      if (state.own.has(seq)) {
+        state.own.delete(seq);
+        passOwn(state);
+        return false;
+      }
+      passOwn(state);
+    }
+    return true;
+  }
+
+  /** Our publish to `room` was acked with `seq`: never hand it back to us. */
+  published(room, seq) {
+    const state = this.rooms.get(room);
+    if (!state || !Number.isInteger(seq)) return;
+    if (state.lastSeq != null && seq <= state.lastSeq) return;
+    if (!state.own) state.own = new Set();
+    state.own.add(seq);
+    passOwn(state);
+  }
+
+  /** Rooms to rejoin after a reconnect. */
+  joined() {
+    return [...this.rooms].filter(([, s]) => s.joined).map(([room]) => room);
+  }
+
+  /** Joins in flight died with the connection: held deliveries are dropped (the rejoin replays them). */
+  connectionLost() {
+    for (const [room, state] of [...this.rooms]) {
+      if (!state.joined) this.rooms.delete(room);
+      else {
+        state.held = null;
+        state.since = null;
+      }
+    }
+  }
+
+  lastSeq(room) {
+    const state = this.rooms.get(room);
+    return state ? state.lastSeq : null;
+  }
+
+  /** The epoch of the room's numbering from the last join ack (null if the server sends none). */
+  epoch(room) {
+    const state = this.rooms.get(room);
+    return state ? state.epoch : null;
+  }
+}
+
+function passOwn(state) {
+  const own = state.own;
+  if (!own || state.lastSeq == null) return;
+  let last = state.lastSeq;
+  while (own.has(last + 1)) {
+    last += 1;
+    own.delete(last);
+  }
+  state.lastSeq = last;
+}
+
+// ------------------------------------------------------------------ message streams
+
+/**
+ * `for await (const msg of client.messages(room))`. Bounded: when the reader falls
+ * behind by `maxBuffered` messages the oldest are dropped (`dropped` counts them and an
+ * `overflow` event is emitted), since for live data the newest is worth more. A stream
+ * sees messages from its creation on: create it before `join()` to miss nothing.
+ * `break` out of the loop (or `return()`) to unsubscribe the stream.
+ */
+export class MessageStream {
+  constructor(client, room, maxBuffered) {
+    this.client = client;
+    this.room = room;
+    this.maxBuffered = maxBuffered;
+    this.dropped = 0;
+    this._items = [];
+    this._head = 0;
+    this._waiters = [];
+    this._ended = false;
+    this._error = null;
+  }
+
+  get length() {
+    return this._items.length - this._head;
+  }
+
+  _push(msg) {
+    const waiter = this._waiters.shift();
+    if (waiter) {
+      waiter.resolve({ value: msg, done: false });
+      return;
+    }
+    this._items.push(msg);
+    if (this.length > this.maxBuffered) {
+      this._head += 1;
+      this.dropped += 1;
+      this.client._emit("overflow", { room: this.room, dropped: this.dropped });
+    }
+    if (this._head > 1024 && this._head * 2 > this._items.length) {
+      this._items = this._items.slice(this._head);
+      this._head = 0;
+    }
+  }
+
+  _end(error) {
+    if (this._ended) return;
+    this._ended = true;
+    this._error = error || null;
+    for (const waiter of this._waiters.splice(0)) {
+      if (this._error) waiter.reject(this._error);
+      else waiter.resolve({ value: undefined, done: true });
+    }
+  }
+
+  next() {
+    if (this.length > 0) {
+      const value = this._items[this._head];
+      this._items[this._head] = undefined;
+      this._head += 1;
+      return Promise.resolve({ value, done: false });
+    }
+    if (this._ended) {
+      return this._error ? Promise.reject(this._error) : Promise.resolve({ value: undefined, done: true });
+    }
+    return new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
+  }
+
+  /** One message, or a `RequestTimeout` after `timeout` ms (the waiter is removed); rejects once the stream ended. */
+  get(timeout = null) {
+    const ended = () => new ConnectionClosed(1000, "stream ended");
+    if (this.length > 0 || this._ended) return this.next().then((r) => (r.done ? Promise.reject(ended()) : r.value));
+    return new Promise((resolve, reject) => {
+      let timer = null;
+      const waiter = {
+        resolve: (r) => {
+          clearTimeout(timer);
+          if (r.done) reject(ended());
+          else resolve(r.value);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
+      if (timeout != null) {
+        timer = setTimeout(() => {
+          const i = this._waiters.indexOf(waiter);
+          if (i >= 0) this._waiters.splice(i, 1);
+          reject(new RequestTimeout("message", timeout));
+        }, timeout);
+      }
+      this._waiters.push(waiter);
+    });
+  }
+
+  return() {
+    this.client._streams.delete(this);
+    this._end(null);
+    return Promise.resolve({ value: undefined, done: true });
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+}
+
+// ------------------------------------------------------------------ one socket
+
+/** One WebSocket: open until welcome, liveness watchdog, and a `closed` promise settled exactly once. */
+class Connection {
+  constructor(client, url) {
+    this.client = client;
+    this.welcome = null;
+    this.closeInfo = null;
+    this.lastReceived = now();
+    this._pingSentAt = null;
+    this._watchdog = null;
+    this.opened = new Promise((resolve, reject) => {
+      this._resolveOpened = resolve;
+      this._rejectOpened = reject;
+    });
+    this.closed = new Promise((resolve) => {
+      this._resolveClosed = resolve;
+    });
+    this.opened.catch(() => {}); // a failed open is reported through _open's await, never as unhandled
+    const ws = new client._WebSocket(url);
+    this.ws = ws;
+    this._openTimer = setTimeout(
+      () => this.abort(`no welcome within ${client.openTimeout} ms`),
+      client.openTimeout,
+    );
+    ws.onmessage = (ev) => this._onData(ev.data);
+    ws.onclose = (ev) => this._lost(ev.code || 1006, ev.reason || "");
+    ws.onerror = () => {}; // a close event follows every error
+  }
+
+  get isOpen() {
+    return this.welcome !== null && this.closeInfo === null;
+  }
+
+  send(message) {
+    this.ws.send(JSON.stringify(message));
+  }
+
+  _onData(data) {
+    this.lastReceived = now();
+    this._pingSentAt = null; // any inbound traffic proves the connection alive, not only the pong
+    if (typeof data !== "string") return; // JSON connections carry text frames only
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (this.welcome === null) {
+      if (msg && msg.type === "welcome") {
+        this.welcome = msg;
+        clearTimeout(this._openTimer);
+        this._startWatchdog();
+        this._resolveOpened(this);
+      }
+      return;
+    }
+    this.client._onFrame(this, msg);
+  }
+
+  _startWatchdog() {
+    const { pingInterval, pingTimeout } = this.client;
+    if (!pingInterval) return;
+    const tick = Math.max(10, Math.min(pingInterval, pingTimeout) / 4);
+    this._watchdog = setInterval(() => {
+      const t = now();
+      if (this._pingSentAt !== null) {
+        if (t - this._pingSentAt >= pingTimeout) this.abort(`no pong within ${pingTimeout} ms`);
+      } else if (t - this.lastReceived >= pingInterval) {
+        this._pingSentAt = t;
+        try {
+          this.send({ type: "ping", ts: Date.now() });
+        } catch {
+          this.abort("send failed");
+        }
+      }
+    }, tick);
+  }
+
+  /** Settle everything once; later close events from the browser are ignored. */
+  _lost(code, reason) {
+    if (this.closeInfo) return;
+    this.closeInfo = { code, reason };
+    clearTimeout(this._openTimer);
+    clearInterval(this._watchdog);
+    const ws = this.ws;
+    ws.onmessage = ws.onclose = ws.onerror = null;
+    if (this.welcome === null) {
+      this._rejectOpened(new ConnectionClosed(code, reason || "connection failed before the welcome"));
+    } else {
+      this.client._onLost(this, code, reason);
+    }
+    this._resolveClosed(this.closeInfo);
+  }
+
+  /** Declare the connection dead (close code 1006 locally) without waiting for a close handshake. */
+  abort(reason = "aborted") {
+    try {
+      this.ws.close(4000, reason.slice(0, 120)); // browsers allow only 1000 and 3000-4999
+    } catch {
+      /* already closed */
+    }
+    this._lost(1006, reason);
+  }
+
+  /** Close with `code` and settle at once; the browser finishes the handshake in the background. */
+  close(code = 1000, reason = "") {
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      // browsers refuse codes other than 1000 and 3000-4999 (InvalidAccessError): close anyway
+      try {
+        this.ws.close(1000);
+      } catch {
+        /* already closed */
+      }
+    }
+    this._lost(code, reason);
+  }
+}
+
+// ------------------------------------------------------------------ the client
+
+function tokenExpired(token, skewSeconds = 0) {
+  if (!token) return false;
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")));
+    return typeof claims.exp === "number" && claims.exp + skewSeconds <= Date.now() / 1000;
+  } catch {
+    return false; // not a JWT we can read: let the server decide
+  }
+}
+
+function resolveUrl(url, token) {
+  const base = globalThis.location ? globalThis.location.href : undefined;
+  const u = new URL(url, base);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  else if (u.protocol === "https:") u.protocol = "wss:";
+  if (token) u.searchParams.set("token", token);
+  return u.toString();
+}
+
+/**
+ * A pub/sub session against one URL; create it with `await connect(url, options)`.
+ *
+ * Options (all optional; durations in ms):
+ * - `token`: JWT, sent as `?token=`.
+ * - `requestTimeout` (5000): default per request, override per call with `{timeout}`; null waits forever.
+ * - `openTimeout` (5000): TCP + upgrade + welcome.
+ * - `pingInterval` (20000) / `pingTimeout` (10000): after `pingInterval` without inbound
+ *   traffic an app-level ping is sent; nothing within `pingTimeout` drops the socket
+ *   (disconnected with 1006) and reconnects. `pingInterval: 0` disables.
+ * - `reconnect` (true), `backoffBase` (500), `backoffCap` (30000), `maxAttempts` (Infinity),
+ *   `random` (Math.random), `stableAfter` (10000): see `Backoff` and the module docs.
+ * - `refreshToken(why)`: called with 1000/4001 (close code) or 4001 (token expired before a
+ *   reconnect); returns (or resolves to) a new token, or null to stop.
+ * - `onMessage(msg)`: every delivery `{type, room, seq, from, payload}`.
+ * - `onEvent(event)`: every lifecycle event as `{type, ...detail}`.
+ * - `maxBuffered` (10000): bound of each `messages()` stream.
+ * - `WebSocket`: constructor to use instead of the global one (tests, old Node).
+ *
+ * Events (EventTarget; `event.detail` holds the fields): `message`, `connected`
+ * {welcome, reconnect}, `disconnected` {code, reason, willReconnect}, `reconnecting`
+ * {attempt, delay, error}, `recovered` {room, since, seq}, `gap` {room, since, seq,
+ * reset}, `rejoinfailed` {room, error}, `servererror` {code, message}, `overflow`
+ * {room, dropped}, `closed` {error}.
+ */
+export class Client extends EventTarget {
+  constructor(url, options = {}) {
+    super();
+    const o = options;
+    this.url = url;
+    this.token = o.token ?? null;
+    this.requestTimeout = o.requestTimeout === undefined ? 5000 : o.requestTimeout;
+    this.openTimeout = o.openTimeout ?? 5000;
+    this.pingInterval = o.pingInterval ?? 20000;
+    this.pingTimeout = o.pingTimeout ?? 10000;
+    this.reconnect = o.reconnect ?? true;
+    this.backoff = new Backoff({
+      base: o.backoffBase ?? 500,
+      cap: o.backoffCap ?? 30000,
+      maxAttempts: o.maxAttempts ?? Infinity,
+      random: o.random ?? Math.random,
+    });
+    this.stableAfter = o.stableAfter ?? 10000;
+    this.refreshToken = o.refreshToken ?? null;
+    this.onMessage = o.onMessage ?? null;
+    this.onEvent = o.onEvent ?? null;
+    this.maxBuffered = o.maxBuffered ?? 10000;
+    this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") throw new TypeError("no WebSocket implementation: pass options.WebSocket");
+    this.welcome = null;
+    this.stats = { messages: 0, sent: 0, reconnects: 0, errors: {} };
+    this._rooms = new RoomTracker();
+    this._pending = new Map();
+    this._nextId = 1;
+    this._conn = null;
+    this._ready = false; // a connection is open and its rooms are rejoined
+    this._readyWaiters = new Set();
+    this._streams = new Set();
+    this._closing = false;
+    this._stopped = null;
+    this._started = false;
+    this._sleeper = null;
+    this._done = new Promise((resolve, reject) => {
+      this._resolveDone = resolve;
+      this._rejectDone = reject;
+    });
+    this._done.catch(() => {}); // only waitClosed() callers should see the error
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  /** Open the first connection. It is not retried: a wrong URL or token should fail loudly. */
+  async start() {
+    if (this._started) throw new WsfanError("ALREADY_STARTED", "client already started");
+    this._started = true;
+    let conn;
+    try {
+      conn = await this._open(false);
+    } catch (e) {
+      this._finish(e);
+      throw e;
+    }
+    this._supervise(conn);
+    return this;
+  }
+
+  /** Close for good: no reconnect, waiting calls fail, message streams end. */
+  async close(code = 1000, reason = "") {
+    if (this._closing) return this._done.catch(() => {});
+    this._closing = true;
+    this._wakeSleeper();
+    const conn = this._conn;
+    if (conn) conn.close(code, reason);
+    this._finish(null);
+  }
+
+  /** Resolves after close(); rejects with why the client stopped on its own (ConnectionClosed). */
+  waitClosed() {
+    return this._done;
+  }
+
+  get connected() {
+    return this._conn !== null && this._ready;
+  }
+
+  /** Why the client stopped for good, or null while it runs. */
+  get stopped() {
+    return this._stopped;
+  }
+
+  /** Rooms joined (acked); they are rejoined after a reconnect. */
+  get rooms() {
+    return this._rooms.joined();
+  }
+
+  /** The last seq handed to the application for `room`: what a rejoin sends as `since`. */
+  lastSeq(room) {
+    return this._rooms.lastSeq(room);
+  }
+
+  get duplicates() {
+    return this._rooms.duplicates;
+  }
+
+  // ---------------------------------------------------------------- requests
+
+  /** Subscribe; with `since`, the server replays history after it first. Resolves `{room, seq, recovered}`. */
+  join(room, { since = null, timeout } = {}) {
+    const dl = this._deadline("join", timeout);
+    return this._readyConnection(dl).then((conn) => this._joinOn(conn, room, since, dl));
+  }
+
+  /** Unsubscribe. The room is forgotten at once (no rejoin; its streams end) even if the reply is lost. */
+  async leave(room, { timeout } = {}) {
+    this._rooms.leave(room);
+    this._endStreams(room);
+    if (!this.connected) return { room };
+    return this._request("leave", { room }, timeout);
+  }
+
+  /** Publish to a joined room; resolves `{room, seq}`. */
+  async publish(room, payload, { timeout } = {}) {
+    const data = await this._request("publish", { room, payload }, timeout);
+    this._rooms.published(room, data && data.seq);
+    return data;
+  }
+
+  /** The server sends `payload` back to this connection only; resolves with it. */
+  echo(payload, { timeout } = {}) {
+    return this._request("echo", { payload }, timeout);
+  }
+
+  /** Round trip through the server's message loop, in ms. */
+  async ping({ timeout } = {}) {
+    const started = now();
+    await this._request("ping", { ts: Date.now() }, timeout);
+    return now() - started;
+  }
+
+  /** Publish without an id (no ack; errors arrive as `servererror` events). Throws NotConnected while reconnecting. */
+  publishNowait(room, payload) {
+    const conn = this._conn;
+    if (!conn || !this._ready) throw new NotConnected(this._stopped ? "client stopped" : "not connected");
+    conn.send({ type: "publish", room, payload });
+    this.stats.sent += 1;
+  }
+
+  /** Deliveries of every room (`room` null) or of one, as an async iterator. */
+  messages(room = null) {
+    const stream = new MessageStream(this, room, this.maxBuffered);
+    if (this._stopped) stream._end(this._stopped.closeCode === 1000 ? null : this._stopped);
+    else this._streams.add(stream);
+    return stream;
+  }
+
+  // ---------------------------------------------------------------- internals: requests
+
+  _deadline(kind, timeout) {
+    const limit = timeout === undefined ? this.requestTimeout : timeout;
+    return limit == null ? null : { kind, limit, at: now() + limit };
+  }
+
+  /** Run `fn` when `dl` expires, unless cancelled; returns the cancel function. */
+  _onExpiry(dl, fn) {
+    if (!dl) return () => {};
+    const timer = setTimeout(fn, Math.max(0, dl.at - now()));
+    return () => clearTimeout(timer);
+  }
+
+  _readyConnection(dl) {
+    if (this._stopped) return Promise.reject(this._stopped);
+    if (this._conn && this._ready) return Promise.resolve(this._conn);
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        resolve: (conn) => {
+          cancel();
+          resolve(conn);
+        },
+        reject: (e) => {
+          cancel();
+          reject(e);
+        },
+      };
+      const cancel = this._onExpiry(dl, () => {
+        this._readyWaiters.delete(waiter);
+        reject(new RequestTimeout(dl.kind, dl.limit));
+      });
+      this._readyWaiters.add(waiter);
+    });
+  }
+
+  _setReady() {
+    this._ready = true;
+    const waiters = [...this._readyWaiters];
+    this._readyWaiters.clear();
+    for (const w of waiters) w.resolve(this._conn);
+  }
+
+  /** Send one request with a fresh id on `conn` and wait for its reply, bounded by `dl`. */
+  _call(conn, kind, fields, dl) {
+    if (!conn.isOpen) {
+      const info = conn.closeInfo;
+      return Promise.reject(info ? new ConnectionClosed(info.code, info.reason) : new NotConnected());
+    }
+    const id = String(this._nextId++);
+    return new Promise((resolve, reject) => {
+      const cancel = this._onExpiry(dl, () => {
+        if (this._pending.delete(id)) reject(new RequestTimeout(dl.kind, dl.limit));
+      });
+      this._pending.set(id, {
+        resolve: (v) => {
+          cancel();
+          resolve(v);
+        },
+        reject: (e) => {
+          cancel();
+          reject(e);
+        },
+      });
+      const message = { type: kind, id };
+      for (const [k, v] of Object.entries(fields)) if (v !== undefined && v !== null) message[k] = v;
+      if (kind === "echo" || kind === "publish") message.payload = fields.payload ?? null;
+      try {
+        conn.send(message);
+        this.stats.sent += 1;
+      } catch (e) {
+        this._pending.delete(id);
+        cancel();
+        reject(e);
+      }
+    });
+  }
+
+  _request(kind, fields, timeout) {
+    const dl = this._deadline(kind, timeout);
+    return this._readyConnection(dl).then((conn) => this._call(conn, kind, fields, dl));
+  }
+
+  async _joinOn(conn, room, since, dl) {
+    const sent = this._rooms.beginJoin(room, since);
+    const epoch = sent != null ? this._rooms.epoch(room) : null;
+    let data;
+    try {
+      data = await this._call(conn, "join", { room, since: sent, epoch }, dl);
+    } catch (e) {
+      this._rooms.abortJoin(room);
+      throw e;
+    }
+    const [released, event] = this._rooms.endJoin(room, data);
+    for (const msg of released) this._handOver(msg);
+    if (event) {
+      const { type, ...detail } = event;
+      this._emit(type, detail);
+    }
+    return data;
+  }
+
+  // ---------------------------------------------------------------- internals: incoming
+
+  _onFrame(conn, msg) {
+    if (!msg || typeof msg !== "object") return;
+    const type = msg.type;
+    if (type === "message") {
+      if (this._rooms.accept(msg)) this._handOver(msg);
+      return;
+    }
+    if (type !== "ack" && type !== "error" && type !== "echo" && type !== "pong") return;
+    if (type === "error") this.stats.errors[msg.code] = (this.stats.errors[msg.code] || 0) + 1;
+    const id = msg.requestId;
+    if (id == null) {
+      if (type === "error") this._emit("servererror", { code: msg.code, message: msg.message });
+      return;
+    }
+    const entry = this._pending.get(id);
+    if (!entry) return; // the caller timed out: a late reply is dropped on purpose
+    this._pending.delete(id);
+    if (type === "ack") entry.resolve(msg.data ?? {});
+    else if (type === "error") entry.reject(new ProtocolError(msg.code, msg.message));
+    else if (type === "echo") entry.resolve(msg.payload);
+    else entry.resolve(msg.ts);
+  }
+
+  _handOver(msg) {
+    this.stats.messages += 1;
+    if (this.onMessage) {
+      try {
+        this.onMessage(msg);
+      } catch (e) {
+        console.error("wsfan: onMessage failed", e);
+      }
+    }
+    for (const stream of this._streams) {
+      if (stream.room === null || stream.room === msg.room) stream._push(msg);
+    }
+    this.dispatchEvent(new CustomEvent("message", { detail: msg }));
+  }
+
+  _emit(type, detail) {
+    if (this.onEvent) {
+      try {
+        this.onEvent({ type, ...detail });
+      } catch (e) {
+        console.error(`wsfan: onEvent failed for ${type}`, e);
+      }
+    }
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _endStreams(room, error = null) {
+    for (const stream of [...this._streams]) {
+      if (room === undefined || stream.room === room) {
+        this._streams.delete(stream);
+        stream._end(error);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- internals: connections
+
+  async _open(reconnect) {
+    const conn = new Connection(this, resolveUrl(this.url, this.token));
+    await conn.opened;
+    if (this._closing) {
+      conn.close(1000, "client closed");
+      throw new NotConnected("client closed");
+    }
+    this._conn = conn;
+    this.welcome = conn.welcome;
+    if (reconnect) {
+      try {
+        await this._rejoinAll(conn);
+      } catch (e) {
+        conn.abort("rejoin failed");
+        throw e;
+      }
+      this.stats.reconnects += 1;
+    }
+    if (!conn.isOpen) {
+      const info = conn.closeInfo || { code: 1006, reason: "" };
+      throw new ConnectionClosed(info.code, info.reason);
+    }
+    this._setReady();
+    this._emit("connected", { welcome: conn.welcome, reconnect });
+    return conn;
+  }
+
+  async _rejoinAll(conn) {
+    const rooms = this._rooms.joined();
+    const dl = this._deadline("join", undefined);
+    const results = await Promise.allSettled(rooms.map((room) => this._joinOn(conn, room, null, dl)));
+    let failure = null;
+    results.forEach((result, i) => {
+      if (result.status === "fulfilled") return;
+      const error = result.reason;
+      if (error instanceof ProtocolError && !TRANSIENT_CODES.has(error.code)) {
+        // the server refuses the room for good (e.g. FORBIDDEN with a new token): drop it and say so
+        this._rooms.leave(rooms[i]);
+        this._endStreams(rooms[i], error);
+        this._emit("rejoinfailed", { room: rooms[i], error });
+      } else if (!failure) {
+        failure = error;
+      }
+    });
+    if (failure) throw failure; // the connection failed during rejoin: the whole reconnect is retried
+  }
+
+  /** Runs synchronously when a welcomed socket closes: nothing may be sent on it afterwards. */
+  _onLost(conn, code, reason) {
+    if (conn === this._conn) {
+      this._conn = null;
+      if (!this._stopped) this._ready = false;
+    }
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    const error = new ConnectionClosed(code, reason);
+    for (const entry of pending) entry.reject(error);
+    this._rooms.connectionLost();
+  }
+
+  /** Supervise `conn` and its successors until the client stops; never rejects. */
+  async _supervise(conn) {
+    try {
+      while (!this._closing) {
+        const connectedAt = now();
+        const { code, reason } = await conn.closed;
+        if (this._closing) return;
+        if (now() - connectedAt >= this.stableAfter) this.backoff.reset();
+        let will = this.reconnect;
+        if (will && NO_RECONNECT_CODES.has(code)) {
+          const token = await this._refreshed(code);
+          will = token != null;
+          if (will) this.token = token;
+        }
+        this._emit("disconnected", { code, reason, willReconnect: will });
+        if (!will) {
+          this._finish(new ConnectionClosed(code, reason));
+          return;
+        }
+        const next = await this._retry();
+        if (!next) return;
+        conn = next;
+      }
+    } catch (e) {
+      console.error("wsfan: reconnect supervisor failed", e);
+      this._finish(e); // a bug here must not leave callers waiting forever
+    }
+  }
+
+  /** Attempt until connected (the new connection) or stopped for good (null). */
+  async _retry() {
+    const backoff = this.backoff;
+    let error = null;
+    while (!this._closing) {
+      if (backoff.exhausted) {
+        this._finish(new ConnectionClosed(1006, `gave up after ${backoff.attempt} reconnect attempts`));
+        return null;
+      }
+      const delay = backoff.nextDelay();
+      this._emit("reconnecting", { attempt: backoff.attempt, delay, error });
+      await this._sleep(delay);
+      if (this._closing) return null;
+      if (tokenExpired(this.token)) {
+        // a browser cannot see the 401 the server would answer: ask for a new token first
+        const token = await this._refreshed(4001);
+        if (token == null) {
+          this._finish(new ConnectionClosed(4001, "token expired"));
+          return null;
+        }
+        this.token = token;
+      }
+      try {
+        return await this._open(true);
+      } catch (e) {
+        error = e;
+      }
+    }
+    return null;
+  }
+
+  async _refreshed(why) {
+    if (!this.refreshToken) return null;
+    try {
+      return (await this.refreshToken(why)) || null;
+    } catch (e) {
+      console.error("wsfan: refreshToken failed", e);
+      return null;
+    }
+  }
+
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this._sleeper = null;
+        resolve();
+      }, ms);
+      this._sleeper = () => {
+        clearTimeout(timer);
+        this._sleeper = null;
+        resolve();
+      };
+    });
+  }
+
+  _wakeSleeper() {
+    if (this._sleeper) this._sleeper();
+  }
+
+  /** Stop for good. `error` null means the application closed us; otherwise it is why we gave up. */
+  _finish(error) {
+    if (this._stopped) return;
+    this._closing = true;
+    this._stopped = error || new ConnectionClosed(1000, "client closed");
+    this._wakeSleeper();
+    const conn = this._conn;
+    this._conn = null;
+    if (conn && conn.isOpen) conn.close(1000, "client stopped");
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const entry of pending) entry.reject(this._stopped);
+    const waiters = [...this._readyWaiters];
+    this._readyWaiters.clear();
+    for (const w of waiters) w.reject(this._stopped);
+    this._endStreams(undefined, error);
+    this._emit("closed", { error });
+    if (error) this._rejectDone(error);
+    else this._resolveDone();
+  }
+}
+
+/**
+ * `const client = await connect("ws://host:port/ws", { token, onEvent })`. Resolves once the
+ * server's welcome arrived (`client.welcome`); the first connection is not retried. A relative
+ * or http(s) URL is resolved against the page and turned into ws(s).
+ */
+export async function connect(url, options = {}) {
+  return new Client(url, options).start();
+}
+
+export { tokenExpired, resolveUrl };

@@ -1,0 +1,533 @@
+"""Cluster broker: room seq, history and fan-out between nodes, all in Redis.
+
+How a room looks in Redis (keys, the atomic publish script, epochs, the envelope)
+is in ``server/broker/redis_layout.py``; this module is about talking to Redis:
+staying connected, subscribing, batching, and what a node does when Redis goes.
+
+Connection model: one dedicated connection for pub/sub (read by one task, written
+by one task so SUBSCRIBE/UNSUBSCRIBE keep their order), and the client's pool for
+the rest. Publishes are queued and sent as one pipeline per batch by a single
+task: one round trip for a burst, and a node's publishes reach Redis in the
+order its clients sent them. Every Redis call may fail; a failure takes the
+broker down (UNAVAILABLE for clients, one log line) until the reconnect loop,
+with backoff, has resubscribed every room and caught up what its subscribers missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.broker import BrokerUnavailable, DeliverFn
+from server.broker.publication import History, Publication
+from server.broker.redis_layout import (
+    HISTORY_LUA,
+    PUBLISH_LUA,
+    Body,
+    channel_name,
+    decode_envelope,
+    encode_body,
+    history_key,
+    meta_key,
+    publish_command_head,
+    resp_arg,
+    room_args,
+)
+
+log = logging.getLogger("wsfan.broker")
+
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 2.0
+# A join waits this long for its room's SUBSCRIBE to be confirmed before reading history.
+SUBSCRIBE_TIMEOUT_S = 5.0
+# SUBSCRIBE arguments per command when resubscribing many rooms at once.
+CHUNK = 1000
+# Publishes per pipeline: a backlog goes out in several round trips, so none grows without bound.
+MAX_BATCH = 512
+# A batch of publishes not answered by then counts as a lost connection.
+REPLY_TIMEOUT_S = 5.0
+
+_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def redact(url: str) -> str:
+    """The broker URL for logs, without its password."""
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
+
+
+class _Room:
+    """This node's subscription to one room's channel."""
+
+    __slots__ = ("name", "channel", "args", "ready", "last", "epoch", "floor", "stale")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.channel = channel_name(name).encode()
+        self.args = room_args(name)  # rooms with local subscribers are the ones published to most
+        # Set once Redis confirmed the SUBSCRIBE on the current connection (or the
+        # connection was lost, to wake joins waiting on it: they re-check availability).
+        self.ready = asyncio.Event()
+        self.last = 0  # the last seq handed to the hub: where a catch-up after a reconnect starts
+        self.epoch = ""
+        self.floor = 0  # after a catch-up: live messages up to here were already delivered
+        self.stale = False  # resubscribed after a lost connection: catch up before ready
+
+
+class RedisBroker:
+    """The ``Broker`` of a cluster: every call that needs Redis returns an awaitable."""
+
+    def __init__(self, url: str, *, history_size: int = 300, node_id: str = "") -> None:
+        self.url = url
+        self.history_size = history_size
+        self.node_id = node_id
+        self.available = False
+        self._state = "starting"
+        self._why = "broker not connected yet"
+        self._closing = False
+        self._refusing = False
+        self._deliver: DeliverFn | None = None
+        self._redis: Redis | None = None
+        self._sub_conn: AbstractConnection | None = None
+        self._rooms: dict[str, _Room] = {}
+        self._channels: dict[bytes, _Room] = {}
+        self._inflight: dict[bytes, int] = {}  # (UN)SUBSCRIBEs sent on this connection, not yet confirmed
+        self._ops: list[tuple[str, list[bytes]]] = []
+        self._ops_wake = asyncio.Event()
+        self._outbox: list[tuple[str, bytes, asyncio.Future[Publication], Publication]] = []
+        self._outbox_wake = asyncio.Event()
+        self._first_attempt = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publish_sha = ""
+        self._history_sha = ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def bind(self, deliver: DeliverFn) -> None:
+        self._deliver = deliver
+
+    async def start(self) -> None:
+        """Connect, or start without Redis and keep trying: the node serves its connections either way."""
+        # No retries inside redis-py: a failed publish must answer UNAVAILABLE at once and
+        # must never be sent twice; reconnecting is this class's job, with its own backoff.
+        self._redis = Redis.from_url(
+            self.url,
+            retry=Retry(NoBackoff(), 0),
+            # RESP2: pub/sub messages are plain replies, no push-notification layer per message
+            # (a ?protocol=3 in the URL still works: the reader asks for pushes too).
+            protocol=2,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            client_name=f"wsfan-{self.node_id}" if self.node_id else None,
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._connect_forever()),
+            loop.create_task(self._write_ops_forever()),
+            loop.create_task(self._publish_forever()),
+        ]
+        await self._first_attempt.wait()
+
+    async def close(self) -> None:
+        self._closing = True
+        self.available = False
+        self._why = "server shutting down"
+        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail(self._outbox, "server shutting down")
+        self._outbox = []
+        if self._redis is not None:
+            await self._drop(self._sub_conn)
+            self._sub_conn = None
+            await self._redis.aclose()
+
+    # ------------------------------------------------------------ Broker
+
+    def publish(
+        self, room: str, sender: str, payload: bytes, encoding: int, origin: str
+    ) -> asyncio.Future[Publication]:
+        fut: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        if not self.available:
+            fut.set_exception(BrokerUnavailable(self._why))
+            return fut
+        body = encode_body(Body(sender, encoding, origin, time.time(), payload))
+        self._outbox.append((room, body, fut, Publication(room, 0, sender, payload, encoding, origin)))
+        self._outbox_wake.set()
+        return fut
+
+    async def history(self, room: str, since: int | None, epoch: str | None = None) -> History:
+        if not self.available:
+            raise BrokerUnavailable(self._why)
+        r = self._rooms.get(room)
+        if r is not None and not r.ready.is_set():
+            # History is read only once live messages flow, or a publish between the
+            # read and the SUBSCRIBE would be in neither (the hub parks live ones meanwhile).
+            try:
+                await asyncio.wait_for(r.ready.wait(), SUBSCRIBE_TIMEOUT_S)
+            except TimeoutError:
+                raise BrokerUnavailable("broker did not confirm the subscription") from None
+            if not self.available:
+                raise BrokerUnavailable(self._why)
+        hist = await self._read_history(room, since, epoch)
+        if r is not None:
+            if r.epoch != hist.epoch:
+                r.epoch, r.last = hist.epoch, hist.seq
+            elif hist.seq > r.last:
+                r.last = hist.seq
+        return hist
+
+    def subscribe(self, room: str) -> None:
+        if room in self._rooms:
+            return
+        r = self._rooms[room] = _Room(room)
+        self._channels[r.channel] = r
+        self._queue("SUBSCRIBE", r.channel)
+
+    def unsubscribe(self, room: str) -> None:
+        r = self._rooms.pop(room, None)
+        if r is None:
+            return
+        if self._channels.get(r.channel) is r:
+            del self._channels[r.channel]
+        self._queue("UNSUBSCRIBE", r.channel)
+
+    # ------------------------------------------------------------ publishing
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await self._outbox_wake.wait()
+            self._outbox_wake.clear()
+            while self._outbox:
+                batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
+                try:
+                    await self._publish_batch(batch)
+                except Exception:  # a bug must not stop every later publish of this node
+                    log.exception("publishing a batch failed")
+                    self._fail(batch, "internal error in the broker")
+
+    async def _publish_batch(
+        self, batch: list[tuple[str, bytes, asyncio.Future[Publication], Publication]], retried: bool = False
+    ) -> None:
+        if not self.available or self._redis is None:
+            self._fail(batch, self._why)
+            return
+        # The commands are packed here rather than by redis-py, whose generic packing cost
+        # more than everything else on a publish; the replies are read back in order.
+        head = publish_command_head(self._publish_sha)
+        # One candidate epoch per batch: it is used only by a room that does not exist yet,
+        # and a room cannot be created twice within one round trip on one connection.
+        tail = resp_arg(str(self.history_size).encode()) + resp_arg(secrets.token_hex(4).encode())
+        rooms = self._rooms
+        commands = []
+        for room, body, _, _ in batch:
+            r = rooms.get(room)
+            keys, channel = r.args if r is not None else room_args(room)
+            commands.append(b"".join((head, keys, resp_arg(body), channel, tail)))
+        pool = self._redis.connection_pool
+        results: list[Any] = []
+        try:
+            conn = await pool.get_connection()
+        except _LOST as exc:
+            self._fail(batch, self._why)
+            self._lost(exc)
+            return
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                await conn.send_packed_command(commands, check_health=False)
+                for _ in commands:
+                    try:
+                        results.append(await conn.read_response(timeout=math.inf, disconnect_on_error=False))
+                    except ResponseError as exc:
+                        results.append(exc)
+        except (*_LOST, TimeoutError) as exc:
+            # The scripts may or may not have run: the clients are told it is not known to be published.
+            await conn.disconnect(nowait=True)
+            self._fail(batch, "broker connection lost; the message may not have been published")
+            self._lost(exc)
+            return
+        finally:
+            await pool.release(conn)
+        again = []
+        for item, res in zip(batch, results, strict=True):
+            fut, pub = item[2], item[3]
+            if isinstance(res, NoScriptError) and not retried:
+                again.append(item)
+            elif isinstance(res, Exception):
+                if not self._refusing:  # e.g. OOM or a read-only replica: once, not per message
+                    self._refusing = True
+                    log.warning("redis refuses publishes: %s", res)
+                self._fail([item], f"broker refused the publish: {res}")
+            else:
+                self._refusing = False
+                if not fut.done():
+                    pub.seq = res
+                    fut.set_result(pub)
+        if again:
+            # Someone flushed the script cache (SCRIPT FLUSH, failover): load and run those once more.
+            try:
+                self._publish_sha = await self._redis.script_load(PUBLISH_LUA)
+            except _LOST as exc:
+                self._fail(again, self._why)
+                self._lost(exc)
+                return
+            await self._publish_batch(again, retried=True)
+
+    @staticmethod
+    def _fail(items: Iterable[tuple[Any, Any, asyncio.Future[Publication], Any]], why: str) -> None:
+        for item in items:
+            fut = item[2]
+            if not fut.done():
+                fut.set_exception(BrokerUnavailable(why))
+
+    # ------------------------------------------------------------ history
+
+    async def _read_history(self, room: str, since: int | None, epoch: str | None) -> History:
+        assert self._redis is not None
+        args = (
+            2, meta_key(room), history_key(room),
+            "" if since is None else str(since), epoch or "", secrets.token_hex(4),
+        )  # fmt: skip
+        try:
+            try:
+                reply = await self._redis.evalsha(self._history_sha, *args)
+            except NoScriptError:
+                self._history_sha = await self._redis.script_load(HISTORY_LUA)
+                reply = await self._redis.evalsha(self._history_sha, *args)
+        except _LOST as exc:
+            self._lost(exc)
+            raise BrokerUnavailable(self._why) from None
+        except ResponseError as exc:
+            raise BrokerUnavailable(f"broker refused the history read: {exc}") from None
+        seq, current = int(reply[0]), reply[1].decode()
+        pubs = [self._publication(room, m, live=False) for m in reply[2:]]
+        if since is None:
+            return History([], False, seq, current)
+        if epoch and epoch != current:
+            # The room was lost and started over: nothing after ``since`` is recoverable, but
+            # everything in the new numbering is news to this client, so it is all replayed.
+            return History(pubs, False, seq, current)
+        if since >= seq:
+            return History([], since == seq, seq, current)
+        recovered = bool(pubs) and pubs[0].seq == since + 1 and pubs[-1].seq == seq
+        return History(pubs, recovered, seq, current)
+
+    def _publication(self, room: str, data: bytes, live: bool) -> Publication:
+        env = decode_envelope(data)
+        b = env.body
+        # published_at is on this process's perf_counter clock; replays are not live, so 0.
+        at = time.perf_counter() - max(0.0, time.time() - b.ts) if live else 0.0
+        return Publication(room, env.seq, b.sender, b.payload, b.encoding, b.origin, at)
+
+    # ------------------------------------------------------------ connection, pub/sub
+
+    async def _connect_forever(self) -> None:
+        delay = RECONNECT_MIN_S
+        while not self._closing:
+            conn: AbstractConnection | None = None
+            try:
+                conn = await self._connect()
+                delay = RECONNECT_MIN_S
+                self._first_attempt.set()
+                reader = self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+                await asyncio.wait([reader])
+                exc = None if reader.cancelled() else reader.exception()
+                self._down(exc)  # a no-op when _lost() already took the broker down
+            except (*_LOST, ResponseError) as exc:
+                self._down(exc)
+            except Exception as exc:  # a bug must not end reconnecting for the life of the process
+                log.exception("broker connection loop failed")
+                self._down(exc)
+            finally:
+                if conn is not None and conn is self._sub_conn:
+                    self._sub_conn = None
+                await self._drop(conn)
+            self._first_attempt.set()
+            if self._closing:
+                return
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _connect(self) -> AbstractConnection:
+        r = self._redis
+        assert r is not None
+        await r.ping()
+        self._publish_sha = await r.script_load(PUBLISH_LUA)
+        self._history_sha = await r.script_load(HISTORY_LUA)
+        conn = await r.connection_pool.get_connection()
+        # From here on nothing awaits until the writer is woken: the full SUBSCRIBE below is
+        # built from exactly the rooms wanted now, and later (un)subscribes queue behind it.
+        self._sub_conn = conn
+        self._inflight = {}
+        channels = []
+        for room in self._rooms.values():
+            room.ready.clear()
+            room.stale = bool(room.last or room.epoch)
+            channels.append(room.channel)
+        self._ops = [("SUBSCRIBE", channels)] if channels else []
+        self._ops_wake.set()
+        self._up(len(channels))
+        return conn
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        channels = self._channels
+        deliver = self._deliver
+        assert deliver is not None, "bind() the hub before starting the broker"
+        decode = decode_envelope
+        perf, wall = time.perf_counter, time.time
+        while True:
+            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False, push_request=True)
+            kind = reply[0]
+            if kind == b"message":
+                room = channels.get(reply[1])
+                if room is None:
+                    continue  # unsubscribed locally, the UNSUBSCRIBE not confirmed yet
+                try:
+                    env = decode(reply[2])
+                except msgspec.DecodeError:
+                    log.error("dropped a malformed envelope on %r", reply[1])
+                    continue
+                seq = env.seq
+                if room.floor:
+                    if seq <= room.floor:
+                        continue  # delivered by the catch-up that followed a reconnect
+                    room.floor = 0
+                room.last = seq
+                b = env.body
+                deliver(
+                    Publication(
+                        room.name, seq, b.sender, b.payload, b.encoding, b.origin,
+                        perf() - max(0.0, wall() - b.ts),
+                    )
+                )  # fmt: skip
+            elif kind == b"subscribe" or kind == b"unsubscribe":
+                await self._confirmed(reply[1])
+
+    async def _confirmed(self, channel: bytes) -> None:
+        left = self._inflight.get(channel, 0) - 1
+        if left > 0:
+            self._inflight[channel] = left
+            return
+        self._inflight.pop(channel, None)
+        room = self._channels.get(channel)
+        if room is None or room.ready.is_set():
+            return
+        if room.stale:
+            room.stale = False
+            await self._catch_up(room)
+        room.ready.set()
+
+    async def _catch_up(self, room: _Room) -> None:
+        """Deliver what the room's local subscribers missed while this node had no pub/sub connection.
+
+        Runs inside the reader, so live messages wait in the socket meanwhile and order holds.
+        """
+        try:
+            hist = await self._read_history(room.name, room.last, room.epoch)
+        except BrokerUnavailable:
+            return
+        deliver = self._deliver
+        assert deliver is not None
+        missed = [p for p in hist.publications if p.seq > room.last or hist.epoch != room.epoch]
+        for pub in missed:
+            deliver(pub)
+        if missed:
+            log.debug("caught up %d publications of %s after reconnecting", len(missed), room.name)
+        room.epoch, room.last, room.floor = hist.epoch, hist.seq, hist.seq
+
+    def _queue(self, command: str, channel: bytes) -> None:
+        if self._sub_conn is None:
+            return  # the next connection subscribes every wanted room anyway
+        ops = self._ops
+        if ops and ops[-1][0] == command:
+            ops[-1][1].append(channel)
+        else:
+            ops.append((command, [channel]))
+        self._ops_wake.set()
+
+    async def _write_ops_forever(self) -> None:
+        """The only writer on the pub/sub connection, so (UN)SUBSCRIBEs reach Redis in call order."""
+        while True:
+            await self._ops_wake.wait()
+            self._ops_wake.clear()
+            conn = self._sub_conn
+            ops, self._ops = self._ops, []
+            if conn is None:
+                continue
+            try:
+                await self._send_ops(conn, ops)
+            except _LOST as exc:
+                self._lost(exc, conn)
+
+    async def _send_ops(self, conn: AbstractConnection, ops: list[tuple[str, list[bytes]]]) -> None:
+        inflight = self._inflight
+        for command, channels in ops:
+            for i in range(0, len(channels), CHUNK):
+                if conn is not self._sub_conn:
+                    return  # replaced meanwhile; the new connection subscribed every wanted room
+                chunk = channels[i : i + CHUNK]
+                for ch in chunk:
+                    inflight[ch] = inflight.get(ch, 0) + 1
+                await conn.send_command(command, *chunk, check_health=False)
+
+    # ------------------------------------------------------------ state
+
+    def _lost(self, exc: BaseException, conn: AbstractConnection | None = None) -> None:
+        """A command failed on a dead connection: go down now and let the reconnect loop take over."""
+        if conn is not None and conn is not self._sub_conn:
+            return
+        self._down(exc)
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+
+    def _down(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._why = f"broker unavailable: {exc}"
+        self.available = False
+        self._sub_conn = None
+        for room in self._rooms.values():
+            room.ready.set()  # wake joins waiting for a subscription; they see available False
+        if self._state != "down" and not self._closing:
+            if self._state == "starting":
+                log.warning(
+                    "redis at %s unavailable (%s); serving without it, retrying", redact(self.url), exc
+                )
+            else:
+                log.warning(
+                    "lost redis at %s (%s); publishes get UNAVAILABLE until it returns", redact(self.url), exc
+                )
+            self._state = "down"
+
+    def _up(self, rooms: int) -> None:
+        self.available = True
+        if self._state == "down":
+            log.warning("redis at %s is back; resubscribed %d rooms", redact(self.url), rooms)
+        elif self._state == "starting":
+            log.info("connected to redis at %s", redact(self.url))
+        self._state = "up"
+
+    async def _drop(self, conn: AbstractConnection | None) -> None:
+        if conn is None or self._redis is None:
+            return
+        try:
+            await conn.disconnect(nowait=True)
+            await self._redis.connection_pool.release(conn)
+        except Exception:  # noqa: BLE001 - a dying socket may fail to close; it is gone either way
+            pass

@@ -1,0 +1,110 @@
+"""A real ``redis-server`` for the cluster tests, on a free port of 127.0.0.1, without persistence.
+
+Without persistence a restart loses every room, which is exactly the data loss the
+epoch has to reveal. Where redis-server is missing the tests skip and say how to
+install it; with ``WSFAN_REQUIRE_REDIS=1`` (set by ``.ci/run``) a missing binary fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import free_port, wait_for_port
+
+INSTALL_HINT = "redis-server is not installed: `apt-get install redis-server` (or `brew install redis`)"
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found is None and os.access("/usr/bin/redis-server", os.X_OK):
+        found = "/usr/bin/redis-server"
+    return found
+
+
+def require_redis() -> str:
+    """The redis-server path, or skip (fail under WSFAN_REQUIRE_REDIS=1) with how to install it."""
+    binary = redis_binary()
+    try:
+        import redis  # noqa: F401 - the server's RedisBroker needs it too
+    except ImportError:
+        binary = None
+    if binary is None:
+        if os.environ.get("WSFAN_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{INSTALL_HINT}; WSFAN_REQUIRE_REDIS=1 makes this a failure", pytrace=False)
+        pytest.skip(INSTALL_HINT)
+    return binary
+
+
+class RedisServer:
+    """One redis-server process; ``stop``/``start`` keep the port, so nodes can reconnect to it."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="wsfan-redis-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            tempfile.gettempdir(),
+        ]
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # a crash, not a shutdown: nothing is saved, clients see a reset
+            self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def command(self, *args: Any) -> Any:
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2) as r:
+            return r.execute_command(*args)
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+
+def running_redis() -> Iterator[RedisServer]:
+    """The body of a ``redis_server`` fixture: one fresh redis-server per test, stopped after it."""
+    srv = RedisServer(require_redis()).start()
+    yield srv
+    srv.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Poll a synchronous predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
