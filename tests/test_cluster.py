@@ -450,3 +450,15 @@ def test_systemd_unit_runs_the_production_config_and_stops_with_a_drain():
     assert config["production"] is True
     drain = config.get("drain_timeout", 10)
     assert float(service["TimeoutStopSec"]) > drain, "systemd waits longer than the drain"
+
+
+async def test_a_burst_of_joins_on_one_node_all_succeed(redis_server, make_server):
+    """A reconnection storm: far more concurrent history reads than Redis connections in the pool."""
+    a = node(make_server, redis_server, "burst")
+    peers = await asyncio.gather(*(PicowsPeer.connect(a.url) for _ in range(150)))
+    acks = await asyncio.gather(
+        *(p.request("join", room=f"burst-{i % 3}", since=0) for i, p in enumerate(peers))
+    )
+    assert [ack["type"] for ack in acks] == ["ack"] * 150, {a.get("code") for a in acks}
+    assert all(ack["data"]["recovered"] is True for ack in acks)
+    await asyncio.gather(*(p.close() for p in peers))

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -50,6 +50,8 @@ from server.broker.redis_layout import (
     room_args,
 )
 
+# Connections to Redis per node (history reads and scripts; publishes are pipelined on one).
+POOL_SIZE = 64
 log = logging.getLogger("wsfan.broker")
 
 RECONNECT_MIN_S = 0.05
@@ -126,8 +128,12 @@ class RedisBroker:
         """Connect, or start without Redis and keep trying: the node serves its connections either way."""
         # No retries inside redis-py: a failed publish must answer UNAVAILABLE at once and
         # must never be sent twice; reconnecting is this class's job, with its own backoff.
-        self._redis = Redis.from_url(
+        # A blocking pool: a burst of joins (a reconnection storm) waits for a free connection
+        # instead of failing with "Too many connections" once redis-py's default cap is reached.
+        pool = BlockingConnectionPool.from_url(
             self.url,
+            max_connections=POOL_SIZE,
+            timeout=5.0,
             retry=Retry(NoBackoff(), 0),
             # RESP2: pub/sub messages are plain replies, no push-notification layer per message
             # (a ?protocol=3 in the URL still works: the reader asks for pushes too).
@@ -136,6 +142,7 @@ class RedisBroker:
             socket_timeout=5.0,
             client_name=f"wsfan-{self.node_id}" if self.node_id else None,
         )
+        self._redis = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._connect_forever()),
