@@ -80,7 +80,9 @@ HELP: dict[str, str] = {
     "demo": "serve the chat demo page at / (uses the browser client)",
     "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
-    "production": "production profile: workers = CPU cores, JSON logs, no /echo or demo, auth required",
+    "production": "production profile: workers = CPU cores and log-format json (unless given), /echo and the demo "
+    "page off, refuses to start without --jwt-secret and --admin-key unless --allow-anonymous; more than one "
+    "worker needs --broker",
     "allow_anonymous": "with --production: start without --jwt-secret/--admin-key (anonymous users)",
     "log_format": "text or json (one JSON object per line)",
 }
