@@ -17,6 +17,7 @@ from client.backoff import Backoff, parse_retry_after
 from client.client import Client, connect
 from client.codec import Message, RawMessage, Welcome
 from client.errors import (
+    TRANSIENT_CODES,
     ClientError,
     ConnectionClosed,
     Forbidden,
@@ -76,6 +77,7 @@ __all__ = [
     "RequestTimeout",
     "ServerError",
     "Stats",
+    "TRANSIENT_CODES",
     "Unauthorized",
     "Unavailable",
     "UnknownType",

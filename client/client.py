@@ -118,17 +118,34 @@ class Client(Session):
         """The last seq handed to the application for ``room``: what a rejoin sends as ``since``."""
         return self._rooms.last_seq(room)
 
+    def epoch(self, room: str) -> str | None:
+        """The epoch of ``room``'s numbering from its last join ack: what a rejoin sends with ``since``.
+
+        None before the first ack, and with servers that send no epoch.
+        """
+        return self._rooms.epoch(room)
+
     # ------------------------------------------------------------ requests (one reply each)
 
     async def join(
-        self, room: str, since: int | None = None, *, timeout: float | None = DEFAULT
+        self,
+        room: str,
+        since: int | None = None,
+        *,
+        epoch: str | None = None,
+        timeout: float | None = DEFAULT,
     ) -> dict[str, Any]:
         """Subscribe; with ``since`` the server first replays history after it.
 
-        Returns the ack data ``{"room", "seq", "recovered"}``. A ``Recovered`` or
-        ``Gap`` event is reported when ``since`` was given.
+        Returns the ack data ``{"room", "seq", "recovered", "epoch"}`` (``epoch``
+        from servers that support it). A ``Recovered`` or ``Gap`` event is reported
+        when ``since`` was given. ``epoch`` is the numbering ``since`` counts in, as
+        returned by ``epoch(room)``: pass both to resume a position saved by an
+        earlier process; when the room has been renumbered since (``Gap`` with
+        ``reset=True``) its whole new history is delivered. Rejoins after a
+        reconnect send both by themselves.
         """
-        return await self._bounded("join", timeout, self._join(room, since))
+        return await self._bounded("join", timeout, self._join(room, since, epoch))
 
     async def leave(self, room: str, *, timeout: float | None = DEFAULT) -> dict[str, Any]:
         """Unsubscribe. The room is forgotten at once (no rejoin; its stream ends) even if the reply is lost."""

@@ -93,6 +93,9 @@ class Request(Struct, omit_defaults=True, kw_only=True):
     room: str | None = None
     payload: Any | UnsetType = UNSET
     since: int | None = None
+    # Extension to v1 (docs/protocol-choices.md, "Epochs"): the room's epoch from an earlier
+    # join ack, sent back with ``since`` so that a room that was lost and renumbered is detected.
+    epoch: str | None = None
     ts: float | None = None
 
 

@@ -25,6 +25,8 @@ class ProtocolError(ClientError):
     """
 
     code_name: ClassVar[str] = ""
+    transient: ClassVar[bool] = False
+    """True for "not now" rather than "never": the same request may succeed later (``TRANSIENT_CODES``)."""
 
     def __init__(self, code: str, message: str = "") -> None:
         super().__init__(f"{code}: {message}" if message else code)
@@ -50,22 +52,28 @@ class NotJoined(ProtocolError):
 
 class RateLimited(ProtocolError):
     code_name = "RATE_LIMITED"
+    transient = True
 
 
 class Unavailable(ProtocolError):
     """The server could not take the request right now (e.g. its broker is down); retrying may work."""
 
     code_name = "UNAVAILABLE"
+    transient = True
 
 
 class InternalError(ProtocolError):
     code_name = "INTERNAL"
+    transient = True
 
 
 _BY_CODE: dict[str, type[ProtocolError]] = {
     cls.code_name: cls
     for cls in (InvalidMessage, UnknownType, Forbidden, NotJoined, RateLimited, Unavailable, InternalError)
 }
+
+TRANSIENT_CODES: frozenset[str] = frozenset(code for code, cls in _BY_CODE.items() if cls.transient)
+"""Codes after which a rejoin is retried with a backoff instead of dropping the room (``Session._rejoin_all``)."""
 
 
 def error_for(code: str, message: str = "") -> ProtocolError:

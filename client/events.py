@@ -51,11 +51,20 @@ class Recovered:
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """A room was rejoined but history no longer reaches back to ``since``: messages were lost.
+    """A room was rejoined but the server could not replay everything after ``since``: messages were lost.
 
-    ``reset`` is true when the server's seq went *backwards* (``seq < since``), i.e.
-    the room's history was lost entirely (a single node restarted); the client then
-    continues from the server's new numbering.
+    ``reset`` is true when the room itself was lost and renumbered from 1 (a single
+    node restarted, Redis lost or evicted the room): the join ack carried another
+    epoch than the one sent, or the server's seq went *backwards* (``seq < since``).
+    The client then continues in the new numbering: the history the server has of
+    it (seq 1..``seq``) is delivered, then live messages, each once.
+    Without ``reset`` history no longer reached back to ``since``; what it still
+    had is delivered.
+
+    A room can also start over while the client stays connected (its node lost
+    Redis and got it back empty): then the first delivery whose seq is not above
+    the last one seen (``since``) is reported as ``Gap(reset=True)`` with that
+    delivery's ``seq``, just before it is handed over.
     """
 
     room: str
@@ -66,7 +75,11 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class RejoinFailed:
-    """A room could not be rejoined after a reconnect (e.g. FORBIDDEN with a new token); it was dropped."""
+    """A room could not be rejoined after a reconnect and was dropped; its message stream raises ``error``.
+
+    Only for refusals that will not change (e.g. ``FORBIDDEN`` with a new token);
+    transient ones (``UNAVAILABLE``, ``RATE_LIMITED``, ``INTERNAL``) are retried.
+    """
 
     room: str
     error: BaseException

@@ -189,11 +189,11 @@ class Router:
             self._rooms[room] = inbox
         return MessageStream(inbox)
 
-    def end_room(self, room: str) -> None:
-        """The application left ``room``: its stream drains and stops."""
+    def end_room(self, room: str, exc: BaseException | None = None) -> None:
+        """``room`` was left: its stream drains, then stops (or raises ``exc``: why the room was dropped)."""
         inbox = self._rooms.pop(room, None)
         if inbox is not None:
-            inbox.end(None)
+            inbox.end(exc)
 
     def end(self, exc: BaseException | None) -> None:
         self.main.end(exc)

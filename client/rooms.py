@@ -10,13 +10,26 @@ history after ``since`` before live messages):
   the last one handed over for that room; replays that overlap what was already
   seen are dropped (``duplicates``). So the application sees every message once,
   in order.
-* A rejoin after a reconnect sends ``since`` = that last seq. While such a join
-  is in flight its room's deliveries are *held*, because only the ack tells how
-  to number them: ``recovered: true`` means they continue the old numbering;
-  ``recovered: false`` with ``ack.seq < since`` means the server's numbering
-  started over (a single node restarted and lost the room), so everything that
-  arrives is new even though its seq is small. The held deliveries are then
-  released through the normal dedupe rule.
+* A rejoin after a reconnect sends ``since`` = that last seq, and the room's
+  ``epoch`` from the last join ack (docs/protocol-choices.md, "Epochs": the
+  identity of the room's numbering). While such a join is in flight its room's
+  deliveries are *held*, because only the ack tells how to number them:
+  ``recovered: true`` means they continue the old numbering. The room was
+  *reset* (lost and renumbered from 1: a single node restarted, Redis lost the
+  room) when the ack carries another epoch than the one sent, or, from a server
+  without epochs, ``recovered: false`` with ``ack.seq < since``. Then nothing of
+  the new numbering has been seen: the baseline becomes 0, so the history the
+  server replays after the ack (seq 1..n) and the live messages after it are all
+  handed over, although their seqs are not above the old last seq. The held
+  deliveries are then released through the normal dedupe rule.
+* A delivery whose ``seq`` is not above the last one seen, on a connection that
+  stayed joined, means the room started over while we were in it (Redis lost it
+  and the node delivers the new numbering: docs/protocol-choices.md, "Epochs"),
+  unless it is one of the seqs a rejoin's replay could repeat (``since`` < seq <=
+  the ack's seq, until the replay is past). It is handed over as the first
+  message of the new numbering and reported as ``Gap(reset=True)`` through
+  ``on_reset``; the room's epoch becomes unknown, so the next rejoin sends
+  ``since`` alone and learns the new epoch from its ack.
 * The ack's ``seq`` (the room's seq when we joined) becomes the baseline of a
   fresh join, so a reconnect before the first delivery still recovers what was
   published while we were away.
@@ -30,6 +43,7 @@ history after ``since`` before live messages):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from client.codec import Message
@@ -37,29 +51,36 @@ from client.events import Gap, Recovered
 
 
 class RoomState:
-    __slots__ = ("last_seq", "joined", "held", "since", "own")
+    __slots__ = ("last_seq", "joined", "held", "since", "own", "epoch", "replay")
 
     def __init__(self) -> None:
         self.last_seq: int | None = None
+        self.epoch: str | None = None  # the room's numbering, from the last join ack that carried one
         self.own: set[int] | None = None  # seqs of our own acked publishes not yet passed by last_seq
         self.joined = False  # a join was acked: the room is rejoined after a reconnect
         self.held: list[Message] | None = None  # deliveries held while a join with since is in flight
         self.since: int | None = None  # the since sent with the join in flight
+        # After a join with since: (since, ack seq, ends at ack seq) bounds the seqs its replay
+        # may repeat, which are duplicates, not a restarted room. Cleared once the replay is past.
+        self.replay: tuple[int, int, bool] | None = None
 
 
 class RoomTracker:
-    __slots__ = ("rooms", "duplicates", "unknown")
+    __slots__ = ("rooms", "duplicates", "unknown", "resets", "on_reset")
 
-    def __init__(self) -> None:
+    def __init__(self, on_reset: Callable[[Gap], None] | None = None) -> None:
         self.rooms: dict[str, RoomState] = {}
         self.duplicates = 0
         self.unknown = 0
+        self.resets = 0  # rooms seen starting over on a live connection
+        self.on_reset = on_reset  # told of each, before its first message is handed over
 
-    def begin_join(self, room: str, since: int | None) -> int | None:
-        """Record a join about to be sent; returns the ``since`` to send with it.
+    def begin_join(self, room: str, since: int | None, epoch: str | None = None) -> int | None:
+        """Record a join about to be sent; returns the ``since`` to send with it (see ``epoch()``).
 
-        An explicit ``since`` rewinds the room (the caller asked for a replay);
-        otherwise a room we already track resumes from its last seq.
+        An explicit ``since`` rewinds the room (the caller asked for a replay), and an
+        explicit ``epoch`` says which numbering it counts in (one saved by the
+        application); otherwise a room we already track resumes from its last seq.
         """
         state = self.rooms.get(room)
         if state is None:
@@ -68,6 +89,8 @@ class RoomTracker:
             since = state.last_seq
         else:
             state.last_seq = since
+            if epoch:
+                state.epoch = epoch
         state.since = since
         state.held = [] if since is not None else None
         return since
@@ -81,17 +104,32 @@ class RoomTracker:
         state.held = None
         state.since = None
         state.joined = True
-        seq, recovered = _ack_fields(data)
+        seq, recovered, epoch = _ack_fields(data)
+        # Another epoch than the one we sent: the room was lost and renumbered, even when
+        # its new seq has already passed our since (which ``since`` alone cannot reveal).
+        renumbered = epoch is not None and state.epoch is not None and epoch != state.epoch
+        if epoch is not None:
+            state.epoch = epoch
         event: Recovered | Gap | None = None
+        state.replay = None
         if since is not None and seq is not None:
-            if recovered:
+            reset = False
+            if recovered and not renumbered:
                 event = Recovered(room, since, seq)
             else:
-                reset = seq < since
+                reset = renumbered or seq < since
                 event = Gap(room, since, seq, reset)
                 if reset:
-                    state.last_seq = None  # new numbering: nothing seen yet
+                    # Nothing of the new numbering was seen: what the server replays after
+                    # this ack (all the history of the new numbering) is news, and so are
+                    # the live messages after it, so the baseline is 0, not the ack's seq.
+                    state.last_seq = 0
                     state.own = None
+            floor = 0 if reset else since
+            if seq > floor:
+                # The replay that follows may repeat what was held before the ack (it ends
+                # at the ack's seq when nothing was held; otherwise past it, at a live one).
+                state.replay = (floor, seq, not held)
         released = [m for m in held if self.accept(m)]
         if state.last_seq is None and seq is not None:
             state.last_seq = seq
@@ -124,9 +162,17 @@ class RoomTracker:
         last = state.last_seq
         seq = msg.seq
         if last is not None and seq <= last:
+            replay = state.replay
+            if replay is None or not replay[0] < seq <= replay[1]:
+                return self._restarted(state, msg, last)
             self.duplicates += 1
+            if seq == replay[1]:
+                state.replay = None
             return False
         state.last_seq = seq
+        replay = state.replay
+        if replay is not None and (seq > replay[1] or (seq == replay[1] and replay[2])):
+            state.replay = None  # the replay is past: from now on a seq going back is a restart
         own = state.own
         if own:
             if seq in own:  # our own publication, replayed after a reconnect
@@ -134,6 +180,17 @@ class RoomTracker:
                 _pass_own(state)
                 return False
             _pass_own(state)
+        return True
+
+    def _restarted(self, state: RoomState, msg: Message, last: int) -> bool:
+        """A live seq went back: the room started over. ``msg`` opens its new numbering."""
+        self.resets += 1
+        state.last_seq = msg.seq
+        state.own = None
+        state.replay = None
+        state.epoch = None  # the new one is learnt from the next join ack (since alone until then)
+        if self.on_reset is not None:
+            self.on_reset(Gap(msg.room, last, msg.seq, True))
         return True
 
     def published(self, room: str, seq: Any) -> None:
@@ -148,6 +205,11 @@ class RoomTracker:
             state.own = set()
         state.own.add(seq)
         _pass_own(state)
+
+    def tracks(self, room: str) -> bool:
+        """Whether ``room`` is joined (acked) and not left since."""
+        state = self.rooms.get(room)
+        return state is not None and state.joined
 
     def joined(self) -> list[str]:
         """Rooms to rejoin after a reconnect."""
@@ -165,10 +227,16 @@ class RoomTracker:
         for state in self.rooms.values():
             state.held = None
             state.since = None
+            state.replay = None
 
     def last_seq(self, room: str) -> int | None:
         state = self.rooms.get(room)
         return None if state is None else state.last_seq
+
+    def epoch(self, room: str) -> str | None:
+        """The room's epoch from the last join ack (None if the server sends none): sent back with ``since``."""
+        state = self.rooms.get(room)
+        return None if state is None else state.epoch
 
 
 def _pass_own(state: RoomState) -> None:
@@ -182,8 +250,14 @@ def _pass_own(state: RoomState) -> None:
     state.last_seq = last
 
 
-def _ack_fields(data: Any) -> tuple[int | None, bool]:
+def _ack_fields(data: Any) -> tuple[int | None, bool, str | None]:
+    """The join ack's ``seq``, ``recovered`` and ``epoch``, leniently (a field of the wrong type is absent)."""
     if isinstance(data, dict):
         seq = data.get("seq")
-        return (seq if isinstance(seq, int) else None), bool(data.get("recovered", True))
-    return None, True
+        epoch = data.get("epoch")
+        return (
+            seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            bool(data.get("recovered", True)),
+            epoch if isinstance(epoch, str) and epoch else None,
+        )
+    return None, True, None

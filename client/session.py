@@ -3,8 +3,10 @@
 A session outlives its connections. Room membership, the last seq seen per
 room, the message buffers and the request ids belong here, so a reconnect (new
 socket, new ``Connection``) is invisible to the application apart from events:
-rooms are rejoined with ``since``, duplicates are dropped, and a gap is
-reported when the server could not replay everything.
+rooms are rejoined with ``since`` and ``epoch``, duplicates are dropped, and a
+gap is reported when the server could not replay everything (a reset when the
+room itself was lost and renumbered). A rejoin refused with a transient error
+is retried, not dropped (``_rejoin_all``).
 
 Requests in flight when a connection drops fail with ``ConnectionClosed``
 instead of being resent, because the server may already have executed them (a
@@ -38,7 +40,14 @@ from client.codec import (
     ServerMessage,
     Welcome,
 )
-from client.errors import ConnectionClosed, NotConnected, ProtocolError, RequestTimeout, error_for
+from client.errors import (
+    ConnectionClosed,
+    NotConnected,
+    ProtocolError,
+    RateLimited,
+    RequestTimeout,
+    error_for,
+)
 from client.events import Connected, Event, Overflow, RejoinFailed, ServerError
 from client.inbox import Router
 from client.reconnect import Reconnector, TokenFn
@@ -108,7 +117,7 @@ class Session:
         self._on_message = on_message
         self._on_event = on_event
         self._router = Router(max_buffered, self._overflowed)
-        self._rooms = RoomTracker()
+        self._rooms = RoomTracker(on_reset=self._emit)
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._conn: Connection | None = None
@@ -173,18 +182,70 @@ class Session:
         return self._closing
 
     async def _rejoin_all(self, conn: Connection) -> None:
+        """Rejoin every room on a new connection, each with ``since`` and ``epoch``.
+
+        * A room the server refuses for good (``FORBIDDEN`` with a new token,
+          ``INVALID_MESSAGE``, any code not in ``TRANSIENT_CODES``) is dropped: its
+          stream raises the error and ``RejoinFailed`` is reported.
+        * ``UNAVAILABLE`` (a node whose broker is down) and ``INTERNAL`` say "not
+          now": they fail the whole reconnect, like a socket that died during the
+          rejoin, so the room is kept and the reconnect is retried after the next
+          backoff delay (behind a load balancer possibly on a healthy node).
+        * ``RATE_LIMITED`` means this client has more rooms than the server's burst:
+          a new connection would be refused the same way, only time refills the
+          bucket. Those rooms are retried on this connection, one at a time, with a
+          jittered backoff delay after each refusal (``_rejoin_paced``).
+        """
         rooms = self._rooms.joined()
-        results = await asyncio.gather(
-            *(self._bounded("join", DEFAULT, self._join_on(conn, room, None)) for room in rooms),
-            return_exceptions=True,
-        )
+        results = await asyncio.gather(*(self._rejoin(conn, room) for room in rooms), return_exceptions=True)
+        limited: list[str] = []
+        failure: BaseException | None = None
         for room, result in zip(rooms, results, strict=True):
-            if isinstance(result, ProtocolError):  # the server refuses the room now: drop it, say so
-                self._rooms.leave(room)
-                self._router.end_room(room)
-                self._emit(RejoinFailed(room, result))
-            elif isinstance(result, BaseException):
-                raise result  # the connection failed during rejoin: the whole reconnect is retried
+            if not isinstance(result, BaseException):
+                continue
+            if isinstance(result, RateLimited):
+                limited.append(room)
+            elif isinstance(result, ProtocolError) and not result.transient:
+                self._drop_room(room, result)
+            elif failure is None:
+                failure = result
+        if failure is not None:
+            raise failure  # transient refusal, or the connection failed: the whole reconnect is retried
+        if limited:
+            await self._rejoin_paced(conn, limited)
+
+    async def _rejoin_paced(self, conn: Connection, rooms: list[str]) -> None:
+        """Rejoin rooms refused with ``RATE_LIMITED``: one join at a time, sleeping after each refusal."""
+        reference = self.reconnector.backoff
+        backoff = Backoff(reference.base, reference.cap, rng=reference.rng)
+        refused = True  # the first try of each of these rooms was just refused
+        for room in rooms:
+            while self._rooms.tracks(room):  # the application may leave the room meanwhile
+                if refused:
+                    await asyncio.sleep(backoff.next_delay())
+                    if not self._rooms.tracks(room):
+                        break
+                try:
+                    await self._rejoin(conn, room)
+                except RateLimited:
+                    refused = True
+                    continue
+                except ProtocolError as exc:
+                    if exc.transient:
+                        raise
+                    self._drop_room(room, exc)
+                refused = False
+                backoff.reset()
+                break
+
+    def _rejoin(self, conn: Connection, room: str) -> Awaitable[dict[str, Any]]:
+        return self._bounded("join", DEFAULT, self._join_on(conn, room, None))
+
+    def _drop_room(self, room: str, error: ProtocolError) -> None:
+        """The server refuses ``room`` for good: forget it, end its stream with why, and say so."""
+        self._rooms.leave(room)
+        self._router.end_room(room, error)
+        self._emit(RejoinFailed(room, error))
 
     def _on_lost(self, conn: Connection, code: int, reason: str) -> None:
         """Runs synchronously when the socket closes: nothing may be sent on ``conn`` after this."""
@@ -323,10 +384,14 @@ class Session:
                 raise RequestTimeout(kind, limit or 0.0) from None
             raise
 
-    async def _join_on(self, conn: Connection, room: str, since: int | None) -> dict[str, Any]:
-        sent_since = self._rooms.begin_join(room, since)
+    async def _join_on(
+        self, conn: Connection, room: str, since: int | None, epoch: str | None = None
+    ) -> dict[str, Any]:
+        sent_since = self._rooms.begin_join(room, since, epoch)
+        # The epoch only means something together with since: the numbering since counts in.
+        sent_epoch = self._rooms.epoch(room) if sent_since is not None else None
         try:
-            data = await self._call(conn, "join", room=room, since=sent_since)
+            data = await self._call(conn, "join", room=room, since=sent_since, epoch=sent_epoch)
         except BaseException:
             self._rooms.abort_join(room)
             raise
@@ -337,8 +402,8 @@ class Session:
             self._emit(event)
         return data
 
-    async def _join(self, room: str, since: int | None) -> dict[str, Any]:
-        return await self._join_on(await self._ready_connection(), room, since)
+    async def _join(self, room: str, since: int | None, epoch: str | None = None) -> dict[str, Any]:
+        return await self._join_on(await self._ready_connection(), room, since, epoch)
 
     def _send_nowait(self, request: Request) -> None:
         conn = self._conn

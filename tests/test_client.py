@@ -10,19 +10,24 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import msgspec
 import pytest
 import uvloop
 
 from client import (
+    TRANSIENT_CODES,
     Backoff,
+    Client,
     ClientError,
     Connected,
     ConnectionClosed,
     Disconnected,
+    Forbidden,
     Gap,
     HandshakeRejected,
+    InternalError,
     InvalidMessage,
     Message,
     MessagesDropped,
@@ -32,9 +37,11 @@ from client import (
     RateLimited,
     Reconnecting,
     Recovered,
+    RejoinFailed,
     RequestTimeout,
     ServerError,
     Unauthorized,
+    Unavailable,
     connect,
     error_for,
     parse_retry_after,
@@ -124,6 +131,26 @@ def test_error_codes_map_to_typed_exceptions():
     future = error_for("SOMETHING_NEW", "m")
     assert type(future) is ProtocolError and future.code == "SOMETHING_NEW" and future.message == "m"
     assert isinstance(RequestTimeout("ping", 1.0), TimeoutError)
+    # "not now" vs "never": what a rejoin retries and what makes it drop the room
+    assert TRANSIENT_CODES == {"UNAVAILABLE", "RATE_LIMITED", "INTERNAL"}
+    assert all(
+        isinstance(e, (Unavailable, RateLimited, InternalError)) for e in map(error_for, TRANSIENT_CODES)
+    )
+    assert all(error_for(code).transient for code in TRANSIENT_CODES)
+    assert not any(error_for(c).transient for c in ("FORBIDDEN", "INVALID_MESSAGE", "NOT_JOINED", "NEW"))
+
+
+def test_codec_sends_epoch_only_when_given():
+    codec = Codec("json")
+    wire = codec.encode(Request(type="join", id="1", room="r", since=9, epoch="5f0c2a9e"))
+    assert msgspec.json.decode(wire) == {
+        "type": "join",
+        "id": "1",
+        "room": "r",
+        "since": 9,
+        "epoch": "5f0c2a9e",
+    }
+    assert "epoch" not in msgspec.json.decode(codec.encode(Request(type="join", id="2", room="r")))
 
 
 # ---------------------------------------------------------------- rooms: dedupe and recovery
@@ -133,9 +160,33 @@ def test_rooms_deliver_each_seq_once_in_order():
     rooms = RoomTracker()
     rooms.begin_join("r", None)
     assert rooms.end_join("r", {"room": "r", "seq": 5, "recovered": False}) == ([], None)
-    assert [rooms.accept(msg("r", s)) for s in (6, 7, 7, 5, 8)] == [True, True, False, False, True]
-    assert rooms.duplicates == 2
+    assert [rooms.accept(msg("r", s)) for s in (6, 7, 8)] == [True, True, True]
+    # join again with since on the joined room: live 9 arrives before the ack, the replay of 7..9 after it
+    assert rooms.begin_join("r", 6) == 6
+    assert rooms.accept(msg("r", 9)) is False  # held until the ack
+    released, event = rooms.end_join("r", {"seq": 9, "recovered": True})
+    assert [m.seq for m in released] == [9] and event == Recovered("r", 6, 9)
+    assert [rooms.accept(msg("r", s)) for s in (7, 8, 9, 10)] == [False, False, False, True]
+    assert rooms.duplicates == 3 and rooms.resets == 0  # the replay repeats seqs; the room did not restart
     assert rooms.accept(msg("other", 1)) is False and rooms.unknown == 1
+
+
+def test_rooms_a_live_seq_going_back_is_a_restart_reported_before_its_message():
+    """Redis lost the room while we stayed joined: the node delivers its new numbering from 1."""
+    resets: list[Gap] = []
+    rooms = RoomTracker(on_reset=resets.append)
+    rooms.begin_join("r", None)
+    rooms.end_join("r", {"seq": 0, "recovered": False, "epoch": "e1"})
+    assert [rooms.accept(msg("r", s)) for s in (1, 2, 3)] == [True, True, True]
+    rooms.published("r", 4)  # ours, in the old numbering
+    assert rooms.accept(msg("r", 1)) and resets == [Gap("r", since=4, seq=1, reset=True)]
+    assert [rooms.accept(msg("r", s)) for s in (2, 3, 4)] == [True, True, True]  # the new 4 is not our old 4
+    assert rooms.resets == 1 and rooms.duplicates == 0
+    assert rooms.epoch("r") is None  # unknown until the next join ack: the rejoin sends since alone
+    rooms.connection_lost()
+    assert rooms.begin_join("r", None) == 4 and rooms.epoch("r") is None
+    released, event = rooms.end_join("r", {"seq": 4, "recovered": True, "epoch": "e2"})
+    assert event == Recovered("r", 4, 4) and rooms.epoch("r") == "e2"
 
 
 def test_rooms_rejoin_holds_replay_until_ack_and_reports_recovered():
@@ -163,6 +214,57 @@ def test_rooms_seq_reset_reports_gap_and_accepts_new_numbering():
     assert event == Gap("r", since=3, seq=0, reset=True)
     assert rooms.last_seq("r") == 0
     assert rooms.accept(msg("r", 1))  # the restarted server's first message is new, not a duplicate
+
+
+def test_rooms_send_back_the_acked_epoch_and_a_same_epoch_recovers():
+    rooms = RoomTracker()
+    assert rooms.begin_join("r", None) is None
+    rooms.end_join("r", {"room": "r", "seq": 2, "recovered": False, "epoch": "e1"})
+    assert rooms.epoch("r") == "e1" and rooms.last_seq("r") == 2
+    assert rooms.accept(msg("r", 3))
+    rooms.connection_lost()
+    assert rooms.begin_join("r", None) == 3 and rooms.epoch("r") == "e1"
+    released, event = rooms.end_join("r", {"seq": 4, "recovered": True, "epoch": "e1"})
+    assert event == Recovered("r", 3, 4)
+    assert rooms.accept(msg("r", 4)) and rooms.last_seq("r") == 4
+
+
+def test_rooms_changed_epoch_is_a_reset_even_when_the_new_seq_passed_since():
+    """Redis lost the room and it got past our since again: only the epoch tells (seq 5 > since 3)."""
+    rooms = RoomTracker()
+    rooms.begin_join("r", None)
+    rooms.end_join("r", {"seq": 0, "recovered": False, "epoch": "e1"})
+    assert [rooms.accept(msg("r", s)) for s in (1, 2, 3)] == [True, True, True]
+    rooms.published("r", 4)  # ours, in the old numbering: must not hide the new seq 4
+    rooms.connection_lost()
+    assert rooms.begin_join("r", None) == 4
+    assert rooms.accept(msg("r", 1)) is False  # a replayed frame read before the ack: held
+    released, event = rooms.end_join("r", {"seq": 5, "recovered": False, "epoch": "e2"})
+    assert event == Gap("r", since=4, seq=5, reset=True)
+    assert [m.seq for m in released] == [1]
+    assert rooms.epoch("r") == "e2"
+    # the rest of the replay of the new numbering (a repeat inside it is a duplicate), then live
+    assert [rooms.accept(msg("r", s)) for s in (2, 3, 3, 4, 5, 6)] == [True, True, False, True, True, True]
+    # an ack that contradicts itself (another epoch, yet "recovered") is still a reset
+    rooms.connection_lost()
+    rooms.begin_join("r", None)
+    assert rooms.end_join("r", {"seq": 9, "recovered": True, "epoch": "e3"})[1] == Gap("r", 6, 9, True)
+
+
+def test_rooms_reset_by_seq_delivers_the_replay_of_the_new_numbering():
+    """A server without epochs: the seq went backwards (2 < 5); its replay 1..2 arrives after the ack."""
+    rooms = RoomTracker()
+    rooms.begin_join("r", 5)
+    released, event = rooms.end_join("r", {"seq": 2, "recovered": False})
+    assert released == [] and event == Gap("r", since=5, seq=2, reset=True)
+    assert [rooms.accept(msg("r", s)) for s in (1, 2, 3)] == [True, True, True]
+    assert rooms.duplicates == 0 and rooms.epoch("r") is None
+
+
+def test_rooms_explicit_epoch_is_sent_back_with_an_explicit_since():
+    rooms = RoomTracker()
+    assert rooms.begin_join("r", 7, "saved") == 7 and rooms.epoch("r") == "saved"
+    assert rooms.end_join("r", {"seq": 2, "recovered": False, "epoch": "new"})[1] == Gap("r", 7, 2, True)
 
 
 def test_rooms_gap_without_reset_keeps_partial_replay():
@@ -651,3 +753,149 @@ def test_client_answers_server_heartbeat_pings():
 
     with ServerProcess("--heartbeat", "200", "--heartbeat-timeout", "300") as server:
         run(body(server))
+
+
+# ---------------------------------------------------------------- rejoin: epochs and refusals
+
+
+async def take(stream: Any, n: int, timeout: float) -> list[Message]:
+    """Up to ``n`` messages from ``stream``, fewer if it stays quiet ``timeout`` s: a failing test shows what came."""
+    got: list[Message] = []
+    try:
+        while len(got) < n:
+            got.append(await stream.get(timeout))
+    except TimeoutError:
+        pass
+    return got
+
+
+def hold_reconnects(client: Client, gate: asyncio.Event) -> None:
+    """``client``'s reconnect attempts wait for ``gate``: the test decides when it comes back."""
+    sleep = client.reconnector.sleep
+
+    async def held(delay: float) -> None:
+        await gate.wait()
+        await sleep(delay)
+
+    client.reconnector.sleep = held
+
+
+async def until_accepted(
+    call: Any, *args: Any, retry: type[Exception] = RateLimited, timeout: float = 5.0
+) -> Any:
+    """``await call(*args)``, again every 50 ms while it raises ``retry``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return await call(*args)
+            except retry:
+                await asyncio.sleep(0.05)
+
+
+def test_restarted_server_replays_its_new_numbering_to_a_client_that_rejoins_with_its_epoch():
+    """The restarted node already has seq 1..3 of the room when the client rejoins with since=3.
+
+    ``since`` alone looks fully recovered (3 == the room's seq); only the epoch the client
+    sends back tells the server that those 3 are another numbering, which it then replays.
+    """
+
+    async def body(server: ServerProcess) -> None:
+        events: list[Any] = []
+        gate = asyncio.Event()
+        async with connect(server.url, backoff_base=0.05, backoff_cap=0.2, on_event=events.append) as x:
+            hold_reconnects(x, gate)
+            first = await x.join("epoch")
+            stream = x.messages("epoch")
+            async with connect(server.url) as pub:
+                await pub.join("epoch")
+                for i in range(3):
+                    await pub.publish("epoch", f"old {i}")
+            assert [(await stream.get(2)).seq for _ in range(3)] == [1, 2, 3]
+            assert await asyncio.to_thread(server.terminate) == 0
+            await until(lambda: not x.connected)
+            await asyncio.to_thread(server.start)  # same port, new process: new epoch
+            async with connect(server.url) as pub:  # another client publishes before x is back
+                await pub.join("epoch")
+                assert [(await pub.publish("epoch", f"new {i}"))["seq"] for i in range(3)] == [1, 2, 3]
+                gate.set()
+                await until(lambda: x.connected, 5)
+                for i in range(2):
+                    await pub.publish("epoch", f"live {i}")
+            got = await take(stream, 5, 2)
+            assert [(m.seq, m.payload) for m in got] == [
+                (1, "new 0"),
+                (2, "new 1"),
+                (3, "new 2"),
+                (4, "live 0"),
+                (5, "live 1"),
+            ]
+            assert [e for e in events if isinstance(e, (Gap, Recovered))] == [
+                Gap("epoch", since=3, seq=3, reset=True)
+            ]
+            assert x.epoch("epoch") not in (None, first["epoch"])
+            await asyncio.sleep(0.1)
+            assert len(stream) == 0 and x._rooms.duplicates == 0  # exactly once
+
+    with ServerProcess() as server:
+        run(body(server), timeout=20)
+
+
+def test_rejoin_refused_with_rate_limited_is_retried_on_the_same_connection():
+    """More rooms than the server's burst: a new connection would be refused the same way, so wait on this one."""
+
+    async def body(server: ServerProcess) -> None:
+        rooms = [f"limited-{i}" for i in range(4)]
+        events: list[Any] = []
+        x = await connect(
+            server.url, backoff_base=0.05, backoff_cap=0.3, rng=random.Random(2), on_event=events.append
+        )
+        try:
+            for room in rooms:  # 4 joins, burst 3
+                await until_accepted(x.join, room)
+            x._conn.abort()
+            await until(lambda: any(isinstance(e, Connected) and e.reconnect for e in events), 8)
+            assert x.rooms == rooms, "no room was dropped"
+            assert not any(isinstance(e, RejoinFailed) for e in events)
+            assert x.stats.errors["RATE_LIMITED"] >= 2  # once before the reconnect, then on the rejoin
+            assert sum(isinstance(e, Reconnecting) for e in events) == 1, "paced on the same connection"
+            assert sorted(e.room for e in events if isinstance(e, Recovered)) == rooms
+            async with connect(server.url) as pub:
+                for room in rooms:
+                    await until_accepted(pub.join, room)
+                    await until_accepted(pub.publish, room, room)
+            for room in rooms:
+                assert (await x.messages(room).get(3)).payload == room
+        finally:
+            await x.close()
+
+    with ServerProcess("--rate-limit", "4", "--rate-burst", "3") as server:
+        run(body(server), timeout=25)
+
+
+def test_rejoin_refused_for_good_drops_the_room_and_its_stream_raises():
+    """FORBIDDEN is "never": with the new token the room is dropped, the others are rejoined."""
+    import jwt
+
+    secret = "client-test-secret-of-at-least-32-bytes"
+
+    def token(**claims: Any) -> str:
+        return jwt.encode({"sub": "x", "exp": int(time.time()) + 60, **claims}, secret, algorithm="HS256")
+
+    async def body(server: ServerProcess) -> None:
+        events: list[Any] = []
+        async with connect(server.url, token(), backoff_base=0.05, on_event=events.append) as x:
+            await x.join("keep.1")
+            await x.join("drop.1")
+            dropped = x.messages("drop.1")
+            x.token = token(rooms=["keep.*"])  # what a refresh could hand out
+            x._conn.abort()
+            await until(lambda: any(isinstance(e, Connected) and e.reconnect for e in events), 5)
+            failed = [e for e in events if isinstance(e, RejoinFailed)]
+            assert [e.room for e in failed] == ["drop.1"] and isinstance(failed[0].error, Forbidden)
+            assert x.rooms == ["keep.1"]
+            with pytest.raises(Forbidden):
+                await dropped.get(1)
+            assert sum(isinstance(e, Reconnecting) for e in events) == 1
+
+    with ServerProcess("--jwt-secret", secret) as server:
+        run(body(server), timeout=15)

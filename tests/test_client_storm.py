@@ -23,7 +23,18 @@ from typing import Any
 
 import pytest
 
-from client import Client, Connected, Disconnected, Gap, Reconnecting, Recovered, connect
+from client import (
+    Client,
+    Connected,
+    Disconnected,
+    Gap,
+    Message,
+    Reconnecting,
+    Recovered,
+    RejoinFailed,
+    Unavailable,
+    connect,
+)
 from client_fixtures import ServerProcess, run, until
 
 STORM_CLIENTS = 100
@@ -251,3 +262,193 @@ def test_hundred_clients_on_a_killed_node_all_recover_what_another_node_publishe
         ServerProcess("--broker", redis_url, "--rate-limit", "0") as node_b,
     ):
         run(body(node_a, node_b), timeout=55)
+
+
+# ---------------------------------------------------------------- Redis loses the room, or is down, during a rejoin
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A private redis-server that the test can kill and restart (``RedisServer``)."""
+    from redis_fixtures import running_redis
+
+    yield from running_redis()
+
+
+async def take(stream: Any, n: int, timeout: float) -> list[Message]:
+    """Up to ``n`` messages from ``stream``, fewer if it stays quiet ``timeout`` s: a failing test shows what came."""
+    got: list[Message] = []
+    try:
+        while len(got) < n:
+            got.append(await stream.get(timeout))
+    except TimeoutError:
+        pass
+    return got
+
+
+def hold_reconnects(client: Client, gate: asyncio.Event) -> None:
+    """``client``'s reconnect attempts wait for ``gate``: the test decides when it comes back."""
+    sleep = client.reconnector.sleep
+
+    async def held(delay: float) -> None:
+        await gate.wait()
+        await sleep(delay)
+
+    client.reconnector.sleep = held
+
+
+async def publish_when_available(pub: Client, room: str, payload: Any, timeout: float = 10.0) -> int:
+    """Publish, again every 50 ms while the node answers UNAVAILABLE (its Redis is down or coming back)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return (await pub.publish(room, payload))["seq"]
+            except Unavailable:
+                await asyncio.sleep(0.05)
+
+
+def test_redis_lost_the_room_rejoin_with_the_epoch_reports_a_reset_and_delivers_the_new_numbering_once(
+    redis_server,
+):
+    """Redis restarts empty while X is away; the room gets seq 1..5 again, past X's since of 3.
+
+    Without the epoch the rejoin would look recovered (replaying "new 3", "new 4" as if they
+    followed "old 2"); with it, X is told the room was reset and gets the new numbering whole.
+    """
+
+    async def body(node_a: ServerProcess, node_b: ServerProcess) -> None:
+        room = "epoch-cluster"
+        events: list[Any] = []
+        gate = asyncio.Event()
+        x = await connect(node_a.url, backoff_base=0.05, backoff_cap=0.2, on_event=events.append)
+        hold_reconnects(x, gate)
+        stream = x.messages(room)
+        first = await x.join(room)
+        try:
+            async with connect(node_b.url) as pub:
+                await pub.join(room)
+                for i in range(3):
+                    await pub.publish(room, f"old {i}")
+                assert [(await stream.get(5)).seq for _ in range(3)] == [1, 2, 3]
+                x._conn.abort()  # X's socket dies; it stays away until the gate opens
+                await until(lambda: not x.connected)
+                await asyncio.to_thread(redis_server.restart)  # no persistence: every room is gone
+                assert [await publish_when_available(pub, room, f"new {i}") for i in range(5)] == [
+                    1,
+                    2,
+                    3,
+                    4,
+                    5,
+                ]
+                gate.set()
+                await until(lambda: x.connected, 10)
+                await pub.publish(room, "live")
+            got = await take(stream, 6, 3)
+            assert [(m.seq, m.payload) for m in got] == [(i + 1, f"new {i}") for i in range(5)] + [
+                (6, "live")
+            ]
+            assert [e for e in events if isinstance(e, (Gap, Recovered))] == [
+                Gap(room, since=3, seq=5, reset=True)
+            ]
+            assert x.epoch(room) not in (None, first["epoch"])
+            await asyncio.sleep(0.2)
+            assert len(stream) == 0 and x._rooms.duplicates == 0  # exactly once
+        finally:
+            await x.close()
+
+    with (
+        ServerProcess("--broker", redis_server.url, "--rate-limit", "0") as node_a,
+        ServerProcess("--broker", redis_server.url, "--rate-limit", "0") as node_b,
+    ):
+        run(body(node_a, node_b), timeout=30)
+
+
+def test_rejoin_refused_with_unavailable_while_redis_is_down_is_retried_until_it_is_back(redis_server):
+    """X reconnects to a node whose Redis is down: its join gets UNAVAILABLE, which is "not now", not "never"."""
+
+    async def body(node: ServerProcess) -> None:
+        room = "rejoin-unavailable"
+        events: list[Any] = []
+        gate = asyncio.Event()
+        x = await connect(node.url, backoff_base=0.05, backoff_cap=0.2, on_event=events.append)
+        hold_reconnects(x, gate)
+        stream = x.messages(room)
+        await x.join(room)
+        try:
+            async with connect(node.url) as pub:
+                await pub.join(room)
+                await pub.publish(room, "before")
+                assert (await stream.get(5)).payload == "before"
+                x._conn.abort()
+                await until(lambda: not x.connected)
+                await asyncio.to_thread(redis_server.stop)
+                gate.set()
+
+                def refused_twice() -> bool:
+                    retries = [
+                        e for e in events if isinstance(e, Reconnecting) and isinstance(e.error, Unavailable)
+                    ]
+                    return len(retries) >= 2
+
+                await until(refused_twice, 5)  # the node is up, the rejoin is refused, and retried
+                assert not x.connected and x.rooms == [room]
+                await asyncio.to_thread(redis_server.start)  # same port, empty
+                await until(lambda: x.connected, 10)
+                assert x.rooms == [room]
+                assert not any(isinstance(e, RejoinFailed) for e in events)
+                assert Gap(room, since=1, seq=0, reset=True) in events  # Redis came back without the room
+                for i in range(3):
+                    await publish_when_available(pub, room, f"after {i}")
+            got = await take(stream, 3, 3)
+            assert [(m.seq, m.payload) for m in got] == [(i + 1, f"after {i}") for i in range(3)]
+        finally:
+            await x.close()
+
+    with ServerProcess("--broker", redis_server.url, "--rate-limit", "0") as node:
+        run(body(node), timeout=30)
+
+
+def test_redis_lost_the_room_while_the_client_stayed_joined_the_new_numbering_is_delivered(redis_server):
+    """Nodes and clients stay up while Redis restarts empty: the node delivers the room's new numbering.
+
+    Its seqs start over below the last one X saw; they are news, not duplicates. X learns the
+    new epoch at its next rejoin (since alone), which then recovers normally: nothing twice.
+    """
+
+    async def body(node: ServerProcess) -> None:
+        room = "live-reset"
+        events: list[Any] = []
+        gate = asyncio.Event()
+        x = await connect(node.url, backoff_base=0.05, backoff_cap=0.2, on_event=events.append)
+        hold_reconnects(x, gate)
+        stream = x.messages(room)
+        first = await x.join(room)
+        try:
+            async with connect(node.url) as pub:
+                await pub.join(room)
+                for i in range(3):
+                    await pub.publish(room, f"old {i}")
+                assert [(await stream.get(5)).seq for _ in range(3)] == [1, 2, 3]
+                await asyncio.to_thread(redis_server.restart)
+                assert [await publish_when_available(pub, room, f"new {i}") for i in range(2)] == [1, 2]
+                got = await take(stream, 2, 3)
+                assert [(m.seq, m.payload) for m in got] == [(1, "new 0"), (2, "new 1")]
+                assert [e for e in events if isinstance(e, Gap)] == [Gap(room, since=3, seq=1, reset=True)]
+                assert x.connected and x.epoch(room) is None
+                x._conn.abort()  # and now a rejoin: with since=2, without the epoch it no longer knows
+                await until(lambda: not x.connected)
+                await pub.publish(room, "while away")
+                gate.set()
+                await until(lambda: x.connected, 10)
+                await pub.publish(room, "live")
+            got = await take(stream, 2, 3)
+            assert [(m.seq, m.payload) for m in got] == [(3, "while away"), (4, "live")]
+            assert Recovered(room, since=2, seq=3) in events
+            assert x.epoch(room) not in (None, first["epoch"])
+            await asyncio.sleep(0.2)
+            assert len(stream) == 0 and x._rooms.duplicates == 0 and x._rooms.resets == 1
+        finally:
+            await x.close()
+
+    with ServerProcess("--broker", redis_server.url, "--rate-limit", "0") as node:
+        run(body(node), timeout=30)
