@@ -12,7 +12,12 @@ help:
 	@echo "make test         run the whole test suite against real server processes"
 	@echo "make lint         ruff check + format check"
 	@echo "make conformance  RFC 6455 conformance: Autobahn|Testsuite fuzzingclient against /echo"
+	@echo "make bench        the full benchmark suite (~9 min): tables in results/latest.md, plots and JSON in results/<date>-<host>/"
+	@echo "make bench-quick  the same in CI size (under a minute)"
+	@echo "make bench-micro  pytest-benchmark micro benchmarks, compared with the last stored run"
 	@echo "make bench-core   server CPU per delivery vs a naive picows loop, memory per idle connection"
+	@echo "make swarm        a short headless Locust chat run against a local server"
+	@echo "make token        print a JWT (ARGS='--sub alice --secret S')"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +44,15 @@ format: install
 conformance: install
 	bash tests/conformance/install_autobahn.sh
 	$(PY) tests/conformance/run_autobahn.py --outdir results/conformance
+
+bench: install
+	$(PY) -m bench all $(ARGS)
+
+bench-quick: install
+	$(PY) -m bench all --quick $(ARGS)
+
+bench-micro: install
+	$(PY) -m pytest bench/micro -q -p no:cacheprovider --benchmark-only --benchmark-storage=file://./results/micro --benchmark-autosave --benchmark-compare --benchmark-sort=name --benchmark-columns=min,median,mean,stddev,rounds $(ARGS)
 
 bench-core: install
 	$(PY) -m bench core $(ARGS)

@@ -1,9 +1,12 @@
-"""Benchmarks: ``python -m bench <scenario>`` (``make bench-core`` runs ``python -m bench core``).
+"""Benchmarks: ``python -m bench <scenario>``; ``make bench`` runs ``python -m bench all`` (see bench/README.md).
 
 Layout: ``harness.py`` (pinned server and load-generator processes, CPU/RSS
-sampling, result files), ``loadgen.py`` (the picows load-generator process),
-``scenarios/`` (one module per scenario), ``baselines/`` (reference servers).
-Results land in ``results/<scenario>-<timestamp>.json`` (raw, with machine
-info) and ``results/<scenario>-latest.md`` (the table); process logs of the
-latest run in ``results/tmp/bench/``.
+sampling, bottleneck attribution), ``loadgen.py`` + ``roles/`` (the load-generator
+processes), ``servers.py`` (our server, its variants and the baselines),
+``scenarios/`` (one module per scenario), ``suite.py`` (what the scenarios of the
+full suite share), ``latency.py`` (percentiles and histograms), ``report.py`` and
+``plots.py`` (markdown and PNGs from the JSON files), ``baselines/`` (reference
+servers), ``micro/`` (pytest-benchmark micro benchmarks). Results land in
+``results/<YYYYMMDD-HHMM>-<host>/`` and ``results/latest.md``; the core scenario
+keeps its own ``results/core-*.json`` and ``results/core-latest.md``.
 """

@@ -49,13 +49,29 @@ class BenchError(RuntimeError):
 
 
 def raise_nofile(wanted: int) -> int:
-    """Raise this process's open-file soft limit (inherited by children) toward ``wanted``; return it."""
+    """Raise this process's open-file limit (inherited by children) toward ``wanted``; return the soft limit.
+
+    The hard limit is raised too where that is allowed (root), because the idle
+    connection figures need more descriptors than a default hard limit of 20,000
+    on the load-generator side (several servers' connections in one process).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            cap = min(wanted, _nr_open())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, cap), cap))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def _nr_open() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    return 1 << 20
 
 
 def reset_logs() -> Path:
@@ -381,7 +397,7 @@ def bottleneck(
     return " and ".join(found)
 
 
-def _core_times() -> list[tuple[float, float, float]]:
+def core_times() -> list[tuple[float, float, float]]:
     """Per core: (total, busy, steal) seconds since boot."""
     out = []
     for t in psutil.cpu_times(percpu=True):
@@ -404,7 +420,7 @@ class Meter:
         self._perf: SyscallCounter | None = SyscallCounter(server.popen.pid) if count_syscalls else None  # type: ignore[union-attr]
 
     def start(self) -> None:
-        self._c0 = _core_times()
+        self._c0 = core_times()
         if self._perf is not None:
             self._perf.start()
         self._s0 = self.server.cpu_times()
@@ -417,7 +433,7 @@ class Meter:
         s = user + system
         lg = self.loadgens.cpu_seconds() - self._l0
         syscalls = self._perf.stop() if self._perf is not None else {}
-        c1 = _core_times()
+        c1 = core_times()
         busy, steal = [], []
         for (t0, b0, st0), (t1, b1, st1) in zip(self._c0, c1, strict=False):
             span = max(t1 - t0, 1e-9)

@@ -18,13 +18,20 @@ Control channel: JSON lines. The harness writes commands to stdin
 - ``echo``: ``connections`` connections each doing echo round trips, one in
   flight, for ``duration`` seconds after ``go``; ``mode`` is ``protocol``
   (``{"type":"echo"}`` on ``/ws``) or ``raw`` (verbatim payload on ``/echo``).
+
+More roles (open-loop latency, multi-room fan-out, idle connections to several
+servers, connect rate, the reconnection storm on ``client/``) live in
+``bench/roles/``; ``role()`` finds them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -262,15 +269,21 @@ async def connect_many(
     n: int,
     concurrency: int,
     after: Callable[[Base], None] | None = None,
+    **options: Any,
 ) -> list[Base]:
-    """Open ``n`` connections, ``concurrency`` handshakes at a time; each is ready when its listener says so."""
+    """Open ``n`` connections, ``concurrency`` handshakes at a time; each is ready when its listener says so.
+
+    ``options`` go to ``picows.ws_connect`` (a small ``read_buffer_init_size`` keeps
+    tens of thousands of idle client connections cheap).
+    """
     sem = asyncio.Semaphore(concurrency)
+    options.setdefault("socket_factory", spread_sources())
 
     async def one() -> Base:
         async with sem:
             for attempt in range(5):
                 try:
-                    _, listener = await ws_connect(factory, url, websocket_handshake_timeout=30)
+                    _, listener = await ws_connect(factory, url, websocket_handshake_timeout=30, **options)
                     break
                 except OSError:
                     if attempt == 4:
@@ -283,6 +296,36 @@ async def connect_many(
             return listener
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+_sockets_made = 0
+
+
+def spread_sources(per_address: int = 1000) -> Callable[[Any], socket.socket]:
+    """A picows socket factory binding each client socket to its own loopback source address.
+
+    With one source address, every connect() searches the shared ephemeral port
+    range for a free 4-tuple, which becomes quadratic past a few tens of
+    thousands of sockets (two minutes of kernel time for 120,000 connections).
+    All of 127.0.0.0/8 is loopback, so ``per_address`` sockets per 127.a.b.1
+    keeps every search short. picows connects the returned socket itself.
+    """
+    a = 20 + os.getpid() % 200
+
+    def factory(_url: Any) -> socket.socket:
+        global _sockets_made
+        b = (_sockets_made // per_address) % 250
+        _sockets_made += 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((f"127.{a}.{b}.1", 0))
+        sock.setblocking(False)
+        return sock
+
+    return factory
+
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def disconnect_all(listeners: list[Base]) -> None:
@@ -400,11 +443,20 @@ async def echo(cfg: dict[str, Any], control: Control) -> None:
 ROLES = {"fanout": fanout, "idle": idle, "echo": echo}
 
 
+def role(name: str) -> Callable[[dict[str, Any], Control], Any]:
+    """The original roles above, or one of ``bench.roles`` (imported lazily: they import this module)."""
+    if name in ROLES:
+        return ROLES[name]
+    from bench.roles import ROLES as EXTRA
+
+    return EXTRA[name]
+
+
 async def main(cfg: dict[str, Any]) -> None:
     control = Control()
     await control.open()
     try:
-        await ROLES[cfg["role"]](cfg, control)
+        await role(cfg["role"])(cfg, control)
     except SystemExit:
         raise
     except BaseException as exc:
@@ -413,6 +465,10 @@ async def main(cfg: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    # A cyclic-GC pass over tens of thousands of listener objects stalls the event loop for
+    # milliseconds, which open-loop phases would report as the server's latency. Deliveries
+    # create no reference cycles, so a bounded run needs no cycle collector.
+    gc.disable()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

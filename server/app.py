@@ -139,6 +139,7 @@ class Node:
             use_aiofastnet=s.aiofastnet and _HAS_AIOFASTNET,
             # Workers each bind the port; the kernel spreads new connections over them.
             reuse_port=s.workers > 1,
+            backlog=s.backlog,
         )
         self.registry.start()
         if self.http is not None:

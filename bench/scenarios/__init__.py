@@ -10,7 +10,7 @@ import argparse
 from types import ModuleType
 from typing import Protocol
 
-from bench.scenarios import core
+from bench.scenarios import connect, core, echo, everything, fanout, heartbeat, render, storm
 
 
 class Scenario(Protocol):
@@ -22,4 +22,6 @@ class Scenario(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (core,)}
+SCENARIOS: dict[str, ModuleType] = {
+    m.NAME: m for m in (everything, fanout, echo, heartbeat, storm, connect, core, render)
+}

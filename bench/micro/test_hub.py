@@ -1,0 +1,65 @@
+"""Hub fan-out to N in-memory sinks: one publish decoded, delivered and flushed to N subscribers.
+
+Driven sans-I/O exactly as tests/test_hub.py does (a fake ``Peer`` and a
+``schedule`` that queues the flush), so the figure is the hub's own cost per
+publish: decode, seq and history, one frame build, N queue appends, N flush
+calls. ``extra_info["ns_per_delivery"]`` divides it by N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from server.broker.memory import MemoryBroker
+from server.hub import Hub, Session
+from server.protocol import Encoding
+
+
+class Sink:
+    """The cheapest possible peer: takes the queued frames and drops them, as a socket write would."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def flush(self, session: Session) -> None:
+        self.frames += len(session.out)
+        session.out.clear()
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+def make_room(n: int) -> tuple[Hub, Session, list[Callable[[], None]], list[Sink]]:
+    scheduled: list[Callable[[], None]] = []
+    hub = Hub(MemoryBroker(300), node_id="b", schedule=scheduled.append, rate_limit=0)
+    sinks = [Sink() for _ in range(n + 1)]
+    sessions = [hub.open(s, Encoding.JSON) for s in sinks]
+    join = msgspec.json.encode({"type": "join", "room": "bench"})
+    for s in sessions:
+        hub.receive(s, join, 0x1)
+    while scheduled:
+        scheduled.pop()()
+    return hub, sessions[0], scheduled, sinks[1:]
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000, 10000])
+def test_hub_fanout(benchmark: Any, n: int) -> None:
+    hub, publisher, scheduled, sinks = make_room(n)
+    publish = msgspec.json.encode({"type": "publish", "room": "bench", "payload": {"text": "x" * 88}})
+
+    def one() -> None:
+        hub.receive(publisher, publish, 0x1)
+        while scheduled:
+            scheduled.pop()()
+
+    benchmark(one)
+    rounds = sinks[0].frames
+    assert rounds > 0 and all(s.frames == rounds for s in sinks), "every subscriber got every publication"
+    benchmark.extra_info["subscribers"] = n
+    benchmark.extra_info["ns_per_delivery"] = benchmark.stats.stats.mean / n * 1e9

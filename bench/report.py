@@ -1,0 +1,657 @@
+"""``report.md`` and the plots of one run folder, rebuilt from its JSON files (``python -m bench report DIR``).
+
+Every figure of ours is given as a ratio to each baseline measured in the same
+run: ratio = our figure ÷ the baseline's. For CPU, latency, memory and time
+lower is better, so a ratio below 1 means "better than the baseline"; for rates
+(deliveries/s, handshakes/s) a ratio above 1 is better. Every figure also says
+which side was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.latency import fmt_us
+from bench.plots import PLOTS
+from bench.results import markdown_table
+from bench.servers import ALL, BASELINES
+from bench.suite import LAG_LIMIT_US, cores
+
+ORDER = ("fanout", "echo", "heartbeat", "storm", "connect")
+
+
+def _label(key: str) -> str:
+    v = ALL.get(key)
+    return v.label if v else key
+
+
+def ratio_text(value: float | None, base: dict[str, float | None]) -> str:
+    """'naive 0.18× · websockets 0.07×' for every baseline with a figure."""
+    parts = []
+    for key in BASELINES:
+        b = base.get(key)
+        if key in base and value is not None and b:
+            r = value / b
+            parts.append(f"{_label(key)} {r:.2f}×" if r < 10 else f"{_label(key)} {r:.0f}×")
+    return " · ".join(parts) if parts else "—"
+
+
+def _baselines(
+    rows: list[dict[str, Any]], match: Callable[[dict[str, Any]], bool], metric: str, own: str | None = None
+) -> dict[str, float | None]:
+    """The baselines' figures for the same measurement (a baseline's own row is not compared with itself)."""
+    return {
+        r["variant"]: _get(r, metric)
+        for r in rows
+        if r["variant"] in BASELINES and r["variant"] != own and match(r)
+    }
+
+
+def _get(r: dict[str, Any], metric: str) -> Any:
+    v: Any = r
+    for part in metric.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
+def _num(v: float | None, fmt: str = "{:,.0f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def fanout_section(doc: dict[str, Any]) -> list[str]:
+    rows = doc["data"]["rows"]
+    s = doc["settings"]
+    thr = [r for r in rows if r["phase"] == "throughput"]
+    lat = [r for r in rows if r["phase"] == "latency"]
+    out = [
+        "## Fan-out",
+        "",
+        f"One publisher, rooms of {', '.join(f'{x:,}' for x in s['sizes'])} subscribers (plain picows load generator), "
+        f"{s['payload_size']} B payloads. Throughput: closed loop, {s['inflight']} publishes in flight, up to "
+        f"{s['target_deliveries']:,} deliveries or {s['max_duration']:g} s per room. Server CPU per delivery = server "
+        "CPU time (user + system, whole process tree) over deliveries counted by the subscribers.",
+        "",
+        "![CPU per delivery vs room size](./fanout_cpu.png)",
+        "",
+        "### Throughput (closed loop)",
+        "",
+    ]
+    table = []
+    for r in thr:
+        same = lambda b, r=r: b["size"] == r["size"] and b["phase"] == "throughput"  # noqa: E731
+        table.append(
+            [
+                f"{r['size']:,}",
+                _label(r["variant"]),
+                _num(r["deliveries_per_s"]),
+                _num(r["server_us_per_delivery"], "{:.2f}"),
+                ratio_text(
+                    r["server_us_per_delivery"],
+                    _baselines(rows, same, "server_us_per_delivery", r["variant"]),
+                ),
+                ratio_text(r["deliveries_per_s"], _baselines(rows, same, "deliveries_per_s", r["variant"])),
+                cores(r["interval"]),
+                r["interval"]["bottleneck"],
+                _check(r),
+            ]
+        )
+    out += markdown_table(
+        [
+            "room",
+            "server",
+            "deliveries/s",
+            "server µs/delivery",
+            "µs/delivery ÷ baseline",
+            "deliveries/s ÷ baseline",
+            "cores: ours (+others)",
+            "bottleneck",
+            "check",
+        ],
+        table,
+    )
+    out += [
+        "",
+        "### Latency at a fixed offered load (open loop)",
+        "",
+        f"Offered {s['latency_load']:,} deliveries/s per room (publish rate = load ÷ room size, at most "
+        f"{s['max_publish_rate']:,}/s) for {s['latency_duration']:g} s. Latency = delivery arrival − the publish's "
+        "*intended* send time, so nothing is hidden by a sender that fell behind (no coordinated omission). "
+        "On loopback the server's kernel also does the receiving side's TCP work for each write, so the last "
+        "subscriber of a big room waits for the writes to all the others: that spread is most of the latency "
+        "of large rooms, for every server.",
+        "",
+        "![fan-out latency percentiles](./fanout_latency.png)",
+        "",
+    ]
+    table = []
+    for r in lat:
+        same = lambda b, r=r: b["size"] == r["size"] and b["phase"] == "latency"  # noqa: E731
+        L = r["latency"]
+        table.append(
+            [
+                f"{r['size']:,}",
+                _label(r["variant"]),
+                _num(r["offered_deliveries_per_s"]),
+                fmt_us(L.get("p50")),
+                fmt_us(L.get("p90")),
+                fmt_us(L.get("p99")),
+                fmt_us(L.get("p99_9")),
+                fmt_us(L.get("max")),
+                ratio_text(L.get("p99"), _baselines(rows, same, "latency.p99", r["variant"])),
+                _num(r["server_us_per_delivery"], "{:.2f}"),
+                ratio_text(
+                    r["server_us_per_delivery"],
+                    _baselines(rows, same, "server_us_per_delivery", r["variant"]),
+                ),
+                r["interval"]["bottleneck"],
+                _check(r),
+            ]
+        )
+    out += markdown_table(
+        [
+            "room",
+            "server",
+            "offered del/s",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "max",
+            "p99 ÷ baseline",
+            "CPU µs/del at this load",
+            "CPU ÷ baseline",
+            "bottleneck",
+            "check",
+        ],
+        table,
+    )
+    return out + _variant_tradeoffs(rows) + [""]
+
+
+def _variant_tradeoffs(rows: list[dict[str, Any]]) -> list[str]:
+    """--cork-ms and --no-aiofastnet against the default server, as ratios."""
+    out = []
+    for key in ("wsfan-cork1", "wsfan-noafn"):
+        if not any(r["variant"] == key for r in rows):
+            continue
+        cells = []
+        for r in (r for r in rows if r["variant"] == key):
+            ref = next(
+                (
+                    b
+                    for b in rows
+                    if b["variant"] == "wsfan" and b["size"] == r["size"] and b["phase"] == r["phase"]
+                ),
+                None,
+            )
+            if ref is None or not ref["server_us_per_delivery"] or not r["server_us_per_delivery"]:
+                continue
+            cpu = r["server_us_per_delivery"] / ref["server_us_per_delivery"]
+            text = f"{r['size']:,} {r['phase']}: CPU {cpu:.2f}×"
+            if r["phase"] == "latency" and ref["latency"].get("p99") and r["latency"].get("p99"):
+                text += f", p50 {r['latency']['p50'] / ref['latency']['p50']:.2f}×, p99 {r['latency']['p99'] / ref['latency']['p99']:.2f}×"
+            else:
+                text += f", rate {r['deliveries_per_s'] / ref['deliveries_per_s']:.2f}×"
+            cells.append(text)
+        if cells:
+            out += ["", f"**{_label(key)} ÷ wsfan (same run):** " + "; ".join(cells) + "."]
+    return out
+
+
+def _check(r: dict[str, Any]) -> str:
+    ok = r["count_ok"]
+    text = f"{'OK' if ok else 'FAIL'}: {r['deliveries']:,}/{r['expected_deliveries']:,}, {r['gaps']} gaps"
+    if r.get("server_exit_code") not in (0, None):
+        text += f", exit {r['server_exit_code']}"
+    return text
+
+
+def echo_section(doc: dict[str, Any]) -> list[str]:
+    rows = doc["data"]["rows"]
+    s = doc["settings"]
+    out = [
+        "## Echo round trip",
+        "",
+        f'{s["connections"]} connections, {s["payload_size"]} B payloads, `{{"type":"echo"}}` on `/ws`. Open loop at '
+        f"{', '.join(f'{x:,}' for x in s['rates'])} requests/s for {s['duration']:g} s each, latency from the intended "
+        f'send time; "max" = closed loop, one request in flight per connection, {s["max_duration"]:g} s, latency from '
+        f"the actual send. Open-loop bottleneck: the load generator if its p99 send lag exceeded "
+        f"{LAG_LIMIT_US / 1000:g} ms, the server if its core was ≥ 90 % busy or replies were missing.",
+        "",
+        "![echo latency percentiles](./echo_latency.png)",
+        "",
+    ]
+    table = []
+    for r in rows:
+        same = lambda b, r=r: b["load"] == r["load"]  # noqa: E731
+        L = r["latency"]
+        table.append(
+            [
+                r["load"],
+                _label(r["variant"]),
+                _num(r["achieved_rate"]),
+                fmt_us(L.get("p50")),
+                fmt_us(L.get("p90")),
+                fmt_us(L.get("p99")),
+                fmt_us(L.get("p99_9")),
+                fmt_us(L.get("max")),
+                ratio_text(L.get("p99"), _baselines(rows, same, "latency.p99", r["variant"])),
+                ratio_text(r["achieved_rate"], _baselines(rows, same, "achieved_rate", r["variant"]))
+                if r["load"] == "max"
+                else "",
+                _num(r["server_us_per_reply"], "{:.1f}"),
+                cores(r["interval"]),
+                r["interval"]["bottleneck"],
+                f"{r['received']:,}/{r['sent']:,} answered, {r['errors']} errors",
+            ]
+        )
+    out += markdown_table(
+        [
+            "load",
+            "server",
+            "replies/s",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "max",
+            "p99 ÷ baseline",
+            "rate ÷ baseline",
+            "server µs/reply",
+            "cores: ours (+others)",
+            "bottleneck",
+            "check",
+        ],
+        table,
+    )
+    return out + [""]
+
+
+def heartbeat_section(doc: dict[str, Any]) -> list[str]:
+    rows = doc["data"]["rows"]
+    s = doc["settings"]
+    out = [
+        "## Heartbeat overhead (idle connections)",
+        "",
+        f"All servers of one connection count run side by side on the server core, each with its own idle "
+        f"connections (plain picows clients that answer pings), measured over the same {s['window']:g} s window "
+        "(≥ the longest interval). CPU % = server CPU time ÷ window. wsfan pings a connection after a full interval "
+        "of silence (sweep every ¼ interval, at most 1 s), websockets every `ping_interval`. "
+        f"Baselines run up to {s['baseline_max_count']:,} connections; the largest count is what one process can "
+        f"hold here (open-file limit {doc['data'].get('max_connections', 0) + 500:,}).",
+        "",
+        "![heartbeat CPU vs connections](./heartbeat_cpu.png)",
+        "",
+    ]
+    table = []
+    for r in rows:
+        same = lambda b, r=r: b["connections"] == r["connections"] and b["heartbeat_ms"] == r["heartbeat_ms"]  # noqa: E731
+        hb = "off" if r["heartbeat_ms"] == 0 else f"{r['heartbeat_ms'] / 1000:g} s"
+        table.append(
+            [
+                f"{r['connections']:,}",
+                hb,
+                _label(r["variant"]),
+                f"{r['server_cpu_pct']:.2f}%",
+                ratio_text(
+                    r["server_cpu_pct"] or None, _baselines(rows, same, "server_cpu_pct", r["variant"])
+                ),
+                _num(r["pings_per_s"]),
+                _num(r["server_us_per_ping"], "{:.1f}"),
+                f"{r['bytes_per_connection'] / 1024:.2f}",
+                ratio_text(
+                    r["bytes_per_connection"], _baselines(rows, same, "bytes_per_connection", r["variant"])
+                ),
+                f"{(r['server_core_busy'] or 0) * 100:.0f}% ({r['servers_side_by_side']} servers)",
+                "server" if (r["server_core_busy"] or 0) >= 0.9 else "neither (idle)",
+                f"{r['open_at_end']:,}/{r['connections']:,} open",
+            ]
+        )
+    out += markdown_table(
+        [
+            "conns",
+            "heartbeat",
+            "server",
+            "CPU % of a core",
+            "CPU ÷ baseline",
+            "pings/s",
+            "µs/ping",
+            "KB/conn (RSS)",
+            "KB ÷ baseline",
+            "server core busy",
+            "bottleneck",
+            "check",
+        ],
+        table,
+    )
+    return out + [""]
+
+
+def label(r: dict[str, Any]) -> str:
+    jitter = "full jitter" if r["jitter"] else "no jitter"
+    return f"{r['event']}, {jitter}, admission {'on' if r['admission'] else 'off'}"
+
+
+def storm_section(doc: dict[str, Any]) -> list[str]:
+    results = doc["data"]["results"]
+    s = doc["settings"]
+    out = [
+        "## Reconnection storm",
+        "",
+        f"{s['clients']:,} clients of the project's asyncio client (`client/`: its real backoff, Retry-After and "
+        f"rejoin-with-since logic; base {s['backoff_base']:g} s, cap {s['backoff_cap']:g} s) in {s['rooms']} rooms; "
+        f"a publisher sends {s['publish_rate']:g} messages/s throughout. *restart*: SIGTERM (drain, close 1001), new "
+        "process on the same port, in-process history gone (the room is renumbered from 1). *drop*: the server's end "
+        "of every subscriber connection killed with `ss -K`, so each client gets a TCP reset (the publisher's "
+        "connection is spared); server and history stay. No jitter = the same client with plain exponential backoff. "
+        "Admission on "
+        f"= `--max-handshake-rate {s['handshake_rate']:g} --max-connections {s['max_connections_factor']:g}×N` "
+        "(503 + Retry-After). Times are from the disruption until a client was reconnected *and* its room rejoined; "
+        '"away" = messages published while a client was away, recovered from history or lost.',
+        "",
+        "![storm recovery](./storm_recovery.png)",
+        "",
+    ]
+    table = []
+
+    def t(x: float | None) -> str:
+        return "not reached" if x is None else f"{x:.2f} s"
+
+    for r in results:
+        c, m = r["crowd"], r["messages"]
+        table.append(
+            [
+                r["event"],
+                "full" if r["jitter"] else "none",
+                "on" if r["admission"] else "off",
+                t(c["t50_s"]),
+                t(c["t90_s"]),
+                t(c["t99_s"]),
+                t(c["t100_s"]),
+                f"{c['fraction_back']:.1%}",
+                f"{c['attempts_mean']:.1f} / {c['attempts_max']}",
+                f"{c['rejected_503']:,}",
+                f"{m['published_while_away']:,}",
+                f"{m['recovered']:,}",
+                f"{m['lost']:,}",
+                f"{r.get('tcp', {}).get('ListenOverflows', 0):,}",
+                f"{r['server_util']:.0%} / {r['loadgen_util']:.0%}",
+                r["bottleneck"],
+            ]
+        )
+    out += markdown_table(
+        [
+            "event",
+            "jitter",
+            "admission",
+            "50% back",
+            "90%",
+            "99%",
+            "100%",
+            "back by timeout",
+            "attempts mean/max",
+            "503s",
+            "away",
+            "recovered",
+            "lost",
+            "SYNs dropped (listen queue full)",
+            "CPU server / load gen",
+            "bottleneck",
+        ],
+        table,
+    )
+    late = [r for r in results if r["crowd"].get("late_detection")]
+    if late:
+        out += [
+            "",
+            "Late detection: "
+            + ", ".join(f"{r['crowd']['late_detection']} client(s) in *{label(r)}*" for r in late)
+            + " noticed the loss only when their own ping (client `ping_interval`, 20 s by default) found the "
+            "connection dead, although the kernel counted a reset for every connection (`EstabResets` under `tcp` "
+            "in storm.json); their event timelines are under `stragglers`. The client's heartbeat is what bounds "
+            "the 100 % column after a reset.",
+        ]
+    if any(r.get("tcp", {}).get("ListenOverflows") for r in results):
+        out += [
+            "",
+            "SYNs dropped: the kernel's count of connection attempts refused because the server's listen "
+            "queue was full (machine-wide `ListenOverflows`, so other processes' would count too). Each "
+            "such client's kernel retries its SYN after 1 s, which is the step near 1 s after the first "
+            "wave in the curves. The queue is the listen backlog: asyncio's default of 100 unless the "
+            "server asks for more.",
+        ]
+    restart = [r for r in results if r["event"] == "restart" and "server_down_s" in r]
+    if restart:
+        out += [
+            "",
+            "Restart downtime (SIGTERM until the new process accepted): "
+            + ", ".join(f"{r['server_back_after_s']:.2f} s" for r in restart)
+            + ". After a restart the room's numbering starts over; a client that rejoins is told so (a `Gap` with "
+            '`reset`) and gets what the new process\'s history holds; the "lost" column counts what it still missed. '
+            "After a drop, everything published while away is in the history it rejoins with `since`.",
+        ]
+    return out + [""]
+
+
+def connect_section(doc: dict[str, Any]) -> list[str]:
+    rows = doc["data"]["rows"]
+    s = doc["settings"]
+    out = [
+        "## Connect rate",
+        "",
+        f"{s['connections']:,} connections, {s['concurrency']} handshakes in flight; a connection counts when the "
+        "welcome arrived. Server CPU per connect includes the kernel's share of loopback TCP.",
+        "",
+    ]
+    table = []
+    for r in rows:
+        table.append(
+            [
+                _label(r["variant"]),
+                _num(r["handshakes_per_s"]),
+                ratio_text(
+                    r["handshakes_per_s"], _baselines(rows, lambda b: True, "handshakes_per_s", r["variant"])
+                ),
+                _num(r["server_us_per_connect"]),
+                ratio_text(
+                    r["server_us_per_connect"],
+                    _baselines(rows, lambda b: True, "server_us_per_connect", r["variant"]),
+                ),
+                cores(r["interval"]),
+                r["interval"]["bottleneck"],
+                f"{r['connected']:,}/{r['connections']:,}",
+            ]
+        )
+    out += markdown_table(
+        [
+            "server",
+            "handshakes/s",
+            "rate ÷ baseline",
+            "server µs/connect",
+            "CPU ÷ baseline",
+            "cores: ours (+others)",
+            "bottleneck",
+            "check",
+        ],
+        table,
+    )
+    return out + [""]
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "fanout": fanout_section,
+    "echo": echo_section,
+    "heartbeat": heartbeat_section,
+    "storm": storm_section,
+    "connect": connect_section,
+}
+
+
+# ---------------------------------------------------------------- headline
+
+
+def headline(docs: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """The few figures a README shows: ours, and each as a ratio to every baseline."""
+    lines: list[list[str]] = []
+
+    def add(what: str, value: str, ours: float | None, base: dict[str, float | None]) -> None:
+        lines.append([what, value, ratio_text(ours, base)])
+
+    if "fanout" in docs:
+        rows = docs["fanout"]["data"]["rows"]
+        size = 1000 if any(r["size"] == 1000 for r in rows) else max((r["size"] for r in rows), default=0)
+        for phase, metric, what, fmt in (
+            (
+                "throughput",
+                "server_us_per_delivery",
+                f"server CPU per delivery, room of {size:,}",
+                "{:.2f} µs",
+            ),
+            ("throughput", "deliveries_per_s", f"deliveries/s, room of {size:,} (closed loop)", "{:,.0f}"),
+            ("latency", "latency.p99", f"delivery latency p99, room of {size:,}, fixed load", None),
+        ):
+            ours = next(
+                (r for r in rows if r["variant"] == "wsfan" and r["size"] == size and r["phase"] == phase),
+                None,
+            )
+            if ours is None:
+                continue
+            v = _get(ours, metric)
+            same = lambda b, phase=phase: b["size"] == size and b["phase"] == phase  # noqa: E731
+            add(what, fmt.format(v) if fmt else fmt_us(v), v, _baselines(rows, same, metric))
+    if "echo" in docs:
+        rows = docs["echo"]["data"]["rows"]
+        loads = [r["load"] for r in rows if r["variant"] == "wsfan" and r["load"] != "max"]
+        load = loads[len(loads) // 2] if loads else None
+        ours = next((r for r in rows if r["variant"] == "wsfan" and r["load"] == load), None)
+        if ours is not None:
+            v = ours["latency"].get("p99")
+            add(
+                f"echo RTT p99 at {load}",
+                fmt_us(v),
+                v,
+                _baselines(rows, lambda b: b["load"] == load, "latency.p99"),
+            )
+    if "heartbeat" in docs:
+        rows = docs["heartbeat"]["data"]["rows"]
+        ours = [r for r in rows if r["variant"] == "wsfan" and r["heartbeat_ms"] == 30000]
+        ours = ours or [r for r in rows if r["variant"] == "wsfan"]
+        if ours:
+            r = max(
+                (
+                    x
+                    for x in ours
+                    if any(b["connections"] == x["connections"] and b["variant"] != "wsfan" for b in rows)
+                ),
+                key=lambda x: x["connections"],
+                default=ours[0],
+            )
+            same = lambda b: b["connections"] == r["connections"] and b["heartbeat_ms"] == r["heartbeat_ms"]  # noqa: E731
+            add(
+                f"memory per idle connection ({r['connections']:,} conns)",
+                f"{r['bytes_per_connection'] / 1024:.1f} KB",
+                r["bytes_per_connection"],
+                _baselines(rows, same, "bytes_per_connection"),
+            )
+    if "connect" in docs:
+        rows = docs["connect"]["data"]["rows"]
+        ours = next((r for r in rows if r["variant"] == "wsfan"), None)
+        if ours is not None:
+            add(
+                "handshakes/s",
+                f"{ours['handshakes_per_s']:,.0f}",
+                ours["handshakes_per_s"],
+                _baselines(rows, lambda b: True, "handshakes_per_s"),
+            )
+    if "storm" in docs:
+        for r in docs["storm"]["data"]["results"]:
+            if r["event"] == "restart" and r["jitter"] and not r["admission"]:
+                c, m = r["crowd"], r["messages"]
+                t = [("—" if c[k] is None else f"{c[k]:.1f} s") for k in ("t99_s", "t100_s")]
+                lines.append(
+                    [
+                        f"server restart, {c['clients']:,} clients: 99 % / 100 % reconnected and rejoined",
+                        f"{t[0]} / {t[1]}",
+                        f"client/ behaviour, no baseline; {m['lost']:,} of {m['published_while_away']:,} "
+                        "messages published meanwhile lost",
+                    ]
+                )
+    return lines
+
+
+# ---------------------------------------------------------------- folder
+
+
+def load_folder(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    machine = json.loads((folder / "machine.json").read_text()) if (folder / "machine.json").exists() else {}
+    docs = {}
+    for name in ORDER:
+        path = folder / f"{name}.json"
+        if path.exists():
+            docs[name] = json.loads(path.read_text())
+    return machine, docs
+
+
+def render_folder(folder: Path) -> Path:
+    """Write ``report.md`` and the PNGs for the JSON files in ``folder``; returns the markdown path."""
+    machine, docs = load_folder(folder)
+    for name, doc in docs.items():
+        for plot in PLOTS.get(name, ()):
+            plot(doc["data"], folder)
+    md = folder / "report.md"
+    md.write_text(markdown(machine, docs))
+    return md
+
+
+def markdown(machine: dict[str, Any], docs: dict[str, dict[str, Any]]) -> str:
+    quick = any(d.get("quick") for d in docs.values())
+    when = max((d["finished_at"] for d in docs.values()), default="?")
+    total = sum(d.get("seconds", 0) for d in docs.values())
+    out = [
+        f"# Benchmarks — {when}{' (quick mode: CI smoke test, figures indicative only)' if quick else ''}",
+        "",
+        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('logical_cpus', '?')} CPUs "
+        f"({machine.get('hypervisor') or '?'}), {machine.get('memory_total_mb', 0) // 1024} GiB, kernel "
+        f"{machine.get('kernel', '?')}; Python {machine.get('python', '?')}, "
+        + ", ".join(f"{k} {v}" for k, v in (machine.get("versions") or {}).items())
+        + f"; {machine.get('bun', '')}; git {str(machine.get('git_commit'))[:10]}"
+        + (" + uncommitted changes" if machine.get("git_dirty") else "")
+        + ".",
+        "Every server is pinned to CPU 0, every load generator to CPU 1 (`taskset`); CPU is utime + stime of the "
+        "whole process tree. " + f"Total run time {total / 60:.1f} min.",
+        "",
+        "Load average (1/5/15 min) before → after each scenario, to judge how quiet the machine was: "
+        + "; ".join(f"{n} {d['loadavg_before']} → {d['loadavg_after']}" for n, d in docs.items())
+        + ". A load near 1.0 with our own processes busy is expected; more means other work shared the cores, "
+        'which the "(+others)" core figures show per measurement.',
+        "",
+        "**How to read the ratios:** ratio = our figure ÷ the baseline's figure, both measured in this run. For CPU, "
+        "latency, memory and time, below 1 is better; for rates (deliveries/s, handshakes/s), above 1 is better. "
+        "Baselines: **naive picows** (one `send()` per subscriber, bench/baselines/naive_picows.py), **websockets lib** "
+        "(idiomatic `broadcast()` on the `websockets` library, bench/baselines/websockets_server.py), **Bun** "
+        "(`Bun.serve` with `ws.publish`, bench/baselines/bun_server.js). Bottleneck: the side whose core was ≥ 90 % "
+        'busy with our process; "(shared core)" when it was full only with other processes\' help.',
+        "",
+        "## Headline",
+        "",
+    ]
+    out += markdown_table(["figure", "wsfan", "÷ baseline (same run)"], headline(docs))
+    out.append("")
+    for name in ORDER:
+        if name in docs:
+            out += SECTIONS[name](docs[name])
+    notes = []
+    for name, doc in docs.items():
+        for key, why in (doc.get("skipped") or {}).items():
+            notes.append(f"- {name}: {_label(key)} skipped — {why}")
+        for f in doc["data"].get("failures", []):
+            notes.append(f"- {name}: CHECK FAILED — {f}")
+    if notes:
+        out += ["## Notes", "", *dict.fromkeys(notes), ""]
+    return "\n".join(out) + "\n"

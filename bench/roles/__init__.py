@@ -1,0 +1,30 @@
+"""Load-generator roles added for the full benchmark suite (``python -m bench.loadgen`` finds them by name).
+
+Which client each role uses, and why:
+
+| role | client | why |
+|---|---|---|
+| ``echo_lat`` | plain picows | up to 20,000+ requests/s: per-request futures would make the load generator the bottleneck |
+| ``fanout_lat`` | plain picows | up to a million deliveries/s received on one core |
+| ``idle_multi`` | plain picows | tens of thousands of idle connections; pings counted per server |
+| ``connect`` | plain picows | handshake rate: the cheapest possible client side |
+| ``storm`` | ``client/`` | the point is the client's real reconnect logic (backoff, jitter, Retry-After, rejoin with since) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench.roles.echo import echo_lat
+from bench.roles.fanout import fanout_lat
+from bench.roles.idle import connect, idle_multi
+from bench.roles.storm import storm
+
+ROLES: dict[str, Callable[..., Any]] = {
+    "echo_lat": echo_lat,
+    "fanout_lat": fanout_lat,
+    "idle_multi": idle_multi,
+    "connect": connect,
+    "storm": storm,
+}

@@ -1,0 +1,48 @@
+"""``python -m bench all``: every scenario of the suite into one run folder, then report.md, plots, latest.md.
+
+Order: fan-out, echo, heartbeat, reconnection storm, connect rate (the core
+scenario stays separate: ``make bench-core``). A full run takes about 15
+minutes on 2 cores; ``--quick`` is the CI-sized version (under a minute). A
+scenario that fails is recorded and the others still run; the exit code is 1
+when any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.report import render_folder
+from bench.scenarios import connect, echo, fanout, heartbeat, storm
+from bench.suite import add_common, context_from, copy_latest, csv_words, run_scenario, settings_from
+
+NAME = "all"
+HELP = (
+    "every scenario (fanout, echo, heartbeat, storm, connect) into one results folder, with report and plots"
+)
+PARTS = {m.NAME: m for m in (fanout, echo, heartbeat, storm, connect)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--only", type=csv_words, help=f"subset of {','.join(PARTS)}")
+    p.add_argument(
+        "--no-latest", action="store_true", help="do not write results/latest.md (full runs write it)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    ctx = context_from(args)
+    code = 0
+    for name, module in PARTS.items():
+        if args.only and name not in args.only:
+            continue
+        code |= run_scenario(
+            name, module.measure, settings_from(module.Settings, module.QUICK, args), args, ctx, render=False
+        )
+    md = render_folder(ctx.out)
+    print(f"report: {md} ({(time.monotonic() - started) / 60:.1f} min in all)")
+    if not args.quick and not args.no_latest and args.out is None:
+        print(f"latest: {copy_latest(ctx.out, md)}")
+    return code

@@ -1,0 +1,295 @@
+"""Fan-out: rooms of 10, 100, 1,000 and 10,000 subscribers; deliveries/s, server CPU per delivery, latency.
+
+One set of subscriber connections per server (subscriber ``g`` joins every room
+larger than ``g``) and one publisher. For each room size, two phases:
+
+- throughput (closed loop): ``--inflight`` publishes outstanding, a new one per
+  ack, until ``--target-deliveries`` deliveries or ``--max-duration`` seconds.
+  Server CPU per delivery = server CPU time (whole process tree) from the first
+  publish until every subscriber saw the last seq, over the deliveries counted
+  by the subscribers. The bottleneck column says which core was full.
+- latency (open loop): ``--latency-load`` deliveries/s offered (publish rate =
+  load / room size, at most ``--max-publish-rate``) for ``--latency-duration``
+  seconds; a delivery's latency is its arrival minus the publish's intended send
+  time. CPU per delivery is reported here too: at a fixed load it shows what
+  ``--cork-ms`` buys (fewer, larger writes) and what it costs (held output).
+
+Subscribers check every delivery's seq (no gap, none missing): deliveries must
+equal publishes × subscribers exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
+from bench.latency import load_samples, monotonic, summarize
+from bench.roles.pacing import clock
+from bench.suite import (
+    PER_PROCESS_CONNECTIONS,
+    Context,
+    add_common,
+    clean_samples,
+    closed_loop_bottleneck,
+    csv_ints,
+    csv_words,
+    interval_dict,
+    open_loop_bottleneck,
+    run_scenario,
+    settings_from,
+)
+
+NAME = "fanout"
+HELP = "fan-out to rooms of 10..10,000: deliveries/s, server CPU per delivery, delivery latency"
+
+
+@dataclass
+class Settings:
+    variants: tuple[str, ...] = ("wsfan", "wsfan-cork1", "wsfan-noafn", "naive", "websockets", "bun")
+    sizes: tuple[int, ...] = (10, 100, 1000, 10000)
+    inflight: int = 16
+    target_deliveries: int = 1_000_000
+    max_duration: float = 2.5
+    latency_load: int = 50_000
+    max_publish_rate: int = 5_000
+    latency_duration: float = 2.5
+    payload_size: int = 100
+    separate_publisher: bool = True
+
+
+QUICK: dict[str, Any] = {
+    "sizes": (10, 100),
+    "target_deliveries": 20_000,
+    "max_duration": 0.4,
+    "latency_load": 10_000,
+    "latency_duration": 0.4,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--variants", type=csv_words, help="servers, comma-separated (default: all six)")
+    p.add_argument("--sizes", type=csv_ints, help="room sizes (default 10,100,1000,10000)")
+    p.add_argument("--inflight", type=int, help="publishes outstanding in the throughput phase (default 16)")
+    p.add_argument(
+        "--target-deliveries", type=int, help="deliveries per throughput phase (default 1,000,000)"
+    )
+    p.add_argument(
+        "--max-duration", type=float, help="max seconds of publishing per throughput phase (default 2.5)"
+    )
+    p.add_argument(
+        "--latency-load", type=int, help="offered deliveries/s in the latency phase (default 50,000)"
+    )
+    p.add_argument("--latency-duration", type=float, help="seconds of the latency phase (default 2.5)")
+    p.add_argument(
+        "--separate-publisher",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="publisher in its own load-generator process (default on)",
+    )
+
+
+def room_of(size: int) -> str:
+    return f"fan-{size}"
+
+
+def _gens(ctx: Context, name: str, url: str, s: Settings) -> LoadGenGroup:
+    """Subscriber processes, plus the publisher in a process of its own when ``separate_publisher``.
+
+    A separate publisher keeps the open-loop schedule independent of delivery
+    processing: in one process, a publish due while a thousand deliveries are being
+    read waits for all of them, and that wait would count as latency.
+    """
+    total = max(s.sizes)
+    n = max(ctx.client_procs, -(-total // PER_PROCESS_CONNECTIONS))
+    shares = [total // n + (1 if i < total % n else 0) for i in range(n)]
+    firsts = [sum(shares[:i]) for i in range(n)]
+    if s.separate_publisher:
+        shares, firsts = [0, *shares], [0, *firsts]
+    return LoadGenGroup(
+        LoadGen(
+            f"{name}-fanout-{i}",
+            {
+                "role": "fanout_lat",
+                "name": f"{name}-{i}",
+                "url": url,
+                "subscribers": share,
+                "first_index": first,
+                "rooms": {room_of(size): size for size in s.sizes},
+                "publisher": i == 0,
+                "payload_size": s.payload_size,
+                "samples_dir": str(ctx.samples),
+            },
+            cpu=ctx.client_cpu,
+        )
+        for i, (share, first) in enumerate(zip(shares, firsts, strict=True))
+    )
+
+
+def _sum(dones: list[dict[str, Any]], key: str) -> int:
+    return sum(d[key] for d in dones)
+
+
+def _counts(dones: list[dict[str, Any]], pub: dict[str, Any], base: int, size: int) -> dict[str, Any]:
+    received, expected = _sum(dones, "received"), _sum(dones, "expected")
+    return {
+        "publishes": pub["publishes"],
+        "seq_range": [pub["first_seq"], pub["last_seq"]],
+        "deliveries": received,
+        "expected_deliveries": expected,
+        "gaps": _sum(dones, "gaps"),
+        "incomplete": _sum(dones, "incomplete"),
+        "disconnected": _sum(dones, "disconnected"),
+        "errors": _sum(dones, "errors") + pub["errors"],
+        "close_codes": sorted({c for d in dones for c in d["close_codes"]}),
+        "count_ok": (
+            received == expected == pub["publishes"] * size
+            and pub["first_seq"] == base + 1
+            and pub["last_seq"] - base == pub["publishes"]
+            and _sum(dones, "gaps") == 0
+            and pub["errors"] == 0
+        ),
+    }
+
+
+def measure_variant(ctx: Context, s: Settings, variant: Any) -> list[dict[str, Any]]:
+    server = ctx.servers.start(variant)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    rows: list[dict[str, Any]] = []
+    try:
+        with _gens(ctx, server.name, url, s) as gens:
+            gens.start()
+            t = time.monotonic()
+            gens.expect_all("ready", timeout=600)
+            connect_s = time.monotonic() - t
+            time.sleep(0.5)
+            meter = Meter(server, gens)
+            for size in s.sizes:
+                room, base = room_of(size), 0
+                # throughput: closed loop
+                limit = max(1, s.target_deliveries // size)
+                gens.broadcast(cmd="arm", room=room, base=base)
+                gens.expect_all("armed", timeout=30)
+                meter.start()
+                gens.gens[0].send(
+                    cmd="closed",
+                    room=room,
+                    base=base,
+                    inflight=s.inflight,
+                    limit=limit,
+                    duration=s.max_duration,
+                )
+                pub = gens.gens[0].expect("published", timeout=s.max_duration + 120)
+                gens.broadcast(cmd="expect", phase="thr", base=base, last_seq=pub["last_seq"], timeout=120)
+                dones = gens.expect_all("done", timeout=150)
+                iv = meter.stop()
+                thr = _counts(dones, pub, base, size)
+                rows.append(
+                    _row(ctx, variant.key, size, "throughput", thr, iv, None, closed_loop_bottleneck(iv, ctx))
+                )
+                base = pub["last_seq"]
+                # latency: open loop at a fixed offered load
+                rate = min(s.max_publish_rate, s.latency_load / size)
+                count = max(3, int(rate * s.latency_duration))
+                for _ in range(3):  # an "armed" later than t0 would count its delay as latency: arm again
+                    t0 = clock() + 0.1
+                    gens.broadcast(cmd="arm", room=room, base=base, t0=t0, rate=rate)
+                    gens.expect_all("armed", timeout=30)
+                    if clock() < t0 - 0.02:
+                        break
+                meter.start()
+                gens.gens[0].send(cmd="open", room=room, base=base, t0=t0, rate=rate, count=count)
+                pub = gens.gens[0].expect("published", timeout=s.latency_duration + 60)
+                gens.broadcast(cmd="expect", phase=f"lat{size}", base=base, last_seq=base + count, timeout=60)
+                dones = gens.expect_all("done", timeout=90)
+                iv = meter.stop()
+                lat = _counts(dones, pub, base, size)
+                paths = [d.get("samples") for d in dones]
+                lat["latency"] = summarize(load_samples(paths))
+                clean_samples(paths)
+                lat["offered_publish_rate"] = rate
+                lat["send_lag_p99_us"] = pub.get("send_lag", {}).get("p99_us")
+                missing = lat["expected_deliveries"] - lat["deliveries"]
+                bn = open_loop_bottleneck(iv, ctx, lat["send_lag_p99_us"], missing)
+                rows.append(_row(ctx, variant.key, size, "latency", lat, iv, rate * size, bn))
+    finally:
+        code = server.stop()
+    for r in rows:
+        r["server_exit_code"] = code
+        r["connect_seconds"] = connect_s if "connect_s" in locals() else None
+    return rows
+
+
+def _row(
+    ctx: Context,
+    key: str,
+    size: int,
+    phase: str,
+    counts: dict[str, Any],
+    iv: Any,
+    offered: float | None,
+    bottleneck: str,
+) -> dict[str, Any]:
+    n = counts["deliveries"]
+    return {
+        "variant": key,
+        "size": size,
+        "phase": phase,
+        **counts,
+        "offered_deliveries_per_s": offered,
+        "deliveries_per_s": n / iv.wall_s if iv.wall_s else None,
+        "server_us_per_delivery": iv.server_cpu_s / n * 1e6 if n else None,
+        "loadgen_us_per_delivery": iv.loadgen_cpu_s / n * 1e6 if n else None,
+        "interval": interval_dict(iv, ctx, bottleneck),
+    }
+
+
+def checks(rows: list[dict[str, Any]]) -> list[str]:
+    failures = []
+    for r in rows:
+        tag = f"fanout {r['variant']} size {r['size']} {r['phase']}"
+        if not r["count_ok"]:
+            failures.append(
+                f"{tag}: deliveries {r['deliveries']:,} / expected {r['expected_deliveries']:,} "
+                f"({r['publishes']} publishes × {r['size']}), {r['gaps']} gaps, {r['errors']} errors"
+            )
+        lat = r.get("latency")
+        if lat is not None:
+            if not monotonic(lat):
+                failures.append(f"{tag}: percentiles not monotonic")
+            if lat.get("count") != r["deliveries"]:
+                failures.append(f"{tag}: {lat.get('count')} latency samples for {r['deliveries']} deliveries")
+            if lat.get("negative"):
+                failures.append(f"{tag}: {lat['negative']} negative latencies")
+    return failures
+
+
+def measure(ctx: Context, s: Settings) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    for v in ctx.servers.available(s.variants):
+        try:
+            vr = measure_variant(ctx, s, v)
+        except BenchError as exc:
+            errors[v.key] = str(exc)[:2000]
+            print(f"   fanout {v.key}: FAILED {exc}", flush=True)
+            continue
+        rows += vr
+        for r in vr:
+            lat = r.get("latency") or {}
+            print(
+                f"   fanout {v.key:<11} {r['size']:>6} {r['phase']:<10} {r['deliveries_per_s'] or 0:>10,.0f} del/s "
+                f"{r['server_us_per_delivery'] or 0:>6.2f} µs/del"
+                + (f" p50 {lat.get('p50', 0):>7.0f} µs p99 {lat.get('p99', 0):>8.0f} µs" if lat else "")
+                + f"; {r['interval']['bottleneck']}; ok={r['count_ok']}",
+                flush=True,
+            )
+    failures = checks(rows) + [f"fanout {k}: {e}" for k, e in errors.items()]
+    return {"rows": rows, "errors": errors, "failures": failures}
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)

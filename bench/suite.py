@@ -1,0 +1,246 @@
+"""What every scenario of the full suite shares: options, the run folder, the JSON files, bottleneck words.
+
+A run writes into one folder, ``results/<YYYYMMDD-HHMM>-<host>/`` (``--quick`` runs
+into ``results/tmp/quick-<host>/``, which git ignores): ``machine.json`` and one
+``<scenario>.json`` per scenario (raw figures, settings, load averages), then
+``report.md`` and the PNG plots rebuilt from whatever JSON files the folder
+holds. A full ``all`` run also writes ``results/latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench.baselines.bun import ensure_bun
+from bench.harness import CLIENT_CPU, LOGS, SATURATED, SERVER_CPU, Interval, raise_nofile, reset_logs
+from bench.results import RESULTS, machine_info
+from bench.servers import Servers
+
+# Open-loop phases: a load generator whose sends left more than this late (p99) could not keep its schedule.
+LAG_LIMIT_US = 1000.0
+# A process holds at most this many sockets: the machine's hard open-file limit is 20,000 and cannot be raised.
+PER_PROCESS_CONNECTIONS = 19_000
+
+
+@dataclass
+class Context:
+    out: Path
+    quick: bool
+    servers: Servers
+    server_cpu: int
+    client_cpu: int
+    client_procs: int
+    samples: Path
+    nofile: int
+
+    @property
+    def cpus(self) -> tuple[int | None, int | None]:
+        return (
+            self.server_cpu if self.server_cpu >= 0 else None,
+            self.client_cpu if self.client_cpu >= 0 else None,
+        )
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quick", action="store_true", help="CI-sized run (seconds, not minutes); figures indicative only"
+    )
+    p.add_argument(
+        "--out", type=Path, help="run folder (default results/<YYYYMMDD-HHMM>-<host>/, quick: results/tmp/)"
+    )
+    p.add_argument(
+        "--client-procs", type=int, default=1, help="load-generator processes, all on the client core"
+    )
+    p.add_argument(
+        "--server-cpu", type=int, default=SERVER_CPU, help="core the servers are pinned to; -1 = unpinned"
+    )
+    p.add_argument(
+        "--client-cpu", type=int, default=CLIENT_CPU, help="core the load generators are pinned to"
+    )
+    p.add_argument(
+        "--bun",
+        choices=("auto", "install", "off"),
+        default="auto",
+        help="Bun baseline: auto = install with npm on full runs, use only if already installed on quick runs",
+    )
+
+
+def default_out(quick: bool) -> Path:
+    host = socket.gethostname().split(".")[0] or "host"
+    if quick:
+        return RESULTS / "tmp" / f"quick-{host}"
+    return RESULTS / f"{dt.datetime.now():%Y%m%d-%H%M}-{host}"
+
+
+def context_from(args: argparse.Namespace, connections_hint: int = 20_000) -> Context:
+    out = (args.out or default_out(args.quick)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    install = args.bun == "install" or (args.bun == "auto" and not args.quick)
+    bun, note = (None, "Bun turned off (--bun off)") if args.bun == "off" else ensure_bun(install)
+    reset_logs()
+    samples = LOGS / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    ctx = Context(
+        out=out,
+        quick=args.quick,
+        servers=Servers(cpu=args.server_cpu, bun=bun, bun_note=note),
+        server_cpu=args.server_cpu,
+        client_cpu=args.client_cpu,
+        client_procs=max(1, args.client_procs),
+        samples=samples,
+        nofile=raise_nofile(connections_hint + 1000),
+    )
+    machine = machine_info()
+    machine["bun"] = note
+    machine["nofile"] = ctx.nofile
+    (out / "machine.json").write_text(json.dumps(machine, indent=2, default=str) + "\n")
+    return ctx
+
+
+S = TypeVar("S")
+
+
+def settings_from(cls: type[S], quick: dict[str, Any], args: argparse.Namespace) -> S:
+    """Defaults, then the quick overrides, then any option given explicitly on the command line."""
+    s = cls()
+    if args.quick:
+        for k, v in quick.items():
+            setattr(s, k, v)
+    for f in fields(cls):  # type: ignore[arg-type]
+        v = getattr(args, f.name, None)
+        if v is not None:
+            setattr(s, f.name, type(getattr(s, f.name))(v) if isinstance(getattr(s, f.name), tuple) else v)
+    return s
+
+
+def csv_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def csv_words(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def save(
+    ctx: Context, name: str, settings: Any, data: dict[str, Any], started: float, load0: list[float]
+) -> Path:
+    payload = {
+        "scenario": name,
+        "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
+        "quick": ctx.quick,
+        "loadavg_before": load0,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "settings": asdict(settings),
+        "skipped": dict(ctx.servers.skipped),
+        "client_procs": ctx.client_procs,
+        "cpus": {"server": ctx.server_cpu, "client": ctx.client_cpu},
+        "data": data,
+    }
+    path = ctx.out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return path
+
+
+def run_scenario(
+    name: str,
+    measure: Callable[[Context, Any], dict[str, Any]],
+    settings: Any,
+    args: argparse.Namespace,
+    ctx: Context | None = None,
+    render: bool = True,
+) -> int:
+    """Measure one scenario into the run folder and rebuild the folder's report; 0 when every check passed."""
+    from bench.report import render_folder
+
+    ctx = ctx or context_from(args)
+    load0 = [round(x, 2) for x in os.getloadavg()]
+    started = time.monotonic()
+    print(f"== {name} ({'quick' if ctx.quick else 'full'}) -> {ctx.out}", flush=True)
+    data = measure(ctx, settings)
+    path = save(ctx, name, settings, data, started, load0)
+    print(f"   wrote {path} ({time.monotonic() - started:.0f} s)", flush=True)
+    if render:
+        md = render_folder(ctx.out)
+        print(f"   report: {md}", flush=True)
+    failures = data.get("failures", [])
+    for f in failures:
+        print(f"   CHECK FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def clean_samples(paths: list[str | None]) -> None:
+    for p in paths:
+        if p:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+
+def copy_latest(folder: Path, md: Path) -> Path:
+    """``results/latest.md``: the folder's report with image links made relative to ``results/``."""
+    rel = os.path.relpath(folder, RESULTS)
+    text = md.read_text().replace("](./", f"]({rel}/")
+    latest = RESULTS / "latest.md"
+    latest.write_text(text)
+    return latest
+
+
+# ---------------------------------------------------------------- bottleneck words
+
+
+def closed_loop_bottleneck(iv: Interval, ctx: Context) -> str:
+    """A closed loop runs as fast as the slower side: whichever core was full is the bottleneck."""
+    return iv.bottleneck(*ctx.cpus)
+
+
+def open_loop_bottleneck(iv: Interval, ctx: Context, lag_p99_us: float | None, missing: int) -> str:
+    """Open loop: the load generator spins to pace, so its CPU says nothing; its schedule lag does.
+
+    Both sides can be named: a server that fell behind, and a load generator whose
+    sends left late (its lag is part of every latency measured from the intended time).
+    """
+    found = []
+    server_other = iv.other_load(ctx.cpus[0], iv.server_util)
+    if iv.server_util >= SATURATED:
+        found.append("server")
+    elif missing:
+        found.append("server (replies missing)")
+    elif server_other is not None and iv.server_util + server_other >= SATURATED:
+        found.append("server (shared core)")
+    if lag_p99_us is not None and lag_p99_us > LAG_LIMIT_US:
+        found.append(f"load generator (sent late: p99 lag {lag_p99_us / 1000:.1f} ms)")
+    return " and ".join(found) or "neither (below capacity)"
+
+
+def cores(iv: dict[str, Any]) -> str:
+    """'server 45% (+3%) · load gen 80% (+1%)': ours, and (+) other processes on the same core."""
+
+    def pct(x: float | None) -> str:
+        return "?" if x is None else f"{x * 100:.0f}%"
+
+    return (
+        f"server {pct(iv['server_util'])} (+{pct(iv.get('other_load_server_core'))}) · "
+        f"load gen {pct(iv['loadgen_util'])} (+{pct(iv.get('other_load_client_core'))})"
+    )
+
+
+def interval_dict(iv: Interval, ctx: Context, bottleneck: str) -> dict[str, Any]:
+    d = iv.to_dict(*ctx.cpus)
+    d["bottleneck"] = bottleneck
+    return d
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

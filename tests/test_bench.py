@@ -1,0 +1,190 @@
+"""``make bench-quick`` in CI form: every scenario runs, writes its files, and its numbers add up.
+
+One quick run of the whole suite (``python -m bench all --quick``) into a temporary
+folder, shared by the tests below; each test checks one property of what it wrote.
+The figures themselves are not judged (a CI machine is noisy); their internal
+consistency is: deliveries = publishes × subscribers with no seq gap, percentiles
+in order, fractions between 0 and 1, every plot a real PNG. Bun is left out here
+(``--bun off``) to keep the run short and offline; ``test_bun_baseline_speaks_the_protocol``
+covers it where a full run installed it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect")
+PLOTS = (
+    "fanout_cpu.png",
+    "fanout_latency.png",
+    "echo_latency.png",
+    "heartbeat_cpu.png",
+    "storm_recovery.png",
+)
+PERCENTILES = ("p50", "p90", "p99", "p99_9", "max")
+BUDGET_S = 60.0
+
+
+def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-quick")
+    started = time.monotonic()
+    proc = _bench("all", "--quick", "--bun", "off", "--out", str(out), timeout=170)
+    seconds = time.monotonic() - started
+    docs = {n: json.loads((out / f"{n}.json").read_text()) for n in SCENARIOS if (out / f"{n}.json").exists()}
+    return {"out": out, "proc": proc, "seconds": seconds, "docs": docs}
+
+
+def _rows(run: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    doc = run["docs"][name]["data"]
+    return doc.get("rows") or doc.get("results") or []
+
+
+@pytest.mark.timeout(180)
+def test_quick_run_passes_its_own_checks_within_a_minute(run):
+    proc = run["proc"]
+    assert proc.returncode == 0, f"bench all --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert run["seconds"] < BUDGET_S, f"quick run took {run['seconds']:.0f} s (budget {BUDGET_S:.0f} s)"
+
+
+def test_every_scenario_wrote_its_json_report_and_plots(run):
+    out = run["out"]
+    assert set(run["docs"]) == set(SCENARIOS)
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["cpu_model"] and machine["logical_cpus"] and machine["versions"]["picows"]
+    for name, doc in run["docs"].items():
+        assert doc["quick"] is True and doc["loadavg_before"] and doc["settings"], name
+        assert not doc["data"]["errors"], f"{name}: {doc['data']['errors']}"
+        assert not doc["data"]["failures"], f"{name}: {doc['data']['failures']}"
+    for png in PLOTS:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    report = (out / "report.md").read_text()
+    for heading in (
+        "## Headline",
+        "## Fan-out",
+        "## Echo",
+        "## Heartbeat",
+        "## Reconnection storm",
+        "## Connect",
+    ):
+        assert heading in report
+    assert "naive picows" in report and "websockets lib" in report
+
+
+def test_fanout_deliveries_are_publishes_times_subscribers_without_gaps(run):
+    rows = _rows(run, "fanout")
+    variants = {r["variant"] for r in rows}
+    assert {"wsfan", "wsfan-cork1", "wsfan-noafn", "naive", "websockets"} <= variants
+    for r in rows:
+        tag = f"{r['variant']} {r['size']} {r['phase']}"
+        assert r["publishes"] > 0, tag
+        assert r["deliveries"] == r["expected_deliveries"] == r["publishes"] * r["size"], tag
+        assert r["gaps"] == 0 and r["errors"] == 0 and r["disconnected"] == 0, tag
+        assert r["seq_range"][1] - r["seq_range"][0] + 1 == r["publishes"], tag
+        assert r["server_us_per_delivery"] > 0 and r["deliveries_per_s"] > 0, tag
+        assert r["interval"]["bottleneck"], tag
+
+
+def _assert_latency(lat: dict[str, Any], count: int, tag: str) -> None:
+    assert lat["count"] == count, tag
+    values = [lat[p] for p in PERCENTILES]
+    assert values == sorted(values) and lat["min"] <= values[0], f"{tag}: {values}"
+    assert lat["negative"] == 0, tag
+    hist = lat["histogram"]
+    assert sum(hist["count"]) == count and hist["index"] == sorted(hist["index"]), tag
+
+
+def test_latency_percentiles_are_monotonic_and_histograms_hold_every_sample(run):
+    for r in _rows(run, "fanout"):
+        if r["phase"] == "latency":
+            _assert_latency(r["latency"], r["deliveries"], f"fanout {r['variant']} {r['size']}")
+    for r in _rows(run, "echo"):
+        assert r["received"] == r["sent"] > 0
+        _assert_latency(r["latency"], r["received"], f"echo {r['variant']} {r['load']}")
+
+
+def test_heartbeat_pings_only_when_on_and_every_connection_survives(run):
+    rows = _rows(run, "heartbeat")
+    assert {r["variant"] for r in rows} == {"wsfan", "websockets"}
+    for r in rows:
+        tag = f"{r['variant']} {r['heartbeat_ms']}"
+        assert r["open_at_end"] == r["connections"], tag
+        assert (r["pings"] > 0) == (r["heartbeat_ms"] > 0), tag
+        assert 0 <= r["server_cpu_pct"] <= 105, tag
+        assert 0 < r["bytes_per_connection"] < 1_000_000, tag
+
+
+def test_storm_fractions_times_and_message_accounting_add_up(run):
+    results = _rows(run, "storm")
+    assert {r["event"] for r in results} == {"restart", "drop"}
+    for r in results:
+        c, m = r["crowd"], r["messages"]
+        tag = f"{r['event']} jitter={r['jitter']} admission={r['admission']}"
+        assert 0.0 <= c["fraction_back"] <= 1.0 and c["fraction_back"] == 1.0, tag
+        times = [c["t50_s"], c["t90_s"], c["t99_s"], c["t100_s"]]
+        assert None not in times and times == sorted(times) and times[0] >= 0, tag
+        assert (
+            c["back_offsets_s"] == sorted(c["back_offsets_s"]) and len(c["back_offsets_s"]) == c["clients"]
+        ), tag
+        assert m["delivered"] + m["lost"] == m["expected_deliveries"], tag
+        assert 0 <= m["recovered"] <= m["published_while_away"] and m["duplicates"] == 0, tag
+        if r["admission"]:
+            assert c["rejected_503"] > 0, f"{tag}: admission control never refused anyone"
+    drop = next(r for r in results if r["event"] == "drop")
+    assert drop["messages"]["lost"] == 0, "a drop keeps history: everything missed is recovered"
+
+
+def test_connect_rate_counts_every_connection(run):
+    for r in _rows(run, "connect"):
+        assert (
+            r["connected"] == r["connections"]
+            and r["handshakes_per_s"] > 0
+            and r["server_us_per_connect"] > 0
+        )
+
+
+@pytest.mark.timeout(90)
+def test_bun_baseline_speaks_the_protocol(tmp_path):
+    """The Bun server under the same load generators (fan-out counts checked), where Bun is installed."""
+    from bench.baselines.bun import find_bun
+
+    if find_bun() is None:
+        pytest.skip("Bun not installed (a full `make bench` installs it with npm into ~/.cache/wsfan/bun)")
+    proc = _bench(
+        "fanout",
+        "--quick",
+        "--variants",
+        "bun",
+        "--sizes",
+        "10",
+        "--bun",
+        "auto",
+        "--out",
+        str(tmp_path),
+        timeout=80,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "fanout.json").read_text())["data"]["rows"]
+    assert rows and all(r["variant"] == "bun" and r["count_ok"] for r in rows)
