@@ -177,7 +177,9 @@ def test_cork_delay_batches_a_busy_connection_and_spares_a_quiet_one():
     assert later == []
     for s in (a, b):
         send(hub, s, {"type": "join", "id": "j", "room": "r"})
-    assert later and abs(later[0][0] - 0.002) < 1e-9, "a flush 0 ms after the last one waits for the cork delay"
+    assert later and abs(later[0][0] - 0.002) < 1e-9, (
+        "a flush 0 ms after the last one waits for the cork delay"
+    )
     later.pop()[1]()
     peers[1].writes.clear()
     now[0] += 0.0005
