@@ -155,6 +155,7 @@ class Hub:
         self._clock = clock
         self._last_flush = 0.0
         self._dirty: list[Session] = []
+        self._replies: list[Session] = []
         self._flush_pending = False
         self._ids = itertools.count(1)
         self._extra_types: tuple[type[Inbound], ...] = ()
@@ -489,7 +490,10 @@ class Hub:
         s.out.append(frame)
         if not s.scheduled:
             s.scheduled = True
-            self._dirty.append(s)
+            # Replies are written before fan-out: a publisher gets its ack (and sends its next
+            # publish) while the server is still writing to subscribers, so the next loop
+            # iteration finds more publishes to batch into each subscriber's write.
+            self._replies.append(s)
             if not self._flush_pending:
                 self._request_flush()
 
@@ -519,6 +523,13 @@ class Hub:
         self._flush_pending = False
         if self.cork_delay:
             self._last_flush = self._clock()
+        replies = self._replies
+        if replies:
+            self._replies = []
+            for s in replies:
+                s.scheduled = False
+                if not s.closed:
+                    s.peer.flush(s)
         dirty = self._dirty
         if dirty:
             self._dirty = []

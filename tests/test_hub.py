@@ -192,3 +192,31 @@ def test_cork_delay_batches_a_busy_connection_and_spares_a_quiet_one():
     now[0] += 1.0
     send(hub, a, {"type": "publish", "room": "r", "payload": "quiet"})
     assert soon and not later, "after a quiet second the flush is immediate again"
+
+
+def test_replies_are_written_before_fan_out():
+    """The publisher's ack leaves first, so it can send its next publish while subscribers are written."""
+    order: list[str] = []
+
+    class OrderedPeer(RecordingPeer):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def flush(self, session: Session) -> None:
+            order.append(self.name)
+            super().flush(session)
+
+    hub, scheduled = make_hub()
+    subs = [OrderedPeer(f"sub{i}") for i in range(3)]
+    pub_peer = OrderedPeer("publisher")
+    sessions = [hub.open(p, Encoding.JSON) for p in subs]
+    publisher = hub.open(pub_peer, Encoding.JSON)
+    for s in (*sessions, publisher):
+        send(hub, s, {"type": "join", "room": "r"})
+    run(scheduled)
+    order.clear()
+    send(hub, publisher, {"type": "publish", "id": "p1", "room": "r", "payload": 1})
+    run(scheduled)
+    assert order == ["publisher", "sub0", "sub1", "sub2"]
+    assert pub_peer.messages()[-1]["requestId"] == "p1"
