@@ -21,7 +21,7 @@ from bench.servers import ALL  # noqa: E402
 STYLE = {
     "wsfan": {"color": "#1f77b4", "marker": "o", "linestyle": "-"},
     "wsfan-cork1": {"color": "#17becf", "marker": "s", "linestyle": "-"},
-    "wsfan-noafn": {"color": "#9467bd", "marker": "D", "linestyle": "-"},
+    "wsfan-afn": {"color": "#9467bd", "marker": "D", "linestyle": "-"},
     "naive": {"color": "#ff7f0e", "marker": "v", "linestyle": "--"},
     "websockets": {"color": "#d62728", "marker": "^", "linestyle": "--"},
     "bun": {"color": "#2ca02c", "marker": "P", "linestyle": "--"},

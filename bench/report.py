@@ -175,9 +175,9 @@ def fanout_section(doc: dict[str, Any]) -> list[str]:
 
 
 def _variant_tradeoffs(rows: list[dict[str, Any]]) -> list[str]:
-    """--cork-ms and --no-aiofastnet against the default server, as ratios."""
+    """--cork-ms and --aiofastnet against the default server, as ratios."""
     out = []
-    for key in ("wsfan-cork1", "wsfan-noafn"):
+    for key in ("wsfan-cork1", "wsfan-afn"):
         if not any(r["variant"] == key for r in rows):
             continue
         cells = []

@@ -62,14 +62,14 @@ WSFAN = Variant("wsfan", "wsfan", "wsfan")
 CORK = Variant(
     "wsfan-cork1", "wsfan --cork-ms 1", "wsfan", ("--cork-ms", "1"), note="adaptive write batching, ≤ 1 ms"
 )
-NO_AIOFASTNET = Variant(
-    "wsfan-noafn", "wsfan --no-aiofastnet", "wsfan", ("--no-aiofastnet",), note="plain uvloop transports"
+AIOFASTNET = Variant(
+    "wsfan-afn", "wsfan --aiofastnet", "wsfan", ("--aiofastnet",), note="aiofastnet transports"
 )
 NAIVE = Variant("naive", "naive picows", "naive", baseline=True, note="one send() per subscriber")
 WEBSOCKETS = Variant("websockets", "websockets lib", "websockets", baseline=True, note="broadcast(), asyncio")
 BUN = Variant("bun", "Bun", "bun", baseline=True, note="Bun.serve, ws.publish")
 
-ALL: dict[str, Variant] = {v.key: v for v in (WSFAN, CORK, NO_AIOFASTNET, NAIVE, WEBSOCKETS, BUN)}
+ALL: dict[str, Variant] = {v.key: v for v in (WSFAN, CORK, AIOFASTNET, NAIVE, WEBSOCKETS, BUN)}
 BASELINES = tuple(v.key for v in ALL.values() if v.baseline)
 
 

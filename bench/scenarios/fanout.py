@@ -48,7 +48,7 @@ HELP = "fan-out to rooms of 10..10,000: deliveries/s, server CPU per delivery, d
 
 @dataclass
 class Settings:
-    variants: tuple[str, ...] = ("wsfan", "wsfan-cork1", "wsfan-noafn", "naive", "websockets", "bun")
+    variants: tuple[str, ...] = ("wsfan", "wsfan-cork1", "wsfan-afn", "naive", "websockets", "bun")
     sizes: tuple[int, ...] = (10, 100, 1000, 10000)
     inflight: int = 16
     target_deliveries: int = 1_000_000
