@@ -20,7 +20,7 @@ from bench.results import markdown_table
 from bench.servers import ALL, BASELINES
 from bench.suite import LAG_LIMIT_US, cores
 
-ORDER = ("fanout", "echo", "heartbeat", "storm", "connect")
+ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster")
 
 
 def _label(key: str) -> str:
@@ -484,12 +484,130 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or not b else f"{a / b:.2f}×"
+
+
+def _proc_us(r: dict[str, Any], name: str) -> str:
+    p = (r.get("processes") or {}).get(name)
+    return "—" if not p else _num(p["us_per_delivery"], "{:.2f}") + f" ({(p['util'] or 0) * 100:.0f}%)"
+
+
+def cluster_section(doc: dict[str, Any]) -> list[str]:
+    rows = doc["data"]["rows"]
+    s = doc["settings"]
+    out = [
+        "## Cluster: two nodes behind one Redis vs one node",
+        "",
+        f"Room of {', '.join(f'{x:,}' for x in s['sizes'])} subscribers, {s['payload_size']} B payloads. *cluster*: a "
+        "private `redis-server` (no persistence) and two wsfan nodes with `--broker redis://…`; the publisher on node "
+        "A, the subscribers split in half over A and B. *single*: one node, in-process broker, the same load "
+        "generators all on it. Same two phases as the fan-out scenario: closed-loop throughput "
+        f"({s['inflight']} publishes in flight, up to {s['target_deliveries']:,} deliveries or "
+        f"{s['max_duration']:g} s) and open-loop latency at {s['latency_load']:,} offered deliveries/s for "
+        f"{s['latency_duration']:g} s (latency from the intended send time).",
+        "",
+        "**Pinning (2 cores):** node A, node B *and* redis-server all on CPU 0, the three load-generator processes "
+        "on CPU 1. The cluster's server CPU is the sum of the three processes, sharing the one core the single "
+        'node has to itself, so "server" as bottleneck means CPU 0 (A + B + redis) was full. Per process: '
+        "µs of that process's CPU per delivery (a node over the deliveries to its own subscribers, redis over all "
+        "deliveries), and in brackets its share of a core. CPU figures come from 10 ms kernel ticks, so short "
+        "phases are coarse.",
+        "",
+    ]
+    table = []
+    for r in rows:
+        L = r.get("latency") or {}
+        table.append(
+            [
+                f"{r['size']:,}",
+                r["phase"],
+                r["variant"],
+                _num(r["offered_deliveries_per_s"]) if r["phase"] == "latency" else "max",
+                _num(r["deliveries_per_s"]),
+                _num(r["server_us_per_delivery"], "{:.2f}"),
+                _proc_us(r, "A"),
+                _proc_us(r, "B"),
+                _proc_us(r, "redis"),
+                fmt_us(L.get("p50")) if L else "",
+                fmt_us(L.get("p99")) if L else "",
+                cores(r["interval"]),
+                r["interval"]["bottleneck"],
+                _check(r),
+            ]
+        )
+    out += markdown_table(
+        [
+            "room",
+            "phase",
+            "mode",
+            "offered del/s",
+            "deliveries/s",
+            "server µs/del (all)",
+            "node A µs/del",
+            "node B µs/del",
+            "redis µs/del",
+            "p50",
+            "p99",
+            "cores: ours (+others)",
+            "bottleneck",
+            "check",
+        ],
+        table,
+    )
+    ratios = []
+    for c in (r for r in rows if r["variant"] == "cluster"):
+        one = next(
+            (
+                b
+                for b in rows
+                if b["variant"] == "single" and b["size"] == c["size"] and b["phase"] == c["phase"]
+            ),
+            None,
+        )
+        if one is None:
+            continue
+        lc, l1 = c.get("latency") or {}, one.get("latency") or {}
+        ratios.append(
+            [
+                f"{c['size']:,}",
+                c["phase"],
+                _ratio(c["deliveries_per_s"], one["deliveries_per_s"]),
+                _ratio(c["server_us_per_delivery"], one["server_us_per_delivery"]),
+                _ratio(lc.get("p50"), l1.get("p50")) if lc else "",
+                _ratio(lc.get("p99"), l1.get("p99")) if lc else "",
+                f"{c['interval']['bottleneck']} / {one['interval']['bottleneck']}",
+            ]
+        )
+    if ratios:
+        out += [
+            "",
+            "**Redis overhead, cluster ÷ single node (same run):** above 1 = the cluster costs more (CPU, latency) "
+            "or, for deliveries/s, delivers more. At a fixed offered load deliveries/s is the offered rate for both.",
+            "",
+        ]
+        out += markdown_table(
+            [
+                "room",
+                "phase",
+                "deliveries/s",
+                "server CPU per delivery (A+B+redis ÷ single)",
+                "p50",
+                "p99",
+                "bottleneck cluster / single",
+            ],
+            ratios,
+        )
+    return out + [""]
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "fanout": fanout_section,
     "echo": echo_section,
     "heartbeat": heartbeat_section,
     "storm": storm_section,
     "connect": connect_section,
+    "cluster": cluster_section,
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect")
+SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster")
 PLOTS = (
     "fanout_cpu.png",
     "fanout_latency.png",
@@ -90,6 +90,8 @@ def test_every_scenario_wrote_its_json_report_and_plots(run):
         "## Connect",
     ):
         assert heading in report
+    if _rows(run, "cluster"):
+        assert "## Cluster" in report and "Redis overhead, cluster ÷ single node" in report
     assert "naive picows" in report and "websockets lib" in report
 
 
@@ -166,6 +168,24 @@ def test_connect_rate_counts_every_connection(run):
             and r["handshakes_per_s"] > 0
             and r["server_us_per_connect"] > 0
         )
+
+
+def test_cluster_counts_every_delivery_across_two_nodes_and_splits_cpu_per_process(run):
+    """Publisher on node A, the room split over A and B through one redis-server, against one node."""
+    rows = _rows(run, "cluster")
+    if not rows:
+        pytest.skip(run["docs"]["cluster"]["data"].get("skipped") or "cluster scenario wrote no rows")
+    assert {r["variant"] for r in rows} == {"single", "cluster"}
+    for r in rows:
+        tag = f"cluster {r['variant']} {r['size']} {r['phase']}"
+        assert r["count_ok"] and r["gaps"] == 0 and r["errors"] == 0, tag
+        assert r["deliveries"] == r["publishes"] * r["size"] > 0, tag
+        expected = {"A", "B", "redis"} if r["variant"] == "cluster" else {"A"}
+        assert set(r["processes"]) == expected, tag
+        assert sum(p["deliveries"] for n, p in r["processes"].items() if n != "redis") == r["deliveries"], tag
+        assert all(code == 0 for code in r["exit_codes"].values()), f"{tag}: {r['exit_codes']}"
+        if r["phase"] == "latency":
+            _assert_latency(r["latency"], r["deliveries"], tag)
 
 
 @pytest.mark.timeout(90)

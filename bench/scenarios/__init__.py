@@ -10,7 +10,7 @@ import argparse
 from types import ModuleType
 from typing import Protocol
 
-from bench.scenarios import connect, core, echo, everything, fanout, heartbeat, render, storm
+from bench.scenarios import cluster, connect, core, echo, everything, fanout, heartbeat, render, storm
 
 
 class Scenario(Protocol):
@@ -23,5 +23,5 @@ class Scenario(Protocol):
 
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (everything, fanout, echo, heartbeat, storm, connect, core, render)
+    m.NAME: m for m in (everything, fanout, echo, heartbeat, storm, connect, cluster, core, render)
 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,60 +167,79 @@ def measure_variant(ctx: Context, s: Settings, variant: Any) -> list[dict[str, A
             gens.expect_all("ready", timeout=600)
             connect_s = time.monotonic() - t
             time.sleep(0.5)
-            meter = Meter(server, gens)
-            for size in s.sizes:
-                room, base = room_of(size), 0
-                # throughput: closed loop
-                limit = max(1, s.target_deliveries // size)
-                gens.broadcast(cmd="arm", room=room, base=base)
-                gens.expect_all("armed", timeout=30)
-                meter.start()
-                gens.gens[0].send(
-                    cmd="closed",
-                    room=room,
-                    base=base,
-                    inflight=s.inflight,
-                    limit=limit,
-                    duration=s.max_duration,
-                )
-                pub = gens.gens[0].expect("published", timeout=s.max_duration + 120)
-                gens.broadcast(cmd="expect", phase="thr", base=base, last_seq=pub["last_seq"], timeout=120)
-                dones = gens.expect_all("done", timeout=150)
-                iv = meter.stop()
-                thr = _counts(dones, pub, base, size)
-                rows.append(
-                    _row(ctx, variant.key, size, "throughput", thr, iv, None, closed_loop_bottleneck(iv, ctx))
-                )
-                base = pub["last_seq"]
-                # latency: open loop at a fixed offered load
-                rate = min(s.max_publish_rate, s.latency_load / size)
-                count = max(3, int(rate * s.latency_duration))
-                for _ in range(3):  # an "armed" later than t0 would count its delay as latency: arm again
-                    t0 = clock() + 0.1
-                    gens.broadcast(cmd="arm", room=room, base=base, t0=t0, rate=rate)
-                    gens.expect_all("armed", timeout=30)
-                    if clock() < t0 - 0.02:
-                        break
-                meter.start()
-                gens.gens[0].send(cmd="open", room=room, base=base, t0=t0, rate=rate, count=count)
-                pub = gens.gens[0].expect("published", timeout=s.latency_duration + 60)
-                gens.broadcast(cmd="expect", phase=f"lat{size}", base=base, last_seq=base + count, timeout=60)
-                dones = gens.expect_all("done", timeout=90)
-                iv = meter.stop()
-                lat = _counts(dones, pub, base, size)
-                paths = [d.get("samples") for d in dones]
-                lat["latency"] = summarize(load_samples(paths))
-                clean_samples(paths)
-                lat["offered_publish_rate"] = rate
-                lat["send_lag_p99_us"] = pub.get("send_lag", {}).get("p99_us")
-                missing = lat["expected_deliveries"] - lat["deliveries"]
-                bn = open_loop_bottleneck(iv, ctx, lat["send_lag_p99_us"], missing)
-                rows.append(_row(ctx, variant.key, size, "latency", lat, iv, rate * size, bn))
+            rows = measure_sizes(ctx, s, gens, Meter(server, gens), variant.key)
     finally:
         code = server.stop()
     for r in rows:
         r["server_exit_code"] = code
         r["connect_seconds"] = connect_s if "connect_s" in locals() else None
+    return rows
+
+
+def measure_sizes(
+    ctx: Context,
+    s: Any,
+    gens: LoadGenGroup,
+    meter: Meter,
+    key: str,
+    annotate: Callable[[dict[str, Any], Any, list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Both phases for every room size, on load generators already connected and ``ready``.
+
+    ``gens.gens[0]`` holds the publisher. ``annotate(row, interval, dones)`` may add
+    figures to each row (the cluster scenario's CPU per node).
+    """
+    rows: list[dict[str, Any]] = []
+    for size in s.sizes:
+        room, base = room_of(size), 0
+        # throughput: closed loop
+        limit = max(1, s.target_deliveries // size)
+        gens.broadcast(cmd="arm", room=room, base=base)
+        gens.expect_all("armed", timeout=30)
+        meter.start()
+        gens.gens[0].send(
+            cmd="closed",
+            room=room,
+            base=base,
+            inflight=s.inflight,
+            limit=limit,
+            duration=s.max_duration,
+        )
+        pub = gens.gens[0].expect("published", timeout=s.max_duration + 120)
+        gens.broadcast(cmd="expect", phase="thr", base=base, last_seq=pub["last_seq"], timeout=120)
+        dones = gens.expect_all("done", timeout=150)
+        iv = meter.stop()
+        thr = _counts(dones, pub, base, size)
+        rows.append(_row(ctx, key, size, "throughput", thr, iv, None, closed_loop_bottleneck(iv, ctx)))
+        if annotate is not None:
+            annotate(rows[-1], iv, dones)
+        base = pub["last_seq"]
+        # latency: open loop at a fixed offered load
+        rate = min(s.max_publish_rate, s.latency_load / size)
+        count = max(3, int(rate * s.latency_duration))
+        for _ in range(3):  # an "armed" later than t0 would count its delay as latency: arm again
+            t0 = clock() + 0.1
+            gens.broadcast(cmd="arm", room=room, base=base, t0=t0, rate=rate)
+            gens.expect_all("armed", timeout=30)
+            if clock() < t0 - 0.02:
+                break
+        meter.start()
+        gens.gens[0].send(cmd="open", room=room, base=base, t0=t0, rate=rate, count=count)
+        pub = gens.gens[0].expect("published", timeout=s.latency_duration + 60)
+        gens.broadcast(cmd="expect", phase=f"lat{size}", base=base, last_seq=base + count, timeout=60)
+        dones = gens.expect_all("done", timeout=90)
+        iv = meter.stop()
+        lat = _counts(dones, pub, base, size)
+        paths = [d.get("samples") for d in dones]
+        lat["latency"] = summarize(load_samples(paths))
+        clean_samples(paths)
+        lat["offered_publish_rate"] = rate
+        lat["send_lag_p99_us"] = pub.get("send_lag", {}).get("p99_us")
+        missing = lat["expected_deliveries"] - lat["deliveries"]
+        bn = open_loop_bottleneck(iv, ctx, lat["send_lag_p99_us"], missing)
+        rows.append(_row(ctx, key, size, "latency", lat, iv, rate * size, bn))
+        if annotate is not None:
+            annotate(rows[-1], iv, dones)
     return rows
 
 
