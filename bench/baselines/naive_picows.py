@@ -23,65 +23,15 @@ from typing import Any
 
 import msgspec
 import uvloop
-from msgspec import Raw, Struct, field
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
+
+from server.protocol import Ack, Delivery, Echo, EchoReply, Error, Join, Publish, Welcome
 
 TEXT = WSMsgType.TEXT
 
 
-class Inbound(Struct, tag_field="type", kw_only=True):
-    id: str | None = None
-
-
-class Join(Inbound, tag="join"):
-    room: str
-
-
-class Publish(Inbound, tag="publish"):
-    room: str
-    payload: Raw
-
-
-class Echo(Inbound, tag="echo"):
-    payload: Raw
-
-
-class Outbound(Struct, tag_field="type", omit_defaults=True):
-    pass
-
-
-class Welcome(Outbound, tag="welcome"):
-    conn: str
-    user: str
-    heartbeat: int
-    node: str
-
-
-class Delivery(Outbound, tag="message", kw_only=True):
-    room: str
-    seq: int
-    sender: str = field(name="from")
-    payload: Raw
-
-
-class Ack(Outbound, tag="ack", kw_only=True):
-    requestId: str | None = None  # noqa: N815 - wire name
-    success: bool
-    data: Any = None
-
-
-class Error(Outbound, tag="error", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    success: bool
-    code: str
-    message: str
-
-
-class EchoReply(Outbound, tag="echo", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    payload: Raw
-
-
+# The wire format is the project's own (server/protocol.py): the baseline differs in how it
+# fans out, not in how it encodes, so the comparison isolates corking and frame sharing.
 decoder = msgspec.json.Decoder(Join | Publish | Echo)
 encode = msgspec.json.Encoder().encode
 ids = itertools.count(1)
