@@ -20,13 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from client import Client, Message
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerProcess", "free_port", "hold_reconnects", "run", "take", "until"]
 
 
 def port_open(port: int) -> bool:
@@ -116,3 +115,25 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, interval: f
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+async def take(stream: Any, n: int, timeout: float) -> list[Message]:
+    """Up to ``n`` messages from ``stream``, fewer if it stays quiet ``timeout`` s: a failing test shows what came."""
+    got: list[Message] = []
+    try:
+        while len(got) < n:
+            got.append(await stream.get(timeout))
+    except TimeoutError:
+        pass
+    return got
+
+
+def hold_reconnects(client: Client, gate: asyncio.Event) -> None:
+    """``client``'s reconnect attempts wait for ``gate``: the test decides when it comes back."""
+    sleep = client.reconnector.sleep
+
+    async def held(delay: float) -> None:
+        await gate.wait()
+        await sleep(delay)
+
+    client.reconnector.sleep = held

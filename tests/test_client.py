@@ -19,7 +19,6 @@ import uvloop
 from client import (
     TRANSIENT_CODES,
     Backoff,
-    Client,
     ClientError,
     Connected,
     ConnectionClosed,
@@ -50,7 +49,7 @@ from client.codec import Codec, Request
 from client.inbox import Inbox, Router
 from client.reconnect import Reconnector
 from client.rooms import RoomTracker
-from client_fixtures import ServerProcess, free_port, run, until
+from client_fixtures import ServerProcess, free_port, hold_reconnects, run, take, until
 
 
 def msg(room: str, seq: int, payload: object = None) -> Message:
@@ -757,28 +756,6 @@ def test_client_answers_server_heartbeat_pings():
 
 
 # ---------------------------------------------------------------- rejoin: epochs and refusals
-
-
-async def take(stream: Any, n: int, timeout: float) -> list[Message]:
-    """Up to ``n`` messages from ``stream``, fewer if it stays quiet ``timeout`` s: a failing test shows what came."""
-    got: list[Message] = []
-    try:
-        while len(got) < n:
-            got.append(await stream.get(timeout))
-    except TimeoutError:
-        pass
-    return got
-
-
-def hold_reconnects(client: Client, gate: asyncio.Event) -> None:
-    """``client``'s reconnect attempts wait for ``gate``: the test decides when it comes back."""
-    sleep = client.reconnector.sleep
-
-    async def held(delay: float) -> None:
-        await gate.wait()
-        await sleep(delay)
-
-    client.reconnector.sleep = held
 
 
 async def until_accepted(

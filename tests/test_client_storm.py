@@ -28,14 +28,13 @@ from client import (
     Connected,
     Disconnected,
     Gap,
-    Message,
     Reconnecting,
     Recovered,
     RejoinFailed,
     Unavailable,
     connect,
 )
-from client_fixtures import ServerProcess, run, until
+from client_fixtures import ServerProcess, hold_reconnects, run, take, until
 
 STORM_CLIENTS = 100
 STORM_ROOMS = 10
@@ -273,28 +272,6 @@ def redis_server() -> Iterator[Any]:
     from redis_fixtures import running_redis
 
     yield from running_redis()
-
-
-async def take(stream: Any, n: int, timeout: float) -> list[Message]:
-    """Up to ``n`` messages from ``stream``, fewer if it stays quiet ``timeout`` s: a failing test shows what came."""
-    got: list[Message] = []
-    try:
-        while len(got) < n:
-            got.append(await stream.get(timeout))
-    except TimeoutError:
-        pass
-    return got
-
-
-def hold_reconnects(client: Client, gate: asyncio.Event) -> None:
-    """``client``'s reconnect attempts wait for ``gate``: the test decides when it comes back."""
-    sleep = client.reconnector.sleep
-
-    async def held(delay: float) -> None:
-        await gate.wait()
-        await sleep(delay)
-
-    client.reconnector.sleep = held
 
 
 async def publish_when_available(pub: Client, room: str, payload: Any, timeout: float = 10.0) -> int:

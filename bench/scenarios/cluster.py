@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.harness import BenchError, LoadGen, LoadGenGroup, Meter, ServerProcess, free_port
+from bench.scenarios.fanout import add_phase_arguments, measure_sizes, room_of
 from bench.scenarios.fanout import checks as fanout_checks
-from bench.scenarios.fanout import measure_sizes, room_of
 from bench.servers import WSFAN
 from bench.suite import Context, add_common, csv_ints, run_scenario, settings_from
 
@@ -66,17 +66,7 @@ QUICK: dict[str, Any] = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--sizes", type=csv_ints, help="room sizes (default 100,1000)")
-    p.add_argument("--inflight", type=int, help="publishes outstanding in the throughput phase (default 16)")
-    p.add_argument(
-        "--target-deliveries", type=int, help="deliveries per throughput phase (default 1,000,000)"
-    )
-    p.add_argument(
-        "--max-duration", type=float, help="max seconds of publishing per throughput phase (default 2.5)"
-    )
-    p.add_argument(
-        "--latency-load", type=int, help="offered deliveries/s in the latency phase (default 50,000)"
-    )
-    p.add_argument("--latency-duration", type=float, help="seconds of the latency phase (default 2.5)")
+    add_phase_arguments(p)
 
 
 def redis_binary() -> str | None:

@@ -70,10 +70,8 @@ QUICK: dict[str, Any] = {
 }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p)
-    p.add_argument("--variants", type=csv_words, help="servers, comma-separated (default: all six)")
-    p.add_argument("--sizes", type=csv_ints, help="room sizes (default 10,100,1000,10000)")
+def add_phase_arguments(p: argparse.ArgumentParser) -> None:
+    """The two phases' knobs, shared with the cluster scenario, which runs the same phases."""
     p.add_argument("--inflight", type=int, help="publishes outstanding in the throughput phase (default 16)")
     p.add_argument(
         "--target-deliveries", type=int, help="deliveries per throughput phase (default 1,000,000)"
@@ -85,6 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--latency-load", type=int, help="offered deliveries/s in the latency phase (default 50,000)"
     )
     p.add_argument("--latency-duration", type=float, help="seconds of the latency phase (default 2.5)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--variants", type=csv_words, help="servers, comma-separated (default: all six)")
+    p.add_argument("--sizes", type=csv_ints, help="room sizes (default 10,100,1000,10000)")
+    add_phase_arguments(p)
     p.add_argument(
         "--separate-publisher",
         action=argparse.BooleanOptionalAction,
