@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(PY) -m server --host 127.0.0.1 --port $(PORT) --demo $(ARGS)
+	$(PY) -m wsfan --host 127.0.0.1 --port $(PORT) --demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
@@ -46,22 +46,22 @@ conformance: install
 	$(PY) tests/conformance/run_autobahn.py --outdir results/conformance
 
 bench: install
-	$(PY) -m bench all $(ARGS)
+	$(PY) -m wsfan.bench all $(ARGS)
 
 bench-quick: install
-	$(PY) -m bench all --quick $(ARGS)
+	$(PY) -m wsfan.bench all --quick $(ARGS)
 
 bench-micro: install
 	$(PY) -m pytest bench/micro -q -p no:cacheprovider --benchmark-only --benchmark-storage=file://./results/micro --benchmark-autosave --benchmark-compare --benchmark-sort=name --benchmark-columns=min,median,mean,stddev,rounds $(ARGS)
 
 bench-core: install
-	$(PY) -m bench core $(ARGS)
+	$(PY) -m wsfan.bench core $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
 token: install
-	$(PY) -m server token $(ARGS)
+	$(PY) -m wsfan token $(ARGS)
 
 swarm: install
 	bash loadtest/swarm.sh $(ARGS)

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m bench <scenario>``; ``make bench`` runs ``python -m bench all`` (see bench/README.md).
+"""Benchmarks: ``python -m wsfan.bench <scenario>``; ``make bench`` runs ``python -m wsfan.bench all`` (see bench/README.md).
 
 Layout: ``harness.py`` (pinned server and load-generator processes, CPU/RSS
 sampling, bottleneck attribution), ``loadgen.py`` + ``roles/`` (the load-generator

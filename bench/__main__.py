@@ -1,4 +1,4 @@
-"""``python -m bench <scenario> [options]``: run a benchmark scenario, print its table, write ``results/``."""
+"""``python -m wsfan.bench <scenario> [options]``: run a benchmark scenario, print its table, write ``results/``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench.scenarios import SCENARIOS
+from wsfan.bench.scenarios import SCENARIOS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m wsfan.bench", description=__doc__)
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     for name, module in SCENARIOS.items():
         p = sub.add_parser(

@@ -1,7 +1,7 @@
 """Processes, CPU pinning and measurement shared by every benchmark scenario.
 
 A scenario starts one server process pinned to ``SERVER_CPU`` and one or more
-load-generator processes (``python -m bench.loadgen``) pinned to ``CLIENT_CPU``,
+load-generator processes (``python -m wsfan.bench.loadgen``) pinned to ``CLIENT_CPU``,
 talks to the load generators over a line-based JSON control channel
 (stdin/stdout), and brackets the measured phase with ``Meter``: wall time, CPU
 time (utime + stime) of the server's whole process tree and of the load
@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from bench.results import RESULTS, ROOT
+from wsfan.bench.results import RESULTS, ROOT
 
 SERVER_CPU = 0
 CLIENT_CPU = 1
@@ -205,7 +205,7 @@ class ServerProcess:
 
 
 class LoadGen:
-    """One ``python -m bench.loadgen`` process, driven by JSON lines on stdin, reporting JSON lines on stdout."""
+    """One ``python -m wsfan.bench.loadgen`` process, driven by JSON lines on stdin, reporting JSON lines on stdout."""
 
     def __init__(self, name: str, config: dict[str, Any], cpu: int | None = CLIENT_CPU) -> None:
         self.name = name
@@ -218,7 +218,7 @@ class LoadGen:
 
     def start(self) -> LoadGen:
         LOGS.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "bench.loadgen", json.dumps(self.config)]
+        argv = [sys.executable, "-m", "wsfan.bench.loadgen", json.dumps(self.config)]
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 pinned(argv, self.cpu),

@@ -1,4 +1,4 @@
-"""Load-generator process: ``python -m bench.loadgen '<json config>'``, driven by the harness.
+"""Load-generator process: ``python -m wsfan.bench.loadgen '<json config>'``, driven by the harness.
 
 Deliberately lean picows clients (not ``client/``): the load generator shares a
 core with nothing but itself and has to receive up to a thousand times the
@@ -447,7 +447,7 @@ def role(name: str) -> Callable[[dict[str, Any], Control], Any]:
     """The original roles above, or one of ``bench.roles`` (imported lazily: they import this module)."""
     if name in ROLES:
         return ROLES[name]
-    from bench.roles import ROLES as EXTRA
+    from wsfan.bench.roles import ROLES as EXTRA
 
     return EXTRA[name]
 

@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.latency import curve  # noqa: E402
-from bench.servers import ALL  # noqa: E402
+from wsfan.bench.latency import curve  # noqa: E402
+from wsfan.bench.servers import ALL  # noqa: E402
 
 STYLE = {
     "wsfan": {"color": "#1f77b4", "marker": "o", "linestyle": "-"},

@@ -1,4 +1,4 @@
-"""``report.md`` and the plots of one run folder, rebuilt from its JSON files (``python -m bench report DIR``).
+"""``report.md`` and the plots of one run folder, rebuilt from its JSON files (``python -m wsfan.bench report DIR``).
 
 Every figure of ours is given as a ratio to each baseline measured in the same
 run: ratio = our figure ÷ the baseline's. For CPU, latency, memory and time
@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.latency import fmt_us
-from bench.plots import PLOTS
-from bench.results import markdown_table
-from bench.servers import ALL, BASELINES
-from bench.suite import LAG_LIMIT_US, cores
+from wsfan.bench.latency import fmt_us
+from wsfan.bench.plots import PLOTS
+from wsfan.bench.results import markdown_table
+from wsfan.bench.servers import ALL, BASELINES
+from wsfan.bench.suite import LAG_LIMIT_US, cores
 
 ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster")
 

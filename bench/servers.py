@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.baselines.bun import SERVER_JS
-from bench.harness import SERVER_CPU, ServerProcess, free_port
+from wsfan.bench.baselines.bun import SERVER_JS
+from wsfan.bench.harness import SERVER_CPU, ServerProcess, free_port
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,14 @@ class Variant:
         """The command line; ``heartbeat_ms`` None keeps each server's own default, 0 turns heartbeats off."""
         if self.kind == "wsfan":
             # Rate limit off: the load generators publish thousands of messages per second by design.
-            argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)]
+            argv = [sys.executable, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(port)]
             argv += ["--rate-limit", "0", "--log-level", "warning", "--echo-endpoint"]
             if heartbeat_ms is not None:
                 argv += ["--heartbeat", str(heartbeat_ms)]
         elif self.kind == "naive":
-            argv = [sys.executable, "-m", "bench.baselines.naive_picows", "--port", str(port)]
+            argv = [sys.executable, "-m", "wsfan.bench.baselines.naive_picows", "--port", str(port)]
         elif self.kind == "websockets":
-            argv = [sys.executable, "-m", "bench.baselines.websockets_server", "--port", str(port)]
+            argv = [sys.executable, "-m", "wsfan.bench.baselines.websockets_server", "--port", str(port)]
             if heartbeat_ms is not None:
                 argv += ["--ping-interval", f"{heartbeat_ms / 1000:g}"]
         elif self.kind == "bun":

@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.baselines.bun import ensure_bun
-from bench.harness import CLIENT_CPU, LOGS, SATURATED, SERVER_CPU, Interval, raise_nofile, reset_logs
-from bench.results import RESULTS, machine_info
-from bench.servers import Servers
+from wsfan.bench.baselines.bun import ensure_bun
+from wsfan.bench.harness import CLIENT_CPU, LOGS, SATURATED, SERVER_CPU, Interval, raise_nofile, reset_logs
+from wsfan.bench.results import RESULTS, machine_info
+from wsfan.bench.servers import Servers
 
 # Open-loop phases: a load generator whose sends left more than this late (p99) could not keep its schedule.
 LAG_LIMIT_US = 1000.0
@@ -163,7 +163,7 @@ def run_scenario(
     render: bool = True,
 ) -> int:
     """Measure one scenario into the run folder and rebuild the folder's report; 0 when every check passed."""
-    from bench.report import render_folder
+    from wsfan.bench.report import render_folder
 
     ctx = ctx or context_from(args)
     load0 = [round(x, 2) for x in os.getloadavg()]

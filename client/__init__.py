@@ -1,6 +1,6 @@
 """Asyncio client for the wsfan pub/sub WebSocket server (PROTOCOL.md v1), on picows.
 
-    from client import connect
+    from wsfan.client import connect
 
     async with connect("ws://127.0.0.1:8080/ws", token, encoding="msgpack") as c:
         await c.join("news")
@@ -13,10 +13,10 @@ The same client serves tests, benchmarks (``on_message=``, ``publish_nowait``,
 backoff, rejoin with recovery, typed errors). See ``client.client.Client``.
 """
 
-from client.backoff import Backoff, parse_retry_after
-from client.client import Client, connect
-from client.codec import Message, RawMessage, Welcome
-from client.errors import (
+from wsfan.client.backoff import Backoff, parse_retry_after
+from wsfan.client.client import Client, connect
+from wsfan.client.codec import Message, RawMessage, Welcome
+from wsfan.client.errors import (
     TRANSIENT_CODES,
     ClientError,
     ConnectionClosed,
@@ -35,7 +35,7 @@ from client.errors import (
     UnknownType,
     error_for,
 )
-from client.events import (
+from wsfan.client.events import (
     Connected,
     Disconnected,
     Event,
@@ -46,8 +46,8 @@ from client.events import (
     RejoinFailed,
     ServerError,
 )
-from client.inbox import MessageStream
-from client.session import Stats
+from wsfan.client.inbox import MessageStream
+from wsfan.client.session import Stats
 
 __all__ = [
     "Backoff",

@@ -15,10 +15,10 @@ from typing import Any
 
 from msgspec import Raw
 
-from client.codec import Encoding, Request
-from client.errors import ClientError, NotConnected
-from client.inbox import MessageStream
-from client.session import DEFAULT, Session
+from wsfan.client.codec import Encoding, Request
+from wsfan.client.errors import ClientError, NotConnected
+from wsfan.client.inbox import MessageStream
+from wsfan.client.session import DEFAULT, Session
 
 
 class Client(Session):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client.codec import Welcome
+from wsfan.client.codec import Welcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,10 +26,10 @@ from typing import Any
 
 from picows import WSError
 
-from client.backoff import Backoff
-from client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
-from client.events import Disconnected, Event, Reconnecting
-from client.transport import Connection
+from wsfan.client.backoff import Backoff
+from wsfan.client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
+from wsfan.client.events import Disconnected, Event, Reconnecting
+from wsfan.client.transport import Connection
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from client.codec import Message
-from client.events import Gap, Recovered
+from wsfan.client.codec import Message
+from wsfan.client.events import Gap, Recovered
 
 
 class RoomState:

@@ -27,8 +27,8 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from client.backoff import Backoff
-from client.codec import (
+from wsfan.client.backoff import Backoff
+from wsfan.client.codec import (
     Ack,
     Codec,
     EchoReply,
@@ -40,7 +40,7 @@ from client.codec import (
     ServerMessage,
     Welcome,
 )
-from client.errors import (
+from wsfan.client.errors import (
     ConnectionClosed,
     NotConnected,
     ProtocolError,
@@ -48,11 +48,11 @@ from client.errors import (
     RequestTimeout,
     error_for,
 )
-from client.events import Connected, Event, Overflow, RejoinFailed, ServerError
-from client.inbox import Router
-from client.reconnect import Reconnector, TokenFn
-from client.rooms import RoomTracker
-from client.transport import Connection, open_connection
+from wsfan.client.events import Connected, Event, Overflow, RejoinFailed, ServerError
+from wsfan.client.inbox import Router
+from wsfan.client.reconnect import Reconnector, TokenFn
+from wsfan.client.rooms import RoomTracker
+from wsfan.client.transport import Connection, open_connection
 
 log = logging.getLogger(__name__)
 

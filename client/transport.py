@@ -29,9 +29,9 @@ from picows import (
     ws_connect,
 )
 
-from client.backoff import parse_retry_after
-from client.codec import MSGPACK_SUBPROTOCOL, Codec, Message, ServerMessage, Welcome
-from client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
+from wsfan.client.backoff import parse_retry_after
+from wsfan.client.codec import MSGPACK_SUBPROTOCOL, Codec, Message, ServerMessage, Welcome
+from wsfan.client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class _Listener(WSListener):
             shake = transport.close_handshake
             sent = shake.sent if shake is not None else None
             if sent is not None and int(sent.code) == WSCloseCode.GOING_AWAY.value:
-                reason = reason or "no pong from server (dead connection)"
+                reason = reason or "no pong from wsfan.server (dead connection)"
         if not self.closed.done():
             self.closed.set_result((code, reason))
         if not self.welcome.done():

@@ -12,10 +12,10 @@ import os
 import sys
 
 try:
-    import loadtest  # noqa: F401
+    import wsfan.loadtest  # noqa: F401
 except ImportError:  # not installed: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loadtest.users import ChatUser, EchoUser, IdleUser
+from wsfan.loadtest.users import ChatUser, EchoUser, IdleUser
 
 __all__ = ["ChatUser", "EchoUser", "IdleUser"]

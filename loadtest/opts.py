@@ -341,7 +341,7 @@ def _refresh(environment: Environment, **_kw: Any) -> None:
 
 
 def main() -> None:
-    """Print the load generator's options: ``python -m loadtest.opts``.
+    """Print the load generator's options: ``python -m wsfan.loadtest.opts``.
 
     Locust prints ``--help`` before it imports the locustfile, so options added
     by a locustfile never appear there; this is the place to read them.

@@ -32,7 +32,7 @@ from locust import events, stats
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from loadtest.opts import settings
+from wsfan.loadtest.opts import settings
 
 logger = logging.getLogger("loadtest")
 

@@ -36,9 +36,9 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import StatsEntry
 
-from loadtest.opts import settings
-from loadtest.report import COUNTERS, STORMS
-from loadtest.users import REQUEST_TYPE, drop_all
+from wsfan.loadtest.opts import settings
+from wsfan.loadtest.report import COUNTERS, STORMS
+from wsfan.loadtest.users import REQUEST_TYPE, drop_all
 
 logger = logging.getLogger("loadtest")
 

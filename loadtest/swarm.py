@@ -1,4 +1,4 @@
-"""Smoke-size load test against a throwaway local server: ``python -m loadtest.swarm`` (``make swarm``).
+"""Smoke-size load test against a throwaway local server: ``python -m wsfan.loadtest.swarm`` (``make swarm``).
 
 Why it exists: one command that proves the whole chain (server starts, users
 connect, join, publish, receive; reports are written) and leaves a report to
@@ -6,9 +6,9 @@ look at, without anyone having to pick ports or remember Locust flags. It is
 bounded in every way: a free port on 127.0.0.1, a few users, ``--run-time``,
 and timeouts around every wait. Arguments after ``--`` go to Locust verbatim.
 
-    python -m loadtest.swarm                       # 20 chat users, 15 s
-    python -m loadtest.swarm --users 50 --run-time 30s --scenario echo
-    python -m loadtest.swarm --server-arg=--rate-limit=0 -- --payload-size 512
+    python -m wsfan.loadtest.swarm                       # 20 chat users, 15 s
+    python -m wsfan.loadtest.swarm --users 50 --run-time 30s --scenario echo
+    python -m wsfan.loadtest.swarm --server-arg=--rate-limit=0 -- --payload-size 512
 
 Exit status: Locust's (non-zero if any request failed), or 3 if the server
 did not start or did not exit cleanly on SIGTERM.
@@ -69,7 +69,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         argv, extra = argv[:i], argv[i + 1 :]
     else:
         extra = []
-    p = argparse.ArgumentParser(prog="python -m loadtest.swarm", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m wsfan.loadtest.swarm", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--scenario", choices=SCENARIOS, default="chat", help="scenario file in loadtest/scenarios"
     )
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results_root) / f"{stamp}-swarm-{args.scenario}"
     out.mkdir(parents=True, exist_ok=True)
     server_log = open(out / "server.log", "wb")
-    server_cmd = [args.python, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args.server_arg]
+    server_cmd = [args.python, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(port), *args.server_arg]
     if args.scenario == "echo" and "--echo-endpoint" not in args.server_arg:
         server_cmd.append("--echo-endpoint")
     print("server:", " ".join(server_cmd), flush=True)

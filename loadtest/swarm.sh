@@ -5,4 +5,4 @@
 here=$(cd "$(dirname "$0")/.." && pwd)
 py="$here/.venv/bin/python"
 [ -x "$py" ] || py=python3
-cd "$here" && exec "$py" -m loadtest.swarm "$@"
+cd "$here" && exec "$py" -m wsfan.loadtest.swarm "$@"

@@ -43,10 +43,10 @@ from gevent.event import Event
 from locust import User, tag, task
 from locust.env import Environment
 
-from loadtest import wire
-from loadtest.opts import Settings, settings
-from loadtest.report import COUNTERS
-from loadtest.wsclient import (
+from wsfan.loadtest import wire
+from wsfan.loadtest.opts import Settings, settings
+from wsfan.loadtest.report import COUNTERS
+from wsfan.loadtest.wsclient import (
     ABNORMAL_CLOSE,
     OP_BINARY,
     OP_PING,

@@ -10,17 +10,17 @@ import signal
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
-from server.auth import Authenticator, AuthError, token_from_request
-from server.broker import Broker
-from server.broker.memory import MemoryBroker
-from server.config import Settings
-from server.demo import load_pages
-from server.http import HttpSide
-from server.hub import Hub, Session
-from server.metrics import CONTENT_TYPE, Metrics
-from server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
-from server.ratelimit import TokenBucket
-from server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
+from wsfan.server.auth import Authenticator, AuthError, token_from_request
+from wsfan.server.broker import Broker
+from wsfan.server.broker.memory import MemoryBroker
+from wsfan.server.config import Settings
+from wsfan.server.demo import load_pages
+from wsfan.server.http import HttpSide
+from wsfan.server.hub import Hub, Session
+from wsfan.server.metrics import CONTENT_TYPE, Metrics
+from wsfan.server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
+from wsfan.server.ratelimit import TokenBucket
+from wsfan.server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
 
 log = logging.getLogger("wsfan")
 
@@ -182,7 +182,7 @@ def _authorize(s: Session, action: str, room: str) -> bool:
 def make_broker(settings: Settings, node_id: str) -> Broker:
     """In-process unless a broker URL is given; the hub cannot tell the difference."""
     if settings.broker:
-        from server.broker.redis import RedisBroker
+        from wsfan.server.broker.redis import RedisBroker
 
         return RedisBroker(settings.broker, history_size=settings.history_size, node_id=node_id)
     return MemoryBroker(settings.history_size)

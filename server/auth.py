@@ -104,7 +104,7 @@ def make_token(secret: str, sub: str, ttl: float = 3600, rooms: Sequence[str] | 
 
 
 def token_main(argv: Sequence[str]) -> int:
-    """``python -m server token``: a token for tests and demos."""
+    """``python -m wsfan token``: a token for tests and demos."""
     p = argparse.ArgumentParser(prog="wsfan token", description="Print an HS256 JWT for this server.")
     p.add_argument("--sub", required=True, help="user id")
     p.add_argument(

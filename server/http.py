@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 import msgspec
 from aiohttp import web
 
-from server.auth import AuthError, Identity, token_from_request
-from server.broker import BrokerUnavailable, Publication
-from server.hub import Session
-from server.metrics import CONTENT_TYPE
-from server.protocol import ROOM_PATTERN, Encoding, RoomName
+from wsfan.server.auth import AuthError, Identity, token_from_request
+from wsfan.server.broker import BrokerUnavailable, Publication
+from wsfan.server.hub import Session
+from wsfan.server.metrics import CONTENT_TYPE
+from wsfan.server.protocol import ROOM_PATTERN, Encoding, RoomName
 
 if TYPE_CHECKING:
-    from server.app import Node
+    from wsfan.server.app import Node
 
 log = logging.getLogger("wsfan.http")
 

@@ -23,8 +23,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from server.broker import Broker, BrokerUnavailable, History, Publication
-from server.protocol import (
+from wsfan.server.broker import Broker, BrokerUnavailable, History, Publication
+from wsfan.server.protocol import (
     WIRE_ENCODINGS,
     Ack,
     Codec,
@@ -45,8 +45,8 @@ from server.protocol import (
     PublishData,
     Welcome,
 )
-from server.ratelimit import TokenBucket
-from server.stats import Stats
+from wsfan.server.ratelimit import TokenBucket
+from wsfan.server.stats import Stats
 
 log = logging.getLogger("wsfan.hub")
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from server.broker import Publication
+from wsfan.server.broker import Publication
 
 if TYPE_CHECKING:
-    from server.hub import Hub
+    from wsfan.server.hub import Hub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -18,9 +18,9 @@ from typing import Any
 from multidict import CIMultiDict
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
-from server.auth import Identity
-from server.hub import Hub, Session
-from server.protocol import CloseCode, Encoding
+from wsfan.server.auth import Identity
+from wsfan.server.hub import Hub, Session
+from wsfan.server.protocol import CloseCode, Encoding
 
 log = logging.getLogger("wsfan.transport")
 

@@ -32,7 +32,7 @@ from types import FrameType
 
 import msgspec
 
-from server.config import Settings
+from wsfan.server.config import Settings
 
 log = logging.getLogger("wsfan.workers")
 
@@ -162,7 +162,7 @@ def _worker_main(settings: Settings, supervisor_pid: int) -> None:
     _exit_with_parent(supervisor_pid)
     import uvloop
 
-    from server.app import serve
+    from wsfan.server.app import serve
 
     sys.exit(uvloop.run(serve(settings)))
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client import Client, Message
 from conftest import free_port
+from wsfan.client import Client, Message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def port_open(port: int) -> bool:
 
 
 class ServerProcess:
-    """``python -m server`` on 127.0.0.1:<port>; ``start()`` returns once the port accepts connections."""
+    """``python -m wsfan`` on 127.0.0.1:<port>; ``start()`` returns once the port accepts connections."""
 
     def __init__(self, *flags: str, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -50,7 +50,7 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, timeout: float = 15.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *self.flags]
+        cmd = [sys.executable, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(self.port), *self.flags]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not port_open(self.port):

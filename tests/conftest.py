@@ -40,7 +40,7 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | Non
 
 
 class ServerProcess:
-    """``python -m server`` as a child process, with its log kept for failing tests to show."""
+    """``python -m wsfan`` as a child process, with its log kept for failing tests to show."""
 
     def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
@@ -55,7 +55,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", *self.args],
+            [sys.executable, "-m", "wsfan", *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=self.log,

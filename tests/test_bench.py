@@ -1,6 +1,6 @@
 """``make bench-quick`` in CI form: every scenario runs, writes its files, and its numbers add up.
 
-One quick run of the whole suite (``python -m bench all --quick``) into a temporary
+One quick run of the whole suite (``python -m wsfan.bench all --quick``) into a temporary
 folder, shared by the tests below; each test checks one property of what it wrote.
 The figures themselves are not judged (a CI machine is noisy); their internal
 consistency is: deliveries = publishes × subscribers with no seq gap, percentiles
@@ -37,7 +37,7 @@ BUDGET_S = 60.0
 def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "bench", *args],
+        [sys.executable, "-m", "wsfan.bench", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -193,7 +193,7 @@ def test_cluster_counts_every_delivery_across_two_nodes_and_splits_cpu_per_proce
 @pytest.mark.timeout(90)
 def test_bun_baseline_speaks_the_protocol(tmp_path):
     """The Bun server under the same load generators (fan-out counts checked), where Bun is installed."""
-    from bench.baselines.bun import find_bun
+    from wsfan.bench.baselines.bun import find_bun
 
     if find_bun() is None:
         pytest.skip("Bun not installed (a full `make bench` installs it with npm into ~/.cache/wsfan/bun)")

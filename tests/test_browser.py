@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from client import connect
 from client_fixtures import ServerProcess, run
+from wsfan.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_DIR = ROOT / "tests" / "browser"

@@ -1,6 +1,6 @@
 """The reusable client (client/): unit rules first, then against a real server process.
 
-Server-backed tests start ``python -m server`` as a subprocess (tests/client_fixtures.py)
+Server-backed tests start ``python -m wsfan`` as a subprocess (tests/client_fixtures.py)
 because reconnection is only meaningful against a process that can really die,
 freeze (SIGSTOP) or come back on the same port with its history gone.
 """
@@ -16,7 +16,8 @@ import msgspec
 import pytest
 import uvloop
 
-from client import (
+from client_fixtures import ServerProcess, free_port, hold_reconnects, run, take, until
+from wsfan.client import (
     TRANSIENT_CODES,
     Backoff,
     ClientError,
@@ -45,11 +46,10 @@ from client import (
     error_for,
     parse_retry_after,
 )
-from client.codec import Codec, Request
-from client.inbox import Inbox, Router
-from client.reconnect import Reconnector
-from client.rooms import RoomTracker
-from client_fixtures import ServerProcess, free_port, hold_reconnects, run, take, until
+from wsfan.client.codec import Codec, Request
+from wsfan.client.inbox import Inbox, Router
+from wsfan.client.reconnect import Reconnector
+from wsfan.client.rooms import RoomTracker
 
 
 def msg(room: str, seq: int, payload: object = None) -> Message:

@@ -8,7 +8,7 @@
   exactly once and in order, or a gap event when history was too small to cover it.
   A single node cannot show this (nobody can publish while it is down), hence two nodes.
 
-Each server is a ``python -m server`` subprocess on 127.0.0.1 (tests/client_fixtures.py);
+Each server is a ``python -m wsfan`` subprocess on 127.0.0.1 (tests/client_fixtures.py);
 Redis is a ``redis-server`` on a free port (tests/redis_fixtures.py).
 """
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from client import (
+from client_fixtures import ServerProcess, hold_reconnects, run, take, until
+from wsfan.client import (
     Client,
     Connected,
     Disconnected,
@@ -34,7 +35,6 @@ from client import (
     Unavailable,
     connect,
 )
-from client_fixtures import ServerProcess, hold_reconnects, run, take, until
 
 STORM_CLIENTS = 100
 STORM_ROOMS = 10

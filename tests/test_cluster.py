@@ -1,6 +1,6 @@
 """The Cluster section of PROTOCOL.md against real nodes sharing a real redis-server.
 
-Every node is a ``python -m server --broker redis://...`` process; faults are real
+Every node is a ``python -m wsfan --broker redis://...`` process; faults are real
 too (``kill -9`` of a node, redis-server killed and restarted on its port). Tests
 that need Redis skip with an install hint where ``redis-server`` is missing.
 """
@@ -20,9 +20,9 @@ from typing import Any
 
 import psutil
 import pytest
-from redis_fixtures import RedisServer, running_redis, wait_until
 
 from conftest import ROOT, ServerProcess, free_port
+from redis_fixtures import RedisServer, running_redis, wait_until
 from wsclients import PicowsPeer, WebsocketsPeer
 
 NODE_FLAGS = ("--rate-limit", "0")
@@ -443,7 +443,7 @@ def test_systemd_unit_runs_the_production_config_and_stops_with_a_drain():
     unit.read(ROOT / "deploy" / "wsfan.service")
     service = unit["Service"]
     command = shlex.split(service["ExecStart"])
-    assert command[1:4] == ["-m", "server", "--config"] and command[4].endswith("production.toml")
+    assert command[1:4] == ["-m", "wsfan", "--config"] and command[4].endswith("production.toml")
     assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
     with open(ROOT / "deploy" / "production.toml", "rb") as f:
         config = tomllib.load(f)["server"]

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from conftest import ROOT, ServerProcess, free_port
-from server import config
+from wsfan.server import config
 
 
 def test_help_documents_every_setting_with_its_default():
     out = subprocess.run(
-        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "wsfan", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
     flat = " ".join(out.split())
     defaults = config.Settings()
@@ -47,7 +47,7 @@ def test_precedence_defaults_toml_env_cli(tmp_path):
 )
 def test_bad_settings_exit_with_a_clear_message(argv, message):
     r = subprocess.run(
-        [sys.executable, "-m", "server", *argv], cwd=ROOT, capture_output=True, text=True, timeout=20
+        [sys.executable, "-m", "wsfan", *argv], cwd=ROOT, capture_output=True, text=True, timeout=20
     )
     assert r.returncode == 2
     assert message in r.stderr
@@ -57,7 +57,7 @@ def test_unknown_toml_key_is_refused(tmp_path):
     toml = tmp_path / "bad.toml"
     toml.write_text("prot = 1\n")
     r = subprocess.run(
-        [sys.executable, "-m", "server", "--config", str(toml)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "wsfan", "--config", str(toml)], cwd=ROOT, capture_output=True, text=True
     )
     assert r.returncode == 2 and "prot" in r.stderr
 

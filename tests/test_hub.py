@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import msgspec
 
-from server.broker.memory import MemoryBroker
-from server.hub import Hub, Session
-from server.protocol import Encoding, Inbound
+from wsfan.server.broker.memory import MemoryBroker
+from wsfan.server.hub import Hub, Session
+from wsfan.server.protocol import Encoding, Inbound
 
 
 class RecordingPeer:

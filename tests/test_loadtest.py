@@ -35,14 +35,14 @@ def _free_port() -> int:
 
 
 class Server:
-    """``python -m server`` on a free port; the log is kept to explain failures."""
+    """``python -m wsfan`` on a free port; the log is kept to explain failures."""
 
     def __init__(self, tmp: Path, *args: str, port: int = 0) -> None:
         self.port = port or _free_port()
         self.log_path = tmp / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [PY, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [PY, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -284,7 +284,7 @@ def test_cpu_warning_is_surfaced_in_the_report(server: Server, tmp_path: Path) -
     lf = tmp_path / "cpu_locustfile.py"
     lf.write_text(
         "from locust import events\n"
-        "from loadtest.users import EchoUser\n"
+        "from wsfan.loadtest.users import EchoUser\n"
         "@events.test_start.add_listener\n"
         "def _saturated(environment, **_kw):\n"
         "    environment.events.cpu_warning.fire(environment=environment, cpu_usage=97.0)\n"
@@ -370,7 +370,7 @@ def test_master_and_worker(server: Server, tmp_path: Path) -> None:
 
 def test_swarm_script(tmp_path: Path) -> None:
     done = subprocess.run(
-        [PY, "-m", "loadtest.swarm", "--users", "4", "--run-time", "3s", "--results-root", str(tmp_path)],
+        [PY, "-m", "wsfan.loadtest.swarm", "--users", "4", "--run-time", "3s", "--results-root", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -391,7 +391,7 @@ def test_swarm_script(tmp_path: Path) -> None:
 def test_settings_rooms_publishers_backoff_and_token() -> None:
     code = r"""
 import random, jwt
-from loadtest.opts import Settings
+from wsfan.loadtest.opts import Settings
 s = Settings(rooms=3, rooms_per_user=2, room_prefix="r", publisher_ratio=0.25)
 assert s.rooms_for(0) == ["r-0", "r-1"] and s.rooms_for(4) == ["r-1", "r-2"]
 assert sum(s.is_publisher(i) for i in range(100)) == 25
@@ -415,8 +415,10 @@ print("ok")
 
 
 def test_options_are_listed() -> None:
-    """``locust --help`` cannot show locustfile options, so ``python -m loadtest.opts`` does."""
-    done = subprocess.run([PY, "-m", "loadtest.opts"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    """``locust --help`` cannot show locustfile options, so ``python -m wsfan.loadtest.opts`` does."""
+    done = subprocess.run(
+        [PY, "-m", "wsfan.loadtest.opts"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     for opt in (
         "--rooms",
@@ -431,7 +433,7 @@ def test_options_are_listed() -> None:
 
 def test_wsclient_masks_and_frames() -> None:
     code = r"""
-from loadtest import wsclient as w
+from wsfan.loadtest import wsclient as w
 key = b"\x01\x02\x03\x04"
 data = bytes(range(256)) * 3 + b"xyz"
 assert w._mask(key, w._mask(key, data)) == data

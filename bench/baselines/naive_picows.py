@@ -1,6 +1,6 @@
 """A naive pub/sub server on picows: the baseline the corked fan-out is measured against.
 
-``python -m bench.baselines.naive_picows --port PORT``
+``python -m wsfan.bench.baselines.naive_picows --port PORT``
 
 Same wire protocol subset as the real server (``welcome``; ``join``, ``publish``
 with ack; deliveries ``{"type":"message","room","seq","from","payload"}`` to
@@ -25,7 +25,7 @@ import msgspec
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from server.protocol import Ack, Delivery, Echo, EchoReply, Error, Join, Publish, Welcome
+from wsfan.server.protocol import Ack, Delivery, Echo, EchoReply, Error, Join, Publish, Welcome
 
 TEXT = WSMsgType.TEXT
 

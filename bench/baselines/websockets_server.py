@@ -1,6 +1,6 @@
 """The plain-Python baseline: the same protocol subset on the ``websockets`` library, written idiomatically.
 
-``python -m bench.baselines.websockets_server --port PORT [--ping-interval S] [--uvloop]``
+``python -m wsfan.bench.baselines.websockets_server --port PORT [--ping-interval S] [--uvloop]``
 
 What a competent developer would write with the most popular Python WebSocket
 library, following its documentation: an ``async for`` loop per connection, the

@@ -12,8 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from server.broker.publication import Publication
-from server.protocol import CODECS, Encoding, Join, Publish, build_frame
+from wsfan.server.broker.publication import Publication
+from wsfan.server.protocol import CODECS, Encoding, Join, Publish, build_frame
 
 PAYLOAD = {"text": "x" * 88}  # 100 bytes as JSON, the load generators' payload size
 PUBLISH = {"type": "publish", "id": "17", "room": "bench", "payload": PAYLOAD}

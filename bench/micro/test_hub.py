@@ -14,9 +14,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from server.broker.memory import MemoryBroker
-from server.hub import Hub, Session
-from server.protocol import Encoding
+from wsfan.server.broker.memory import MemoryBroker
+from wsfan.server.hub import Hub, Session
+from wsfan.server.protocol import Encoding
 
 
 class Sink:

@@ -1,4 +1,4 @@
-"""Load-generator roles added for the full benchmark suite (``python -m bench.loadgen`` finds them by name).
+"""Load-generator roles added for the full benchmark suite (``python -m wsfan.bench.loadgen`` finds them by name).
 
 Which client each role uses, and why:
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench.roles.echo import echo_lat
-from bench.roles.fanout import fanout_lat
-from bench.roles.idle import connect, idle_multi
-from bench.roles.storm import storm
+from wsfan.bench.roles.echo import echo_lat
+from wsfan.bench.roles.fanout import fanout_lat
+from wsfan.bench.roles.idle import connect, idle_multi
+from wsfan.bench.roles.storm import storm
 
 ROLES: dict[str, Callable[..., Any]] = {
     "echo_lat": echo_lat,

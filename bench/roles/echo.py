@@ -23,8 +23,8 @@ from typing import Any
 import msgspec
 from picows import WSFrame, WSTransport
 
-from bench.loadgen import CLOSE, TEXT, Base, Control, connect_many, disconnect_all, emit, payload_of
-from bench.roles.pacing import Pacer, clock, save_samples, summary_fields
+from wsfan.bench.loadgen import CLOSE, TEXT, Base, Control, connect_many, disconnect_all, emit, payload_of
+from wsfan.bench.roles.pacing import Pacer, clock, save_samples, summary_fields
 
 
 class EchoHead(msgspec.Struct):

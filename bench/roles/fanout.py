@@ -33,7 +33,7 @@ from typing import Any
 
 from picows import WSFrame, WSTransport
 
-from bench.loadgen import (
+from wsfan.bench.loadgen import (
     CLOSE,
     HEAD,
     TEXT,
@@ -44,7 +44,7 @@ from bench.loadgen import (
     emit,
     payload_of,
 )
-from bench.roles.pacing import Pacer, clock, save_samples, summary_fields
+from wsfan.bench.roles.pacing import Pacer, clock, save_samples, summary_fields
 
 
 class Recording:

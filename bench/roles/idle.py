@@ -23,8 +23,8 @@ from typing import Any
 
 from picows import WSFrame, WSMsgType, WSTransport
 
-from bench.loadgen import CLOSE, Base, Control, connect_many, disconnect_all, emit
-from bench.roles.pacing import clock
+from wsfan.bench.loadgen import CLOSE, Base, Control, connect_many, disconnect_all, emit
+from wsfan.bench.roles.pacing import clock
 
 PING = WSMsgType.PING
 

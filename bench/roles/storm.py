@@ -35,9 +35,9 @@ from typing import Any
 import msgspec
 from msgspec import Raw
 
-from bench.loadgen import Control, emit
-from bench.roles.pacing import clock
-from client import (
+from wsfan.bench.loadgen import Control, emit
+from wsfan.bench.roles.pacing import clock
+from wsfan.client import (
     Client,
     ClientError,
     Connected,

@@ -1,6 +1,6 @@
 """Benchmark scenarios. Each module exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 
-Register a new scenario by adding its module to ``SCENARIOS``; ``python -m bench``
+Register a new scenario by adding its module to ``SCENARIOS``; ``python -m wsfan.bench``
 builds one sub-command per entry.
 """
 
@@ -10,7 +10,7 @@ import argparse
 from types import ModuleType
 from typing import Protocol
 
-from bench.scenarios import cluster, connect, core, echo, everything, fanout, heartbeat, render, storm
+from wsfan.bench.scenarios import cluster, connect, core, echo, everything, fanout, heartbeat, render, storm
 
 
 class Scenario(Protocol):

@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import BenchError, LoadGen, LoadGenGroup, Meter, ServerProcess, free_port
-from bench.scenarios.fanout import add_phase_arguments, measure_sizes, room_of
-from bench.scenarios.fanout import checks as fanout_checks
-from bench.servers import WSFAN
-from bench.suite import Context, add_common, csv_ints, run_scenario, settings_from
+from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter, ServerProcess, free_port
+from wsfan.bench.scenarios.fanout import add_phase_arguments, measure_sizes, room_of
+from wsfan.bench.scenarios.fanout import checks as fanout_checks
+from wsfan.bench.servers import WSFAN
+from wsfan.bench.suite import Context, add_common, csv_ints, run_scenario, settings_from
 
 NAME = "cluster"
 HELP = "fan-out across two nodes behind one Redis vs one node: deliveries/s, CPU per delivery, latency"

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
-from bench.suite import (
+from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
+from wsfan.bench.suite import (
     PER_PROCESS_CONNECTIONS,
     Context,
     add_common,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import (
+from wsfan.bench.harness import (
     CLIENT_CPU,
     SERVER_CPU,
     BenchError,
@@ -45,8 +45,8 @@ from bench.harness import (
     raise_nofile,
     reset_logs,
 )
-from bench.results import RESULTS, machine_info, timestamp, write_results
-from bench.scenarios.core_report import markdown, print_table, summarize
+from wsfan.bench.results import RESULTS, machine_info, timestamp, write_results
+from wsfan.bench.scenarios.core_report import markdown, print_table, summarize
 
 NAME = "core"
 HELP = "CPU per delivery (corked vs naive), idle memory per connection, CPU per echo reply"
@@ -146,7 +146,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def server_argv(variant: str, port: int) -> list[str]:
     if variant == "naive":
-        return [sys.executable, "-m", "bench.baselines.naive_picows", "--port", str(port)]
+        return [sys.executable, "-m", "wsfan.bench.baselines.naive_picows", "--port", str(port)]
     # Rate limit off: the publisher sends thousands of messages per second by design.
     return [
         sys.executable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.results import markdown_table
+from wsfan.bench.results import markdown_table
 
 TARGET_RATIO = 6.0
 TARGET_US_PER_DELIVERY = 2.0

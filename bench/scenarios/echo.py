@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
-from bench.latency import load_samples, monotonic, summarize
-from bench.roles.pacing import clock
-from bench.suite import (
+from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
+from wsfan.bench.latency import load_samples, monotonic, summarize
+from wsfan.bench.roles.pacing import clock
+from wsfan.bench.suite import (
     Context,
     add_common,
     clean_samples,

@@ -1,4 +1,4 @@
-"""``python -m bench all``: every scenario of the suite into one run folder, then report.md, plots, latest.md.
+"""``python -m wsfan.bench all``: every scenario of the suite into one run folder, then report.md, plots, latest.md.
 
 Order: fan-out, echo, heartbeat, reconnection storm, connect rate, cluster (the core
 scenario stays separate: ``make bench-core``). A full run takes about 15
@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.report import render_folder
-from bench.scenarios import cluster, connect, echo, fanout, heartbeat, storm
-from bench.suite import add_common, context_from, copy_latest, csv_words, run_scenario, settings_from
+from wsfan.bench.report import render_folder
+from wsfan.bench.scenarios import cluster, connect, echo, fanout, heartbeat, storm
+from wsfan.bench.suite import add_common, context_from, copy_latest, csv_words, run_scenario, settings_from
 
 NAME = "all"
 HELP = "every scenario (fanout, echo, heartbeat, storm, connect, cluster) into one results folder, with report and plots"

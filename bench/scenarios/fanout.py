@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
-from bench.latency import load_samples, monotonic, summarize
-from bench.roles.pacing import clock
-from bench.suite import (
+from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
+from wsfan.bench.latency import load_samples, monotonic, summarize
+from wsfan.bench.roles.pacing import clock
+from wsfan.bench.suite import (
     PER_PROCESS_CONNECTIONS,
     Context,
     add_common,

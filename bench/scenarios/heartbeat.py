@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import BenchError, LoadGen, LoadGenGroup, ServerProcess, core_times
-from bench.suite import (
+from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, ServerProcess, core_times
+from wsfan.bench.suite import (
     PER_PROCESS_CONNECTIONS,
     Context,
     add_common,

@@ -1,12 +1,12 @@
-"""``python -m bench report DIR``: rebuild DIR/report.md and its plots from the JSON files there (runs nothing)."""
+"""``python -m wsfan.bench report DIR``: rebuild DIR/report.md and its plots from the JSON files there (runs nothing)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from bench.report import render_folder
-from bench.suite import copy_latest
+from wsfan.bench.report import render_folder
+from wsfan.bench.suite import copy_latest
 
 NAME = "report"
 HELP = "rebuild a run folder's report.md and plots from its JSON files"

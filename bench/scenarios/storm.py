@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import SATURATED, BenchError, LoadGen, LoadGenGroup, ServerProcess
-from bench.roles.pacing import clock
-from bench.servers import WSFAN
-from bench.suite import Context, add_common, run_scenario, settings_from
+from wsfan.bench.harness import SATURATED, BenchError, LoadGen, LoadGenGroup, ServerProcess
+from wsfan.bench.roles.pacing import clock
+from wsfan.bench.servers import WSFAN
+from wsfan.bench.suite import Context, add_common, run_scenario, settings_from
 
 NAME = "storm"
 HELP = "reconnection storm after a restart or a drop: time to 50/90/99/100%% back, recovered vs lost"

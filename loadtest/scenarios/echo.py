@@ -9,10 +9,10 @@ import os
 import sys
 
 try:
-    import loadtest  # noqa: F401
+    import wsfan.loadtest  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from loadtest.users import EchoUser
+from wsfan.loadtest.users import EchoUser
 
 __all__ = ["EchoUser"]

@@ -8,11 +8,11 @@ import os
 import sys
 
 try:
-    import loadtest  # noqa: F401
+    import wsfan.loadtest  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from loadtest.shapes import StepLoad
-from loadtest.users import ChatUser
+from wsfan.loadtest.shapes import StepLoad
+from wsfan.loadtest.users import ChatUser
 
 __all__ = ["ChatUser", "StepLoad"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from server.broker.publication import History, Publication
+from wsfan.server.broker.publication import History, Publication
 
 DeliverFn = Callable[[Publication], None]
 

@@ -6,8 +6,8 @@ import secrets
 import time
 from collections import deque
 
-from server.broker import DeliverFn
-from server.broker.publication import History, Publication
+from wsfan.server.broker import DeliverFn
+from wsfan.server.broker.publication import History, Publication
 
 
 class RoomLog:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from msgspec import Raw
 
-from server.protocol import CODECS, Delivery, Encoding, build_frame
+from wsfan.server.protocol import CODECS, Delivery, Encoding, build_frame
 
 
 class Publication:

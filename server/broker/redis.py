@@ -34,9 +34,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.broker import BrokerUnavailable, DeliverFn
-from server.broker.publication import History, Publication
-from server.broker.redis_layout import (
+from wsfan.server.broker import BrokerUnavailable, DeliverFn
+from wsfan.server.broker.publication import History, Publication
+from wsfan.server.broker.redis_layout import (
     HISTORY_LUA,
     PUBLISH_LUA,
     Body,

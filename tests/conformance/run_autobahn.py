@@ -393,7 +393,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--server-python",
         default=default_server_python(),
-        help="interpreter that runs `-m server` (default: the repo's .venv)",
+        help="interpreter that runs `-m wsfan` (default: the repo's .venv)",
     )
     p.add_argument(
         "--max-message-size",

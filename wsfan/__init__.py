@@ -1,0 +1,22 @@
+"""wsfan: a fast pub/sub WebSocket server (picows + uvloop + msgspec), its clients and its load tools.
+
+One importable name over the repository's folders (``pyproject.toml`` maps them):
+
+- ``wsfan.server``   the server (``wsfan`` / ``python -m wsfan``)
+- ``wsfan.client``   the asyncio client (``from wsfan.client import connect``)
+- ``wsfan.loadtest`` Locust users and scenarios (extra ``loadtest``)
+- ``wsfan.bench``    the benchmark suite (extra ``bench``)
+
+Importing ``wsfan`` itself is cheap: nothing below is imported until it is used.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("wsfan")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__"]
