@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -23,14 +22,13 @@ from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.hub import Session
 from wsfan.server.metrics import CONTENT_TYPE
-from wsfan.server.protocol import ROOM_PATTERN, Encoding, RoomName
+from wsfan.server.protocol import Encoding, RoomName, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
 
 log = logging.getLogger("wsfan.http")
 
-_ROOM = re.compile(ROOM_PATTERN)
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -123,7 +121,7 @@ class HttpSide:
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         room = request.query.get("room", "")
-        if not _ROOM.match(room):
+        if not valid_room(room):
             return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
         since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
         since: int | None = None

@@ -12,14 +12,29 @@ frame is the same bytes for every subscriber and is built exactly once.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta, Raw, Struct, field
 
-ROOM_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}$"
+# ``\Z``, not ``$``: msgspec applies patterns with ``re.search``, and ``$`` also matches
+# before a trailing newline, so ``"room\n"`` would pass (issue 11, docs/protocol-choices.md).
+ROOM_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}\Z"
 RoomName = Annotated[str, Meta(pattern=ROOM_PATTERN)]
+_ROOM_RE: Final = re.compile(ROOM_PATTERN)
+
+
+def valid_room(name: str) -> bool:
+    """Whether ``name`` is a room name on every surface (WebSocket, SSE, admin HTTP).
+
+    A room is 1-128 characters of ``A-Z a-z 0-9 _ . : -`` and nothing else: no
+    trailing newline, no other whitespace, no non-ASCII letters or digits.
+    """
+    return _ROOM_RE.match(name) is not None
+
+
 Seq = Annotated[int, Meta(ge=0)]
 
 

@@ -260,11 +260,31 @@ async def test_schema_violation_is_invalid_message_with_request_id(server, field
     await c.close()
 
 
-@pytest.mark.parametrize("room", ["", "a b", "a/b", "é", "x" * 129, "room#1", "tab\t"])
-async def test_bad_room_name_is_invalid_message(server, room):
-    c = await PicowsPeer.connect(server.url)
-    err = await c.request("join", room=room)
-    assert err["code"] == "INVALID_MESSAGE" and "room" in err["message"]
+BAD_ROOMS = [
+    "",
+    "a b",
+    "a/b",
+    "é",
+    "x" * 129,
+    "room#1",
+    "tab\t",
+    "room\n",
+    "room\r\n",
+    "\nroom",
+    "ok\x00",
+    "٣",
+]
+
+
+@pytest.mark.parametrize("room", BAD_ROOMS)
+@pytest.mark.parametrize("msgpack", [False, True], ids=["json", "msgpack"])
+async def test_bad_room_name_is_invalid_message(server, room, msgpack):
+    """Every room-carrying request refuses the name, a trailing newline included (issue 11 #4)."""
+    c = await PicowsPeer.connect(server.url, msgpack=msgpack)
+    for kind, extra in (("join", {}), ("leave", {}), ("publish", {"payload": 1})):
+        err = await c.request(kind, room=room, **extra)
+        assert err["type"] == "error" and err["code"] == "INVALID_MESSAGE" and "room" in err["message"], err
+    assert (await c.request("ping"))["type"] == "pong", "the connection stays open"
     await c.close()
 
 

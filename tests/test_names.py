@@ -1,0 +1,45 @@
+"""Room names: one validator (``valid_room``) shared by the wire schema, SSE and admin HTTP."""
+
+from __future__ import annotations
+
+import string
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wsfan.server.protocol import CODECS, DecodeFailure, Encoding, valid_room
+
+ALLOWED = frozenset(string.ascii_letters + string.digits + "_.:-")
+
+
+def reference(name: str) -> bool:
+    """The rule as PROTOCOL.md states it, without a regex."""
+    return 1 <= len(name) <= 128 and all(ch in ALLOWED for ch in name)
+
+
+@given(st.text(max_size=140) | st.text(alphabet=sorted(ALLOWED) + ["\n", "\r", " ", "é", "٣"], max_size=140))
+def test_valid_room_is_exactly_the_documented_rule(name):
+    assert valid_room(name) is reference(name)
+
+
+@given(st.text(alphabet=sorted(ALLOWED) + ["\n", "\x00", "٣"], max_size=130))
+def test_schema_and_valid_room_agree(name):
+    """The wire schema's pattern and ``valid_room`` cannot drift apart: both encodings decide like it."""
+    for encoding in (Encoding.JSON, Encoding.MSGPACK):
+        codec = CODECS[encoding]
+        raw = codec.encode_value({"type": "leave", "room": name})
+        try:
+            codec.decode(raw)
+            accepted = True
+        except DecodeFailure:
+            accepted = False
+        assert accepted is valid_room(name), (encoding, name)
+
+
+@pytest.mark.parametrize("name", ["room\n", "room\r\n", "\nroom", "a" * 128 + "\n"])
+def test_trailing_or_leading_newline_is_not_a_room(name):
+    assert not valid_room(name)
+    with pytest.raises(DecodeFailure):
+        CODECS[Encoding.JSON].decode(msgspec.json.encode({"type": "join", "room": name}))
