@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -9,6 +11,9 @@ import uvloop
 
 from wsfan.server import config, logs
 from wsfan.server.app import serve
+from wsfan.server.startup import EXIT_USAGE, StartupError, preflight
+
+log = logging.getLogger("wsfan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,6 +24,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return token_main(args[1:])
     settings = config.load(args)
     logs.setup(settings.log_level, settings.log_format)
+    try:
+        preflight(settings)
+    except StartupError as exc:
+        print(f"wsfan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    cores = os.cpu_count() or 1
+    if settings.production and settings.workers == 1 and cores > 1 and not settings.broker:
+        log.warning(
+            "--production without --broker runs one worker; give --broker redis://... to use all %d cores",
+            cores,
+        )
     if settings.workers > 1:
         from wsfan.server.workers import supervise
 

@@ -20,6 +20,7 @@ from wsfan.server.hub import Hub, Session
 from wsfan.server.metrics import CONTENT_TYPE, Metrics
 from wsfan.server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
 from wsfan.server.ratelimit import TokenBucket
+from wsfan.server.startup import EXIT_USAGE
 from wsfan.server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
 
 log = logging.getLogger("wsfan")
@@ -204,7 +205,14 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     node = Node(settings)
-    await node.start()
+    try:
+        await node.start()
+    except OSError as exc:  # the port was free at preflight but taken since (startup.py)
+        log.error(
+            "cannot listen on %s: %s; check --host, --port and --http-port", settings.host, exc.strerror
+        )
+        await node.broker.close()
+        return EXIT_USAGE
     await stop.wait()
     await node.drain()
     log.info("stopped")

@@ -12,7 +12,7 @@ import argparse
 import os
 import tomllib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -84,9 +84,9 @@ HELP: dict[str, str] = {
     "demo": "serve the chat demo page at / (uses the browser client)",
     "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
-    "production": "production profile: workers = CPU cores and log-format json (unless given), /echo and the demo "
-    "page off, refuses to start without --jwt-secret and --admin-key unless --allow-anonymous; more than one "
-    "worker needs --broker",
+    "production": "production profile: workers = CPU cores with --broker (one without it) and log-format json "
+    "(unless given), /echo and the demo page off, refuses to start without --jwt-secret and --admin-key unless "
+    "--allow-anonymous",
     "allow_anonymous": "with --production: start without --jwt-secret/--admin-key (anonymous users)",
     "log_format": "text or json (one JSON object per line)",
 }
@@ -96,13 +96,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says what to do, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "wsfan") -> argparse.ArgumentParser:
+    from wsfan import __version__
+
     defaults = Settings()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Pub/sub WebSocket server (PROTOCOL.md v1). Every flag can also be set with an "
         f"environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT=9000) or a key in the --config TOML file.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with settings (keys as flag names, _ or -)"
     )
@@ -143,8 +153,10 @@ def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     if args.config:
         try:
             merged.update(_from_toml(args.config))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            parser.error(f"--config {args.config}: {exc}")
+        except OSError as exc:
+            parser.error(f"--config {args.config}: cannot read it ({exc.strerror or type(exc).__name__})")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            parser.error(f"--config {args.config}: not valid TOML ({exc})")
     merged.update(_from_env(dict(os.environ) if environ is None else environ))
     merged.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     try:
@@ -164,7 +176,8 @@ def production_profile(s: Settings, given: set[str]) -> Settings:
     """What --production changes, unless a setting was given explicitly (then the explicit value wins)."""
     changes: dict[str, Any] = {"echo_endpoint": False, "demo": False}
     if "workers" not in given:
-        changes["workers"] = os.cpu_count() or 1
+        # Workers share rooms only through a broker: without one, a single worker is the only correct choice.
+        changes["workers"] = (os.cpu_count() or 1) if s.broker else 1
     if "log_format" not in given:
         changes["log_format"] = "json"
     return msgspec.structs.replace(s, **changes)

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import math
 import random
-import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -49,6 +48,7 @@ from wsfan.server.broker.redis_layout import (
     resp_arg,
     room_args,
 )
+from wsfan.server.startup import redact
 
 # Connections to Redis per node (history reads and scripts; publishes are pipelined on one).
 POOL_SIZE = 64
@@ -66,11 +66,6 @@ MAX_BATCH = 512
 REPLY_TIMEOUT_S = 5.0
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-def redact(url: str) -> str:
-    """The broker URL for logs, without its password."""
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
 
 
 class _Room:

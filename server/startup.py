@@ -1,0 +1,85 @@
+"""Checks made before a node or a supervisor starts.
+
+A problem the operator can fix (a taken port, a broker URL that cannot be
+parsed, the redis extra not installed) is reported as one line that says what
+to do, and the command exits with 2 (the usage-error code of argparse and of
+most Unix tools), instead of a traceback from deep inside the event loop or from
+every worker in turn.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from wsfan.server.config import Settings
+
+EXIT_USAGE = 2
+
+
+class StartupError(Exception):
+    """A one-line, operator-facing reason not to start; ``__main__`` prints it and exits with 2."""
+
+
+def preflight(settings: Settings) -> None:
+    """Raise ``StartupError`` for the first problem found, before anything is started or forked."""
+    if settings.broker:
+        check_broker(settings.broker)
+    check_port(settings.host, settings.port, "--port")
+    if settings.http_port:
+        check_port(settings.host, settings.http_port, "--http-port")
+
+
+def check_broker(url: str) -> None:
+    """The redis extra is installed and redis-py can parse the URL (it connects later, with retries)."""
+    try:
+        from redis.asyncio.connection import parse_url
+    except ImportError:
+        raise StartupError("--broker needs the redis extra: pip install 'wsfan[redis]'") from None
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        # redis-py's own words about the URL (e.g. "Port could not be cast to integer value as 'x'").
+        raise StartupError(
+            f"--broker {redact(url)}: {exc}; expected redis://[:password@]host:port/db"
+        ) from None
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """Bind and release ``host:port`` as the server will (SO_REUSEADDR on), to report a taken port up front.
+
+    The check is deliberately without SO_REUSEPORT: a second wsfan started on the port of a
+    running one must be refused, not silently share its connections.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise StartupError(f"--host {host!r} is not a name or address of this machine") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise StartupError(bind_problem(host, port, flag, exc)) from None
+
+
+def bind_problem(host: str, port: int, flag: str, exc: OSError) -> str:
+    """What to do about a failed bind, in one line."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"{host}:{port} is already in use: stop the process that holds it or choose another {flag}"
+    if exc.errno == errno.EACCES:
+        return f"no permission to listen on {host}:{port}: ports below 1024 need privileges; choose another {flag}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host!r} is not an address of this machine"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}); check --host and {flag}"
+
+
+def redact(url: str) -> str:
+    """A broker URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, where = rest.rpartition("@")
+    user = creds.partition(":")[0]
+    return f"{scheme}://{user}:***@{where}" if ":" in creds else f"{scheme}://***@{where}"
