@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--production without --broker runs one worker; give --broker redis://... to use all %d cores",
             cores,
         )
+    for warning in config.warnings(settings):
+        log.warning("%s", warning)
     if settings.workers > 1:
         from wsfan.server.workers import supervise
 

@@ -15,6 +15,7 @@ from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings
 from wsfan.server.demo import load_pages
+from wsfan.server.handshake import OriginPolicy, Refusal, Upgrade, check_host, check_upgrade, picows_headers
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
 from wsfan.server.metrics import CONTENT_TYPE, Metrics
@@ -64,6 +65,7 @@ class Node:
         )
         if self.authenticator is not None:
             self.hub.authorize = _authorize
+        self.origins = OriginPolicy.parse(settings.allowed_origins)
         rate = settings.max_handshake_rate
         self.handshakes = TokenBucket(rate, max(1.0, rate)) if rate > 0 else None
         self.metrics = Metrics(self.hub, lambda: len(self.registry.connections))
@@ -77,27 +79,38 @@ class Node:
     def route(
         self, request: WSUpgradeRequest
     ) -> Connection | EchoConnection | WSUpgradeResponseWithListener | None:
+        """picows' listener factory: every request on the WebSocket port comes through here.
+
+        Nothing may escape it: picows would answer an exception with 500 and the exception's
+        text as the body. An unexpected error is logged and answered 500 with a fixed body.
+        """
+        try:
+            return self._route(request)
+        except Exception:
+            log.exception("error while routing %r", request.path[:200])
+            return _plain(500, b"internal server error\n")
+
+    def _route(
+        self, request: WSUpgradeRequest
+    ) -> Connection | EchoConnection | WSUpgradeResponseWithListener | None:
         """Pick a listener by path; plain GETs (health) are answered here too, since picows serves them."""
+        headers = request.headers
+        refused = check_host(headers)
+        if refused is not None:
+            return _refuse(refused)
         path, _, query = request.path.partition(b"?")
-        if path == b"/ws":
-            refused = self.admit()
+        if path == b"/ws" or (path == b"/echo" and self.settings.echo_endpoint):
+            upgrade = check_upgrade(headers)
+            if isinstance(upgrade, Refusal):
+                return _refuse(upgrade)
+            refused = self.origins.check(headers)
             if refused is not None:
-                return refused
-            identity = None
-            if self.authenticator is not None:
-                try:
-                    identity = self.authenticator.verify(token_from_request(request.headers, query))
-                except AuthError as exc:
-                    self._reject("auth")
-                    return _plain(401, f"unauthorized: {exc}\n".encode(), {"WWW-Authenticate": "Bearer"})
-            offered = request.headers.get("Sec-WebSocket-Protocol", "")
-            if MSGPACK_SUBPROTOCOL in (p.strip() for p in offered.split(",")):
-                conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry, identity)
-                headers = {"Sec-WebSocket-Protocol": MSGPACK_SUBPROTOCOL}
-                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
-            return Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity)
-        if path == b"/echo" and self.settings.echo_endpoint:
-            return EchoConnection(self.limits, self.registry)
+                self._reject("origin")
+                return _refuse(refused)
+            if path == b"/echo":
+                request.headers = picows_headers(upgrade)
+                return EchoConnection(self.limits, self.registry)
+            return self._upgrade(request, upgrade, query)
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
         if path == b"/metrics":
@@ -105,6 +118,30 @@ class Node:
         if self.demo_pages is not None and (page := self.demo_pages.get(path)) is not None:
             return _plain(200, page.body, page.headers)
         return None
+
+    def _upgrade(
+        self, request: WSUpgradeRequest, upgrade: Upgrade, query: bytes
+    ) -> Connection | WSUpgradeResponseWithListener:
+        """A valid upgrade of ``/ws``: admission, then the token, then the encoding by subprotocol."""
+        refused = self.admit()
+        if refused is not None:
+            return refused
+        identity = None
+        if self.authenticator is not None:
+            try:
+                identity = self.authenticator.verify(token_from_request(request.headers, query))
+            except AuthError as exc:
+                self._reject("auth")
+                extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+                return _plain(exc.status, f"unauthorized: {exc}\n".encode(), extra)
+        # picows re-checks the upgrade headers after this function, stricter than RFC 6455 in
+        # places: hand it the canonical form of what check_upgrade() accepted.
+        request.headers = picows_headers(upgrade)
+        if MSGPACK_SUBPROTOCOL in upgrade.protocols:
+            conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry, identity)
+            headers = {"Sec-WebSocket-Protocol": MSGPACK_SUBPROTOCOL}
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
+        return Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity)
 
     def admit(self) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
@@ -135,7 +172,7 @@ class Node:
             max_frame_size=s.max_message_size,
             read_buffer_init_size=s.read_buffer_size,
             enable_auto_pong=False,  # transport.py answers pings after validating them
-            websocket_handshake_timeout=5,
+            websocket_handshake_timeout=s.request_timeout,
             logger_name="server",
             use_aiofastnet=s.aiofastnet and _HAS_AIOFASTNET,
             # Workers each bind the port; the kernel spreads new connections over them.
@@ -187,6 +224,10 @@ def make_broker(settings: Settings, node_id: str) -> Broker:
 
         return RedisBroker(settings.broker, history_size=settings.history_size, node_id=node_id)
     return MemoryBroker(settings.history_size)
+
+
+def _refuse(refusal: Refusal) -> WSUpgradeResponseWithListener:
+    return _plain(refusal.status, refusal.reason.encode() + b"\n", refusal.headers or None)
 
 
 def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:

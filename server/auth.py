@@ -24,17 +24,34 @@ ALGORITHM = "HS256"
 
 
 class AuthError(Exception):
-    """Why a token was refused; the text goes into the 401 body."""
+    """Why a token was refused; the text (always one of our fixed sentences) goes into the body.
+
+    ``status`` is the HTTP answer: 401 for a missing or unacceptable token, 400 for a request
+    that names its token ambiguously (two ``Authorization`` headers, two ``token`` parameters).
+    """
+
+    status = 401
+
+
+class AmbiguousToken(AuthError):
+    """More than one token in one request: a malformed request (400), not a bad token."""
+
+    status = 400
 
 
 class Identity:
     """Who a connection is and what it may touch."""
 
-    __slots__ = ("user", "exp", "_rooms")
+    __slots__ = ("user", "exp", "expires_at", "_rooms")
 
-    def __init__(self, user: str, exp: float | None, rooms: tuple[str, ...] | None) -> None:
+    def __init__(
+        self, user: str, exp: float | None, rooms: tuple[str, ...] | None, leeway: float = 0.0
+    ) -> None:
         self.user = user
         self.exp = exp
+        # The one deadline for both decisions: a token is accepted on connect until exp + leeway,
+        # and a connection (WebSocket or SSE) that carries it is closed at exp + leeway.
+        self.expires_at = exp + leeway if exp is not None else None
         self._rooms = _compile(rooms) if rooms is not None else None
 
     def allows(self, room: str) -> bool:
@@ -54,8 +71,15 @@ class Authenticator:
         self.leeway = leeway
 
     def verify(self, token: str | None) -> Identity:
+        """The identity a token proves, or :class:`AuthError` with a fixed reason (never a library's text).
+
+        A token is ASCII (RFC 7519 §7.1: base64url segments and dots); anything else, such as
+        ``Bearer café`` or bytes above 0x7F that picows hands over as lone surrogates, is malformed.
+        """
         if not token:
             raise AuthError("missing token: send Authorization: Bearer <jwt> or ?token=<jwt>")
+        if not token.isascii():
+            raise AuthError("malformed token")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -72,27 +96,42 @@ class Authenticator:
             raise AuthError("bad token signature") from None
         except jwt.InvalidAlgorithmError:
             raise AuthError(f"token algorithm must be {ALGORITHM}") from None
-        except jwt.InvalidTokenError as exc:
-            raise AuthError(f"malformed token: {exc}") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not yet valid") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("malformed token") from None
         sub = claims["sub"]
         if not isinstance(sub, str) or not sub:
             raise AuthError("the 'sub' claim must be a non-empty string")
         rooms = claims.get("rooms")
         if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
             raise AuthError("the 'rooms' claim must be a list of glob patterns")
-        return Identity(sub, float(claims["exp"]), tuple(rooms) if rooms is not None else None)
+        try:
+            exp = float(claims["exp"])  # PyJWT checked it is an integer; it may still be 10**400
+        except OverflowError:
+            raise AuthError("malformed token") from None
+        return Identity(sub, exp, tuple(rooms) if rooms is not None else None, self.leeway)
 
 
 def token_from_request(headers: Any, query: bytes | str) -> str | None:
-    """The bearer token from ``Authorization`` or from ``?token=`` (for browsers, which cannot set headers)."""
-    auth = headers.get("Authorization") or headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
+    """The bearer token from ``Authorization`` or from ``?token=`` (for browsers, which cannot set headers).
+
+    ``headers`` is a case-insensitive multi-dict (picows or aiohttp); ``query`` the raw query
+    string. Raises :class:`AmbiguousToken` (400) for two ``Authorization`` headers or two
+    ``token`` parameters: which one would be meant is not ours to guess.
+    """
+    lines = headers.getall("Authorization", [])
+    if len(lines) > 1:
+        raise AmbiguousToken("more than one Authorization header")
+    if lines:
+        scheme, _, value = lines[0].partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
     if isinstance(query, bytes):
         query = query.decode("latin-1")
     values = parse_qs(query).get("token")
+    if values is not None and len(values) > 1:
+        raise AmbiguousToken("more than one token parameter")
     return values[0] if values else None
 
 

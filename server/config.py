@@ -45,6 +45,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_port: int = 0
     max_connections: int = 0
     max_handshake_rate: float = 0.0
+    allowed_origins: str = ""
+    request_timeout: float = 5.0
     demo: bool = False
     # production and cluster
     broker: str = ""
@@ -81,6 +83,11 @@ HELP: dict[str, str] = {
     "http_port": "port of the aiohttp side server (POST /publish, /sse, /metrics, /healthz); 0 = off",
     "max_connections": "open WebSocket connections at most; past it upgrades get 503 + Retry-After; 0 = no limit",
     "max_handshake_rate": "new connections per second (token bucket, burst = 1 s worth); past it 503 + Retry-After; 0 = off",
+    "allowed_origins": "browser origins allowed to open /ws and /sse: shell globs separated by commas "
+    "(e.g. 'https://example.com,https://*.example.com'); others get 403; empty = any origin "
+    "(a warning under --production)",
+    "request_timeout": "seconds a new connection gets to send a complete request head, on both ports; also the "
+    "idle limit between keep-alive requests on --http-port",
     "demo": "serve the chat demo page at / (uses the browser client)",
     "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
@@ -183,6 +190,17 @@ def production_profile(s: Settings, given: set[str]) -> Settings:
     return msgspec.structs.replace(s, **changes)
 
 
+def warnings(s: Settings) -> list[str]:
+    """Settings that run but that a production deployment should not keep: one sentence each, logged at start."""
+    out = []
+    if s.production and not s.allowed_origins.strip():
+        out.append(
+            "--allowed-origins is not set: a page on any web site can open WebSocket connections "
+            "and SSE streams here with its visitors' cookies (cross-site WebSocket hijacking)"
+        )
+    return out
+
+
 def validate(s: Settings) -> list[str]:
     problems = []
     if s.workers < 1:
@@ -207,6 +225,8 @@ def validate(s: Settings) -> list[str]:
         problems.append("heartbeat must be >= 0 and heartbeat-timeout > 0")
     if not 0 <= s.cork_ms <= 50:
         problems.append("cork-ms must be between 0 and 50")
+    if not 0 < s.request_timeout <= 300:
+        problems.append("request-timeout must be > 0 and <= 300 seconds")
     if s.backlog < 1:
         problems.append("backlog must be >= 1")
     if s.history_size < 0:

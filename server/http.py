@@ -20,9 +20,10 @@ from aiohttp import web
 
 from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
+from wsfan.server.handshake import Refusal, single
 from wsfan.server.hub import Session
 from wsfan.server.metrics import CONTENT_TYPE
-from wsfan.server.protocol import Encoding, RoomName, valid_room
+from wsfan.server.protocol import Encoding, RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -82,7 +83,15 @@ class HttpSide:
         self.app = app
 
     async def start(self, host: str, port: int) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # keepalive_timeout bounds a connection's wait for its next request head, the first one
+        # included (aiohttp arms it at connection_made): one header line a second, or nothing,
+        # is dropped after --request-timeout, like the WebSocket port's handshake timeout.
+        self.runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.node.settings.request_timeout,
+        )
         await self.runner.setup()
         await web.TCPSite(self.runner, host, port, reuse_port=self.node.settings.workers > 1).start()
         log.info("HTTP endpoints on http://%s:%d (/healthz /metrics /publish /sse)", host, port)
@@ -105,37 +114,64 @@ class HttpSide:
         key = self.node.settings.admin_key
         if not key:
             return _json_error(404, "admin publish is off: start the server with --admin-key")
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        given = single(request.headers, "Authorization")
+        if isinstance(given, Refusal):
+            return _json_error(given.status, given.reason)
+        # aiohttp hands non-UTF-8 header bytes over as lone surrogates: compare the bytes as sent.
+        sent = (given or "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
             return _json_error(401, "missing or wrong admin key", **{"WWW-Authenticate": "Bearer"})
         try:
-            msg = _admin_decoder.decode(await request.read())
+            async with asyncio.timeout(self.node.settings.request_timeout):
+                body = await request.read()
+        except TimeoutError:
+            return _json_error(408, "request body not received in time")
+        try:
+            msg = _admin_decoder.decode(body)
         except msgspec.DecodeError as exc:
             return _json_error(400, f"body must be {{'room','payload'}} JSON: {exc}")
         result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
         try:
             pub = result if isinstance(result, Publication) else await result
-        except BrokerUnavailable as exc:
-            return _json_error(503, f"broker unavailable: {exc}", **{"Retry-After": "1"})
+        except BrokerUnavailable:
+            return _json_error(503, "broker unavailable", **{"Retry-After": "1"})
         return web.json_response({"room": pub.room, "seq": pub.seq})
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
-        room = request.query.get("room", "")
+        """``GET /sse?room=R[&since=N][&token=T]``: a room's deliveries as Server-Sent Events.
+
+        Every input is checked before the stream opens, each with a 400 and a fixed reason:
+        ``room`` (one, :func:`valid_room`), ``since`` / ``Last-Event-ID`` (one, ASCII digits,
+        :func:`parse_seq`), ``Origin`` (403 outside ``--allowed-origins``), the token (401).
+        """
+        query = request.query
+        rooms = query.getall("room", [])
+        if len(rooms) > 1:
+            return _json_error(400, "more than one room parameter")
+        room = rooms[0] if rooms else ""
         if not valid_room(room):
             return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-        since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
+        last_event_id = single(request.headers, "Last-Event-ID")
+        if isinstance(last_event_id, Refusal):
+            return _json_error(last_event_id.status, last_event_id.reason)
+        if len(query.getall("since", [])) > 1:
+            return _json_error(400, "more than one since parameter")
+        since_text = last_event_id or query.get("since")
         since: int | None = None
         if since_text:
-            if not since_text.isdigit():
-                return _json_error(400, "Last-Event-ID must be a seq (a non-negative integer)")
-            since = int(since_text)
+            since = parse_seq(since_text)
+            if since is None:
+                return _json_error(400, "Last-Event-ID and since must be a seq: ASCII digits, at most 2^63-1")
+        refused = self.node.origins.check(request.headers)
+        if refused is not None:
+            return _json_error(refused.status, refused.reason)
         identity: Identity | None = None
         auth = self.node.authenticator
         if auth is not None:
             try:
                 identity = auth.verify(token_from_request(request.headers, request.query_string))
             except AuthError as exc:
-                return _json_error(401, str(exc))
+                return _json_error(exc.status, str(exc))
             if not identity.allows(room):
                 return _json_error(403, f"not allowed to join {room!r}")
         resp = web.StreamResponse(
@@ -164,7 +200,7 @@ class HttpSide:
         return resp
 
     async def _pump(self, resp: web.StreamResponse, peer: SsePeer, identity: Identity | None) -> None:
-        expires = identity.exp if identity is not None and identity.exp else None
+        expires = identity.expires_at if identity is not None else None
         while peer.close_code is None:
             timeout = SSE_KEEPALIVE_S
             if expires is not None:

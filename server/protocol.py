@@ -36,6 +36,21 @@ def valid_room(name: str) -> bool:
 
 
 Seq = Annotated[int, Meta(ge=0)]
+SEQ_MAX: Final = 2**63 - 1  # a Redis integer; no room gets further
+_SEQ_TEXT: Final = re.compile(r"[0-9]{1,19}\Z")
+
+
+def parse_seq(text: str) -> int | None:
+    """A seq written as text (``?since=``, ``Last-Event-ID``), or None when it is not one.
+
+    Only ASCII digits make a number on the wire: ``str.isdigit`` and ``int`` also accept
+    ``²``, ``٣`` or full-width digits, and ``int`` takes ``_``, signs and whitespace too.
+    At most 2^63-1, the largest seq a broker can hold.
+    """
+    if _SEQ_TEXT.match(text) is None:
+        return None
+    value = int(text)
+    return value if value <= SEQ_MAX else None
 
 
 class Encoding(enum.IntEnum):

@@ -269,10 +269,11 @@ class Connection(Assembler):
             self.session = self.hub.open(self, self.encoding)
         else:
             self.session = self.hub.open(self, self.encoding, user=ident.user, claims=ident)
-            if ident.exp is not None:
-                # One timer per authenticated connection, fired at the token's expiry: no periodic scan.
+            if ident.expires_at is not None:
+                # One timer per authenticated connection, fired when the token stops being accepted
+                # (exp + leeway, the same instant verify() refuses it): no periodic scan.
                 loop = asyncio.get_running_loop()
-                delay = max(0.0, ident.exp - time.time())
+                delay = max(0.0, ident.expires_at - time.time())
                 self._expiry = loop.call_at(loop.time() + delay, self._token_expired)
         log.debug("connected %s", self.session.conn_id)
 

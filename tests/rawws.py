@@ -172,6 +172,51 @@ def http_request(
     return status, hdrs, body
 
 
+def upgrade_head(
+    path: str = "/ws",
+    *,
+    key: str | None = None,
+    host: str = "127.0.0.1",
+    extra: list[tuple[str, str | bytes]] | None = None,
+    drop: tuple[str, ...] = (),
+) -> bytes:
+    """A valid upgrade request head, byte for byte, with headers removed (``drop``, lower-case names) or
+    added (``extra``, in order, repeats allowed, values as ``bytes`` for non-ASCII)."""
+    base = [
+        ("Host", host),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key or base64.b64encode(os.urandom(16)).decode()),
+        ("Sec-WebSocket-Version", "13"),
+    ]
+    fields = [(k, v) for k, v in base if k.lower() not in drop] + list(extra or [])
+    lines = [f"GET {path} HTTP/1.1".encode()]
+    lines += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) for k, v in fields]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def send_head(
+    host: str, port: int, head: bytes, *, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` exactly as given; (status, lower-cased headers, body). For a 101 the body is
+    whatever arrived with the head (the server's first frames, if any), and the socket is closed."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(head)
+        head_in, body = _read_http_head(sock, deadline)
+        status, hdrs = _parse_head(head_in)
+        if status == 101:
+            return status, hdrs, body
+        want = int(hdrs.get("content-length", "-1"))
+        while len(body) < want:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return status, hdrs, body
+
+
 @dataclass
 class RawWS:
     """One client connection. Build it with :meth:`connect`."""

@@ -317,7 +317,9 @@ class RedisBroker:
             self._lost(exc)
             raise BrokerUnavailable(self._why) from None
         except ResponseError as exc:
-            raise BrokerUnavailable(f"broker refused the history read: {exc}") from None
+            # The reason goes to the log; the client's UNAVAILABLE carries our sentence, not redis' text.
+            log.warning("redis refused the history read of %r: %s", room, exc)
+            raise BrokerUnavailable("broker refused the history read") from None
         seq, current = int(reply[0]), reply[1].decode()
         pubs = [self._publication(room, m, live=False) for m in reply[2:]]
         if since is None:
@@ -501,7 +503,8 @@ class RedisBroker:
 
     def _down(self, exc: BaseException | None) -> None:
         if exc is not None:
-            self._why = f"broker unavailable: {exc}"
+            # Clients get this sentence in UNAVAILABLE; redis' own text (addresses, errno) only goes to the log below.
+            self._why = "broker unavailable: connection to redis lost"
         self.available = False
         self._sub_conn = None
         for room in self._rooms.values():

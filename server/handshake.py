@@ -1,0 +1,186 @@
+"""The opening handshake of RFC 6455 (§4.2.1, §4.2.2, §11.3) and the request-header rules of both ports.
+
+picows parses the request line and the header block (GET, ``HTTP/1.1``, token header
+names, no control characters, no body) and answers what it cannot parse with 400 before
+the application sees anything. After the application's listener factory, picows checks a
+few upgrade headers itself, but stricter than the RFC in places (``Connection`` must be
+exactly ``upgrade``) and looser in others (a second ``Sec-WebSocket-Key`` is ignored,
+versions 7 and 8 pass). So the server decides every rule here, before picows looks:
+:func:`check_upgrade` returns either the accepted :class:`Upgrade` or a :class:`Refusal`
+(status, short reason, headers), and :func:`picows_headers` hands picows a canonical header
+set that its own check accepts.
+
+Header values come from picows decoded as ASCII with ``surrogateescape`` (from aiohttp as
+UTF-8 with ``surrogateescape``): any byte above 0x7F is a lone surrogate or a non-ASCII
+character, which no rule here accepts as a number, a key, a token or an origin.
+
+Answers (docs/protocol-choices.md, "Handshake"):
+
+- 400: no ``Host`` or more than one (RFC 7230 §5.4); ``Upgrade`` without the ``websocket``
+  token; ``Connection`` without the ``Upgrade`` token; ``Sec-WebSocket-Key`` missing,
+  repeated, or not the base64 of 16 bytes (§4.2.1 item 5, §11.3.1); a repeated singleton
+  header (``Sec-WebSocket-Version``, ``Origin``, ``Authorization``); a subprotocol that is
+  not an HTTP token (§4.1, §11.3.4).
+- 426 with ``Upgrade: websocket``: a GET of a WebSocket path without any ``Upgrade`` header
+  (RFC 7231 §6.5.15).
+- 426 with ``Sec-WebSocket-Version: 13``: a version other than 13, or none (§4.2.2 item 4, §4.4).
+- 403: an ``Origin`` outside ``--allowed-origins`` (§4.2.2 item 4, §10.2).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from multidict import CIMultiDict
+
+VERSION = "13"
+
+# RFC 7230 §3.2.6: token = 1*tchar
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An HTTP error answer: status, a short fixed reason (the body), extra response headers."""
+
+    status: int
+    reason: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """An upgrade request that passed every rule: its key and the subprotocols offered, in order."""
+
+    key: str
+    protocols: tuple[str, ...]
+
+
+def list_elements(values: Iterable[str]) -> list[str]:
+    """RFC 7230 §7 ``#rule``: the elements of every line of a list header, OWS stripped, empty ones dropped.
+
+    Several header lines of one name are the same as one line with the values joined by commas
+    (RFC 7230 §3.2.2), which is what §11.3.4 says of ``Sec-WebSocket-Protocol``.
+    """
+    return [e for v in values for e in (part.strip(" \t") for part in v.split(",")) if e]
+
+
+def single(headers: Any, name: str) -> str | None | Refusal:
+    """The value of a header that may appear at most once; a :class:`Refusal` (400) when repeated."""
+    values = headers.getall(name, [])
+    if len(values) > 1:
+        return Refusal(400, f"more than one {name} header")
+    return values[0] if values else None
+
+
+def check_host(headers: Any) -> Refusal | None:
+    """RFC 7230 §5.4: an HTTP/1.1 request has exactly one ``Host`` (it may be empty), of printable ASCII."""
+    host = single(headers, "Host")
+    if isinstance(host, Refusal):
+        return host
+    if host is None:
+        return Refusal(400, "missing Host header")
+    if not (host.isascii() and host.isprintable()) or " " in host:
+        return Refusal(400, "malformed Host header")
+    return None
+
+
+def valid_key(key: str) -> bool:
+    """§4.2.1 item 5: ``Sec-WebSocket-Key`` is the base64 of 16 bytes (24 characters, padding included)."""
+    if len(key) != 24 or not key.isascii():
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+class OriginPolicy:
+    """``--allowed-origins``: shell globs over the serialized origin (RFC 6454 §6.2), ASCII case-insensitive.
+
+    An empty pattern list allows every origin. A request without ``Origin`` is not from a
+    browser (browsers always send it on a WebSocket upgrade, RFC 6455 §4.1 item 8, and on a
+    cross-origin ``EventSource``) and is allowed: the policy stops cross-site WebSocket
+    hijacking, which needs a browser. ``Origin: null`` (sandboxed frames, ``file:``) is
+    allowed only by a pattern that matches ``null`` (``*`` does).
+    """
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(p.strip().lower() for p in patterns if p.strip())
+        self._re = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns))
+            if self.patterns
+            else None
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> OriginPolicy:
+        """From the flag's text: patterns separated by commas or whitespace."""
+        return cls(re.split(r"[\s,]+", text))
+
+    @property
+    def allows_any(self) -> bool:
+        return self._re is None
+
+    def check(self, headers: Any) -> Refusal | None:
+        """None when the request may proceed; 400 for repeated or non-ASCII ``Origin``, 403 for a foreign one."""
+        origin = single(headers, "Origin")
+        if isinstance(origin, Refusal):
+            return origin
+        if origin is None or self._re is None:
+            return None
+        if not (origin.isascii() and origin.isprintable()):
+            return Refusal(400, "malformed Origin header")
+        if self._re.fullmatch(origin.lower()) is None:
+            return Refusal(403, "origin not allowed")
+        return None
+
+
+def check_upgrade(headers: Any) -> Upgrade | Refusal:
+    """Every rule of RFC 6455 §4.2.1 on a GET of a WebSocket path; the first broken rule's answer.
+
+    ``headers`` is a case-insensitive multi-dict (picows' ``CIMultiDict``). Method and HTTP
+    version were checked by picows (GET, ``HTTP/1.1``), ``Host`` by :func:`check_host`.
+    """
+    upgrade = headers.getall("Upgrade", [])
+    if not upgrade:
+        return Refusal(426, "this is a WebSocket endpoint: send an upgrade request", {"Upgrade": "websocket"})
+    if "websocket" not in (e.lower() for e in list_elements(upgrade)):
+        return Refusal(400, "Upgrade header lacks the websocket token")
+    if "upgrade" not in (e.lower() for e in list_elements(headers.getall("Connection", []))):
+        return Refusal(400, "Connection header lacks the Upgrade token")
+    version = single(headers, "Sec-WebSocket-Version")
+    if isinstance(version, Refusal):
+        return version
+    if version != VERSION:
+        return Refusal(426, "unsupported WebSocket version: only 13", {"Sec-WebSocket-Version": VERSION})
+    keys = headers.getall("Sec-WebSocket-Key", [])
+    if len(keys) != 1:
+        return Refusal(400, "exactly one Sec-WebSocket-Key header is required")
+    if not valid_key(keys[0]):
+        return Refusal(400, "Sec-WebSocket-Key must be the base64 of 16 bytes")
+    protocols = list_elements(headers.getall("Sec-WebSocket-Protocol", []))
+    if not all(_TOKEN.match(p) for p in protocols):
+        return Refusal(400, "Sec-WebSocket-Protocol must be a list of tokens")
+    return Upgrade(keys[0], tuple(protocols))
+
+
+def picows_headers(upgrade: Upgrade) -> CIMultiDict[str]:
+    """The request headers picows re-checks after the listener factory, in the one form it accepts.
+
+    Nothing else reads the request headers after the handshake (transport.py drops them on connect).
+    """
+    return CIMultiDict(
+        (
+            ("Upgrade", "websocket"),
+            ("Connection", "upgrade"),
+            ("Sec-WebSocket-Version", VERSION),
+            ("Sec-WebSocket-Key", upgrade.key),
+        )
+    )

@@ -1,0 +1,182 @@
+"""The opening handshake (RFC 6455 §4.2.1, §4.2.2, §11.3) and the request-header rules of the WebSocket port.
+
+Requests are sent byte for byte with tests/rawws.py, because client libraries refuse to
+send most of them (two keys, a bad version, no Host). Each rule is documented in
+docs/protocol-choices.md, "Handshake".
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from picows import WSUpgradeRequest
+
+from conftest import ServerProcess
+from rawws import RawWS, accept_key, send_head, upgrade_head
+from wsfan.server.app import Node
+from wsfan.server.config import Settings
+
+HOST = "127.0.0.1"
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample: the base64 of 16 bytes
+
+
+@pytest.fixture(scope="module")
+def srv():
+    s = ServerProcess("--echo-endpoint", "--rate-limit", "0").start()
+    yield s
+    s.kill()
+
+
+def exchange(srv: ServerProcess, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    return send_head(HOST, srv.port, head)
+
+
+# ---------------------------------------------------------------- what must be accepted
+
+
+@pytest.mark.parametrize("path", ["/ws", "/echo"])
+@pytest.mark.parametrize(
+    "connection",
+    [
+        [("Connection", "keep-alive, Upgrade")],  # older Firefox, some proxies and HTTP libraries
+        [("Connection", "Upgrade, keep-alive")],
+        [("Connection", "upgrade")],
+        [("Connection", "keep-alive,UPGRADE")],
+        [("Connection", "keep-alive"), ("Connection", "Upgrade")],  # two lines are one list (RFC 7230 §3.2.2)
+    ],
+)
+def test_connection_header_containing_the_upgrade_token_is_accepted(srv, path, connection):
+    status, headers, _ = exchange(srv, upgrade_head(path, key=KEY, drop=("connection",), extra=connection))
+    assert status == 101
+    assert headers["sec-websocket-accept"] == accept_key(KEY)
+
+
+@pytest.mark.parametrize("upgrade", ["WebSocket", "h2c, websocket", "websocket, foo/2"])
+def test_upgrade_header_containing_the_websocket_token_is_accepted(srv, upgrade):
+    status, _, _ = exchange(srv, upgrade_head(key=KEY, drop=("upgrade",), extra=[("Upgrade", upgrade)]))
+    assert status == 101
+
+
+def test_subprotocols_on_several_header_lines_are_one_list(srv):
+    """§11.3.4: repeated Sec-WebSocket-Protocol lines are the same as one line with all values."""
+    extra = [("Sec-WebSocket-Protocol", "chat"), ("Sec-WebSocket-Protocol", "superchat, msgpack")]
+    status, headers, _ = exchange(srv, upgrade_head(key=KEY, extra=extra))
+    assert status == 101
+    assert headers["sec-websocket-protocol"] == "msgpack"
+
+
+def test_a_connection_accepted_with_a_list_header_works(srv):
+    with RawWS.connect(HOST, srv.port, headers={"Connection": "keep-alive, Upgrade"}) as ws:
+        kind, data = ws.recv_message()
+        assert b'"welcome"' in data
+
+
+# ---------------------------------------------------------------- what must be refused, and how
+
+REFUSALS = [
+    # (case, head, status, response header that must be present)
+    ("two different keys", dict(extra=[("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA==")]), 400, None),
+    ("the same key twice", dict(extra=[("Sec-WebSocket-Key", KEY)]), 400, None),
+    ("no key", dict(drop=("sec-websocket-key",)), 400, None),
+    ("key of 15 bytes", dict(drop=("sec-websocket-key",), extra=[("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAA")]), 400, None),
+    ("key not base64", dict(drop=("sec-websocket-key",), extra=[("Sec-WebSocket-Key", "!" * 24)]), 400, None),
+    ("key with non-ASCII", dict(drop=("sec-websocket-key",), extra=[("Sec-WebSocket-Key", b"\xc3\xa9" * 12)]), 400, None),
+    ("version 8", dict(drop=("sec-websocket-version",), extra=[("Sec-WebSocket-Version", "8")]), 426, "sec-websocket-version"),
+    ("version 7", dict(drop=("sec-websocket-version",), extra=[("Sec-WebSocket-Version", "7")]), 426, "sec-websocket-version"),
+    ("no version", dict(drop=("sec-websocket-version",)), 426, "sec-websocket-version"),
+    ("version twice", dict(extra=[("Sec-WebSocket-Version", "13")]), 400, None),
+    ("version non-ASCII digits", dict(drop=("sec-websocket-version",), extra=[("Sec-WebSocket-Version", "١٣".encode())]), 426, "sec-websocket-version"),
+    ("no Host", dict(drop=("host",)), 400, None),
+    ("two Hosts", dict(extra=[("Host", "example.com")]), 400, None),
+    ("Host with non-ASCII", dict(drop=("host",), extra=[("Host", b"caf\xc3\xa9")]), 400, None),
+    ("Upgrade to another protocol", dict(drop=("upgrade",), extra=[("Upgrade", "h2c")]), 400, None),
+    ("no Upgrade at all", dict(drop=("upgrade", "connection")), 426, "upgrade"),
+    ("Connection without Upgrade", dict(drop=("connection",), extra=[("Connection", "keep-alive")]), 400, None),
+    ("no Connection", dict(drop=("connection",)), 400, None),
+    ("subprotocol not a token", dict(extra=[("Sec-WebSocket-Protocol", "a b")]), 400, None),
+    ("two Origins", dict(extra=[("Origin", "https://a.example"), ("Origin", "https://b.example")]), 400, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/ws", "/echo"])
+@pytest.mark.parametrize("case, kw, status, header", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_handshake_rules_are_answered_as_the_rfc_says(srv, path, case, kw, status, header):
+    got, headers, body = exchange(srv, upgrade_head(path, **kw))
+    assert got == status, body
+    if header == "sec-websocket-version":
+        assert headers[header] == "13"  # §4.2.2: the versions the server understands
+    elif header == "upgrade":
+        assert headers[header].lower() == "websocket"  # RFC 7231 §6.5.15: 426 names the protocol
+    # A short sentence of ours, never an exception's text.
+    assert body.endswith(b"\n") and len(body) < 100
+    assert b"Error" not in body and b"b'" not in body
+
+
+def test_refusals_change_nothing(srv):
+    """After every refusal the server still accepts a valid upgrade and serves it."""
+    for _, kw, _, _ in REFUSALS:
+        exchange(srv, upgrade_head(**kw))
+    with RawWS.connect(HOST, srv.port) as ws:
+        ws.send_text('{"type":"ping","id":"p"}')
+        assert b'"pong"' in ws.recv_message()[1] or b'"pong"' in ws.recv_message()[1]
+
+
+def test_plain_gets_need_a_host_too(srv):
+    status, _, body = exchange(srv, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert status == 400 and body == b"missing Host header\n"
+    status, _, body = exchange(srv, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and body == b"ok\n"
+
+
+# ---------------------------------------------------------------- nothing escapes the listener factory
+
+
+async def test_an_exception_in_routing_is_a_fixed_500_not_its_text(caplog):
+    """picows answers an exception from the listener factory with 500 and the exception's text;
+    route() must never let one through. A request picows could not produce (headers None) forces one."""
+    node = Node(Settings(port=1))
+    request = WSUpgradeRequest()
+    request.method = b"GET"
+    request.path = b"/ws"
+    request.version = b"HTTP/1.1"
+    request.headers = None
+    reply = node.route(request)
+    assert reply.response.status == 500
+    assert reply.response.body == b"internal server error\n"
+    assert reply.listener is None
+    assert "error while routing" in caplog.text
+    await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------- the handshake timeout (slowloris)
+
+
+def test_websocket_port_drops_a_silent_or_trickling_request(make_server):
+    """--request-timeout bounds the whole request head: nothing sent, or one header line at a time."""
+    import socket
+    import time
+
+    srv = make_server("--request-timeout", "1").start()
+    silent = socket.create_connection((HOST, srv.port))
+    trickle = socket.create_connection((HOST, srv.port))
+    started = time.monotonic()
+    lines = upgrade_head().split(b"\r\n")[:-2]
+    trickle.settimeout(0.25)
+    eof_at = None
+    for i in range(40):  # one header line every 0.25 s, never the blank line
+        try:
+            trickle.sendall(lines[i % len(lines)] + b"\r\n" if i else lines[0] + b"\r\n")
+            if trickle.recv(1024) == b"":
+                eof_at = time.monotonic()
+                break
+        except TimeoutError:
+            continue
+        except OSError:
+            eof_at = time.monotonic()
+            break
+    assert eof_at is not None and eof_at - started < 3.0
+    silent.settimeout(3.0)
+    assert silent.recv(1024) == b""
+    silent.close()
+    trickle.close()
