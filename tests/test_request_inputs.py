@@ -1,0 +1,308 @@
+"""Every header and query parameter the server reads, on both ports, against malformed values.
+
+Kinds (issue 11): bytes that are not ASCII or not UTF-8, a value sent twice, an oversized
+value, numbers written with non-ASCII digits, names with a trailing newline, foreign
+origins, JWT leeway, and clients that send their request head slowly or never. Each is
+sent byte for byte over a raw socket (tests/rawws.py); every refusal is a 4xx with a
+short fixed reason, never a 500 or an exception's text.
+
+Surfaces: the WebSocket upgrade (``/ws`` on ``--port``), ``GET /sse`` and ``POST /publish``
+(``--http-port``, aiohttp).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import jwt
+import pytest
+
+from conftest import ServerProcess, free_port, wait_for_port
+from rawws import RawWS, send_head, upgrade_head
+
+HOST = "127.0.0.1"
+SECRET = "edge-secret-that-is-long-enough-for-hs256!!"
+ADMIN = "edge-admin-key"
+ORIGINS = "https://good.example, https://*.trusted.example"
+
+
+def token(ttl: float = 600, **claims) -> str:
+    body = {"sub": "alice", "exp": int(time.time() + ttl), **claims}
+    return jwt.encode(body, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def edge():
+    """Auth on (default leeway 5 s), admin key, HTTP port, an origin allow-list, 1 s request timeout."""
+    http_port = free_port()
+    srv = ServerProcess(
+        "--jwt-secret", SECRET, "--admin-key", ADMIN, "--http-port", str(http_port),
+        "--rate-limit", "0", "--allowed-origins", ORIGINS, "--request-timeout", "1",
+    )  # fmt: skip
+    srv.http_port = http_port
+    srv.start()
+    wait_for_port(http_port)
+    yield srv
+    srv.kill()
+
+
+def ws_upgrade(srv, *, query: str = "", extra=None) -> tuple[int, bytes]:
+    status, _, body = send_head(HOST, srv.port, upgrade_head("/ws" + query, extra=extra))
+    return status, body
+
+
+def sse_get(srv, *, query: str, extra=None) -> tuple[int, bytes]:
+    lines = [f"GET /sse{query} HTTP/1.1".encode(), f"Host: {HOST}".encode()]
+    lines += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) for k, v in extra or []]
+    status, _, body = send_head(HOST, srv.http_port, b"\r\n".join(lines) + b"\r\n\r\n")
+    return status, body
+
+
+def publish_raw(srv, *, auth: list[bytes], body: bytes = b'{"room":"r","payload":1}') -> tuple[int, bytes]:
+    lines = [b"POST /publish HTTP/1.1", f"Host: {HOST}".encode(), b"Content-Type: application/json"]
+    lines += [b"Authorization: " + a for a in auth]
+    lines.append(b"Content-Length: %d" % len(body))
+    status, _, got = send_head(HOST, srv.http_port, b"\r\n".join(lines) + b"\r\n\r\n" + body)
+    return status, got
+
+
+def assert_fixed_reason(body: bytes) -> None:
+    """A short sentence of ours: no Python exception text, no echo of raw input."""
+    assert len(body) < 200, body
+    for leak in (b"codec", b"Error", b"Traceback", b"surrogate", b"\\x", b"b'"):
+        assert leak not in body, body
+
+
+# ---------------------------------------------------------------- tokens: encoding, duplicates, size
+
+GOOD = token()
+HUGE_EXP = token(exp=10**400)
+
+TOKEN_CASES = [
+    # (case, extra headers, query, status)
+    ("Bearer café (UTF-8)", [("Authorization", "Bearer café".encode())], "", 401),
+    ("Bearer with bytes that are not UTF-8", [("Authorization", b"Bearer \xff\xfe")], "", 401),
+    ("two Authorization headers", [("Authorization", f"Bearer {GOOD}"), ("Authorization", f"Bearer {GOOD}")], "", 400),
+    ("token query not ASCII", [], "?token=caf%C3%A9", 401),
+    ("token query not UTF-8", [], "?token=%FF%FE", 401),
+    ("two token parameters", [], f"?token={GOOD}&token={GOOD}", 400),
+    ("exp of 10**400", [("Authorization", f"Bearer {HUGE_EXP}")], "", 401),
+    ("oversized token", [("Authorization", "Bearer " + "a." * 3000 + "b")], "", 401),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, extra, query, status", TOKEN_CASES, ids=[c[0] for c in TOKEN_CASES])
+def test_token_inputs_on_the_websocket_upgrade(edge, case, extra, query, status):
+    got, body = ws_upgrade(edge, query=query, extra=extra)
+    assert got == status, body
+    assert_fixed_reason(body)
+
+
+@pytest.mark.parametrize("case, extra, query, status", TOKEN_CASES, ids=[c[0] for c in TOKEN_CASES])
+def test_token_inputs_on_sse(edge, case, extra, query, status):
+    sep = "&" if query else "?"
+    got, body = sse_get(edge, query=f"{query}{sep}room=r" if query else "?room=r", extra=extra)
+    assert got == status, body
+    assert_fixed_reason(body)
+
+
+def test_a_good_token_still_works_on_both_surfaces(edge):
+    assert ws_upgrade(edge, extra=[("Authorization", f"Bearer {GOOD}")])[0] == 101
+    assert ws_upgrade(edge, query=f"?token={GOOD}")[0] == 101
+    assert sse_get(edge, query=f"?room=r&token={GOOD}")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "auth, status",
+    [
+        ([b"Bearer \xff\xfe"], 401),  # aiohttp hands this over as lone surrogates
+        ("Bearer café".encode(), 401),
+        ([f"Bearer {ADMIN}".encode(), f"Bearer {ADMIN}".encode()], 400),
+        ([b"Bearer " + b"k" * 6000], 401),
+    ],
+    ids=["not UTF-8", "UTF-8 non-ASCII", "two headers", "oversized"],
+)
+def test_admin_key_inputs(edge, auth, status):
+    got, body = publish_raw(edge, auth=auth if isinstance(auth, list) else [auth])
+    assert got == status, body
+    assert_fixed_reason(body)
+    assert publish_raw(edge, auth=[f"Bearer {ADMIN}".encode()])[0] == 200
+
+
+# ---------------------------------------------------------------- names and numbers on SSE
+
+SSE_CASES = [
+    ("room with a trailing newline", "?room=ok%0A", [], 400),
+    ("room not ASCII", "?room=caf%C3%A9", [], 400),
+    ("two rooms", "?room=a&room=b", [], 400),
+    ("since superscript two", "?room=ok&since=%C2%B2", [], 400),
+    ("since Arabic-Indic three", "?room=ok&since=%D9%A3", [], 400),
+    ("since full-width one", "?room=ok&since=%EF%BC%91", [], 400),
+    ("since with a sign", "?room=ok&since=%2B1", [], 400),
+    ("since negative", "?room=ok&since=-1", [], 400),
+    ("since with an underscore", "?room=ok&since=1_0", [], 400),
+    ("since with a space", "?room=ok&since=%201", [], 400),
+    ("since past 2^63-1", "?room=ok&since=9223372036854775808", [], 400),
+    ("two since", "?room=ok&since=1&since=2", [], 400),
+    ("Last-Event-ID superscript two", "?room=ok", [("Last-Event-ID", "²".encode())], 400),
+    ("Last-Event-ID not UTF-8", "?room=ok", [("Last-Event-ID", b"\xff")], 400),
+    ("two Last-Event-ID", "?room=ok", [("Last-Event-ID", "1"), ("Last-Event-ID", "2")], 400),
+]
+
+
+@pytest.mark.parametrize("case, query, extra, status", SSE_CASES, ids=[c[0] for c in SSE_CASES])
+def test_sse_names_and_numbers(edge, case, query, extra, status):
+    got, body = sse_get(edge, query=f"{query}&token={GOOD}", extra=extra)
+    assert got == status, body
+    assert_fixed_reason(body)
+    assert "error" in json.loads(body)
+
+
+def test_sse_takes_the_largest_seq_and_ascii_digits(edge):
+    assert sse_get(edge, query=f"?room=ok&since=9223372036854775807&token={GOOD}")[0] == 200
+    assert sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Last-Event-ID", "0")])[0] == 200
+
+
+# ---------------------------------------------------------------- origins
+
+ORIGIN_CASES = [
+    ("listed", "https://good.example", True),
+    ("listed, other case", "HTTPS://Good.Example", True),
+    ("matches a glob", "https://chat.trusted.example", True),
+    ("foreign", "https://evil.example", False),
+    ("suffix trick", "https://good.example.evil.example", False),
+    ("null", "null", False),
+    ("absent (not a browser)", None, True),
+]
+
+
+@pytest.mark.parametrize("case, origin, allowed", ORIGIN_CASES, ids=[c[0] for c in ORIGIN_CASES])
+def test_allowed_origins_on_the_websocket_upgrade(edge, case, origin, allowed):
+    extra = [("Authorization", f"Bearer {GOOD}")] + ([("Origin", origin)] if origin else [])
+    status, body = ws_upgrade(edge, extra=extra)
+    assert status == (101 if allowed else 403), body
+    if not allowed:
+        assert body == b"origin not allowed\n"
+
+
+@pytest.mark.parametrize("case, origin, allowed", ORIGIN_CASES, ids=[c[0] for c in ORIGIN_CASES])
+def test_allowed_origins_on_sse(edge, case, origin, allowed):
+    status, body = sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Origin", origin)] if origin else [])
+    assert status == (200 if allowed else 403), body
+
+
+@pytest.mark.parametrize("surface", ["ws", "sse"])
+def test_origin_not_ascii_or_repeated_is_400(edge, surface):
+    for extra in ([("Origin", "https://café.example".encode())], [("Origin", "https://good.example")] * 2):
+        if surface == "ws":
+            status, body = ws_upgrade(edge, extra=[("Authorization", f"Bearer {GOOD}"), *extra])
+        else:
+            status, body = sse_get(edge, query=f"?room=ok&token={GOOD}", extra=extra)
+        assert status == 400, body
+        assert_fixed_reason(body)
+
+
+def test_any_origin_by_default_and_a_warning_in_production(make_server):
+    srv = make_server("--rate-limit", "0").start()
+    assert ws_upgrade(srv, extra=[("Origin", "https://evil.example")])[0] == 101
+    prod = make_server("--production", "--allow-anonymous", "--workers", "1").start()
+    assert "--allowed-origins is not set" in prod.output()
+    listed = make_server(
+        "--production", "--allow-anonymous", "--workers", "1", "--allowed-origins", ORIGINS
+    ).start()
+    assert "--allowed-origins" not in listed.output()
+
+
+# ---------------------------------------------------------------- JWT leeway: one rule for both decisions
+
+
+def test_a_token_inside_the_leeway_connects_and_lives_until_exp_plus_leeway(edge):
+    """exp 2-3 s ago, leeway 5 s: accepted, and closed with 4001 at exp + 5, not at once."""
+    exp = int(time.time()) - 2
+    tok = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    with RawWS.connect(HOST, edge.port, headers={"Authorization": f"Bearer {tok}"}, timeout=8) as ws:
+        with pytest.raises(TimeoutError):
+            ws.expect_close(timeout=exp + 5 - time.time() - 0.3)
+        code, _ = ws.expect_close(timeout=3)
+        closed_at = time.time()
+    assert code == 4001
+    assert exp + 5 - 0.3 <= closed_at <= exp + 5 + 1.5
+
+
+def test_a_token_past_the_leeway_is_refused(edge):
+    tok = jwt.encode({"sub": "alice", "exp": int(time.time()) - 7}, SECRET, algorithm="HS256")
+    status, body = ws_upgrade(edge, extra=[("Authorization", f"Bearer {tok}")])
+    assert status == 401 and b"token expired" in body
+    assert sse_get(edge, query=f"?room=ok&token={tok}")[0] == 401
+
+
+def test_sse_with_a_token_inside_the_leeway_ends_at_exp_plus_leeway(edge):
+    exp = int(time.time()) - 2
+    tok = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    with socket.create_connection((HOST, edge.http_port), timeout=8) as sock:
+        sock.sendall(f"GET /sse?room=ok&token={tok} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"event: close" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+            if b" 200 " not in data.split(b"\r\n", 1)[0]:
+                pytest.fail(data.decode(errors="replace"))
+        ended_at = time.time()
+    assert b"data: token expired" in data
+    assert exp + 5 - 0.3 <= ended_at <= exp + 5 + 1.5
+
+
+# ---------------------------------------------------------------- slow or silent clients (slowloris)
+
+
+def _dropped_within(port: int, send_lines: bool, limit: float) -> float:
+    """Seconds until the server closes a connection that sends nothing, or one header line every 0.25 s."""
+    started = time.monotonic()
+    with socket.create_connection((HOST, port)) as sock:
+        sock.settimeout(0.25)
+        if send_lines:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        n = 0
+        while time.monotonic() - started < limit:
+            try:
+                if send_lines:
+                    sock.sendall(b"X-Slow-%d: 1\r\n" % n)
+                    n += 1
+                if sock.recv(4096) == b"":
+                    return time.monotonic() - started
+            except TimeoutError:
+                continue
+            except OSError:
+                return time.monotonic() - started
+    return float("inf")
+
+
+@pytest.mark.parametrize("send_lines", [False, True], ids=["silent", "one line at a time"])
+@pytest.mark.parametrize("port", ["ws", "http"])
+def test_request_head_must_arrive_within_the_request_timeout(edge, port, send_lines):
+    took = _dropped_within(edge.port if port == "ws" else edge.http_port, send_lines, limit=6.0)
+    assert took < 3.0  # --request-timeout 1, plus scheduling slack on a loaded machine
+
+
+def test_http_keepalive_connection_idle_past_the_timeout_is_closed(edge):
+    with socket.create_connection((HOST, edge.http_port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(4096) == b""
+        assert time.monotonic() - started < 3.0
+
+
+def test_admin_publish_body_that_never_arrives_is_408(edge):
+    with socket.create_connection((HOST, edge.http_port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + ADMIN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
