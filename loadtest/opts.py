@@ -87,12 +87,18 @@ def _add_options(parser: Any, **_kw: Any) -> None:
     a("--backoff-base", type=float, default=0.1, help="Backoff base delay in seconds (default 0.1)")
     a("--backoff-cap", type=float, default=5.0, help="Backoff cap in seconds (default 5)")
     # chat
-    a("--rooms", type=int, default=10, help="Number of rooms chat users spread over (default 10)")
+    a(
+        "--rooms",
+        type=int,
+        default=0,
+        help="Spread chat users round-robin over exactly N rooms (default 0: rooms of --room-size, filled in order)",
+    )
     a(
         "--room-size",
         type=int,
-        default=0,
-        help="Target users per room; overrides --rooms with ceil(total users / size) rooms (default 0: use --rooms)",
+        default=10,
+        help="Chat users per room when --rooms is 0: users 0..S-1 share the first room, and so on, so rooms "
+        "have S members at any user count (default 10)",
     )
     a("--rooms-per-user", type=int, default=1, help="Rooms each chat user joins (default 1)")
     a("--room-prefix", default="lt", help="Room name prefix (default lt -> lt-0, lt-1, ...)")
@@ -114,12 +120,6 @@ def _add_options(parser: Any, **_kw: Any) -> None:
         action="store_true",
         default=False,
         help="Publish without an id: no ack round trip is measured, the server sends nothing back unless on error",
-    )
-    a(
-        "--total-users",
-        type=int,
-        default=0,
-        help="Total users across all workers, for --room-size (default: --users, or --storm-users with the storm shape)",
     )
     # echo
     a("--echo-rate", type=float, default=1.0, help="Echo requests per second per echo user (default 1)")
@@ -195,6 +195,26 @@ def _add_options(parser: Any, **_kw: Any) -> None:
         "(default results/locust)",
     )
     a("--no-results", action="store_true", default=False, help="Do not write the automatic results directory")
+    # pass/fail thresholds (locust-plugins' --check-* habit): a failed check sets exit code 3
+    a(
+        "--check-p99-delivery-ms",
+        type=float,
+        default=0.0,
+        help="Fail the run (exit 3) if the HDR p99 of live deliveries is above this many ms, or if there "
+        "were no deliveries (default 0: no check)",
+    )
+    a(
+        "--check-fail-ratio",
+        type=float,
+        default=-1.0,
+        help="Fail the run (exit 3) if failures / requests is above this ratio, e.g. 0.01 (default -1: no check)",
+    )
+    a(
+        "--check-gaps",
+        type=int,
+        default=-1,
+        help="Fail the run (exit 3) if more than this many room messages never arrived (default -1: no check)",
+    )
     a(
         "--cpu-warning-fails",
         action="store_true",
@@ -221,15 +241,14 @@ class Settings:
     backoff: str = "full-jitter"
     backoff_base: float = 0.1
     backoff_cap: float = 5.0
-    rooms: int = 10
-    room_size: int = 0
+    rooms: int = 0
+    room_size: int = 10
     rooms_per_user: int = 1
     room_prefix: str = "lt"
     publish_rate: float = 1.0
     publisher_ratio: float = 1.0
     payload_size: int = 64
     no_publish_ack: bool = False
-    total_users: int = 0
     echo_rate: float = 1.0
     echo_path: str = ""
     app_ping_interval: float = 0.0
@@ -249,8 +268,10 @@ class Settings:
     results_root: str = "results/locust"
     no_results: bool = False
     cpu_warning_fails: bool = False
+    check_p99_delivery_ms: float = 0.0
+    check_fail_ratio: float = -1.0
+    check_gaps: int = -1
     # filled in by the master (or local runner) at test start and forwarded to workers
-    wsfan_total_users: int = 0
     wsfan_workers: int = 1
 
     @classmethod
@@ -266,19 +287,21 @@ class Settings:
         return s
 
     # ---------------------------------------------------------------- derived
-    def room_count(self) -> int:
-        """Rooms in play: --rooms, or enough rooms of --room-size for every user."""
-        if self.room_size > 0:
-            total = self.total_users or self.wsfan_total_users or self.rooms * self.room_size
-            return max(1, math.ceil(total / self.room_size))
-        return max(1, self.rooms)
+    def rooms_for(self, chat_index: int) -> list[str]:
+        """Rooms of the ``chat_index``-th chat user (counted over every worker).
 
-    def rooms_for(self, global_index: int) -> list[str]:
-        """Rooms of one user: round-robin, so rooms fill evenly whatever the user count."""
-        count = self.room_count()
-        k = max(1, min(self.rooms_per_user, count))
-        base = global_index % count
-        return [f"{self.room_prefix}-{(base + j) % count}" for j in range(k)]
+        With --rooms N: round-robin over N rooms. Otherwise rooms of --room-size are filled
+        in order, which needs no total user count and gives every room several members
+        whatever -u is (round-robin over a fixed 10 rooms left 7 chat users alone in 7 rooms).
+        """
+        k = max(1, self.rooms_per_user)
+        if self.rooms > 0:
+            count = self.rooms
+            k = min(k, count)
+            base = chat_index % count
+            return [f"{self.room_prefix}-{(base + j) % count}" for j in range(k)]
+        base = chat_index // max(1, self.room_size)
+        return [f"{self.room_prefix}-{base + j}" for j in range(k)]
 
     def is_publisher(self, global_index: int) -> bool:
         """Spread publishers evenly (Bresenham) instead of randomly, so small runs are predictable."""
@@ -321,21 +344,13 @@ def settings(environment: Environment) -> Settings:
 def _refresh(environment: Environment, **_kw: Any) -> None:
     """Rebuild settings at test start: workers receive the master's options only with the spawn message.
 
-    On the master (or a local runner) also record the total user count and the
-    number of workers, so that workers can compute room sizes and a global user
-    index; Locust forwards these extra attributes with the spawn message.
+    On the master (or a local runner) also record the number of workers, so that
+    workers can compute a global user index; Locust forwards this extra attribute
+    with the spawn message.
     """
     opts = environment.parsed_options
     runner = environment.runner
     if opts is not None and runner is not None and type(runner).__name__ in ("MasterRunner", "LocalRunner"):
-        total = getattr(opts, "total_users", 0) or 0
-        if not total:
-            shape = environment.shape_class
-            if shape is not None and type(shape).__name__ == "ReconnectStorm":
-                total = getattr(opts, "storm_users", 0) or 0
-            else:
-                total = getattr(opts, "num_users", 0) or 0
-        opts.wsfan_total_users = int(total)
         opts.wsfan_workers = max(1, int(getattr(runner, "worker_count", 1) or 1))
     _cache[id(environment)] = Settings.from_options(opts)
 

@@ -32,7 +32,8 @@ from locust import events, stats
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from wsfan.loadtest.opts import settings
+from wsfan.loadtest.hdr import LATENCIES
+from wsfan.loadtest.opts import Settings, settings
 
 logger = logging.getLogger("loadtest")
 
@@ -115,7 +116,10 @@ def _on_init(environment: Environment, runner: Any = None, **_kw: Any) -> None:
     """Decide where results go; workers never write reports (the master has the aggregate)."""
     RUN.__init__()
     COUNTERS.reset()
+    LATENCIES.reset()
     STORMS.clear()
+    if environment.web_ui is not None:
+        _extend_web_ui(environment)
     opts = environment.parsed_options
     if opts is None or isinstance(runner, WorkerRunner):
         return
@@ -140,6 +144,7 @@ def _on_init(environment: Environment, runner: Any = None, **_kw: Any) -> None:
 @events.report_to_master.add_listener
 def _on_report_to_master(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
     data["wsfan_counters"] = COUNTERS.drain()
+    data["wsfan_hdr"] = LATENCIES.drain()
 
 
 @events.worker_report.add_listener
@@ -147,6 +152,85 @@ def _on_worker_report(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
     delta = data.get("wsfan_counters")
     if delta:
         COUNTERS.merge(delta)
+    hdr = data.get("wsfan_hdr")
+    if hdr:
+        LATENCIES.merge(hdr)
+
+
+@events.reset_stats.add_listener
+def _on_reset_stats(**_kw: Any) -> None:
+    LATENCIES.reset()
+
+
+HDR_TAB = "wsfan-latency"
+
+
+def _extend_web_ui(environment: Environment) -> None:
+    """A "Latency (µs)" tab in Locust's web UI: the HDR table, sent with every stats refresh."""
+    from flask import request
+
+    web_ui = environment.web_ui
+    web_ui.template_args["extended_tabs"] = [{"title": "Latency (HDR, microseconds)", "key": HDR_TAB}]
+    web_ui.template_args["extended_tables"] = [
+        {
+            "key": HDR_TAB,
+            "structure": [
+                {"key": "name", "title": "Name"},
+                {"key": "count", "title": "# samples"},
+                {"key": "min_us", "title": "Min (µs)"},
+                {"key": "p50_us", "title": "p50 (µs)"},
+                {"key": "p90_us", "title": "p90 (µs)"},
+                {"key": "p99_us", "title": "p99 (µs)"},
+                {"key": "p999_us", "title": "p99.9 (µs)"},
+                {"key": "max_us", "title": "Max (µs)"},
+            ],
+        }
+    ]
+
+    @web_ui.app.after_request
+    def _add_hdr_rows(response: Any) -> Any:
+        if request.path != "/stats/requests" or not response.is_json:
+            return response
+        body = response.get_json()
+        rows = []
+        for r in LATENCIES.rows():
+            r["p999_us"] = r.pop("p99.9_us")  # no dot in a key the web UI reads
+            rows.append(r)
+        body["extended_stats"] = [{"key": HDR_TAB, "data": rows}]
+        response.set_data(json.dumps(body))
+        return response
+
+
+def evaluate_checks(environment: Environment, s: Settings) -> list[dict[str, Any]]:
+    """The --check-* thresholds: one entry per check asked for, with the figure and whether it passed."""
+    checks: list[dict[str, Any]] = []
+    if s.check_p99_delivery_ms > 0:
+        p99 = LATENCIES.percentile_ms("delivery", 99.0)
+        checks.append(
+            {
+                "check": "p99_delivery_ms",
+                "limit": s.check_p99_delivery_ms,
+                "value": p99,
+                "passed": p99 is not None and p99 <= s.check_p99_delivery_ms,
+            }
+        )
+    if s.check_fail_ratio >= 0:
+        total = environment.stats.total
+        ratio = total.num_failures / total.num_requests if total.num_requests else 0.0
+        checks.append(
+            {
+                "check": "fail_ratio",
+                "limit": s.check_fail_ratio,
+                "value": round(ratio, 6),
+                "passed": ratio <= s.check_fail_ratio,
+            }
+        )
+    if s.check_gaps >= 0:
+        missing = int(COUNTERS.values.get("messages_missing", 0))
+        checks.append(
+            {"check": "gaps", "limit": s.check_gaps, "value": missing, "passed": missing <= s.check_gaps}
+        )
+    return checks
 
 
 @events.test_start.add_listener
@@ -218,6 +302,7 @@ def build_summary(environment: Environment) -> dict[str, Any]:
         "entries": [_entry_summary(e) for e in stats.sort_stats(st.entries)],
         "errors": errors,
         "counters": dict(sorted(COUNTERS.values.items())),
+        "hdr_us": LATENCIES.rows(),
         "storms": STORMS,
         "loadgen_cpu": {
             "samples_over_90": cpu_samples,
@@ -228,12 +313,34 @@ def build_summary(environment: Environment) -> dict[str, Any]:
     }
 
 
+#: Exit code of a run whose --check-* threshold failed (locust-plugins uses the same).
+CHECK_FAILED_EXIT = 3
+
+
 @events.quitting.add_listener
 def _on_quitting(environment: Environment, **_kw: Any) -> None:
-    """Finish the CSV files with final numbers and write summary.json and Locust's JSON."""
-    if RUN.written or RUN.summary_path is None:
+    """Apply the --check-* thresholds, finish the CSV files, write HDR tables, summary.json and Locust's JSON."""
+    if isinstance(environment.runner, WorkerRunner) or RUN.written:
         return
     RUN.written = True
+    checks = evaluate_checks(environment, settings(environment))
+    for c in checks:
+        logger.log(
+            logging.INFO if c["passed"] else logging.ERROR,
+            "check %s: %s (limit %s) %s",
+            c["check"],
+            c["value"],
+            c["limit"],
+            "passed" if c["passed"] else "FAILED",
+        )
+    if any(not c["passed"] for c in checks):
+        environment.process_exit_code = CHECK_FAILED_EXIT
+    elif any(c["check"] == "fail_ratio" for c in checks):
+        # The user said how many failures are acceptable: within it, the run passes even if
+        # some requests failed (Locust alone exits 1 on any failure).
+        environment.process_exit_code = 0
+    if RUN.summary_path is None:
+        return
     if RUN.writer is not None and RUN.csv_prefix is not None:
         if RUN.writer_greenlet is not None:
             RUN.writer_greenlet.kill(block=True, timeout=2)
@@ -253,7 +360,10 @@ def _on_quitting(environment: Environment, **_kw: Any) -> None:
         ]
         with open(os.path.join(RUN.directory or ".", "locust.json"), "w") as fh:
             json.dump(serialized, fh, indent=2)
+    # Beside the summary: <dir>/hdr.json (automatic results directory) or <PREFIX>_hdr.json (--csv PREFIX).
+    LATENCIES.write(RUN.summary_path.removesuffix("summary.json"))
     summary = build_summary(environment)
+    summary["checks"] = checks
     with open(RUN.summary_path, "w") as fh:
         json.dump(summary, fh, indent=2, default=str)
     if summary["loadgen_cpu"]["saturated"]:

@@ -42,8 +42,10 @@ import msgspec
 from gevent.event import Event
 from locust import User, tag, task
 from locust.env import Environment
+from locust.stats import StatsError
 
 from wsfan.loadtest import wire
+from wsfan.loadtest.hdr import LATENCIES
 from wsfan.loadtest.opts import Settings, settings
 from wsfan.loadtest.report import COUNTERS
 from wsfan.loadtest.wsclient import (
@@ -64,6 +66,42 @@ REQUEST_TYPE = "WS"
 GAP_GRACE = 2.0
 
 _index = itertools.count()
+_chat_index = itertools.count()
+
+
+def is_request_latency(name: str) -> bool:
+    """Whether a measurement is a request latency, and so belongs in Locust's Aggregated row.
+
+    Heartbeat intervals, connection lifetimes (``close:<code>``) and the age of replayed
+    history are measurements too (they keep their own rows and HDR histograms) but
+    not latencies of anything the user asked for: averaged with echo round trips
+    they would make the Aggregated row and Locust's charts meaningless.
+    """
+    return not (name == "heartbeat" or name == "delivery:replayed" or name.startswith("close:"))
+
+
+def log_outside_aggregate(
+    stats: Any, method: str, name: str, ms: float, length: int, error: str | None
+) -> None:
+    """Log into one stats row and the failures table, keeping the value out of Locust's ``total`` row.
+
+    Locust's ``RequestStats.log_request`` updates the entry and ``total`` together;
+    workers ship entries and the total separately, so skipping ``total`` here keeps
+    the value out of the Aggregated row on the master too. A failure is still
+    counted in ``total`` (a server close is a failure of the run), without a value.
+    """
+    entry = stats.get(name, method)
+    entry.log(ms, length)
+    if error is not None:
+        entry.log_error(error)
+        stats.total.log_error(error)  # a failure still counts in the Aggregated row; only its value stays out
+        key = StatsError.create_key(method, name, error)
+        failure = stats.errors.get(key)
+        if failure is None:
+            failure = stats.errors[key] = StatsError(method, name, error)
+        failure.occurred()
+
+
 #: Every live user of this process, for the storm trigger and cleanup.
 LIVE: weakref.WeakSet[WebSocketUser] = weakref.WeakSet()
 
@@ -426,7 +464,9 @@ class WebSocketUser(User):
             p = self._pending.pop(msg.requestId, None) if msg.requestId else None
             rt = (time.perf_counter() - p.t0) * 1000 if p else 0.0
             code = msg.code or "UNKNOWN"
-            self._fire_event(f"error:{code}", rt, size, code)
+            # A refused request fails its own row (publish, join, echo...) with the code as the reason;
+            # an error that answers no request of ours gets a row of its own.
+            self._fire_event(p.name if p is not None else f"error:{code}", rt, size, f"error:{code}")
             if p is not None and p.name in ("join", "rejoin") and p.room:
                 self._recovering.pop(p.room, None)
                 self._join_done(p.room)
@@ -506,7 +546,7 @@ class WebSocketUser(User):
                         del self._replay_until[room]
         p = self.codec.decode_payload(msg.payload)
         if p is None:
-            self._fire_event(f"{name} (no ts)", 0, size, None)
+            self._fire_event(f"{name} (no ts)", 0, size, None, timed=False)
             return
         # Replayed history is as old as the outage: kept apart so that it does not pollute live latency.
         latency = (now - p.ts) * 1000
@@ -578,7 +618,17 @@ class WebSocketUser(User):
         if self._gaps:
             self._expire_gaps(time.monotonic())
 
-    def _fire_event(self, name: str, response_time: float, length: int, exception: str | None) -> None:
+    def _fire_event(
+        self, name: str, response_time: float, length: int, exception: str | None, timed: bool = True
+    ) -> None:
+        """Report one measurement (ms): Locust's row and, if it succeeded and was timed, its µs HDR histogram."""
+        if exception is None and timed:
+            LATENCIES.record(name, response_time)
+        if not is_request_latency(name):
+            log_outside_aggregate(
+                self.environment.stats, REQUEST_TYPE, name, response_time, length, exception
+            )
+            return
         self._fire(
             request_type=REQUEST_TYPE,
             name=name,
@@ -601,8 +651,13 @@ class ChatUser(WebSocketUser):
 
     def on_start(self) -> None:
         s = self.settings
-        self.rooms = s.rooms_for(self.global_index)
-        self.publisher = s.is_publisher(self.global_index) and s.publish_rate > 0
+        # Rooms and publishers are spread over chat users only, so that a mixed run
+        # (chat + echo + idle users) still fills rooms with several chat users each.
+        workers = max(1, s.wsfan_workers)
+        worker = int(getattr(self.environment.runner, "worker_index", 0) or 0)
+        chat_index = next(_chat_index) * workers + worker
+        self.rooms = s.rooms_for(chat_index)
+        self.publisher = s.is_publisher(chat_index) and s.publish_rate > 0
         self.track_gaps = not (self.publisher and s.no_publish_ack)
         self._n = 0
         super().on_start()
@@ -629,7 +684,7 @@ class ChatUser(WebSocketUser):
         msg: dict[str, Any] = {"type": "publish", "room": room, "payload": self.make_payload(self._n)}
         if self.settings.no_publish_ack:
             if self.send_message(msg):
-                self._fire_event("publish", 0, 0, None)
+                self._fire_event("publish", 0, 0, None, timed=False)
         else:
             self.request("publish", msg, room)
 

@@ -254,7 +254,9 @@ def test_rate_limit_shows_error_and_close_codes(tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert run.rc == 1, run.explain()  # Locust exits 1 when anything failed
-    assert run.failures("error:RATE_LIMITED") > 0, run.explain()
+    # a refused publish fails the publish row itself, with the code as the reason
+    assert run.failures("publish") > 0 and "error:RATE_LIMITED" not in run.rows, run.explain()
+    assert any(e["name"] == "publish" and e["error"] == "error:RATE_LIMITED" for e in run.summary["errors"])
     assert run.failures("close:4029") > 0, run.explain()
     assert run.count("join") > 0 and run.count("connect") > 3, run.explain()  # kicked users came back
 
@@ -395,8 +397,8 @@ from wsfan.loadtest.opts import Settings
 s = Settings(rooms=3, rooms_per_user=2, room_prefix="r", publisher_ratio=0.25)
 assert s.rooms_for(0) == ["r-0", "r-1"] and s.rooms_for(4) == ["r-1", "r-2"]
 assert sum(s.is_publisher(i) for i in range(100)) == 25
-s2 = Settings(room_size=10, total_users=95)
-assert s2.room_count() == 10
+s2 = Settings(room_size=10)  # default: rooms of 10 filled in order, whatever the user count
+assert [s2.rooms_for(i) for i in (0, 9, 10, 25)] == [["lt-0"], ["lt-0"], ["lt-1"], ["lt-2"]]
 rng = random.Random(1)
 fj = Settings(backoff="full-jitter", backoff_base=0.1, backoff_cap=1.0)
 assert all(0 <= fj.backoff_delay(n, rng) <= min(1.0, 0.1 * 2 ** n) for n in range(12))
@@ -450,3 +452,150 @@ print("ok")
 """
     done = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+# ----------------------------------------------------------------- precision, aggregation, thresholds
+
+
+def _hdr(run: Run) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in run.summary["hdr_us"]}
+
+
+def test_default_mixed_run_has_deliveries(server: Server, tmp_path: Path) -> None:
+    """``locust -f locustfile.py -u 20``: chat users share rooms, so the delivery row is not empty."""
+    prefix = tmp_path / "mixed"
+    done = subprocess.run(
+        [PY, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "--host", server.host,
+         "-u", "20", "-r", "20", "-t", "4s", "--csv", str(prefix)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    run = Run(
+        done.returncode, done.stdout + done.stderr, json.loads(Path(f"{prefix}_summary.json").read_text())
+    )
+    _assert_clean(run, "connect", "join", "publish", "delivery", "echo", "heartbeat")
+    # Heartbeat intervals are not request latencies: their row stays, the Aggregated row leaves them out.
+    request_rows = sum(e["count"] for n, e in run.rows.items() if n != "heartbeat")
+    assert run.rows["heartbeat"]["count"] > 0 and run.summary["totals"]["requests"] == request_rows, (
+        run.explain()
+    )
+    assert (tmp_path / "mixed_hdr.json").exists() and (tmp_path / "mixed_hdr" / "delivery.hgrm").exists()
+
+
+def test_hdr_histograms_merge_across_workers(server: Server, tmp_path: Path) -> None:
+    """Master + 2 workers: the master's µs histograms hold every worker's samples, and resolve below 1 ms."""
+    port = _free_port()
+    prefix = tmp_path / "dist2"
+    common = ["-f", str(SCEN / "chat.py")]
+    master = subprocess.Popen(
+        [PY, "-m", "locust", *common, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port",
+         str(port), "--expect-workers", "2", "--expect-workers-max-wait", "30", "--headless", "-u", "8",
+         "-r", "8", "-t", "5s", "--host", server.host, "--csv", str(prefix), "--room-size", "4",
+         "--publish-rate", "10"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "locust",
+                *common,
+                "--worker",
+                "--master-host",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        out, _ = master.communicate(timeout=60)
+        for w in workers:
+            w.communicate(timeout=30)
+    finally:
+        for p in (master, *workers):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=5)
+    run = Run(master.returncode, out, json.loads(Path(f"{prefix}_summary.json").read_text()))
+    _assert_clean(run, "connect", "join", "publish", "delivery")
+    assert run.summary["workers"] == 2, run.explain()
+    hdr = _hdr(run)
+    for name in ("connect", "join", "publish", "delivery"):
+        # Locust's own count is the sum of the workers' reports; the merged HDR count must equal it
+        assert hdr[name]["count"] == run.count(name) - run.failures(name), (name, hdr[name], run.explain())
+    d = hdr["delivery"]
+    assert d["min_us"] <= d["p50_us"] <= d["p90_us"] <= d["p99_us"] <= d["max_us"], d
+    # microsecond resolution: percentiles are distinct values, not Locust's whole milliseconds
+    assert len({d["min_us"], d["p50_us"], d["p99_us"], d["max_us"]}) >= 3, d
+    assert any(v % 1000 for v in (d["p50_us"], d["p90_us"], d["p99_us"])), d
+
+
+@pytest.mark.parametrize(
+    ("checks", "expected_rc", "failed"),
+    [
+        (["--check-p99-delivery-ms", "60000", "--check-fail-ratio", "0", "--check-gaps", "0"], 0, set()),
+        (["--check-p99-delivery-ms", "0.001"], 3, {"p99_delivery_ms"}),
+        (["--check-gaps", "0", "--check-p99-delivery-ms", "60000", "--check-fail-ratio", "-0.5"], 0, set()),
+    ],
+    ids=["all-pass", "p99-fails", "negative-ratio-is-off"],
+)
+def test_check_thresholds_set_the_exit_code(
+    server: Server, tmp_path: Path, checks: list[str], expected_rc: int, failed: set[str]
+) -> None:
+    run = locust(tmp_path, "chat", server.host, "-u", "4", "-r", "4", "-t", "3s", "--room-size", "4",
+                 "--publish-rate", "10", *checks)  # fmt: skip
+    assert run.rc == expected_rc, run.explain()
+    assert {c["check"] for c in run.summary["checks"] if not c["passed"]} == failed, run.summary["checks"]
+
+
+def test_fail_ratio_check_judges_failures_both_ways(tmp_path: Path) -> None:
+    """Refused publishes (rate limit): within --check-fail-ratio the run passes (0), above it fails (3)."""
+    srv = Server(tmp_path, "--rate-limit", "2", "--rate-burst", "2", "--rate-abuse-strikes", "100000")
+    try:
+        args = ("-u", "2", "-r", "2", "-t", "3s", "--room-size", "2", "--publish-rate", "10")
+        tolerant = locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "1", tag="tolerant")
+        strict = locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "0.01", tag="strict")
+    finally:
+        srv.stop()
+    assert tolerant.failures("publish") > 0 and tolerant.rc == 0, tolerant.explain()
+    assert strict.failures("publish") > 0 and strict.rc == 3, strict.explain()
+
+
+def test_web_ui_has_the_hdr_tab(server: Server, tmp_path: Path) -> None:
+    """The web UI's stats feed carries the µs table its "Latency (HDR)" tab renders."""
+    web = _free_port()
+    proc = subprocess.Popen(
+        [PY, "-m", "locust", "-f", str(SCEN / "chat.py"), "--host", server.host, "-u", "4", "-r", "4",
+         "--autostart", "-t", "20s", "--web-host", "127.0.0.1", "--web-port", str(web), "--room-size", "4",
+         "--publish-rate", "10", "--no-results"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not any(r["name"] == "delivery" for r in rows):
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{web}/stats/requests", timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                continue
+            (tab,) = body["extended_stats"]
+            assert tab["key"] == "wsfan-latency"
+            rows = tab["data"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/", timeout=5) as r:
+            page = r.read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    delivery = next((r for r in rows if r["name"] == "delivery"), None)
+    assert delivery is not None and delivery["count"] > 0, out[-2000:]
+    assert set(delivery) >= {"p50_us", "p90_us", "p99_us", "p999_us", "max_us"}, delivery
+    assert "Latency (HDR, microseconds)" in page  # the tab is declared in the page's template args
