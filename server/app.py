@@ -13,7 +13,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLis
 from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
-from wsfan.server.config import Settings
+from wsfan.server.config import Settings, namespaces
 from wsfan.server.demo import load_pages
 from wsfan.server.handshake import OriginPolicy, Refusal, Upgrade, check_host, check_upgrade, picows_headers
 from wsfan.server.http import HttpSide
@@ -219,11 +219,18 @@ def _authorize(s: Session, action: str, room: str) -> bool:
 
 def make_broker(settings: Settings, node_id: str) -> Broker:
     """In-process unless a broker URL is given; the hub cannot tell the difference."""
+    spaces = namespaces(settings)[0]  # already validated by config.load
     if settings.broker:
         from wsfan.server.broker.redis import RedisBroker
 
-        return RedisBroker(settings.broker, history_size=settings.history_size, node_id=node_id)
-    return MemoryBroker(settings.history_size)
+        return RedisBroker(
+            settings.broker,
+            node_id=node_id,
+            namespaces=spaces,
+            presence_ttl=settings.presence_ttl,
+            meta_ttl=settings.history_meta_ttl,
+        )
+    return MemoryBroker(namespaces=spaces, max_rooms=settings.max_rooms)
 
 
 def _refuse(refusal: Refusal) -> WSUpgradeResponseWithListener:

@@ -16,6 +16,8 @@ from typing import Any, NoReturn
 
 import msgspec
 
+from wsfan.server import namespaces as ns_config
+
 ENV_PREFIX = "WSFAN_"
 
 
@@ -30,6 +32,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_timeout: int = 10_000
     slow_consumer_limit: int = 4 * 1024 * 1024
     history_size: int = 300
+    history_ttl: float = 300.0
+    history_meta_ttl: float = 86_400.0
+    max_rooms: int = 1_000_000
+    presence: bool = False
+    join_leave: bool = False
+    allow_publish: bool = True
+    allow_history: bool = True
+    presence_ttl: float = 60.0
+    namespaces: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     echo_endpoint: bool = False
     log_level: str = "info"
     drain_timeout: float = 10.0
@@ -66,7 +77,21 @@ HELP: dict[str, str] = {
     "heartbeat": "ms of inbound silence before the server pings a connection; 0 turns heartbeats off",
     "heartbeat_timeout": "ms to wait for the pong before closing with 4000",
     "slow_consumer_limit": "bytes queued for one connection that cannot keep up before it is closed with 4008",
-    "history_size": "publications kept per room for recovery with `since`; 0 keeps none",
+    "history_size": "publications kept per room for recovery with `since`; 0 keeps none (default namespace)",
+    "history_ttl": "seconds without a publication after which a room's history is dropped (default namespace)",
+    "history_meta_ttl": "seconds a room's seq and epoch outlive its last publication or join (with --broker; "
+    "when they lapse the room starts over under a new epoch)",
+    "max_rooms": "rooms with history or subscribers a single node keeps at most; past it a join or publish "
+    "that would create a room gets UNAVAILABLE until idle rooms expire",
+    "presence": "answer presence and presence_stats requests (default namespace)",
+    "join_leave": "send joined/left events to a room's other subscribers (default namespace)",
+    "allow_publish": "clients may publish; when off only POST /publish can (default namespace)",
+    "allow_history": "join with since replays history; when off no history is kept (default namespace)",
+    "presence_ttl": "seconds a node's presence entries live in Redis unless refreshed (every third of it); "
+    "a node that dies leaves presence within this time",
+    "namespaces": "room namespaces, the room-name prefix before ':', as NAME:key=value,... specs (repeat the "
+    "flag or separate with ';'); keys: history_size history_ttl presence join_leave allow_publish "
+    "allow_history; unset keys inherit the default namespace. TOML: [namespaces.NAME] tables",
     "echo_endpoint": "serve /echo, which echoes every message verbatim (for RFC 6455 conformance suites)",
     "log_level": "debug, info, warning or error",
     "drain_timeout": "seconds to wait for close handshakes on shutdown before dropping connections",
@@ -126,7 +151,9 @@ def build_parser(prog: str = "wsfan") -> argparse.ArgumentParser:
     for name, field_type in Settings.__annotations__.items():
         default = getattr(defaults, name)
         help_text = f"{HELP[name]} (env {ENV_PREFIX}{name.upper()}; default: {default!r})"
-        if field_type == "bool":
+        if field_type.startswith("dict"):
+            parser.add_argument(_flag(name), dest=name, action="append", metavar="SPEC", help=help_text)
+        elif field_type == "bool":
             parser.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
@@ -148,7 +175,9 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
 def _from_toml(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    section = data.get("server", data)
+    section = dict(data.get("server", data))
+    if "namespaces" in data and section is not data:
+        section.setdefault("namespaces", data["namespaces"])
     return {k.replace("-", "_"): v for k, v in section.items()}
 
 
@@ -164,8 +193,22 @@ def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             parser.error(f"--config {args.config}: cannot read it ({exc.strerror or type(exc).__name__})")
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             parser.error(f"--config {args.config}: not valid TOML ({exc})")
-    merged.update(_from_env(dict(os.environ) if environ is None else environ))
+    table: dict[str, Any] = merged.pop("namespaces", None) or {}
+    if not isinstance(table, dict):
+        parser.error("namespaces in the TOML file must be tables: [namespaces.NAME]")
+    env = _from_env(dict(os.environ) if environ is None else environ)
+    specs = [env.pop("namespaces")] if "namespaces" in env else []
+    specs += args.namespaces or []
+    args.namespaces = None
+    for spec in specs:
+        try:
+            for name, options in ns_config.parse_specs(spec).items():
+                table[name] = {**(table.get(name) or {}), **options}
+        except ValueError as exc:
+            parser.error(f"--namespaces: {exc}")
+    merged.update(env)
     merged.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    merged["namespaces"] = table
     try:
         # strict=False lets env strings like "9000" or "true" convert to their field types.
         settings = msgspec.convert(merged, Settings, strict=False)
@@ -231,8 +274,26 @@ def validate(s: Settings) -> list[str]:
         problems.append("backlog must be >= 1")
     if s.history_size < 0:
         problems.append("history-size must be >= 0")
+    if s.max_rooms < 1:
+        problems.append("max-rooms must be >= 1")
+    if not s.presence_ttl >= 1 or not s.history_meta_ttl >= 1:
+        problems.append("presence-ttl and history-meta-ttl must be >= 1 second")
+    problems += namespaces(s)[1]
     if s.slow_consumer_limit < 1024:
         problems.append("slow-consumer-limit must be at least 1024 bytes")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append("log-level must be debug, info, warning or error")
     return problems
+
+
+def namespaces(s: Settings) -> tuple[ns_config.Namespaces, list[str]]:
+    """The room namespaces these settings describe, and what is wrong with them (empty when valid)."""
+    default = ns_config.Namespace(
+        history_size=s.history_size,
+        history_ttl=s.history_ttl,
+        presence=s.presence,
+        join_leave=s.join_leave,
+        allow_publish=s.allow_publish,
+        allow_history=s.allow_history,
+    )
+    return ns_config.build(default, s.namespaces)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from aiohttp import web
 from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.handshake import Refusal, single
-from wsfan.server.hub import Session
+from wsfan.server.hub import Session, presence_data
 from wsfan.server.metrics import CONTENT_TYPE
 from wsfan.server.protocol import Encoding, RoomName, parse_seq, valid_room
 
@@ -80,6 +81,8 @@ class HttpSide:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/publish", self.publish)
         app.router.add_get("/sse", self.sse)
+        app.router.add_get("/presence", self.presence)
+        app.router.add_get("/presence_stats", self.presence_stats)
         self.app = app
 
     async def start(self, host: str, port: int) -> None:
@@ -94,7 +97,11 @@ class HttpSide:
         )
         await self.runner.setup()
         await web.TCPSite(self.runner, host, port, reuse_port=self.node.settings.workers > 1).start()
-        log.info("HTTP endpoints on http://%s:%d (/healthz /metrics /publish /sse)", host, port)
+        log.info(
+            "HTTP endpoints on http://%s:%d (/healthz /metrics /publish /sse /presence /presence_stats)",
+            host,
+            port,
+        )
 
     async def stop(self) -> None:
         for task in list(self.streams):
@@ -130,12 +137,60 @@ class HttpSide:
             msg = _admin_decoder.decode(body)
         except msgspec.DecodeError as exc:
             return _json_error(400, f"body must be {{'room','payload'}} JSON: {exc}")
-        result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
         try:
+            result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
             pub = result if isinstance(result, Publication) else await result
         except BrokerUnavailable:
             return _json_error(503, "broker unavailable", **{"Retry-After": "1"})
         return web.json_response({"room": pub.room, "seq": pub.seq})
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """``GET /presence?room=``: ``{"room","presence":[{"conn","user","joined_at"}]}``."""
+        return await self._presence(request, stats=False)
+
+    async def presence_stats(self, request: web.Request) -> web.Response:
+        """``GET /presence_stats?room=``: ``{"room","connections","users"}``."""
+        return await self._presence(request, stats=True)
+
+    async def _presence(self, request: web.Request, stats: bool) -> web.Response:
+        """Admin key (any room) or a user's JWT (rooms its ``rooms`` claim allows); open on an anonymous server.
+
+        400 bad room, 401 bad credentials, 403 room not allowed, 404 presence off in the room's
+        namespace, 503 broker unavailable.
+        """
+        rooms = request.query.getall("room", [])
+        if len(rooms) > 1:
+            return _json_error(400, "more than one room parameter")
+        room = rooms[0] if rooms else ""
+        if not valid_room(room):
+            return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        key = self.node.settings.admin_key
+        given = single(request.headers, "Authorization")
+        if isinstance(given, Refusal):
+            return _json_error(given.status, given.reason)
+        sent = (given or "").encode("utf-8", "surrogateescape")
+        admin = bool(key) and hmac.compare_digest(sent, f"Bearer {key}".encode())
+        auth = self.node.authenticator
+        if not admin and auth is not None:
+            try:
+                identity = auth.verify(token_from_request(request.headers, request.query_string))
+            except AuthError as exc:
+                return _json_error(exc.status, str(exc), **{"WWW-Authenticate": "Bearer"})
+            if not identity.allows(room):
+                return _json_error(403, f"not allowed to see who is in {room!r}")
+        hub = self.node.hub
+        if not hub.namespaces.of(room).presence:
+            return _json_error(404, f"presence is off for {room!r} (its namespace)")
+        broker = hub.broker
+        try:
+            result = broker.presence_stats(room) if stats else broker.presence(room)
+            if inspect.isawaitable(result):
+                result = await result
+        except BrokerUnavailable as exc:
+            return _json_error(503, f"broker unavailable: {exc}", **{"Retry-After": "1"})
+        return web.Response(
+            body=msgspec.json.encode(presence_data(room, result)), content_type="application/json"
+        )
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         """``GET /sse?room=R[&since=N][&token=T]``: a room's deliveries as Server-Sent Events.

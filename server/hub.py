@@ -23,7 +23,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from wsfan.server.broker import Broker, BrokerUnavailable, History, Publication
+from wsfan.server.broker import (
+    Broker,
+    BrokerUnavailable,
+    History,
+    PresenceEntry,
+    PresenceEvent,
+    Publication,
+)
+from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import (
     WIRE_ENCODINGS,
     Ack,
@@ -41,6 +49,11 @@ from wsfan.server.protocol import (
     LeaveData,
     Ping,
     Pong,
+    PresenceData,
+    PresenceInfo,
+    PresenceRequest,
+    PresenceStatsData,
+    PresenceStatsRequest,
     Publish,
     PublishData,
     Welcome,
@@ -136,8 +149,10 @@ class Hub:
         cork_delay: float = 0.0,
         schedule_later: Callable[[float, Callable[[], None]], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        namespaces: Namespaces | None = None,
     ) -> None:
         self.broker = broker
+        self.namespaces = namespaces or getattr(broker, "namespaces", None) or Namespaces(Namespace())
         self.node_id = node_id
         self.heartbeat_ms = heartbeat_ms
         self.rate_limit = rate_limit
@@ -165,12 +180,15 @@ class Hub:
             Publish: self._on_publish,
             Echo: self._on_echo,
             Ping: self._on_ping,
+            PresenceRequest: self._on_presence,
+            PresenceStatsRequest: self._on_presence_stats,
         }
         self.codecs = codecs or {e: Codec(e) for e in WIRE_ENCODINGS}
         self._tasks: set[asyncio.Task[None]] = set()
         self.flush_observers: list[Callable[[list[Publication]], None]] = []
         self._flushed: list[Publication] = []
         broker.bind(self.deliver)
+        broker.bind_events(self.deliver_event)
 
     # ------------------------------------------------------------ extension points
 
@@ -274,10 +292,19 @@ class Hub:
         if not self._allowed(s, "join", room):
             self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
             return
-        hist = self.broker.history(room, m.since, m.epoch)
+        ns = self.namespaces.of(room)
+        try:
+            # Without allow_history a since is not honoured: recovered false, nothing replayed.
+            hist = self.broker.history(room, m.since if ns.allow_history else None, m.epoch)
+        except BrokerUnavailable as exc:  # the in-process broker's room limit
+            self.error(s, m.id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            return
         if isinstance(hist, History):
+            first = room not in s.rooms
             self._add(s, room)
             self._joined(s, m.id, room, hist)
+            if first and (ns.presence or ns.join_leave):
+                self._presence_join(s, room, ns)
         else:
             self._spawn(self._join_async(s, m.id, room, hist))
 
@@ -298,8 +325,13 @@ class Hub:
         if s.closed:
             self._forget_if_unused(room)
             return
+        first = name not in s.rooms
         self._add(s, name)
         self._joined(s, request_id, name, hist)
+        if first:
+            ns = self.namespaces.of(name)
+            if ns.presence or ns.join_leave:
+                self._presence_join(s, name, ns)
         last = hist.publications[-1].seq if hist.publications else hist.seq
         for pub in parked:
             if pub.seq > last and pub.origin != s.conn_id:
@@ -334,6 +366,12 @@ class Hub:
         room = m.room
         if not self._allowed(s, "publish", room):
             self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to publish to {room!r}")
+            return
+        if self.namespaces.publish_restricted and not self.namespaces.of(room).allow_publish:
+            self.error(
+                s, m.id, ErrorCode.FORBIDDEN, f"clients may not publish to {room!r}: its namespace takes "
+                "publications from the server API (POST /publish) only",
+            )  # fmt: skip
             return
         if room not in s.rooms:
             self.error(s, m.id, ErrorCode.NOT_JOINED, f"join {room!r} before publishing to it")
@@ -403,6 +441,61 @@ class Hub:
         if request_id is not None:
             self.ack(s, request_id, PublishData(room=room, seq=pub.seq))
 
+    # ------------------------------------------------------------ presence
+
+    def _presence_join(self, s: Session, room: str, ns: Namespace) -> None:
+        if s.encoding is Encoding.SSE:
+            return  # receive-only streams are not in presence and are not announced
+        entry = PresenceEntry(s.conn_id, s.user, int(time.time() * 1000))
+        self._broker_call(self.broker.join_presence(room, entry, ns.presence, ns.join_leave))
+
+    def _presence_leave(self, s: Session, room: str) -> None:
+        ns = self.namespaces.of(room)
+        if (ns.presence or ns.join_leave) and s.encoding is not Encoding.SSE:
+            entry = PresenceEntry(s.conn_id, s.user, 0)
+            self._broker_call(self.broker.leave_presence(room, entry, ns.presence, ns.join_leave))
+
+    def _broker_call(self, result: Any) -> None:
+        if inspect.isawaitable(result):
+            self._spawn(_await(result))
+
+    def _on_presence(self, s: Session, m: PresenceRequest) -> None:
+        self._presence_query(s, m.id, m.room, stats=False)
+
+    def _on_presence_stats(self, s: Session, m: PresenceStatsRequest) -> None:
+        self._presence_query(s, m.id, m.room, stats=True)
+
+    def _presence_query(self, s: Session, request_id: str | None, room: str, stats: bool) -> None:
+        """``presence`` and ``presence_stats`` always reply (like ``echo``): the ack is their effect."""
+        if not self._allowed(s, "join", room):
+            self.error(s, request_id, ErrorCode.FORBIDDEN, f"not allowed to see who is in {room!r}")
+            return
+        if not self.namespaces.of(room).presence:
+            self.error(
+                s, request_id, ErrorCode.NOT_AVAILABLE, f"presence is off for {room!r} (its namespace)"
+            )
+            return
+        try:
+            result = self.broker.presence_stats(room) if stats else self.broker.presence(room)
+        except BrokerUnavailable as exc:
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._presence_reply_async(s, request_id, room, result))
+        else:
+            self.ack(s, request_id, presence_data(room, result))
+
+    async def _presence_reply_async(
+        self, s: Session, request_id: str | None, room: str, pending: Any
+    ) -> None:
+        try:
+            result = await pending
+        except BrokerUnavailable as exc:
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            return
+        if not s.closed:
+            self.ack(s, request_id, presence_data(room, result))
+
     def _on_echo(self, s: Session, m: Echo) -> None:
         # Encoded right away: m.payload still points into the frame being handled.
         self.send(s, s.codec.frame(EchoReply(requestId=m.id, payload=m.payload)))
@@ -432,6 +525,7 @@ class Hub:
     def _remove(self, s: Session, name: str) -> None:
         if name in s.rooms:
             s.rooms.discard(name)  # type: ignore[union-attr]
+            self._presence_leave(s, name)
         room = self.rooms.get(name)
         if room is None:
             return
@@ -482,6 +576,33 @@ class Hub:
             self._flushed.append(pub)
             if not self._flush_pending:
                 self._request_flush()
+
+    def deliver_event(self, event: PresenceEvent) -> None:
+        """Fan a ``joined``/``left`` event out to this node's WebSocket subscribers, its subject excluded.
+
+        Built once per encoding like a delivery; SSE streams carry deliveries only, so they get none.
+        """
+        room = self.rooms.get(event.room)
+        if room is None:
+            return
+        subject = self.sessions.get(event.conn)
+        dirty = self._dirty
+        n = 0
+        for members, enc in ((room.json, Encoding.JSON), (room.msgpack, Encoding.MSGPACK)):
+            if not members or (len(members) == 1 and subject in members):
+                continue
+            frame = event.frame(enc)
+            for s in members:
+                if s is subject:
+                    continue
+                s.out.append(frame)
+                if not s.scheduled:
+                    s.scheduled = True
+                    dirty.append(s)
+                n += 1
+        self.stats.presence_events += n
+        if n and not self._flush_pending:
+            self._request_flush()
 
     def send(self, s: Session, frame: bytes) -> None:
         """Queue one complete frame for one session (replies, welcome, replay)."""
@@ -549,6 +670,13 @@ class Hub:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def presence_data(room: str, result: Any) -> PresenceData | PresenceStatsData:
+    """The ack data of a presence query: a list of entries, or a ``(connections, users)`` pair."""
+    if isinstance(result, tuple):
+        return PresenceStatsData(room=room, connections=result[0], users=result[1])
+    return PresenceData(room=room, presence=[PresenceInfo(e.conn, e.user, e.joined_at) for e in result])
 
 
 async def _await(aw: Awaitable[Any]) -> None:

@@ -68,6 +68,7 @@ class HubCollector:
             ("wsfan_publishes", "Publications accepted on this node", st.publishes),
             ("wsfan_deliveries", "Deliveries queued to subscribers", st.deliveries),
             ("wsfan_bytes_out", "Delivery bytes queued to subscribers", st.bytes_out),
+            ("wsfan_presence_events", "joined/left events queued to subscribers", st.presence_events),
             ("wsfan_replies", "Acks sent", st.replies),
             ("wsfan_rate_limited", "Messages dropped by the rate limit", st.rate_limited),
             ("wsfan_rate_limit_closes", "Connections closed with 4029", st.rate_limit_closes),

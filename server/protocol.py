@@ -72,6 +72,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_TYPE = "UNKNOWN_TYPE"
     FORBIDDEN = "FORBIDDEN"
     NOT_JOINED = "NOT_JOINED"
+    NOT_AVAILABLE = "NOT_AVAILABLE"
     RATE_LIMITED = "RATE_LIMITED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
@@ -118,6 +119,14 @@ class Publish(Inbound, tag="publish"):
     payload: Raw
 
 
+class PresenceRequest(Inbound, tag="presence"):
+    room: RoomName
+
+
+class PresenceStatsRequest(Inbound, tag="presence_stats"):
+    room: RoomName
+
+
 class Echo(Inbound, tag="echo"):
     payload: Raw
 
@@ -126,7 +135,15 @@ class Ping(Inbound, tag="ping"):
     pass
 
 
-BUILTIN_TYPES: Final[tuple[type[Inbound], ...]] = (Join, Leave, Publish, Echo, Ping)
+BUILTIN_TYPES: Final[tuple[type[Inbound], ...]] = (
+    Join,
+    Leave,
+    Publish,
+    Echo,
+    Ping,
+    PresenceRequest,
+    PresenceStatsRequest,
+)
 
 
 class _Probe(Struct):
@@ -155,6 +172,22 @@ class Delivery(Outbound, tag="message", kw_only=True):
     seq: int
     sender: str = field(name="from")
     payload: Raw
+
+
+class JoinedEvent(Outbound, tag="joined", kw_only=True):
+    """Another connection joined the room (namespaces with join_leave); not numbered, not in history."""
+
+    room: str
+    user: str
+    conn: str
+
+
+class LeftEvent(Outbound, tag="left", kw_only=True):
+    """Another connection left the room (leave or disconnect); not numbered, not in history."""
+
+    room: str
+    user: str
+    conn: str
 
 
 # ``success`` has no default on purpose: omit_defaults would otherwise drop it from the wire.
@@ -190,6 +223,23 @@ class JoinData(Struct, omit_defaults=True):
 
 class LeaveData(Struct):
     room: str
+
+
+class PresenceInfo(Struct):
+    conn: str
+    user: str
+    joined_at: int  # unix time in ms
+
+
+class PresenceData(Struct):
+    room: str
+    presence: list[PresenceInfo]
+
+
+class PresenceStatsData(Struct):
+    room: str
+    connections: int
+    users: int
 
 
 class PublishData(Struct):

@@ -13,6 +13,7 @@ class Stats:
         "bytes_in",
         "publishes",
         "deliveries",
+        "presence_events",
         "bytes_out",
         "replies",
         "errors",
@@ -33,6 +34,7 @@ class Stats:
         self.bytes_in = 0
         self.publishes = 0
         self.deliveries = 0
+        self.presence_events = 0  # joined/left events written to subscribers
         self.bytes_out = 0
         self.replies = 0
         self.errors: dict[str, int] = {}

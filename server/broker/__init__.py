@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from wsfan.server.broker.publication import History, Publication
+from wsfan.server.broker.publication import History, PresenceEntry, PresenceEvent, Publication
 
 DeliverFn = Callable[[Publication], None]
+EventFn = Callable[[PresenceEvent], None]
 
 
 class BrokerUnavailable(Exception):
@@ -26,6 +27,9 @@ class BrokerUnavailable(Exception):
 class Broker(Protocol):
     def bind(self, deliver: DeliverFn) -> None:
         """Register the node's fan-out; called for every publication of a room this node subscribed to."""
+
+    def bind_events(self, on_event: EventFn) -> None:
+        """Register the node's fan-out of ``joined``/``left`` events, for rooms this node subscribed to."""
 
     async def start(self) -> None: ...
 
@@ -49,5 +53,30 @@ class Broker(Protocol):
     def unsubscribe(self, room: str) -> None | Awaitable[None]:
         """This node's last local subscriber of ``room`` left."""
 
+    def join_presence(
+        self, room: str, entry: PresenceEntry, presence: bool, announce: bool
+    ) -> None | Awaitable[None]:
+        """A connection joined: keep it in the room's presence (``presence``), send ``joined`` (``announce``)."""
 
-__all__ = ["Broker", "BrokerUnavailable", "DeliverFn", "History", "Publication"]
+    def leave_presence(
+        self, room: str, entry: PresenceEntry, presence: bool, announce: bool
+    ) -> None | Awaitable[None]:
+        """A connection left or disconnected: drop it from presence, send ``left``."""
+
+    def presence(self, room: str) -> list[PresenceEntry] | Awaitable[list[PresenceEntry]]:
+        """Every connection in the room's presence, across the cluster, in one round trip at most."""
+
+    def presence_stats(self, room: str) -> tuple[int, int] | Awaitable[tuple[int, int]]:
+        """``(connections, distinct users)`` in the room's presence."""
+
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "DeliverFn",
+    "EventFn",
+    "History",
+    "PresenceEntry",
+    "PresenceEvent",
+    "Publication",
+]

@@ -1,34 +1,55 @@
-"""Single-node broker: seq counters and history rings in this process."""
+"""Single-node broker: seq counters, history rings and presence in this process.
+
+Rooms do not live forever: one sweep timer (not a timer per room) drops a room's history
+once no publication came for its namespace's ``history_ttl``, and forgets the room
+altogether (seq and epoch too) when it also has no subscriber and no presence. A room
+that comes back gets a new epoch, so a client rejoining with ``since`` and the old epoch
+is told ``recovered: false`` instead of being handed another incarnation's messages.
+``max_rooms`` bounds how many rooms exist at once: past it, creating one more raises
+``BrokerUnavailable`` (clients get ``UNAVAILABLE``) until idle rooms expire.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 
-from wsfan.server.broker import DeliverFn
-from wsfan.server.broker.publication import History, Publication
+from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn
+from wsfan.server.broker.publication import History, PresenceEntry, PresenceEvent, Publication
+from wsfan.server.namespaces import Namespace, Namespaces
+
+# Sweep period bounds, seconds: a quarter of the shortest history_ttl, within these.
+SWEEP_MIN_S = 0.05
+SWEEP_MAX_S = 5.0
 
 
 class RoomLog:
-    """A room's seq and the last ``size`` publications, oldest first."""
+    """A room's seq, epoch, the last ``size`` publications (oldest first) and when it was last active."""
 
-    __slots__ = ("seq", "ring")
+    __slots__ = ("seq", "ring", "epoch", "ttl", "last")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, epoch: str, ttl: float, now: float) -> None:
         self.seq = 0
         self.ring: deque[Publication] = deque(maxlen=size)
+        self.epoch = epoch
+        self.ttl = ttl
+        self.last = now  # perf_counter of the last publication (or of the room's creation)
 
-    def since(self, since: int | None, epoch: str, client_epoch: str | None = None) -> History:
+    def since(self, since: int | None, client_epoch: str | None = None) -> History:
+        epoch = self.epoch
         if since is None:
             return History([], False, self.seq, epoch)
         if client_epoch and client_epoch != epoch:
-            # The client counted in an earlier process's numbering: nothing after its
-            # since is recoverable, and all this process has is news to it.
+            # The client counted in an earlier incarnation's numbering: nothing after its
+            # since is recoverable, and all this room has now is news to it.
             return History(list(self.ring), False, self.seq, epoch)
         if since >= self.seq:
             # Nothing missed; a since beyond our seq means the client saw a seq
-            # this process never assigned (a restart lost the room): not recovered.
+            # this room never assigned (a restart or an expiry lost it): not recovered.
             return History([], since == self.seq, self.seq, epoch)
         missed = self.seq - since
         ring = self.ring
@@ -40,47 +61,131 @@ class RoomLog:
 class MemoryBroker:
     """Synchronous on purpose: a single node's publish path never leaves the current call."""
 
-    def __init__(self, history_size: int = 300) -> None:
-        self.history_size = history_size
-        # Every room's seq lives and dies with this process: one epoch for all of them.
+    def __init__(
+        self,
+        history_size: int = 300,
+        *,
+        namespaces: Namespaces | None = None,
+        max_rooms: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.namespaces = namespaces or Namespaces(Namespace(history_size=history_size))
+        self.history_size = self.namespaces.default.kept_history
+        self.max_rooms = max_rooms  # 0: no limit
+        # Epochs are this process's random prefix plus a counter: unique per room incarnation.
         self.epoch = secrets.token_hex(4)
+        self._incarnations = itertools.count(1)
         self.rooms: dict[str, RoomLog] = {}
+        self.subscribed: set[str] = set()
+        self.presences: dict[str, dict[str, PresenceEntry]] = {}
+        self._clock = clock
         self._deliver: DeliverFn | None = None
+        self._on_event: EventFn | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.expired = 0  # rooms forgotten by the sweep, for tests and metrics
 
     def bind(self, deliver: DeliverFn) -> None:
         self._deliver = deliver
 
+    def bind_events(self, on_event: EventFn) -> None:
+        self._on_event = on_event
+
     async def start(self) -> None:
-        return None
+        self._schedule_sweep()
 
     async def close(self) -> None:
-        return None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    # ------------------------------------------------------------ lifetime
+
+    def _schedule_sweep(self) -> None:
+        period = min(SWEEP_MAX_S, max(SWEEP_MIN_S, self.namespaces.min_ttl / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep_and_reschedule)
+
+    def _sweep_and_reschedule(self) -> None:
+        self.sweep()
+        self._schedule_sweep()
+
+    def sweep(self) -> int:
+        """Drop the history of rooms idle past their TTL; forget those nobody is in. Returns rooms forgotten."""
+        now = self._clock()
+        idle = [name for name, log in self.rooms.items() if now - log.last >= log.ttl]
+        forgotten = 0
+        for name in idle:
+            log = self.rooms[name]
+            log.ring.clear()
+            if name not in self.subscribed and name not in self.presences:
+                del self.rooms[name]
+                forgotten += 1
+        self.expired += forgotten
+        return forgotten
 
     def _log(self, room: str) -> RoomLog:
         log = self.rooms.get(room)
         if log is None:
-            log = self.rooms[room] = RoomLog(self.history_size)
+            if self.max_rooms and len(self.rooms) >= self.max_rooms:
+                self.sweep()
+                if len(self.rooms) >= self.max_rooms:
+                    raise BrokerUnavailable(
+                        f"room limit reached ({self.max_rooms} rooms); retry once idle rooms expire"
+                    )
+            ns = self.namespaces.of(room)
+            epoch = f"{self.epoch}{next(self._incarnations):x}"
+            log = self.rooms[room] = RoomLog(ns.kept_history, epoch, ns.history_ttl, self._clock())
         return log
+
+    # ------------------------------------------------------------ Broker
 
     def publish(self, room: str, sender: str, payload: bytes, encoding: int, origin: str) -> Publication:
         log = self._log(room)
         log.seq += 1
-        pub = Publication(room, log.seq, sender, payload, encoding, origin, time.perf_counter())
-        if self.history_size:
-            log.ring.append(pub)
+        now = time.perf_counter()
+        pub = Publication(room, log.seq, sender, payload, encoding, origin, now)
+        log.last = now
+        ring = log.ring
+        if ring.maxlen:
+            ring.append(pub)
         assert self._deliver is not None, "bind() the hub before publishing"
         self._deliver(pub)
         return pub
 
     def history(self, room: str, since: int | None, epoch: str | None = None) -> History:
-        log = self.rooms.get(room)
-        if log is None:
-            fresh = since == 0 and (not epoch or epoch == self.epoch)
-            return History([], fresh, 0, self.epoch)
-        return log.since(since, self.epoch, epoch)
+        # A join creates the room, so that the epoch it acks is the one later publishes keep.
+        return self._log(room).since(since, epoch)
 
     def subscribe(self, room: str) -> None:
-        return None
+        self.subscribed.add(room)
 
     def unsubscribe(self, room: str) -> None:
-        return None
+        self.subscribed.discard(room)
+
+    # ------------------------------------------------------------ presence
+
+    def join_presence(self, room: str, entry: PresenceEntry, presence: bool, announce: bool) -> None:
+        if presence:
+            self.presences.setdefault(room, {})[entry.conn] = entry
+        if announce:
+            self._announce(PresenceEvent(room, True, entry.user, entry.conn))
+
+    def leave_presence(self, room: str, entry: PresenceEntry, presence: bool, announce: bool) -> None:
+        if presence:
+            members = self.presences.get(room)
+            if members is not None:
+                members.pop(entry.conn, None)
+                if not members:
+                    del self.presences[room]
+        if announce:
+            self._announce(PresenceEvent(room, False, entry.user, entry.conn))
+
+    def presence(self, room: str) -> list[PresenceEntry]:
+        return list(self.presences.get(room, {}).values())
+
+    def presence_stats(self, room: str) -> tuple[int, int]:
+        members = self.presences.get(room, {})
+        return len(members), len({e.user for e in members.values()})
+
+    def _announce(self, event: PresenceEvent) -> None:
+        assert self._on_event is not None, "bind_events() the hub before announcing"
+        self._on_event(event)

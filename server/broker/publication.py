@@ -1,4 +1,4 @@
-"""A published message as it travels between brokers, history and the hub."""
+"""A published message, and a presence event, as they travel between brokers, history and the hub."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from msgspec import Raw
 
-from wsfan.server.protocol import CODECS, Delivery, Encoding, build_frame
+from wsfan.server.protocol import CODECS, Delivery, Encoding, JoinedEvent, LeftEvent, build_frame
 
 
 class Publication:
@@ -96,3 +96,45 @@ class History(NamedTuple):
     # Names the room's numbering: it changes when the broker lost the room and its seq
     # started over, which ``since`` alone cannot reveal once the new seq has passed it.
     epoch: str = ""
+
+
+class PresenceEntry(NamedTuple):
+    """One connection in a room's presence: its conn id, user, and when it joined (unix ms)."""
+
+    conn: str
+    user: str
+    joined_at: int
+
+
+class PresenceEvent:
+    """A ``joined``/``left`` event of one room, with its frames built lazily, once per encoding.
+
+    Fanned out like a publication (one frame per encoding shared by every subscriber) but
+    never numbered: it has no seq and is not kept in history.
+    """
+
+    __slots__ = ("room", "joined", "user", "conn", "_json", "_msgpack")
+
+    def __init__(self, room: str, joined: bool, user: str, conn: str) -> None:
+        self.room = room
+        self.joined = joined
+        self.user = user
+        self.conn = conn
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+
+    def frame(self, encoding: int) -> bytes:
+        if encoding == Encoding.JSON:
+            f = self._json
+            if f is None:
+                f = self._json = self._build(Encoding.JSON)
+            return f
+        f = self._msgpack
+        if f is None:
+            f = self._msgpack = self._build(Encoding.MSGPACK)
+        return f
+
+    def _build(self, encoding: Encoding) -> bytes:
+        codec = CODECS[encoding]
+        kind = JoinedEvent if self.joined else LeftEvent
+        return build_frame(codec.opcode, codec.encode(kind(room=self.room, user=self.user, conn=self.conn)))

@@ -33,21 +33,31 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from wsfan.server.broker import BrokerUnavailable, DeliverFn
-from wsfan.server.broker.publication import History, Publication
+from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn
+from wsfan.server.broker.publication import History, PresenceEntry, PresenceEvent, Publication
 from wsfan.server.broker.redis_layout import (
+    EVENT_SEQ,
     HISTORY_LUA,
+    PRESENCE_ADD_LUA,
+    PRESENCE_READ_LUA,
+    PRESENCE_REFRESH_LUA,
+    PRESENCE_REMOVE_LUA,
     PUBLISH_LUA,
     Body,
+    Envelope,
+    PresenceInfo,
     channel_name,
     decode_envelope,
+    decode_info,
     encode_body,
     history_key,
     meta_key,
+    presence_keys,
     publish_command_head,
     resp_arg,
     room_args,
 )
+from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.startup import redact
 
 # Connections to Redis per node (history reads and scripts; publishes are pipelined on one).
@@ -73,10 +83,10 @@ class _Room:
 
     __slots__ = ("name", "channel", "args", "ready", "last", "epoch", "floor", "stale")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, args: tuple[bytes, bytes, bytes, bytes]) -> None:
         self.name = name
         self.channel = channel_name(name).encode()
-        self.args = room_args(name)  # rooms with local subscribers are the ones published to most
+        self.args = args  # rooms with local subscribers are the ones published to most
         # Set once Redis confirmed the SUBSCRIBE on the current connection (or the
         # connection was lost, to wake joins waiting on it: they re-check availability).
         self.ready = asyncio.Event()
@@ -89,10 +99,30 @@ class _Room:
 class RedisBroker:
     """The ``Broker`` of a cluster: every call that needs Redis returns an awaitable."""
 
-    def __init__(self, url: str, *, history_size: int = 300, node_id: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 300,
+        node_id: str = "",
+        namespaces: Namespaces | None = None,
+        presence_ttl: float = 60.0,
+        meta_ttl: float = 86_400.0,
+    ) -> None:
         self.url = url
-        self.history_size = history_size
+        self.namespaces = namespaces or Namespaces(Namespace(history_size=history_size))
+        self.history_size = self.namespaces.default.kept_history
         self.node_id = node_id
+        # Redis EXPIRE takes whole seconds.
+        self.presence_ttl = max(1, math.ceil(presence_ttl))
+        self.meta_ttl = max(1, math.ceil(meta_ttl))
+        self._meta_arg = resp_arg(str(self.meta_ttl).encode())
+        # This node's presence entries (room -> conn -> packed info): refreshed in Redis every
+        # third of the TTL, and written again after a reconnect.
+        self.local_presence: dict[str, dict[str, bytes]] = {}
+        self._presence_wake = asyncio.Event()
+        self._scripts: dict[str, Any] = {}
+        self._on_event: EventFn | None = None
         self.available = False
         self._state = "starting"
         self._why = "broker not connected yet"
@@ -119,6 +149,9 @@ class RedisBroker:
     def bind(self, deliver: DeliverFn) -> None:
         self._deliver = deliver
 
+    def bind_events(self, on_event: EventFn) -> None:
+        self._on_event = on_event
+
     async def start(self) -> None:
         """Connect, or start without Redis and keep trying: the node serves its connections either way."""
         # No retries inside redis-py: a failed publish must answer UNAVAILABLE at once and
@@ -143,6 +176,7 @@ class RedisBroker:
             loop.create_task(self._connect_forever()),
             loop.create_task(self._write_ops_forever()),
             loop.create_task(self._publish_forever()),
+            loop.create_task(self._refresh_presence_forever()),
         ]
         await self._first_attempt.wait()
 
@@ -199,7 +233,7 @@ class RedisBroker:
     def subscribe(self, room: str) -> None:
         if room in self._rooms:
             return
-        r = self._rooms[room] = _Room(room)
+        r = self._rooms[room] = _Room(room, self._room_args(room))
         self._channels[r.channel] = r
         self._queue("SUBSCRIBE", r.channel)
 
@@ -236,13 +270,13 @@ class RedisBroker:
         head = publish_command_head(self._publish_sha)
         # One candidate epoch per batch: it is used only by a room that does not exist yet,
         # and a room cannot be created twice within one round trip on one connection.
-        tail = resp_arg(str(self.history_size).encode()) + resp_arg(secrets.token_hex(4).encode())
+        epoch = resp_arg(secrets.token_hex(4).encode())
         rooms = self._rooms
         commands = []
         for room, body, _, _ in batch:
             r = rooms.get(room)
-            keys, channel = r.args if r is not None else room_args(room)
-            commands.append(b"".join((head, keys, resp_arg(body), channel, tail)))
+            keys, channel, size, ttls = r.args if r is not None else self._room_args(room)
+            commands.append(b"".join((head, keys, resp_arg(body), channel, size, epoch, ttls)))
         pool = self._redis.connection_pool
         results: list[Any] = []
         try:
@@ -305,7 +339,7 @@ class RedisBroker:
         assert self._redis is not None
         args = (
             2, meta_key(room), history_key(room),
-            "" if since is None else str(since), epoch or "", secrets.token_hex(4),
+            "" if since is None else str(since), epoch or "", secrets.token_hex(4), self.meta_ttl,
         )  # fmt: skip
         try:
             try:
@@ -332,6 +366,118 @@ class RedisBroker:
             return History([], since == seq, seq, current)
         recovered = bool(pubs) and pubs[0].seq == since + 1 and pubs[-1].seq == seq
         return History(pubs, recovered, seq, current)
+
+    def _room_args(self, room: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """A room's parts of a publish command, as RESP: keys, channel, history size, history and meta TTLs."""
+        ns = self.namespaces.of(room)
+        keys, channel = room_args(room)
+        ttl = resp_arg(str(max(1, math.ceil(ns.history_ttl))).encode())
+        return keys, channel, resp_arg(str(ns.kept_history).encode()), ttl + self._meta_arg
+
+    # ------------------------------------------------------------ presence
+
+    def _script(self, lua: str) -> Any:
+        """A redis-py Script: EVALSHA, loading the script again if Redis lost it (also inside pipelines)."""
+        script = self._scripts.get(lua)
+        if script is None:
+            assert self._redis is not None
+            script = self._scripts[lua] = self._redis.register_script(lua)
+        return script
+
+    async def join_presence(self, room: str, entry: PresenceEntry, presence: bool, announce: bool) -> None:
+        info = encode_body(PresenceInfo(entry.user, entry.joined_at)) if presence else b""
+        if presence:
+            self.local_presence.setdefault(room, {})[entry.conn] = info
+        args = [entry.conn, info, self.presence_ttl, channel_name(room), self._event(entry, True, announce)]
+        await self._presence_write(PRESENCE_ADD_LUA, room, args)
+
+    async def leave_presence(self, room: str, entry: PresenceEntry, presence: bool, announce: bool) -> None:
+        if presence:
+            members = self.local_presence.get(room)
+            if members is not None:
+                members.pop(entry.conn, None)
+                if not members:
+                    del self.local_presence[room]
+        args = [entry.conn, "1" if presence else "", channel_name(room), self._event(entry, False, announce)]
+        await self._presence_write(PRESENCE_REMOVE_LUA, room, args)
+
+    @staticmethod
+    def _event(entry: PresenceEntry, joined: bool, announce: bool) -> bytes:
+        if not announce:
+            return b""
+        body = Body(entry.user, 1 if joined else 0, entry.conn, time.time(), b"")
+        return encode_body(Envelope(EVENT_SEQ, body))
+
+    async def _presence_write(self, lua: str, room: str, args: list[Any]) -> None:
+        """Best effort: while Redis is away the entry stays local and is written again on reconnect."""
+        if not self.available or self._redis is None:
+            return
+        try:
+            await self._script(lua)(keys=presence_keys(room), args=args)
+        except _LOST as exc:
+            self._lost(exc)
+        except ResponseError as exc:
+            log.warning("redis refused a presence update of %r: %s", room, exc)
+
+    async def presence(self, room: str) -> list[PresenceEntry]:
+        reply = await self._read_presence(room, "list")
+        out = []
+        for i in range(0, len(reply), 2):
+            info = decode_info(reply[i + 1])
+            out.append(PresenceEntry(reply[i].decode(), info.user, info.joined_at))
+        return out
+
+    async def presence_stats(self, room: str) -> tuple[int, int]:
+        reply = await self._read_presence(room, "stats")
+        return int(reply[0]), int(reply[1])
+
+    async def _read_presence(self, room: str, mode: str) -> Any:
+        if not self.available or self._redis is None:
+            raise BrokerUnavailable(self._why)
+        announce = "1" if self.namespaces.of(room).join_leave else ""
+        try:
+            return await self._script(PRESENCE_READ_LUA)(
+                keys=presence_keys(room), args=[mode, announce, channel_name(room)]
+            )
+        except _LOST as exc:
+            self._lost(exc)
+            raise BrokerUnavailable(self._why) from None
+        except ResponseError as exc:
+            raise BrokerUnavailable(f"broker refused the presence read: {exc}") from None
+
+    async def _refresh_presence_forever(self) -> None:
+        """Every third of the TTL (or at once after a reconnect), keep this node's presence alive in Redis."""
+        rewrite = False
+        while True:
+            try:
+                await asyncio.wait_for(self._presence_wake.wait(), self.presence_ttl / 3)
+                rewrite = True  # woken: Redis came back, and may have lost our entries
+            except TimeoutError:
+                pass
+            self._presence_wake.clear()
+            if not self.available or self._redis is None or not self.local_presence:
+                continue
+            try:
+                await self._refresh_presence(rewrite)
+                rewrite = False
+            except _LOST as exc:
+                self._lost(exc)
+            except Exception:  # a bug must not end presence for the life of the process
+                log.exception("refreshing presence failed")
+
+    async def _refresh_presence(self, rewrite: bool) -> None:
+        assert self._redis is not None
+        ttl = self.presence_ttl
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room, members in list(self.local_presence.items()):
+                keys = presence_keys(room)
+                if rewrite:
+                    for conn, info in members.items():
+                        self._script(PRESENCE_ADD_LUA)(keys=keys, args=[conn, info, ttl, "", ""], client=pipe)
+                announce = "1" if self.namespaces.of(room).join_leave else ""
+                args = [ttl, announce, channel_name(room), *members]
+                self._script(PRESENCE_REFRESH_LUA)(keys=keys, args=args, client=pipe)
+            await pipe.execute(raise_on_error=False)
 
     def _publication(self, room: str, data: bytes, live: bool) -> Publication:
         env = decode_envelope(data)
@@ -393,7 +539,8 @@ class RedisBroker:
     async def _read(self, conn: AbstractConnection) -> None:
         channels = self._channels
         deliver = self._deliver
-        assert deliver is not None, "bind() the hub before starting the broker"
+        on_event = self._on_event
+        assert deliver is not None and on_event is not None, "bind the hub before starting the broker"
         decode = decode_envelope
         perf, wall = time.perf_counter, time.time
         while True:
@@ -409,6 +556,10 @@ class RedisBroker:
                     log.error("dropped a malformed envelope on %r", reply[1])
                     continue
                 seq = env.seq
+                if seq == EVENT_SEQ:  # a joined/left event: not numbered, outside history and catch-up
+                    b = env.body
+                    on_event(PresenceEvent(room.name, b.encoding == 1, b.sender, b.origin))
+                    continue
                 if room.floor:
                     if seq <= room.floor:
                         continue  # delivered by the catch-up that followed a reconnect
@@ -523,6 +674,7 @@ class RedisBroker:
     def _up(self, rooms: int) -> None:
         self.available = True
         if self._state == "down":
+            self._presence_wake.set()  # write this node's presence again: Redis may have lost it
             log.warning("redis at %s is back; resubscribed %d rooms", redact(self.url), rooms)
         elif self._state == "starting":
             log.info("connected to redis at %s", redact(self.url))

@@ -1,11 +1,25 @@
 """How a room lives in Redis: its keys, the scripts that change them, and the envelope.
 
-Per room, three Redis names, hash-tagged on the room so that a Redis Cluster
-keeps them on one shard and the publish script may touch them together:
+Per room, these Redis names, hash-tagged on the room so that a Redis Cluster
+keeps them on one shard and one script may touch them together:
 
-- ``wsfan:{room}:m``  hash: ``s`` = the room's last seq, ``e`` = its epoch
-- ``wsfan:{room}:h``  stream: the last ~``history_size`` envelopes, entry id ``<seq>-0``
+- ``wsfan:{room}:m``  hash: ``s`` = the room's last seq, ``e`` = its epoch; TTL ``history_meta_ttl``,
+  refreshed by every publish and join
+- ``wsfan:{room}:h``  stream: the last ~``history_size`` envelopes, entry id ``<seq>-0``; TTL
+  ``history_ttl``, refreshed by every publish
+- ``wsfan:{room}:p``  hash: conn id -> msgpack ``[user, joined_at ms]``, the room's presence
+- ``wsfan:{room}:x``  sorted set: conn id -> when its presence expires (Redis ``TIME``, seconds);
+  both presence keys have TTL ``presence_ttl``, refreshed by every node holding members
+  (Centrifugo's layout: a hash plus a sorted set of expiries)
 - ``wsfan:{room}``    the pub/sub channel every node with local subscribers listens on
+
+Every key has a TTL, so a room nobody uses leaves Redis by itself. When the meta hash
+expires the room's next publish or join creates it again under a new epoch: the seq
+restarts, and the epoch tells clients so (``recovered: false``), never wrong data.
+
+``joined``/``left`` events travel on the room's channel as envelopes with seq 0 (seqs start
+at 1), ``[0, [user, 1 joined | 0 left, conn, ts, b""]]``, so that they keep their order
+with the room's messages and are never numbered or kept in history.
 
 A publish is one Lua script (HINCRBY + XADD ~MAXLEN + PUBLISH), so a seq is
 assigned, kept in history and fanned out in one atomic step: seq has no gaps
@@ -28,28 +42,32 @@ import msgspec
 
 PREFIX = "wsfan:"
 
-# KEYS: meta hash, history stream. ARGV: body, channel, history size, epoch for a new room.
+# KEYS: meta hash, history stream. ARGV: body, channel, history size, epoch for a new room,
+# history TTL (s), meta TTL (s).
 PUBLISH_LUA = """
 if redis.call('HSETNX', KEYS[1], 'e', ARGV[4]) == 1 then
   redis.call('DEL', KEYS[2])
 end
 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 local msg = string.char(146) .. cmsgpack.pack(seq) .. ARGV[1]
 if tonumber(ARGV[3]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], string.format('%d-0', seq), 'm', msg)
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 redis.call('PUBLISH', ARGV[2], msg)
 return seq
 """
 
 # KEYS: meta hash, history stream. ARGV: since ('' = none), the client's epoch ('' = none),
-# epoch for a new room. Returns {seq, epoch, envelope...}: the envelopes after since, or all
+# epoch for a new room, meta TTL (s). Returns {seq, epoch, envelope...}: the envelopes after since, or all
 # of them when the client's epoch is not the room's (its since belongs to another numbering).
 # A room is created here too, so that the epoch a first join acks is the one later publishes keep.
 HISTORY_LUA = """
 if redis.call('HSETNX', KEYS[1], 'e', ARGV[3]) == 1 then
   redis.call('DEL', KEYS[2])
 end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 local meta = redis.call('HMGET', KEYS[1], 's', 'e')
 local seq = tonumber(meta[1]) or 0
 local out = {seq, meta[2]}
@@ -71,6 +89,103 @@ return out
 """
 
 
+_NOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# KEYS: presence hash, expiry zset. ARGV: conn, info ('' = presence off), TTL (s), channel,
+# event envelope ('' = no joined event).
+PRESENCE_ADD_LUA = (
+    _NOW_LUA
+    + """
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+return 1
+"""
+)
+
+# KEYS: presence hash, expiry zset. ARGV: conn, '1' = presence on, channel, event envelope ('' = none).
+PRESENCE_REMOVE_LUA = """
+if ARGV[2] ~= '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
+return 1
+"""
+
+# Drops expired entries; with ARGV[2] = '1' it also announces each one with a ``left`` event
+# on channel ARGV[3]. Atomic, so an expired connection is announced once, by whichever
+# node's script gets to it first.
+_REAP_LUA = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for i = 1, #gone do
+  local conn = gone[i]
+  if ARGV[2] == '1' then
+    local info = redis.call('HGET', KEYS[1], conn)
+    if info then
+      local user = cmsgpack.unpack(info)[1]
+      redis.call('PUBLISH', ARGV[3], string.char(146, 0, 149) .. cmsgpack.pack(user) .. string.char(0)
+        .. cmsgpack.pack(conn) .. cmsgpack.pack(now) .. string.char(196, 0))
+    end
+  end
+  redis.call('ZREM', KEYS[2], conn)
+  redis.call('HDEL', KEYS[1], conn)
+end
+"""
+
+# KEYS: presence hash, expiry zset. ARGV: TTL (s), announce ('1' or ''), channel, conn ids...
+# Pushes this node's members' expiry forward (XX: a member that left meanwhile stays gone),
+# refreshes both keys' TTL, and reaps members of dead nodes.
+PRESENCE_REFRESH_LUA = (
+    _NOW_LUA
+    + _REAP_LUA
+    + """
+local deadline = now + tonumber(ARGV[1])
+for i = 4, #ARGV do
+  redis.call('ZADD', KEYS[2], 'XX', deadline, ARGV[i])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return 1
+"""
+)
+
+# KEYS: presence hash, expiry zset. ARGV: 'list' or 'stats', announce ('1' or ''), channel.
+# One round trip: reap expired entries, then {conn, info, conn, info...} or {connections, users}.
+PRESENCE_READ_LUA = (
+    _NOW_LUA
+    + _REAP_LUA
+    + """
+if ARGV[1] == 'stats' then
+  local infos = redis.call('HVALS', KEYS[1])
+  local users, n = {}, 0
+  for i = 1, #infos do
+    local user = cmsgpack.unpack(infos[i])[1]
+    if not users[user] then
+      users[user] = true
+      n = n + 1
+    end
+  end
+  return {#infos, n}
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+
 class Body(msgspec.Struct, array_like=True):
     """What a node sends with a publish; Redis wraps it with the seq it assigns."""
 
@@ -86,7 +201,17 @@ class Envelope(msgspec.Struct, array_like=True):
     body: Body
 
 
+class PresenceInfo(msgspec.Struct, array_like=True):
+    """A presence hash value."""
+
+    user: str
+    joined_at: int
+
+
+EVENT_SEQ = 0  # envelopes with this seq are joined/left events; Body.encoding is 1 joined, 0 left
+
 encode_body = msgspec.msgpack.Encoder().encode
+decode_info = msgspec.msgpack.Decoder(PresenceInfo).decode
 decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
 
 
@@ -96,6 +221,10 @@ def meta_key(room: str) -> str:
 
 def history_key(room: str) -> str:
     return f"{PREFIX}{{{room}}}:h"
+
+
+def presence_keys(room: str) -> tuple[str, str]:
+    return f"{PREFIX}{{{room}}}:p", f"{PREFIX}{{{room}}}:x"
 
 
 def channel_name(room: str) -> str:
@@ -116,4 +245,4 @@ def room_args(room: str) -> tuple[bytes, bytes]:
 
 def publish_command_head(sha: str) -> bytes:
     """``EVALSHA <sha> 2`` of a publish, as RESP; keys and arguments follow (``room_args`` etc.)."""
-    return b"*9\r\n$7\r\nEVALSHA\r\n%b$1\r\n2\r\n" % resp_arg(sha.encode())
+    return b"*11\r\n$7\r\nEVALSHA\r\n%b$1\r\n2\r\n" % resp_arg(sha.encode())
