@@ -14,10 +14,12 @@ import inspect
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
@@ -32,6 +34,49 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsfan.http")
 
 SSE_KEEPALIVE_S = 15.0
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse is the client's fault, not ours.
+
+    aiohttp answers such a request (a non-ASCII byte in the URL, a control character in a
+    header, a line past 8190 bytes) with 400 and its parser's exception text, which quotes
+    the request back, and logs a traceback at ERROR for each one, so any client can fill
+    the log. Here a 4xx gets the status line's phrase as its body and one DEBUG line;
+    5xx keep aiohttp's own handling (a fixed body unless aiohttp's debug mode is on).
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        log.debug("malformed request from %s: %s", request.remote, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started: cannot send the error")
+        resp = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n")
+        resp.force_close()
+        return resp
+
+
+class _QuietServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _QuietHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections use :class:`_QuietHandler` (aiohttp has no handler-class option)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _QuietServer  # same object and state, one method more
+        return server
 
 
 class AdminPublish(msgspec.Struct, forbid_unknown_fields=True):
@@ -89,7 +134,7 @@ class HttpSide:
         # keepalive_timeout bounds a connection's wait for its next request head, the first one
         # included (aiohttp arms it at connection_made): one header line a second, or nothing,
         # is dropped after --request-timeout, like the WebSocket port's handshake timeout.
-        self.runner = web.AppRunner(
+        self.runner = _Runner(
             self.app,
             access_log=None,
             handle_signals=False,

@@ -306,3 +306,22 @@ def test_admin_publish_body_that_never_arrives_is_408(edge):
         )
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408"), reply
+
+
+# ---------------------------------------------------------------- what aiohttp's parser refuses
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /sse?room=a&\xc2\xb2=1 HTTP/1.1\r\nHost: x\r\n\r\n",  # a raw non-ASCII byte in the query
+        b"GET /sse?room=a HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n",  # a control character in a value
+        b"GET /sse?room=a HTTP/1.1\r\nHost: x\r\nX-" + b"a" * 9000 + b": 1\r\n\r\n",  # a line past 8190 bytes
+    ],
+    ids=["non-ASCII query byte", "control character", "oversized header line"],
+)
+def test_http_port_parse_errors_are_a_fixed_400_without_a_traceback(edge, head):
+    """aiohttp's own answer quotes the request back and logs a traceback at ERROR per request."""
+    status, _, body = send_head(HOST, edge.http_port, head)
+    assert (status, body) == (400, b"400 Bad Request\n")
+    assert "Traceback" not in edge.output()
