@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import secrets
 import signal
+from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
@@ -25,6 +27,12 @@ from wsfan.server.startup import EXIT_USAGE
 from wsfan.server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
 
 log = logging.getLogger("wsfan")
+
+# Exit code when shutdown had to abandon something (a task that ignored its cancel, a connection
+# that would not close): the log line before it names what. 70 is EX_SOFTWARE (sysexits.h).
+EXIT_ABANDONED = 70
+# After the drain: how long each remaining step (HTTP side, leftover tasks) may take.
+STOP_STEP_TIMEOUT_S = 2.0
 
 try:
     import aiofastnet  # noqa: F401 - only its presence matters
@@ -184,12 +192,13 @@ class Node:
             await self.http.start(s.host, s.http_port)
         log.info("listening on ws://%s:%d/ws (node %s)", s.host, s.port, self.node_id)
 
-    async def drain(self) -> None:
+    async def drain(self) -> list[str]:
         """Stop accepting, close every connection with 1001, wait for their handshakes up to the drain timeout.
 
         The listening socket stays open until the end so that, while draining, upgrades get 503 with
         Retry-After and ``/healthz`` says 503 (load balancers take the node out) instead of a refused
-        connection.
+        connection. Every step after the drain timeout is bounded too (``STOP_STEP_TIMEOUT_S``, the
+        broker's own close deadline); returns what had to be abandoned, empty after a clean stop.
         """
         self.draining = True
         self.registry.stop()
@@ -207,9 +216,11 @@ class Node:
             c.abort()
         if self.server is not None:
             self.server.close()
-        if self.http is not None:
-            await self.http.stop()
-        await self.broker.close()
+        abandoned = []
+        if self.http is not None and not await _bounded(self.http.stop(), "http-stop"):
+            abandoned.append("http side")
+        abandoned += await self.broker.close()
+        return abandoned
 
 
 def _authorize(s: Session, action: str, room: str) -> bool:
@@ -245,8 +256,41 @@ def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> W
     return WSUpgradeResponseWithListener(response, None)
 
 
+async def _bounded(coro: Any, name: str) -> bool:
+    """Run ``coro`` as a task for at most ``STOP_STEP_TIMEOUT_S``; False (and cancelled) when it overran."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    _, pending = await asyncio.wait([task], timeout=STOP_STEP_TIMEOUT_S)
+    if pending:
+        task.cancel()
+        return False
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed during shutdown: %r", name, task.exception())
+    return True
+
+
+async def _leftover_tasks() -> list[str]:
+    """Cancel the tasks still running after the drain and wait for them, bounded; the names of those that stay.
+
+    ``asyncio.run``/``uvloop.run`` would otherwise cancel them and wait with no deadline, so one
+    task that swallows its cancel would keep the process alive after every client got its 1001.
+    """
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in left:
+        t.cancel()
+    if not left:
+        return []
+    _, pending = await asyncio.wait(left, timeout=STOP_STEP_TIMEOUT_S)
+    return sorted(t.get_name() for t in pending)
+
+
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain; the exit code is 0 after a clean drain."""
+    """Run until SIGTERM or SIGINT, then drain; exit code 0 after a clean drain, ``EXIT_ABANDONED`` otherwise.
+
+    Shutdown is bounded: drain timeout, then at most a few ``STOP_STEP_TIMEOUT_S`` steps. When a
+    step overran, an error line names what was abandoned and the process leaves at once with
+    ``EXIT_ABANDONED`` (``os._exit``: the loop's own cleanup would wait for the stuck task).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM that arrives as soon as the port is open must still drain cleanly.
@@ -262,6 +306,11 @@ async def serve(settings: Settings) -> int:
         await node.broker.close()
         return EXIT_USAGE
     await stop.wait()
-    await node.drain()
+    abandoned = await node.drain()
+    abandoned += await _leftover_tasks()
+    if abandoned:
+        log.error("stopped, abandoning %s; exit code %d", ", ".join(abandoned), EXIT_ABANDONED)
+        logging.shutdown()
+        os._exit(EXIT_ABANDONED)
     log.info("stopped")
     return 0

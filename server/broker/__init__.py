@@ -33,7 +33,8 @@ class Broker(Protocol):
 
     async def start(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> list[str]:
+        """Release connections and tasks within a bounded time; returns what had to be abandoned (empty: clean)."""
 
     def publish(
         self, room: str, sender: str, payload: bytes, encoding: int, origin: str

@@ -93,10 +93,11 @@ class MemoryBroker:
     async def start(self) -> None:
         self._schedule_sweep()
 
-    async def close(self) -> None:
+    async def close(self) -> list[str]:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        return []
 
     # ------------------------------------------------------------ lifetime
 

@@ -74,6 +74,8 @@ CHUNK = 1000
 MAX_BATCH = 512
 # A batch of publishes not answered by then counts as a lost connection.
 REPLY_TIMEOUT_S = 5.0
+# close(): how long the broker's tasks get to end, and then the connections to close, each.
+CLOSE_TIMEOUT_S = 2.0
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -173,27 +175,52 @@ class RedisBroker:
         self._redis = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._connect_forever()),
-            loop.create_task(self._write_ops_forever()),
-            loop.create_task(self._publish_forever()),
-            loop.create_task(self._refresh_presence_forever()),
+            loop.create_task(self._connect_forever(), name="redis-connect"),
+            loop.create_task(self._write_ops_forever(), name="redis-ops-writer"),
+            loop.create_task(self._publish_forever(), name="redis-publisher"),
+            loop.create_task(self._refresh_presence_forever(), name="redis-presence"),
         ]
         await self._first_attempt.wait()
 
-    async def close(self) -> None:
+    async def close(self) -> list[str]:
+        """Stop every task and close the connections, within ``2 * CLOSE_TIMEOUT_S`` whatever redis-py does.
+
+        Returns what was abandoned (task names, "connections"), empty after a clean close. The
+        loops end on ``_closing`` rather than on a cancel alone: on Python 3.11 a cancel can be
+        swallowed inside redis-py (``asyncio.wait_for`` in ``send_packed_command`` returns the
+        result when the write finished as the cancel arrived, bpo-37658/gh-86296), and a
+        ``while True`` loop then waits for its next wake-up forever.
+        """
         self._closing = True
         self.available = False
         self._why = "server shutting down"
+        self._ops_wake.set()
+        self._outbox_wake.set()
+        self._presence_wake.set()
         tasks = [*self._tasks, *([self._reader] if self._reader else [])]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        abandoned: list[str] = []
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            abandoned = sorted(t.get_name() for t in pending)
         self._fail(self._outbox, "server shutting down")
         self._outbox = []
         if self._redis is not None:
-            await self._drop(self._sub_conn)
-            self._sub_conn = None
-            await self._redis.aclose()
+            closing = asyncio.get_running_loop().create_task(self._close_connections(), name="redis-close")
+            _, pending = await asyncio.wait([closing], timeout=CLOSE_TIMEOUT_S)
+            if pending:
+                closing.cancel()
+                abandoned.append("redis connections")
+        if abandoned:
+            log.error("broker close abandoned %s after %.0fs", ", ".join(abandoned), CLOSE_TIMEOUT_S)
+        return abandoned
+
+    async def _close_connections(self) -> None:
+        assert self._redis is not None
+        await self._drop(self._sub_conn)
+        self._sub_conn = None
+        await self._redis.aclose()
 
     # ------------------------------------------------------------ Broker
 
@@ -248,10 +275,10 @@ class RedisBroker:
     # ------------------------------------------------------------ publishing
 
     async def _publish_forever(self) -> None:
-        while True:
+        while not self._closing:
             await self._outbox_wake.wait()
             self._outbox_wake.clear()
-            while self._outbox:
+            while self._outbox and not self._closing:
                 batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
                 try:
                     await self._publish_batch(batch)
@@ -448,7 +475,7 @@ class RedisBroker:
     async def _refresh_presence_forever(self) -> None:
         """Every third of the TTL (or at once after a reconnect), keep this node's presence alive in Redis."""
         rewrite = False
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._presence_wake.wait(), self.presence_ttl / 3)
                 rewrite = True  # woken: Redis came back, and may have lost our entries
@@ -496,6 +523,8 @@ class RedisBroker:
                 conn = await self._connect()
                 delay = RECONNECT_MIN_S
                 self._first_attempt.set()
+                if self._closing:  # close() came while connecting (its cancel may have been swallowed)
+                    break
                 reader = self._reader = asyncio.get_running_loop().create_task(self._read(conn))
                 await asyncio.wait([reader])
                 exc = None if reader.cancelled() else reader.exception()
@@ -543,7 +572,7 @@ class RedisBroker:
         assert deliver is not None and on_event is not None, "bind the hub before starting the broker"
         decode = decode_envelope
         perf, wall = time.perf_counter, time.time
-        while True:
+        while not self._closing:
             reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False, push_request=True)
             kind = reply[0]
             if kind == b"message":
@@ -619,12 +648,12 @@ class RedisBroker:
 
     async def _write_ops_forever(self) -> None:
         """The only writer on the pub/sub connection, so (UN)SUBSCRIBEs reach Redis in call order."""
-        while True:
+        while not self._closing:
             await self._ops_wake.wait()
             self._ops_wake.clear()
             conn = self._sub_conn
             ops, self._ops = self._ops, []
-            if conn is None:
+            if conn is None or self._closing:
                 continue
             try:
                 await self._send_ops(conn, ops)
@@ -672,6 +701,8 @@ class RedisBroker:
             self._state = "down"
 
     def _up(self, rooms: int) -> None:
+        if self._closing:
+            return
         self.available = True
         if self._state == "down":
             self._presence_wake.set()  # write this node's presence again: Redis may have lost it
