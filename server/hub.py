@@ -313,8 +313,17 @@ class Hub:
     ) -> None:
         room = self._room(name)
         parked: list[Publication] = room.recovering.setdefault(s, [])
+        ns = self.namespaces.of(name)
+        announced = False
         try:
             hist = await pending
+            if (ns.presence or ns.join_leave) and name not in s.rooms and not s.closed:
+                # Before the ack, live messages still parked: a client that has its ack is in
+                # presence, and the others are being told (in order with the room's messages).
+                announced = True
+                done = self._presence_join(s, name, ns)
+                if done is not None:
+                    await done
         except BrokerUnavailable as exc:
             room.recovering.pop(s, None)
             self._forget_if_unused(room)
@@ -323,15 +332,12 @@ class Hub:
         finally:
             room.recovering.pop(s, None)
         if s.closed:
+            if announced:
+                self._presence_leave(s, name)
             self._forget_if_unused(room)
             return
-        first = name not in s.rooms
         self._add(s, name)
         self._joined(s, request_id, name, hist)
-        if first:
-            ns = self.namespaces.of(name)
-            if ns.presence or ns.join_leave:
-                self._presence_join(s, name, ns)
         last = hist.publications[-1].seq if hist.publications else hist.seq
         for pub in parked:
             if pub.seq > last and pub.origin != s.conn_id:
@@ -443,11 +449,13 @@ class Hub:
 
     # ------------------------------------------------------------ presence
 
-    def _presence_join(self, s: Session, room: str, ns: Namespace) -> None:
+    def _presence_join(self, s: Session, room: str, ns: Namespace) -> Awaitable[None] | None:
+        """Put a first-time joiner in presence and announce it; the broker's awaitable, if any, to wait for."""
         if s.encoding is Encoding.SSE:
-            return  # receive-only streams are not in presence and are not announced
+            return None  # receive-only streams are not in presence and are not announced
         entry = PresenceEntry(s.conn_id, s.user, int(time.time() * 1000))
-        self._broker_call(self.broker.join_presence(room, entry, ns.presence, ns.join_leave))
+        done = self.broker.join_presence(room, entry, ns.presence, ns.join_leave)
+        return done if inspect.isawaitable(done) else None
 
     def _presence_leave(self, s: Session, room: str) -> None:
         ns = self.namespaces.of(room)

@@ -500,10 +500,12 @@ class RedisBroker:
                 keys = presence_keys(room)
                 if rewrite:
                     for conn, info in members.items():
-                        self._script(PRESENCE_ADD_LUA)(keys=keys, args=[conn, info, ttl, "", ""], client=pipe)
+                        await self._script(PRESENCE_ADD_LUA)(
+                            keys=keys, args=[conn, info, ttl, "", ""], client=pipe
+                        )  # queued in the pipeline
                 announce = "1" if self.namespaces.of(room).join_leave else ""
                 args = [ttl, announce, channel_name(room), *members]
-                self._script(PRESENCE_REFRESH_LUA)(keys=keys, args=args, client=pipe)
+                await self._script(PRESENCE_REFRESH_LUA)(keys=keys, args=args, client=pipe)
             await pipe.execute(raise_on_error=False)
 
     def _publication(self, room: str, data: bytes, live: bool) -> Publication:
