@@ -1,11 +1,14 @@
-"""The browser client (client/js/wsfan.js) and the ``--demo`` page, in node and in a real headless Chromium.
+"""The browser client (client/js/wsfan.js) and the ``--demo`` page, in node and in real headless browsers.
 
 * The JS unit tests (tests/browser/*.test.mjs: backoff, dedupe, recovery, timeouts,
   reconnect rules against a fake socket) run under ``node --test``.
 * The demo routes are checked over plain HTTP: right Content-Type, off without ``--demo``.
-* Two end-to-end scenarios drive Debian's ``chromium`` through playwright-core
-  (tests/browser/driver.mjs takes one command per line, so the scenario is written
-  here, next to the server processes and the Python client that take part in it):
+* The end-to-end scenarios run in two engines: Debian's ``chromium`` through
+  playwright-core, and Debian's ``firefox-esr`` through puppeteer-core over WebDriver
+  BiDi, so both engines' real handshakes (their headers, the extensions they offer,
+  their close behaviour) stay covered (tests/browser/driver.mjs takes one command per
+  line, so the scenario is written here, next to the server processes and the Python
+  client that take part in it):
 
   - single node: the page chats with a Python client, the server restarts with its
     history gone, and the page reconnects, shows the gap, and goes on;
@@ -13,7 +16,7 @@
     other node while it is down, and after the restart the page shows each of them once,
     in order (history lives in Redis, so a node restart loses nothing).
 
-Missing node, npm or chromium skips these tests and says how to install them;
+Missing node, npm, chromium or firefox-esr skips these tests and says how to install them;
 ``WSFAN_REQUIRE_BROWSER=1`` (CI) turns that into a failure, so CI cannot go green by skipping.
 """
 
@@ -43,12 +46,19 @@ BROWSER_DIR = ROOT / "tests" / "browser"
 DRIVER = BROWSER_DIR / "driver.mjs"
 SCREENSHOT_DIR = Path(os.environ.get("WSFAN_SCREENSHOT_DIR", tempfile.gettempdir()))
 INSTALL_HINT = (
-    "apt-get install -y chromium nodejs npm (Debian), then `npm ci` in tests/browser; "
-    "WSFAN_CHROMIUM=/path/to/chromium to use another browser binary"
+    "apt-get install -y chromium firefox-esr nodejs npm (Debian), then `npm ci` in tests/browser; "
+    "WSFAN_CHROMIUM=/path/to/chromium or WSFAN_FIREFOX=/path/to/firefox to use another browser binary"
 )
+ENGINES = ("chromium", "firefox")
 
-# Console errors Chromium prints by itself while the server is down: expected, not page bugs.
-EXPECTED_CONSOLE = ("WebSocket connection to", "Failed to load resource", "net::ERR_CONNECTION_REFUSED")
+# Console errors the browsers print by themselves while the server is down: expected, not page bugs.
+EXPECTED_CONSOLE = (
+    "WebSocket connection to",  # Chromium
+    "Failed to load resource",
+    "net::ERR_CONNECTION_REFUSED",
+    "can’t establish a connection to the server at ws://",  # Firefox
+    "was interrupted while the page was loading",
+)
 
 
 def _missing(what: str) -> None:
@@ -66,26 +76,29 @@ def require_node() -> str:
     return node
 
 
-def require_chromium() -> str:
-    chromium = (
-        os.environ.get("WSFAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    )
-    if chromium is None or not os.access(chromium, os.X_OK):
-        _missing("chromium")
-    return chromium
+def require_browser(engine: str) -> str:
+    """The binary of ``engine`` (chromium or firefox): from WSFAN_CHROMIUM / WSFAN_FIREFOX, else PATH."""
+    if engine == "firefox":
+        path = os.environ.get("WSFAN_FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")
+    else:
+        path = os.environ.get("WSFAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None or not os.access(path, os.X_OK):
+        _missing("firefox-esr" if engine == "firefox" else "chromium")
+    return path
 
 
-def require_playwright() -> None:
-    """playwright-core from tests/browser/package-lock.json; installed with ``npm ci`` when absent.
+def require_drivers() -> None:
+    """playwright-core and puppeteer-core from tests/browser/package-lock.json; ``npm ci`` when absent.
 
     Installing here keeps ``make test`` working on a fresh clone; .ci/run does the same
     ahead of time so the install is not counted in a test's time.
     """
-    if (BROWSER_DIR / "node_modules" / "playwright-core" / "package.json").exists():
+    modules = BROWSER_DIR / "node_modules"
+    if all((modules / name / "package.json").exists() for name in ("playwright-core", "puppeteer-core")):
         return
     npm = shutil.which("npm")
     if npm is None:
-        _missing("npm (to install playwright-core)")
+        _missing("npm (to install playwright-core and puppeteer-core)")
     done = subprocess.run(
         [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
         cwd=BROWSER_DIR,
@@ -94,13 +107,14 @@ def require_playwright() -> None:
         timeout=300,
     )
     if done.returncode != 0:
-        _missing(f"playwright-core (npm ci failed: {done.stderr.strip()[-500:]})")
+        _missing(f"the browser drivers (npm ci failed: {done.stderr.strip()[-500:]})")
 
 
 class Browser:
     """tests/browser/driver.mjs as a child process: one JSON command per line, one JSON answer each."""
 
-    def __init__(self, node: str, chromium: str) -> None:
+    def __init__(self, node: str, engine: str, path: str) -> None:
+        self.engine = engine
         self.log = tempfile.NamedTemporaryFile(prefix="wsfan-browser-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [node, str(DRIVER)],
@@ -108,7 +122,7 @@ class Browser:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
-            env={**os.environ, "WSFAN_CHROMIUM": chromium},
+            env={**os.environ, "WSFAN_BROWSER": engine, "WSFAN_BROWSER_PATH": path},
         )
         self._buffer = b""
         self.info = self._answer(60.0)
@@ -167,12 +181,13 @@ class Browser:
         os.unlink(self.log.name)
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
+@pytest.fixture(params=ENGINES)
+def browser(request: pytest.FixtureRequest) -> Iterator[Browser]:
+    """The same scenario in each engine (test ids end in [chromium] / [firefox])."""
     node = require_node()
-    chromium = require_chromium()
-    require_playwright()
-    b = Browser(node, chromium)
+    path = require_browser(request.param)
+    require_drivers()
+    b = Browser(node, request.param, path)
     yield b
     b.close()
 
@@ -221,7 +236,7 @@ def test_demo_serves_page_and_module_with_their_content_types():
         assert http_get(f"http://127.0.0.1:{server.port}/wsfan.js")[0] == 404
 
 
-# ---------------------------------------------------------------- end to end in Chromium
+# ---------------------------------------------------------------- end to end in Chromium and Firefox
 
 
 CONNECTED = '#status[data-state="connected"]'
@@ -283,7 +298,7 @@ def test_page_chats_and_survives_a_single_node_restart_with_a_gap(browser):
             await browser("wait_text", selector="#messages", text="after the restart")
             seqs = await browser("eval", expr=SHOWN_SEQS)
             assert seqs == [1, 2, 1]  # the new numbering is shown, not dropped as duplicates
-            await browser("screenshot", path=str(SCREENSHOT_DIR / "wsfan-demo-single-node.png"))
+            await browser("screenshot", path=str(SCREENSHOT_DIR / f"wsfan-demo-single-node-{browser.engine}.png"))
         assert browser.page_errors() == []
 
     with ServerProcess("--demo", "--rate-limit", "0") as server:
@@ -346,7 +361,7 @@ def test_page_recovers_every_message_published_while_its_node_was_down(browser):
             assert await page_events(browser, "gap") == []
             assert [d["code"] for d in await page_events(browser, "disconnected")] == [1006]
             await browser("wait_text", selector="#messages", text="nothing lost")
-            await browser("screenshot", path=str(SCREENSHOT_DIR / "wsfan-demo-recovered.png"), fullPage=True)
+            await browser("screenshot", path=str(SCREENSHOT_DIR / f"wsfan-demo-recovered-{browser.engine}.png"), fullPage=True)
         assert browser.page_errors() == []
 
     try:

@@ -1,4 +1,4 @@
-// A headless Chromium that tests/test_browser.py steers one command at a time.
+// A headless browser that tests/test_browser.py steers one command at a time.
 //
 // The scenario lives in Python, where the server processes, redis-server and the Python
 // client are, so this script only knows how to drive a page: it reads one JSON command per
@@ -6,17 +6,26 @@
 // {"ok":false,"error":"..."}). Browser console errors and uncaught page errors are kept and
 // returned by the "problems" command, so the test can fail on them.
 //
-// Environment: WSFAN_CHROMIUM = the browser binary (default /usr/bin/chromium).
+// Two engines, one command set:
+// - chromium: Debian's chromium through playwright-core (CDP);
+// - firefox: Debian's firefox-esr through puppeteer-core over WebDriver BiDi (playwright's
+//   Firefox needs its own patched build; puppeteer drives a stock Firefox).
+// Neither package downloads a browser: the binaries come from the system.
+//
+// Environment: WSFAN_BROWSER = chromium (default) or firefox; WSFAN_BROWSER_PATH = the
+// binary (default /usr/bin/chromium or /usr/bin/firefox-esr; WSFAN_CHROMIUM is still read).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 
-import { chromium } from "playwright-core";
-
-const executablePath = process.env.WSFAN_CHROMIUM || "/usr/bin/chromium";
-const userDataDir = mkdtempSync(join(tmpdir(), "wsfan-chromium-"));
-const args = [
+const engine = process.env.WSFAN_BROWSER || "chromium";
+const executablePath =
+  process.env.WSFAN_BROWSER_PATH ||
+  (engine === "firefox" ? "/usr/bin/firefox-esr" : process.env.WSFAN_CHROMIUM || "/usr/bin/chromium");
+const userDataDir = mkdtempSync(join(tmpdir(), `wsfan-${engine}-`));
+const viewport = { width: 1180, height: 760 };
+const chromiumArgs = [
   "--headless",
   "--no-sandbox",
   "--disable-gpu",
@@ -27,9 +36,61 @@ const args = [
   "--disable-sync",
 ];
 
+// The few calls whose signatures differ between playwright and puppeteer; the rest is shared.
+const playwrightPage = (page) => ({
+  fill: (selector, value, timeout) => page.fill(selector, value, { timeout }),
+  click: (selector, timeout) => page.click(selector, { timeout }),
+  press: (selector, key, timeout) => page.press(selector, key, { timeout }),
+  waitFor: (fn, arg, timeout) => page.waitForFunction(fn, arg, { timeout, polling: 50 }),
+  waitSelector: (selector, timeout) => page.waitForSelector(selector, { timeout, state: "attached" }),
+});
+
+const puppeteerPage = (page) => ({
+  fill: (selector, value, timeout) => page.locator(selector).setTimeout(timeout).fill(value),
+  click: (selector, timeout) => page.locator(selector).setTimeout(timeout).click(),
+  press: async (selector, key, timeout) => {
+    await page.waitForSelector(selector, { timeout });
+    await page.focus(selector);
+    await page.keyboard.press(key);
+  },
+  waitFor: (fn, arg, timeout) => page.waitForFunction(fn, { timeout, polling: 50 }, arg),
+  waitSelector: (selector, timeout) => page.waitForSelector(selector, { timeout }),
+});
+
+async function launch() {
+  if (engine === "firefox") {
+    const { default: puppeteer } = await import("puppeteer-core");
+    const browser = await puppeteer.launch({
+      browser: "firefox",
+      executablePath,
+      headless: true,
+      userDataDir,
+      defaultViewport: viewport,
+      extraPrefsFirefox: { "network.http.http3.enable": false },
+    });
+    const page = (await browser.pages())[0] ?? (await browser.newPage());
+    return { page, ops: puppeteerPage(page), close: () => browser.close(), version: await browser.version() };
+  }
+  const { chromium } = await import("playwright-core");
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath,
+    headless: true,
+    args: chromiumArgs,
+    viewport,
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  return {
+    page,
+    ops: playwrightPage(page),
+    close: () => context.close(),
+    version: context.browser()?.version() ?? null,
+  };
+}
+
 const problems = [];
-let context;
+let session;
 let page;
+let ops;
 
 function reply(obj) {
   process.stdout.write(`${JSON.stringify(obj)}\n`);
@@ -43,28 +104,28 @@ async function run(c) {
       return page.url();
     }
     case "fill":
-      await page.fill(c.selector, c.value, { timeout });
+      await ops.fill(c.selector, c.value, timeout);
       return null;
     case "click":
-      await page.click(c.selector, { timeout });
+      await ops.click(c.selector, timeout);
       return null;
     case "press":
-      await page.press(c.selector, c.key, { timeout });
+      await ops.press(c.selector, c.key, timeout);
       return null;
     case "wait":
-      // a selector to appear (e.g. '#status[data-state="connected"]')
-      await page.waitForSelector(c.selector, { timeout, state: c.state ?? "attached" });
+      // a selector to appear in the DOM (e.g. '#status[data-state="connected"]')
+      await ops.waitSelector(c.selector, timeout);
       return null;
     case "wait_text":
-      await page.waitForFunction(
+      await ops.waitFor(
         ([selector, text]) => (document.querySelector(selector)?.textContent ?? "").includes(text),
         [c.selector, c.text],
-        { timeout, polling: 50 },
+        timeout,
       );
       return null;
     case "wait_js":
       // a JS expression over the page to become truthy; returns its value
-      return (await page.waitForFunction(c.expr, null, { timeout, polling: 50 })).jsonValue();
+      return (await ops.waitFor(c.expr, undefined, timeout)).jsonValue();
     case "eval":
       return page.evaluate(c.expr);
     case "texts":
@@ -80,18 +141,13 @@ async function run(c) {
 }
 
 async function main() {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath,
-    headless: true,
-    args,
-    viewport: { width: 1180, height: 760 },
-  });
-  page = context.pages()[0] ?? (await context.newPage());
+  session = await launch();
+  ({ page, ops } = session);
   page.on("pageerror", (err) => problems.push(`pageerror: ${err.message}`));
   page.on("console", (msg) => {
     if (msg.type() === "error") problems.push(`console.error: ${msg.text()}`);
   });
-  reply({ ok: true, result: { ready: true, version: context.browser()?.version() ?? null } });
+  reply({ ok: true, result: { ready: true, engine, version: session.version } });
   const lines = createInterface({ input: process.stdin });
   for await (const line of lines) {
     if (!line.trim()) continue;
@@ -118,7 +174,7 @@ try {
   reply({ ok: false, error: `driver failed: ${err && err.stack ? err.stack : err}` });
   code = 1;
 } finally {
-  if (context) await context.close().catch(() => {});
+  if (session) await session.close().catch(() => {});
   rmSync(userDataDir, { recursive: true, force: true });
 }
 process.exit(code);
