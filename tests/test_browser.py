@@ -81,7 +81,9 @@ def require_browser(engine: str) -> str:
     if engine == "firefox":
         path = os.environ.get("WSFAN_FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")
     else:
-        path = os.environ.get("WSFAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+        path = (
+            os.environ.get("WSFAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+        )
     if path is None or not os.access(path, os.X_OK):
         _missing("firefox-esr" if engine == "firefox" else "chromium")
     return path
@@ -298,7 +300,9 @@ def test_page_chats_and_survives_a_single_node_restart_with_a_gap(browser):
             await browser("wait_text", selector="#messages", text="after the restart")
             seqs = await browser("eval", expr=SHOWN_SEQS)
             assert seqs == [1, 2, 1]  # the new numbering is shown, not dropped as duplicates
-            await browser("screenshot", path=str(SCREENSHOT_DIR / f"wsfan-demo-single-node-{browser.engine}.png"))
+            await browser(
+                "screenshot", path=str(SCREENSHOT_DIR / f"wsfan-demo-single-node-{browser.engine}.png")
+            )
         assert browser.page_errors() == []
 
     with ServerProcess("--demo", "--rate-limit", "0") as server:
@@ -361,7 +365,11 @@ def test_page_recovers_every_message_published_while_its_node_was_down(browser):
             assert await page_events(browser, "gap") == []
             assert [d["code"] for d in await page_events(browser, "disconnected")] == [1006]
             await browser("wait_text", selector="#messages", text="nothing lost")
-            await browser("screenshot", path=str(SCREENSHOT_DIR / f"wsfan-demo-recovered-{browser.engine}.png"), fullPage=True)
+            await browser(
+                "screenshot",
+                path=str(SCREENSHOT_DIR / f"wsfan-demo-recovered-{browser.engine}.png"),
+                fullPage=True,
+            )
         assert browser.page_errors() == []
 
     try:

@@ -54,7 +54,12 @@ def ws_upgrade(srv, *, query: str = "", extra=None) -> tuple[int, bytes]:
 
 
 def sse_get(srv, *, query: str, extra=None) -> tuple[int, bytes]:
-    lines = [f"GET /sse{query} HTTP/1.1".encode(), f"Host: {HOST}".encode()]
+    return http_get(srv, "/sse" + query, extra=extra)
+
+
+def http_get(srv, target: str, *, extra=None) -> tuple[int, bytes]:
+    """A GET on the --http-port, headers as given (bytes values for non-ASCII); (status, body)."""
+    lines = [f"GET {target} HTTP/1.1".encode(), f"Host: {HOST}".encode()]
     lines += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) for k, v in extra or []]
     status, _, body = send_head(HOST, srv.http_port, b"\r\n".join(lines) + b"\r\n\r\n")
     return status, body
@@ -100,10 +105,10 @@ def test_token_inputs_on_the_websocket_upgrade(edge, case, extra, query, status)
     assert_fixed_reason(body)
 
 
+@pytest.mark.parametrize("path", ["/sse", "/presence", "/presence_stats"])
 @pytest.mark.parametrize("case, extra, query, status", TOKEN_CASES, ids=[c[0] for c in TOKEN_CASES])
-def test_token_inputs_on_sse(edge, case, extra, query, status):
-    sep = "&" if query else "?"
-    got, body = sse_get(edge, query=f"{query}{sep}room=r" if query else "?room=r", extra=extra)
+def test_token_inputs_on_the_http_port(edge, path, case, extra, query, status):
+    got, body = http_get(edge, path + (f"{query}&room=r" if query else "?room=r"), extra=extra)
     assert got == status, body
     assert_fixed_reason(body)
 

@@ -470,7 +470,9 @@ class RedisBroker:
             self._lost(exc)
             raise BrokerUnavailable(self._why) from None
         except ResponseError as exc:
-            raise BrokerUnavailable(f"broker refused the presence read: {exc}") from None
+            # As for history: redis' text to the log, our sentence to the client.
+            log.warning("redis refused the presence read of %r: %s", room, exc)
+            raise BrokerUnavailable("broker refused the presence read") from None
 
     async def _refresh_presence_forever(self) -> None:
         """Every third of the TTL (or at once after a reconnect), keep this node's presence alive in Redis."""
