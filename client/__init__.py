@@ -15,7 +15,7 @@ backoff, rejoin with recovery, typed errors). See ``client.client.Client``.
 
 from wsfan.client.backoff import Backoff, parse_retry_after
 from wsfan.client.client import Client, connect
-from wsfan.client.codec import Message, RawMessage, Welcome
+from wsfan.client.codec import Joined, Left, Message, RawMessage, Welcome
 from wsfan.client.errors import (
     TRANSIENT_CODES,
     ClientError,
@@ -25,6 +25,7 @@ from wsfan.client.errors import (
     InternalError,
     InvalidMessage,
     MessagesDropped,
+    NotAvailable,
     NotConnected,
     NotJoined,
     ProtocolError,
@@ -62,9 +63,12 @@ __all__ = [
     "HandshakeRejected",
     "InternalError",
     "InvalidMessage",
+    "Joined",
+    "Left",
     "Message",
     "MessageStream",
     "MessagesDropped",
+    "NotAvailable",
     "NotConnected",
     "NotJoined",
     "Overflow",
@@ -72,8 +76,8 @@ __all__ = [
     "RateLimited",
     "RawMessage",
     "Reconnecting",
-    "RejoinFailed",
     "Recovered",
+    "RejoinFailed",
     "RequestTimeout",
     "ServerError",
     "Stats",

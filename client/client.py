@@ -161,6 +161,21 @@ class Client(Session):
         self._rooms.published(room, data.get("seq") if isinstance(data, dict) else None)
         return data
 
+    async def presence(self, room: str, *, timeout: float | None = DEFAULT) -> list[dict[str, Any]]:
+        """Who is in ``room``, cluster-wide: ``[{"conn", "user", "joined_at"}]`` (``joined_at`` in unix ms).
+
+        Needs no membership; raises ``NotAvailable`` where the room's namespace has presence
+        off and ``Forbidden`` outside the token's ``rooms`` claim. Arrivals and departures are
+        reported as ``Joined``/``Left`` events to ``on_event`` (namespaces with ``join_leave``).
+        """
+        data = await self._bounded("presence", timeout, self._request("presence", room=room))
+        return list(data.get("presence", []))
+
+    async def presence_stats(self, room: str, *, timeout: float | None = DEFAULT) -> dict[str, int]:
+        """``{"connections", "users"}`` in ``room`` (users counted once however many connections they have)."""
+        data = await self._bounded("presence_stats", timeout, self._request("presence_stats", room=room))
+        return {"connections": data["connections"], "users": data["users"]}
+
     async def echo(self, payload: Any, *, timeout: float | None = DEFAULT) -> Any:
         """The server sends ``payload`` back to this connection only; returns it decoded."""
         return await self._bounded("echo", timeout, self._request("echo", payload=payload))

@@ -81,6 +81,22 @@ class Pong(ServerMessage, tag="pong", kw_only=True):
     ts: float | None = None
 
 
+class Joined(ServerMessage, tag="joined", kw_only=True, frozen=True):
+    """Another connection joined a room (namespaces with ``join_leave``); reported through ``on_event``."""
+
+    room: str
+    user: str
+    conn: str
+
+
+class Left(ServerMessage, tag="left", kw_only=True, frozen=True):
+    """Another connection left a room (leave, disconnect, or its node died); reported through ``on_event``."""
+
+    room: str
+    user: str
+    conn: str
+
+
 class Request(Struct, omit_defaults=True, kw_only=True):
     """Every client -> server message. Absent fields are omitted from the wire, not sent as null.
 
@@ -105,7 +121,7 @@ _MSGPACK_DECODERS: dict[bool, Any] = {}
 
 def _union(raw_payloads: bool) -> Any:
     delivery = RawMessage if raw_payloads else Message
-    return Welcome | delivery | Ack | ErrorReply | EchoReply | Pong
+    return Welcome | delivery | Ack | ErrorReply | EchoReply | Pong | Joined | Left
 
 
 class Codec:

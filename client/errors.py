@@ -50,6 +50,12 @@ class NotJoined(ProtocolError):
     code_name = "NOT_JOINED"
 
 
+class NotAvailable(ProtocolError):
+    """The room's namespace has the feature off (``presence`` / ``presence_stats``)."""
+
+    code_name = "NOT_AVAILABLE"
+
+
 class RateLimited(ProtocolError):
     code_name = "RATE_LIMITED"
     transient = True
@@ -69,7 +75,16 @@ class InternalError(ProtocolError):
 
 _BY_CODE: dict[str, type[ProtocolError]] = {
     cls.code_name: cls
-    for cls in (InvalidMessage, UnknownType, Forbidden, NotJoined, RateLimited, Unavailable, InternalError)
+    for cls in (
+        InvalidMessage,
+        UnknownType,
+        Forbidden,
+        NotJoined,
+        NotAvailable,
+        RateLimited,
+        Unavailable,
+        InternalError,
+    )
 }
 
 TRANSIENT_CODES: frozenset[str] = frozenset(code for code, cls in _BY_CODE.items() if cls.transient)

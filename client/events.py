@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsfan.client.codec import Welcome
+from wsfan.client.codec import Joined, Left, Welcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,4 +101,16 @@ class Overflow:
     dropped: int
 
 
-Event = Connected | Disconnected | Reconnecting | Recovered | Gap | RejoinFailed | ServerError | Overflow
+Event = (
+    Connected
+    | Disconnected
+    | Reconnecting
+    | Recovered
+    | Gap
+    | RejoinFailed
+    | ServerError
+    | Overflow
+    | Joined
+    | Left
+)
+"""``Joined``/``Left`` are the server's join/leave events (``client.codec``), handed over as they come."""

@@ -34,6 +34,8 @@ from wsfan.client.codec import (
     EchoReply,
     Encoding,
     ErrorReply,
+    Joined,
+    Left,
     Message,
     Pong,
     Request,
@@ -64,10 +66,11 @@ DEFAULT: Any = object()  # "use the client's request_timeout"; None means "no ti
 class Stats:
     """Counters cheap enough to keep on the hot path; read them in benchmarks and tests."""
 
-    __slots__ = ("messages", "sent", "reconnects", "errors")
+    __slots__ = ("messages", "presence_events", "sent", "reconnects", "errors")
 
     def __init__(self) -> None:
         self.messages = 0  # deliveries handed to the application
+        self.presence_events = 0  # joined/left events received
         self.sent = 0  # messages written to the socket
         self.reconnects = 0
         self.errors: dict[str, int] = {}  # error replies by code, including fire-and-forget ones
@@ -305,6 +308,10 @@ class Session:
 
     def _on_reply(self, msg: ServerMessage) -> None:
         kind = type(msg)
+        if kind is Joined or kind is Left:
+            self.stats.presence_events += 1
+            self._emit(msg)  # type: ignore[arg-type]
+            return
         if kind is ErrorReply:
             errors = self.stats.errors
             errors[msg.code] = errors.get(msg.code, 0) + 1

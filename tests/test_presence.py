@@ -325,3 +325,64 @@ def test_namespaces_from_toml_env_and_flags_inherit_the_default(tmp_path):
     assert spaces.of("lobby") is spaces.of("nons:x") is spaces.default
     assert spaces.of("chat") is spaces.default, "the namespace is the prefix before ':'"
     assert spaces.publish_restricted
+
+
+# ---------------------------------------------------------------- the Python client
+
+
+async def test_python_client_presence_and_join_leave_events(ns_server):
+    from wsfan.client import Joined, Left, NotAvailable, connect
+
+    seen: list = []
+    arrived = asyncio.Event()
+    room = "chat:client"
+    async with (
+        connect(
+            ns_server.url, token=token("watcher"), on_event=lambda e: (seen.append(e), arrived.set())
+        ) as w,
+        connect(ns_server.url, token=token("guest"), encoding="msgpack") as g,
+    ):
+        await w.join(room)
+        arrived.clear()
+        await g.join(room)
+        await asyncio.wait_for(arrived.wait(), 5)
+        joined = [e for e in seen if isinstance(e, Joined)]
+        assert joined == [Joined(room=room, user="guest", conn=g.welcome.conn)]
+        entries = await g.presence(room)
+        assert sorted(e["user"] for e in entries) == ["guest", "watcher"]
+        assert await w.presence_stats(room) == {"connections": 2, "users": 2}
+        with pytest.raises(NotAvailable):
+            await w.presence("lobby")
+        arrived.clear()
+        await g.leave(room)
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert [e for e in seen if isinstance(e, Left)] == [
+            Left(room=room, user="guest", conn=g.welcome.conn)
+        ]
+        assert w.stats.presence_events == 2
+
+
+def test_js_client_presence_and_join_leave_events_against_the_server(ns_server):
+    import json
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = ROOT / "tests" / "browser" / "presence_real.mjs"
+    done = subprocess.run(
+        [node, "--experimental-websocket", "--no-warnings", str(script), ns_server.url, token("ann"), token("bob")],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    a, b = out["conns"]
+    assert out["events"] == [
+        {"type": "joined", "room": "chat:js", "user": "bob", "conn": b},
+        {"type": "left", "room": "chat:js", "user": "bob", "conn": b},
+    ]
+    assert out["target"] == {"room": "chat:js", "user": "bob", "conn": b}
+    assert out["presence"] == sorted([[a, "ann"], [b, "bob"]])
+    assert out["stats"] == {"connections": 2, "users": 2}
+    assert out["notAvailable"] == "NOT_AVAILABLE"
+    assert out["counted"] == 2

@@ -13,7 +13,7 @@
  * It behaves like the Python client in client/ (same rules, same event names), so an
  * application sees the same thing from either:
  *
- * - Requests (join, leave, publish, echo, ping) return Promises that resolve with the
+ * - Requests (join, leave, publish, echo, ping, presence, presenceStats) return Promises that resolve with the
  *   ack data, or reject with a `ProtocolError` (the server's `code` and `message`), a
  *   `RequestTimeout` (the pending entry is removed; a late reply is dropped), or a
  *   `ConnectionClosed` (the socket dropped first: a publish is not resent because the
@@ -31,6 +31,8 @@
  *   close 1006). So liveness is checked with app-level `ping` messages (no inbound
  *   traffic within `pingTimeout` after a ping: the socket is dropped and reconnected),
  *   and an expired token is detected by reading the JWT's `exp` before each attempt.
+ * - Join/leave events of rooms whose namespace has `join_leave` arrive as `joined` and
+ *   `left` events (`{room, user, conn}`), through `onEvent` and the EventTarget alike.
  * - The token travels as `?token=` because browsers cannot set upgrade headers.
  * - JSON only (text frames): a MessagePack decoder is not worth shipping to browsers.
  *
@@ -605,7 +607,7 @@ export class Client extends EventTarget {
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") throw new TypeError("no WebSocket implementation: pass options.WebSocket");
     this.welcome = null;
-    this.stats = { messages: 0, sent: 0, reconnects: 0, errors: {} };
+    this.stats = { messages: 0, presenceEvents: 0, sent: 0, reconnects: 0, errors: {} };
     this._rooms = new RoomTracker();
     this._pending = new Map();
     this._nextId = 1;
@@ -705,6 +707,18 @@ export class Client extends EventTarget {
   /** The server sends `payload` back to this connection only; resolves with it. */
   echo(payload, { timeout } = {}) {
     return this._request("echo", { payload }, timeout);
+  }
+
+  /** Who is in `room`, cluster-wide: resolves `[{conn, user, joined_at}]` (`joined_at` in unix ms). */
+  async presence(room, { timeout } = {}) {
+    const data = await this._request("presence", { room }, timeout);
+    return data.presence || [];
+  }
+
+  /** How many are in `room`: resolves `{connections, users}` (users counted once). */
+  async presenceStats(room, { timeout } = {}) {
+    const data = await this._request("presence_stats", { room }, timeout);
+    return { connections: data.connections, users: data.users };
   }
 
   /** Round trip through the server's message loop, in ms. */
@@ -839,6 +853,12 @@ export class Client extends EventTarget {
     const type = msg.type;
     if (type === "message") {
       if (this._rooms.accept(msg)) this._handOver(msg);
+      return;
+    }
+    if (type === "joined" || type === "left") {
+      // Another connection came or went (namespaces with join_leave): not numbered, not in history.
+      this.stats.presenceEvents += 1;
+      this._emit(type, { room: msg.room, user: msg.user, conn: msg.conn });
       return;
     }
     if (type !== "ack" && type !== "error" && type !== "echo" && type !== "pong") return;
