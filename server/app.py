@@ -17,7 +17,15 @@ from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces
 from wsfan.server.demo import load_pages
-from wsfan.server.handshake import OriginPolicy, Refusal, Upgrade, check_host, check_upgrade, picows_headers
+from wsfan.server.handshake import (
+    OriginPolicy,
+    Refusal,
+    Upgrade,
+    check_host,
+    check_upgrade,
+    origin_form,
+    picows_headers,
+)
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
 from wsfan.server.metrics import CONTENT_TYPE, Metrics
@@ -106,7 +114,7 @@ class Node:
         refused = check_host(headers)
         if refused is not None:
             return _refuse(refused)
-        path, _, query = request.path.partition(b"?")
+        path, _, query = origin_form(request.path).partition(b"?")
         if path == b"/ws" or (path == b"/echo" and self.settings.echo_endpoint):
             upgrade = check_upgrade(headers)
             if isinstance(upgrade, Refusal):

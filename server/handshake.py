@@ -142,6 +142,21 @@ class OriginPolicy:
         return None
 
 
+def origin_form(target: bytes) -> bytes:
+    """The request target as path and query: ``http://host:port/ws?x`` becomes ``/ws?x``.
+
+    RFC 6455 §4.1 allows the absolute form of the Request-URI (RFC 7230 §5.3.2), which a
+    proxy may forward; the path then starts at the first ``/`` after the authority (``/``
+    when there is none). Anything else is returned as it is.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https", b"ws", b"wss"):
+        return target
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    tail = rest[cut:]
+    return tail if tail.startswith(b"/") else b"/" + tail
+
+
 def check_upgrade(headers: Any) -> Upgrade | Refusal:
     """Every rule of RFC 6455 §4.2.1 on a GET of a WebSocket path; the first broken rule's answer.
 

@@ -66,6 +66,17 @@ def test_subprotocols_on_several_header_lines_are_one_list(srv):
     assert headers["sec-websocket-protocol"] == "msgpack"
 
 
+def test_absolute_form_request_uri_is_accepted(srv):
+    """§4.1: the Request-URI may be the absolute http(s) URI of the resource (as a proxy forwards it)."""
+    target = f"http://{HOST}:{srv.port}/ws"
+    status, headers, _ = exchange(srv, upgrade_head(target, key=KEY))
+    assert status == 101 and headers["sec-websocket-accept"] == accept_key(KEY)
+    status, _, body = exchange(
+        srv, f"GET http://{HOST}:{srv.port}/healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    assert (status, body) == (200, b"ok\n")
+
+
 def test_a_connection_accepted_with_a_list_header_works(srv):
     with RawWS.connect(HOST, srv.port, headers={"Connection": "keep-alive, Upgrade"}) as ws:
         kind, data = ws.recv_message()
