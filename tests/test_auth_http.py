@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import signal
-import socket
 import time
 
 import aiohttp
@@ -15,8 +14,10 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
-from wsclients import PicowsPeer, WebsocketsPeer
+from helpers.peers import PicowsPeer, WebsocketsPeer
+from helpers.ports import free_port, wait_for_port
+from helpers.rawws import RawWS
+from helpers.servers import ServerProcess
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 ADMIN = "admin-key-for-tests"
@@ -36,7 +37,6 @@ def unsigned_token(**claims) -> str:
 
 @pytest.fixture(scope="module")
 def auth_server():
-    from conftest import ServerProcess
 
     http_port = free_port()
     srv = ServerProcess(
@@ -53,8 +53,6 @@ def auth_server():
     )
     srv.http = f"http://127.0.0.1:{http_port}"
     srv.start()
-    from conftest import wait_for_port
-
     wait_for_port(http_port)
     yield srv
     srv.kill()
@@ -290,8 +288,6 @@ async def test_admin_publish_reaches_websocket_and_sse_with_the_same_seq(auth_se
 async def test_admin_publish_is_off_without_a_key(make_server):
     port = free_port()
     srv = make_server("--http-port", str(port)).start()
-    from conftest import wait_for_port
-
     wait_for_port(port)
     status, reply = await admin_publish(f"http://127.0.0.1:{port}", {"room": "r", "payload": 1})
     assert status == 404 and "--admin-key" in reply["error"]
@@ -357,26 +353,28 @@ async def test_sse_applies_the_same_auth_rules(auth_server, params, status):
 # ---------------------------------------------------------------- health
 
 
+async def _status_becomes(http: aiohttp.ClientSession, url: str, status: int, timeout: float = 5.0) -> bool:
+    """Poll ``url`` every 20 ms until it answers ``status`` (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with http.get(url) as r:
+            if r.status == status:
+                return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 async def test_healthz_is_503_while_draining(make_server):
     http_port = free_port()
     srv = make_server("--http-port", str(http_port), "--drain-timeout", "5").start()
-    from conftest import wait_for_port
-
     wait_for_port(http_port)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{http_port}/healthz") as r:
             assert r.status == 200
         # A client that never answers the close keeps the drain open for the grace period.
-        stuck = socket.create_connection(("127.0.0.1", srv.port))
-        stuck.sendall(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        await asyncio.sleep(0.2)
+        stuck = RawWS.connect("127.0.0.1", srv.port)  # upgraded: the server holds this session
         srv.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        async with http.get(f"http://127.0.0.1:{http_port}/healthz") as r:
-            assert r.status == 503
+        assert await _status_becomes(http, f"http://127.0.0.1:{http_port}/healthz", 503)
         # The WebSocket port keeps answering while draining: 503 for health and for new upgrades.
         async with http.get(f"http://127.0.0.1:{srv.port}/healthz") as r:
             assert r.status == 503

@@ -38,7 +38,8 @@ from typing import Any
 
 import pytest
 
-from client_fixtures import ServerProcess, run
+from helpers.servers import ServerProcess
+from helpers.waiting import run
 from wsfan.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +283,7 @@ def test_page_chats_and_survives_a_single_node_restart_with_a_gap(browser):
         async with connect(server.url, backoff_base=0.05, backoff_cap=0.2, stable_after=0) as bob:
             await bob.join(room)
             await chat_both_ways(browser, bob, room)
-            assert await asyncio.to_thread(server.terminate) == 0  # graceful: close 1001 to everyone
+            assert await asyncio.to_thread(server.stop) == 0  # graceful: close 1001 to everyone
             await browser("wait", selector='#status[data-state="reconnecting"]')
             await asyncio.to_thread(server.start)  # same port, empty history: seq starts over
             await browser("wait", selector=CONNECTED, timeout=15)
@@ -335,7 +336,7 @@ def test_page_recovers_every_message_published_while_its_node_was_down(browser):
     """Two nodes behind Redis: the page's node crashes, the other keeps publishing, nothing is lost."""
     if not (ROOT / "server" / "broker" / "redis.py").exists():
         pytest.skip("needs the Redis broker (server/broker/redis.py)")
-    from redis_fixtures import RedisServer, require_redis
+    from helpers.redis_server import RedisServer, require_redis
 
     room = "browser-cluster"
     redis = RedisServer(require_redis()).start()

@@ -1,6 +1,6 @@
 """The reusable client (client/): unit rules first, then against a real server process.
 
-Server-backed tests start ``python -m wsfan`` as a subprocess (tests/client_fixtures.py)
+Server-backed tests start ``python -m wsfan`` as a subprocess (tests/helpers/servers.py)
 because reconnection is only meaningful against a process that can really die,
 freeze (SIGSTOP) or come back on the same port with its history gone.
 """
@@ -16,7 +16,10 @@ import msgspec
 import pytest
 import uvloop
 
-from client_fixtures import ServerProcess, free_port, hold_reconnects, run, take, until
+from helpers.client_tools import hold_reconnects, take
+from helpers.ports import free_port
+from helpers.servers import ServerProcess
+from helpers.waiting import run, until
 from wsfan.client import (
     TRANSIENT_CODES,
     Backoff,
@@ -693,7 +696,7 @@ def test_server_restart_reconnects_rejoins_and_reports_the_seq_reset():
                 await b.publish("restart", i)
             stream = a.messages("restart")
             assert [(await stream.get(2)).seq for _ in range(3)] == [1, 2, 3]
-            assert await asyncio.to_thread(server.terminate) == 0  # graceful: connections closed with 1001
+            assert await asyncio.to_thread(server.stop) == 0  # graceful: connections closed with 1001
             assert Disconnected(1001, "server going away", will_reconnect=True) in events_a
             await asyncio.to_thread(server.start)  # same port, empty history: seq starts over
             await until(lambda: a.connected and b.connected, timeout=10)
@@ -789,7 +792,7 @@ def test_restarted_server_replays_its_new_numbering_to_a_client_that_rejoins_wit
                 for i in range(3):
                     await pub.publish("epoch", f"old {i}")
             assert [(await stream.get(2)).seq for _ in range(3)] == [1, 2, 3]
-            assert await asyncio.to_thread(server.terminate) == 0
+            assert await asyncio.to_thread(server.stop) == 0
             await until(lambda: not x.connected)
             await asyncio.to_thread(server.start)  # same port, new process: new epoch
             async with connect(server.url) as pub:  # another client publishes before x is back

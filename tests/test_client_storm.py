@@ -8,8 +8,8 @@
   exactly once and in order, or a gap event when history was too small to cover it.
   A single node cannot show this (nobody can publish while it is down), hence two nodes.
 
-Each server is a ``python -m wsfan`` subprocess on 127.0.0.1 (tests/client_fixtures.py);
-Redis is a ``redis-server`` on a free port (tests/redis_fixtures.py).
+Each server is a ``python -m wsfan`` subprocess on 127.0.0.1 (tests/helpers/servers.py);
+Redis is a ``redis-server`` on a free port (tests/helpers/redis_server.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
-from client_fixtures import ServerProcess, hold_reconnects, run, take, until
+from helpers.client_tools import hold_reconnects, take
+from helpers.servers import ServerProcess
+from helpers.waiting import run, until
 from wsfan.client import (
     Client,
     Connected,
@@ -43,7 +45,7 @@ STORM_ROOMS = 10
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A private redis-server (skips with an install hint where it is missing)."""
-    from redis_fixtures import RedisServer, require_redis
+    from helpers.redis_server import RedisServer, require_redis
 
     srv = RedisServer(require_redis()).start()
     yield srv.url
@@ -98,7 +100,7 @@ def test_hundred_clients_reconnecting_at_once_after_a_restart_all_recover(capsys
                     await pub.publish(f"storm-{r}", "before")
             assert all([(await c.messages(room_of(i)).get(5)).seq for i, c in enumerate(clients)])
             down = time.perf_counter()
-            assert await asyncio.to_thread(server.terminate) == 0  # close 1001 to all 100, exit 0
+            assert await asyncio.to_thread(server.stop) == 0  # close 1001 to all 100, exit 0
             await until(lambda: all(any(isinstance(e, Disconnected) for e in ev) for ev in events), 10)
             assert all(
                 [e for e in ev if isinstance(e, Disconnected)]
@@ -264,14 +266,6 @@ def test_hundred_clients_on_a_killed_node_all_recover_what_another_node_publishe
 
 
 # ---------------------------------------------------------------- Redis loses the room, or is down, during a rejoin
-
-
-@pytest.fixture
-def redis_server() -> Iterator[Any]:
-    """A private redis-server that the test can kill and restart (``RedisServer``)."""
-    from redis_fixtures import running_redis
-
-    yield from running_redis()
 
 
 async def publish_when_available(pub: Client, room: str, payload: Any, timeout: float = 10.0) -> int:

@@ -15,22 +15,18 @@ import shlex
 import signal
 import time
 import tomllib
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port
-from redis_fixtures import RedisServer, running_redis, wait_until
-from wsclients import PicowsPeer, WebsocketsPeer
+from helpers.peers import PicowsPeer, WebsocketsPeer
+from helpers.ports import free_port
+from helpers.redis_server import RedisServer
+from helpers.servers import ROOT, ServerProcess
+from helpers.waiting import wait_until
 
 NODE_FLAGS = ("--rate-limit", "0")
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    yield from running_redis()
 
 
 def node(make_server: type[ServerProcess], redis: RedisServer, name: str, *args: str) -> ServerProcess:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port
+from helpers.ports import free_port
+from helpers.servers import ROOT, ServerProcess
 from wsfan.server import config
 
 

@@ -1,4 +1,4 @@
-"""RFC 6455 frame-level rules, checked with our own raw-socket client (tests/rawws.py).
+"""RFC 6455 frame-level rules, checked with our own raw-socket client (tests/helpers/rawws.py).
 
 Each test is named after the rule it checks, so a failure points at the rule the
 server broke. Where a rule applies to both endpoints the test runs against ``/ws``
@@ -16,8 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from conftest import ServerProcess
-from rawws import (
+from helpers.rawws import (
     BINARY,
     CLOSE,
     CONT,
@@ -34,6 +33,7 @@ from rawws import (
     close_payload,
     http_request,
 )
+from helpers.servers import ServerProcess
 
 HOST = "127.0.0.1"
 LIMIT = 1024  # --max-message-size of the `limited` server

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
+import json
 
 import pytest
 
-from wsclients import PicowsPeer, WebsocketsPeer
+from helpers.peers import PicowsPeer, WebsocketsPeer
+from helpers.rawws import RawWS
+from helpers.waiting import until
 
 
 async def test_rate_limit_drops_messages_with_rate_limited(make_server):
@@ -87,18 +89,12 @@ async def test_slow_consumer_is_closed_4008_while_healthy_subscriber_gets_every_
     await pub.request("join", room=room)
     healthy = await PicowsPeer.connect(srv.url)
     await healthy.request("join", room=room)
-    # A raw socket with a tiny receive buffer that never reads: the server's writes back up fast.
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(("127.0.0.1", srv.port))
-    slow.sendall(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    mask = b"\x00\x00\x00\x00"
-    join = b'{"type":"join","room":"flood"}'
-    slow.sendall(bytes((0x81, 0x80 | len(join))) + mask + join)
-    await asyncio.sleep(0.2)
+    # A raw connection with a tiny receive buffer that stops reading once joined: the server's writes back up.
+    slow = RawWS.connect("127.0.0.1", srv.port, rcvbuf=4096, timeout=5)
+    slow.send_text(json.dumps({"type": "join", "room": room, "id": "slow-join"}))
+    while (reply := json.loads(slow.recv_message()[1])).get("requestId") != "slow-join":
+        pass
+    assert reply["type"] == "ack", reply
     payload = "p" * 16000
     n = 600  # 9.6 MB towards the slow consumer: far past its 256 KiB limit plus kernel buffers (up to 4 MiB)
     for i in range(n):
@@ -107,49 +103,14 @@ async def test_slow_consumer_is_closed_4008_while_healthy_subscriber_gets_every_
             await asyncio.sleep(0)
     # The server decides within the flood; the close frame then waits behind what the socket
     # already holds, for a grace period of 2 s: start reading as soon as the decision is logged.
-    for _ in range(750):  # up to 15 s: a loaded CI machine works through 9.6 MB more slowly
-        if "slow consumer" in srv.output():
-            break
-        await asyncio.sleep(0.02)
-    assert "slow consumer" in srv.output()
-    slow.settimeout(5)
-    data = b""
-    while True:
-        try:
-            chunk = slow.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    slow.close()
-    code = _find_close_code(data)
+    await until(lambda: "slow consumer" in srv.output(), timeout=15)  # a loaded CI machine is slower
+    with slow:
+        code, _ = slow.expect_close(timeout=10, reply=False)
     assert code == 4008, f"expected close 4008 in the slow consumer's stream, got {code}"
     seqs = [(await healthy.recv(10))["seq"] for _ in range(n)]
     assert seqs == list(range(1, n + 1)), "the healthy subscriber lost nothing"
     await pub.close()
     await healthy.close()
-
-
-def _find_close_code(stream: bytes) -> int | None:
-    """Walk server frames (after the HTTP response) and return the close code, if any."""
-    head, _, rest = stream.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101")
-    i = 0
-    while i + 2 <= len(rest):
-        op = rest[i] & 0x0F
-        n = rest[i + 1] & 0x7F
-        j = i + 2
-        if n == 126:
-            n = int.from_bytes(rest[j : j + 2], "big")
-            j += 2
-        elif n == 127:
-            n = int.from_bytes(rest[j : j + 8], "big")
-            j += 8
-        if op == 0x8:
-            return int.from_bytes(rest[j : j + 2], "big")
-        i = j + n
-    return None
 
 
 async def test_connection_that_answers_pings_survives_heartbeats(make_server):

@@ -11,78 +11,21 @@ users, all traffic is on 127.0.0.1, and every wait has a timeout.
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers.ports import free_port
+from helpers.servers import ServerProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SCEN = ROOT / "loadtest" / "scenarios"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``python -m wsfan`` on a free port; the log is kept to explain failures."""
-
-    def __init__(self, tmp: Path, *args: str, port: int = 0) -> None:
-        self.port = port or _free_port()
-        self.log_path = tmp / f"server-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PY, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.3):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"server not listening: {self.log()}") from None
-                time.sleep(0.05)
-
-    @property
-    def host(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def metric(self, name: str) -> float:
-        """One value from GET /metrics (0 if absent)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " ") or line.startswith(name + "{"):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._log.close()
 
 
 class Run:
@@ -121,16 +64,11 @@ def locust(tmp: Path, scenario: str, host: str, *args: str, timeout: float = 60,
 
 
 @pytest.fixture(scope="module")
-def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("loadtest")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_module: Path) -> Iterator[Server]:
+def server() -> Iterator[ServerProcess]:
     """A default server, with fast heartbeats so that the idle scenario sees pings within seconds."""
-    s = Server(tmp_module, "--heartbeat", "400", "--heartbeat-timeout", "3000", "--echo-endpoint")
+    s = ServerProcess("--heartbeat", "400", "--heartbeat-timeout", "3000", "--echo-endpoint").start()
     yield s
-    s.stop()
+    s.kill()
 
 
 def _assert_clean(run: Run, *names: str) -> None:
@@ -144,7 +82,7 @@ def _assert_clean(run: Run, *names: str) -> None:
 
 
 @pytest.mark.parametrize("variant", ["json", "msgpack", "no-ack"])
-def test_chat_scenario(server: Server, tmp_path: Path, variant: str) -> None:
+def test_chat_scenario(server: ServerProcess, tmp_path: Path, variant: str) -> None:
     extra = {"json": [], "msgpack": ["--msgpack"], "no-ack": ["--no-publish-ack"]}[variant]
     run = locust(tmp_path, "chat", server.host, "-u", "6", "-r", "6", "-t", "3s",
                  "--rooms", "2", "--publish-rate", "5", "--payload-size", "200", *extra)  # fmt: skip
@@ -157,14 +95,14 @@ def test_chat_scenario(server: Server, tmp_path: Path, variant: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["", "/echo"])
-def test_echo_scenario(server: Server, tmp_path: Path, path: str) -> None:
+def test_echo_scenario(server: ServerProcess, tmp_path: Path, path: str) -> None:
     extra = ["--echo-path", path] if path else []
     run = locust(tmp_path, "echo", server.host, "-u", "4", "-r", "4", "-t", "3s", "--echo-rate", "10", *extra)
     _assert_clean(run, "connect", "echo")
     assert run.count("echo") >= 4 * 10, run.explain()  # ~4 users x 10/s x ~2.5 s
 
 
-def test_idle_scenario_answers_heartbeats(server: Server, tmp_path: Path) -> None:
+def test_idle_scenario_answers_heartbeats(server: ServerProcess, tmp_path: Path) -> None:
     run = locust(tmp_path, "idle", server.host, "-u", "4", "-r", "4", "-t", "3s")
     _assert_clean(run, "connect", "heartbeat")
     assert run.count("heartbeat") >= 4, run.explain()  # pings every ~0.4 s to each idle connection
@@ -172,7 +110,7 @@ def test_idle_scenario_answers_heartbeats(server: Server, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("backoff", ["full-jitter", "none"])
-def test_reconnection_storm(server: Server, tmp_path: Path, backoff: str) -> None:
+def test_reconnection_storm(server: ServerProcess, tmp_path: Path, backoff: str) -> None:
     run = locust(tmp_path, "storm", server.host, "--storm-users", "8", "--storm-spawn-rate", "8",
                  "--storm-hold", "1.5", "--storm-after", "0.5", "--storm-timeout", "15",
                  "--storm-drop-ratio", "0.75", "--backoff", backoff, "--backoff-base", "0.5",
@@ -197,7 +135,7 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
     A restarted single node has a new epoch, so the rejoin with since + epoch
     must be reported as not recovered instead of silently resuming.
     """
-    srv = Server(tmp_path)
+    srv = ServerProcess().start()
     prefix = tmp_path / "restart"
     proc = subprocess.Popen(
         [PY, "-m", "locust", "-f", str(SCEN / "storm.py"), "--headless", "--host", srv.host, "--csv", str(prefix),
@@ -206,7 +144,7 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
          "--backoff-base", "0.2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    srv2: Server | None = None
+    srv2: ServerProcess | None = None
     try:
         deadline = time.monotonic() + 30
         while srv.metric("wsfan_connections") < 6:  # every user connected before the restart
@@ -214,7 +152,7 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
             time.sleep(0.2)
         time.sleep(0.5)
         srv.stop()  # SIGTERM: graceful, 1001 to everybody
-        srv2 = Server(tmp_path, port=srv.port)
+        srv2 = ServerProcess(port=srv.port).start()
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -230,7 +168,7 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
 
 
 def test_token_secret_mints_jwts(tmp_path: Path) -> None:
-    srv = Server(tmp_path, "--jwt-secret", "s3cret")
+    srv = ServerProcess("--jwt-secret", "s3cret").start()
     try:
         ok = locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret", "s3cret",
                     "--token-rooms", "lt-*", tag="good")  # fmt: skip
@@ -247,7 +185,7 @@ def test_token_secret_mints_jwts(tmp_path: Path) -> None:
 
 
 def test_rate_limit_shows_error_and_close_codes(tmp_path: Path) -> None:
-    srv = Server(tmp_path, "--rate-limit", "1", "--rate-burst", "1", "--rate-abuse-strikes", "5")
+    srv = ServerProcess("--rate-limit", "1", "--rate-burst", "1", "--rate-abuse-strikes", "5").start()
     try:
         run = locust(tmp_path, "chat", srv.host, "-u", "3", "-r", "3", "-t", "3s",
                      "--rooms", "1", "--publish-rate", "10", "--backoff-base", "0.2")  # fmt: skip
@@ -268,7 +206,7 @@ def test_slow_consumer_is_closed_with_4008(tmp_path: Path) -> None:
     buffers to the server's close frame within its 2 s close grace: a reader
     that stalls completely is aborted after the grace and only sees 1006.
     """
-    srv = Server(tmp_path, "--slow-consumer-limit", "1024")
+    srv = ServerProcess("--slow-consumer-limit", "1024").start()
     try:
         run = locust(tmp_path, "chat", srv.host, "-u", "3", "-r", "3", "-t", "8s", "--rooms", "1",
                      "--publish-rate", "80", "--payload-size", "60000", "--publisher-ratio", "0.67",
@@ -281,7 +219,7 @@ def test_slow_consumer_is_closed_with_4008(tmp_path: Path) -> None:
     assert run.failures("close:4008") == run.failures(), run.explain()  # nothing else failed
 
 
-def test_cpu_warning_is_surfaced_in_the_report(server: Server, tmp_path: Path) -> None:
+def test_cpu_warning_is_surfaced_in_the_report(server: ServerProcess, tmp_path: Path) -> None:
     """Locust's cpu_warning event (fired by its CPU monitor above 90 %) becomes a LOADGEN stats row."""
     lf = tmp_path / "cpu_locustfile.py"
     lf.write_text(
@@ -309,8 +247,8 @@ def test_cpu_warning_is_surfaced_in_the_report(server: Server, tmp_path: Path) -
 # ----------------------------------------------------------------- distributed
 
 
-def test_master_and_worker(server: Server, tmp_path: Path) -> None:
-    port = _free_port()
+def test_master_and_worker(server: ServerProcess, tmp_path: Path) -> None:
+    port = free_port()
     prefix = tmp_path / "dist"
     common = ["-f", str(SCEN / "chat.py")]
     master = subprocess.Popen(

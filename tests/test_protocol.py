@@ -8,7 +8,7 @@ import json
 import msgspec
 import pytest
 
-from wsclients import PEERS, Peer, PicowsPeer, WebsocketsPeer
+from helpers.peers import PEERS, Peer, PicowsPeer, WebsocketsPeer
 
 
 @pytest.fixture(params=sorted(PEERS))

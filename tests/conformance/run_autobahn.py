@@ -40,7 +40,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the helpers package
+from helpers.ports import free_port, wait_for_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALLER = Path(__file__).resolve().with_name("install_autobahn.sh")
@@ -104,13 +106,6 @@ def plain_text(fragment: str) -> str:
     text = re.sub(r"<br\s*/?>", " ", fragment or "", flags=re.IGNORECASE)
     text = re.sub(r"<[^>]+>", "", text)
     return re.sub(r"\s+", " ", html.unescape(text)).strip()
-
-
-def free_port() -> int:
-    """Ask the kernel for an unused loopback port (tiny race until the server binds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def default_wstest() -> Path:
@@ -186,18 +181,12 @@ def start_server(python: str, port: int, extra_args: list[str], log_path: Path) 
         log_file.close()  # the child holds its own descriptor
 
 
-def wait_for_port(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+def wait_for_server(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
     """Readiness = the TCP port accepts connections (per the dev contract); fail fast if it died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RunError(f"server exited with status {proc.returncode} before accepting connections")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RunError(f"server did not accept connections on 127.0.0.1:{port} within {timeout:.0f}s")
+    try:
+        wait_for_port(port, timeout=timeout, proc=proc)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RunError(f"server did not accept connections on 127.0.0.1:{port}: {exc}") from None
 
 
 def stop_server(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
@@ -458,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     server_rc: int | None = None
     proc = start_server(args.server_python, port, server_args, outdir / "server.log")
     try:
-        wait_for_port(proc, port, args.startup_timeout)
+        wait_for_server(proc, port, args.startup_timeout)
         log(f"server ready on {url}")
         run_wstest(wstest, spec_path, outdir, outdir / "wstest.log", args.timeout)
         if proc.poll() is not None:

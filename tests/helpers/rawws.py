@@ -239,10 +239,23 @@ class RawWS:
         protocols: list[str] | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        rcvbuf: int | None = None,
     ) -> RawWS:
-        """TCP connect and the HTTP upgrade by hand; raises :class:`HandshakeFailed` unless a valid 101."""
+        """TCP connect and the HTTP upgrade by hand; raises :class:`HandshakeFailed` unless a valid 101.
+
+        ``rcvbuf`` (bytes) shrinks SO_RCVBUF before connecting: a peer that reads nothing then
+        backs the server's writes up quickly (slow-consumer tests).
+        """
         deadline = time.monotonic() + timeout
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             key = base64.b64encode(os.urandom(16)).decode()

@@ -11,14 +11,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import free_port, wait_for_port
+from helpers.ports import free_port, wait_for_port
 
 INSTALL_HINT = "redis-server is not installed: `apt-get install redis-server` (or `brew install redis`)"
 
@@ -98,13 +97,3 @@ def running_redis() -> Iterator[RedisServer]:
     srv = RedisServer(require_redis()).start()
     yield srv
     srv.stop()
-
-
-def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll a synchronous predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
