@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from conftest import ServerProcess, free_port, wait_for_port
-from rawws import send_head
+from helpers.ports import free_port, wait_for_port
+from helpers.rawws import send_head
+from helpers.servers import ServerProcess
 from wsfan.server.auth import Authenticator, AuthError, Identity, token_from_request
 from wsfan.server.handshake import Refusal, Upgrade, check_upgrade
 from wsfan.server.protocol import SEQ_MAX, parse_seq

@@ -1,7 +1,7 @@
 """Faults an operator causes, against real processes: SIGTERM under load, dropped clients, fd exhaustion.
 
 Every test drives a real ``python -m wsfan`` process over real sockets, with a real
-redis-server where a broker is involved (tests/redis_fixtures.py), and checks what the
+redis-server where a broker is involved (tests/helpers/redis_server.py), and checks what the
 operator sees: exit codes and times, kernel socket state (``/proc``), log lines and metrics.
 """
 
@@ -10,20 +10,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from conftest import ServerProcess
-from redis_fixtures import RedisServer, running_redis
-from wsclients import PicowsPeer
+from helpers.peers import PicowsPeer
+from helpers.servers import ServerProcess
 
 DRAIN_S = 1.0
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    yield from running_redis()
 
 
 async def _publish_steadily(peer: PicowsPeer, room: str, every: float) -> None:

@@ -1,6 +1,6 @@
 """The opening handshake (RFC 6455 §4.2.1, §4.2.2, §11.3) and the request-header rules of the WebSocket port.
 
-Requests are sent byte for byte with tests/rawws.py, because client libraries refuse to
+Requests are sent byte for byte with tests/helpers/rawws.py, because client libraries refuse to
 send most of them (two keys, a bad version, no Host). Each rule is documented in
 docs/protocol-choices.md, "Handshake".
 """
@@ -12,8 +12,8 @@ import asyncio
 import pytest
 from picows import WSUpgradeRequest
 
-from conftest import ServerProcess
-from rawws import RawWS, accept_key, send_head, upgrade_head
+from helpers.rawws import RawWS, accept_key, send_head, upgrade_head
+from helpers.servers import ServerProcess
 from wsfan.server.app import Node
 from wsfan.server.config import Settings
 

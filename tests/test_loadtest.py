@@ -11,9 +11,11 @@ users, all traffic is on 127.0.0.1, and every wait has a timeout.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -399,7 +401,7 @@ def _hdr(run: Run) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in run.summary["hdr_us"]}
 
 
-def test_default_mixed_run_has_deliveries(server: Server, tmp_path: Path) -> None:
+def test_default_mixed_run_has_deliveries(server: ServerProcess, tmp_path: Path) -> None:
     """``locust -f locustfile.py -u 20``: chat users share rooms, so the delivery row is not empty."""
     prefix = tmp_path / "mixed"
     done = subprocess.run(
@@ -419,9 +421,9 @@ def test_default_mixed_run_has_deliveries(server: Server, tmp_path: Path) -> Non
     assert (tmp_path / "mixed_hdr.json").exists() and (tmp_path / "mixed_hdr" / "delivery.hgrm").exists()
 
 
-def test_hdr_histograms_merge_across_workers(server: Server, tmp_path: Path) -> None:
+def test_hdr_histograms_merge_across_workers(server: ServerProcess, tmp_path: Path) -> None:
     """Master + 2 workers: the master's µs histograms hold every worker's samples, and resolve below 1 ms."""
-    port = _free_port()
+    port = free_port()
     prefix = tmp_path / "dist2"
     common = ["-f", str(SCEN / "chat.py")]
     master = subprocess.Popen(
@@ -485,7 +487,7 @@ def test_hdr_histograms_merge_across_workers(server: Server, tmp_path: Path) -> 
     ids=["all-pass", "p99-fails", "negative-ratio-is-off"],
 )
 def test_check_thresholds_set_the_exit_code(
-    server: Server, tmp_path: Path, checks: list[str], expected_rc: int, failed: set[str]
+    server: ServerProcess, tmp_path: Path, checks: list[str], expected_rc: int, failed: set[str]
 ) -> None:
     run = locust(tmp_path, "chat", server.host, "-u", "4", "-r", "4", "-t", "3s", "--room-size", "4",
                  "--publish-rate", "10", *checks)  # fmt: skip
@@ -495,7 +497,7 @@ def test_check_thresholds_set_the_exit_code(
 
 def test_fail_ratio_check_judges_failures_both_ways(tmp_path: Path) -> None:
     """Refused publishes (rate limit): within --check-fail-ratio the run passes (0), above it fails (3)."""
-    srv = Server(tmp_path, "--rate-limit", "2", "--rate-burst", "2", "--rate-abuse-strikes", "100000")
+    srv = ServerProcess("--rate-limit", "2", "--rate-burst", "2", "--rate-abuse-strikes", "100000").start()
     try:
         args = ("-u", "2", "-r", "2", "-t", "3s", "--room-size", "2", "--publish-rate", "10")
         tolerant = locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "1", tag="tolerant")
@@ -506,9 +508,9 @@ def test_fail_ratio_check_judges_failures_both_ways(tmp_path: Path) -> None:
     assert strict.failures("publish") > 0 and strict.rc == 3, strict.explain()
 
 
-def test_web_ui_has_the_hdr_tab(server: Server, tmp_path: Path) -> None:
+def test_web_ui_has_the_hdr_tab(server: ServerProcess, tmp_path: Path) -> None:
     """The web UI's stats feed carries the µs table its "Latency (HDR)" tab renders."""
-    web = _free_port()
+    web = free_port()
     proc = subprocess.Popen(
         [PY, "-m", "locust", "-f", str(SCEN / "chat.py"), "--host", server.host, "-u", "4", "-r", "4",
          "--autostart", "-t", "20s", "--web-host", "127.0.0.1", "--web-port", str(web), "--room-size", "4",

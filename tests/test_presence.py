@@ -11,8 +11,9 @@ import aiohttp
 import jwt
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port, wait_for_port
-from wsclients import PicowsPeer, WebsocketsPeer
+from helpers.peers import PicowsPeer, WebsocketsPeer
+from helpers.ports import free_port, wait_for_port
+from helpers.servers import ROOT, ServerProcess
 from wsfan.server import config
 
 SECRET = "presence-test-secret-long-enough-for-hs256"

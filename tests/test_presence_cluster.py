@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from conftest import ServerProcess
-from redis_fixtures import RedisServer, running_redis, wait_until
-from wsclients import PicowsPeer
+from helpers.peers import PicowsPeer
+from helpers.redis_server import RedisServer
+from helpers.servers import ServerProcess
+from helpers.waiting import wait_until
 
 NS = ("--namespaces", "chat:presence=true,join_leave=true", "--presence-ttl", "1", "--rate-limit", "0")
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    yield from running_redis()
 
 
 def node(make_server: type[ServerProcess], redis: RedisServer, name: str, *args: str) -> ServerProcess:

@@ -3,7 +3,7 @@
 Kinds (issue 11): bytes that are not ASCII or not UTF-8, a value sent twice, an oversized
 value, numbers written with non-ASCII digits, names with a trailing newline, foreign
 origins, JWT leeway, and clients that send their request head slowly or never. Each is
-sent byte for byte over a raw socket (tests/rawws.py); every refusal is a 4xx with a
+sent byte for byte over a raw socket (tests/helpers/rawws.py); every refusal is a 4xx with a
 short fixed reason, never a 500 or an exception's text.
 
 Surfaces: the WebSocket upgrade (``/ws`` on ``--port``), ``GET /sse`` and ``POST /publish``
@@ -19,8 +19,9 @@ import time
 import jwt
 import pytest
 
-from conftest import ServerProcess, free_port, wait_for_port
-from rawws import RawWS, send_head, upgrade_head
+from helpers.ports import free_port, wait_for_port
+from helpers.rawws import RawWS, send_head, upgrade_head
+from helpers.servers import ServerProcess
 
 HOST = "127.0.0.1"
 SECRET = "edge-secret-that-is-long-enough-for-hs256!!"

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port
+from helpers.ports import free_port
+from helpers.servers import ROOT
 from wsfan import __version__
 
 
