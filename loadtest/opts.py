@@ -103,6 +103,19 @@ def _add_options(parser: Any, **_kw: Any) -> None:
     a("--rooms-per-user", type=int, default=1, help="Rooms each chat user joins (default 1)")
     a("--room-prefix", default="lt", help="Room name prefix (default lt -> lt-0, lt-1, ...)")
     a(
+        "--presence-namespace",
+        default="",
+        help="Put the chat rooms in this server namespace (rooms NS:lt-0, ...); start the server with "
+        "--namespaces NS:presence=true,join_leave=true so that joined/left events and presence are on",
+    )
+    a(
+        "--churn-interval",
+        type=float,
+        default=0.0,
+        help="Every N seconds each chat user leaves and rejoins its first room (and asks presence_stats "
+        "with --presence-namespace): the others' joined/left event latency is reported (default 0: off)",
+    )
+    a(
         "--publish-rate",
         type=float,
         default=1.0,
@@ -245,6 +258,8 @@ class Settings:
     room_size: int = 10
     rooms_per_user: int = 1
     room_prefix: str = "lt"
+    presence_namespace: str = ""
+    churn_interval: float = 0.0
     publish_rate: float = 1.0
     publisher_ratio: float = 1.0
     payload_size: int = 64
@@ -295,13 +310,14 @@ class Settings:
         whatever -u is (round-robin over a fixed 10 rooms left 7 chat users alone in 7 rooms).
         """
         k = max(1, self.rooms_per_user)
+        prefix = f"{self.presence_namespace}:{self.room_prefix}" if self.presence_namespace else self.room_prefix
         if self.rooms > 0:
             count = self.rooms
             k = min(k, count)
             base = chat_index % count
-            return [f"{self.room_prefix}-{(base + j) % count}" for j in range(k)]
+            return [f"{prefix}-{(base + j) % count}" for j in range(k)]
         base = chat_index // max(1, self.room_size)
-        return [f"{self.room_prefix}-{base + j}" for j in range(k)]
+        return [f"{prefix}-{base + j}" for j in range(k)]
 
     def is_publisher(self, global_index: int) -> bool:
         """Spread publishers evenly (Bresenham) instead of randomly, so small runs are predictable."""

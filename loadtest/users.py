@@ -12,6 +12,10 @@ name                   response time                                           f
 ``publish``            publish -> ack round trip                               (errors are ``error:<CODE>``)
 ``echo`` / ``ping``    echo / app-level ping round trip                        (errors are ``error:<CODE>``)
 ``delivery``           publish -> receive, from the publisher's timestamp      --
+``joined`` / ``left``  another user's join / leave sent -> its event received  --
+                       (--churn-interval; same Locust process only, others
+                       count in ``joined (untimed)``)
+``presence_stats``     presence_stats -> ack round trip (--presence-namespace) (errors are ``error:<CODE>``)
 ``delivery:replayed``  same, for history replayed after a rejoin (as old as    --
                        the outage, so kept out of the live ``delivery`` row)
 ``heartbeat``          interval since the previous server ping frame           --
@@ -67,6 +71,9 @@ GAP_GRACE = 2.0
 
 _index = itertools.count()
 _chat_index = itertools.count()
+#: (event type, room, conn) -> perf_counter when that join or leave was sent, for every user of
+#: this process: the receivers of the joined/left event time it against it.
+PRESENCE_SENT: dict[tuple[str, str, str], float] = {}
 
 
 def is_request_latency(name: str) -> bool:
@@ -470,10 +477,19 @@ class WebSocketUser(User):
             if p is not None and p.name in ("join", "rejoin") and p.room:
                 self._recovering.pop(p.room, None)
                 self._join_done(p.room)
+        elif kind == "joined" or kind == "left":
+            self._on_presence_event(kind, msg, size)
         elif kind == "welcome":
             self.welcome = msg
         else:
             self._fire_event(f"unexpected:{kind}"[:60], 0, size, f"unexpected message type {kind!r}")
+
+    def _on_presence_event(self, kind: str, msg: wire.Inbound, size: int) -> None:
+        sent = PRESENCE_SENT.get((kind, msg.room or "", msg.conn or ""))
+        if sent is None:  # sent by a user of another Locust process: counted, not timed
+            self._fire_event(f"{kind} (untimed)", 0, size, None, timed=False)
+            return
+        self._fire_event(kind, (time.perf_counter() - sent) * 1000, size, None)
 
     def _join_done(self, room: str) -> None:
         self._joins_left.discard(room)
@@ -660,6 +676,7 @@ class ChatUser(WebSocketUser):
         self.publisher = s.is_publisher(chat_index) and s.publish_rate > 0
         self.track_gaps = not (self.publisher and s.no_publish_ack)
         self._n = 0
+        self._next_churn = time.monotonic() + s.churn_interval * self._rng.random()
         super().on_start()
 
     def period(self) -> float:
@@ -677,6 +694,8 @@ class ChatUser(WebSocketUser):
     def publish(self) -> None:
         """Publish to one of our rooms (round-robin); skipped while reconnecting."""
         self.housekeep()
+        if self.settings.churn_interval > 0 and self.connected and time.monotonic() >= self._next_churn:
+            self.churn()
         if not self.publisher or not self.connected:
             return
         self._n += 1
@@ -687,6 +706,25 @@ class ChatUser(WebSocketUser):
                 self._fire_event("publish", 0, 0, None, timed=False)
         else:
             self.request("publish", msg, room)
+
+
+    def churn(self) -> None:
+        """Leave and rejoin the first room: the room's others time our left and joined events."""
+        self._next_churn = time.monotonic() + self.settings.churn_interval
+        conn = self.welcome.conn if self.welcome is not None else None
+        if not conn:
+            return
+        room = self.rooms[0]
+        # Publications between our leave and our rejoin are not ours to receive: not gaps.
+        self.last_seq.pop(room, None)
+        for key in [k for k in self._gaps if k[0] == room]:
+            del self._gaps[key]
+        PRESENCE_SENT[("left", room, conn)] = time.perf_counter()
+        self.request("leave", {"type": "leave", "room": room}, room)
+        PRESENCE_SENT[("joined", room, conn)] = time.perf_counter()
+        self.request("join", {"type": "join", "room": room}, room)
+        if self.settings.presence_namespace:
+            self.request("presence_stats", {"type": "presence_stats", "room": room}, room)
 
 
 class EchoUser(WebSocketUser):

@@ -539,3 +539,17 @@ def test_web_ui_has_the_hdr_tab(server: ServerProcess, tmp_path: Path) -> None:
     assert delivery is not None and delivery["count"] > 0, out[-2000:]
     assert set(delivery) >= {"p50_us", "p90_us", "p99_us", "p999_us", "max_us"}, delivery
     assert "Latency (HDR, microseconds)" in page  # the tab is declared in the page's template args
+
+
+def test_chat_scenario_with_presence_reports_join_leave_event_latency(tmp_path: Path) -> None:
+    srv = Server(tmp_path, "--namespaces", "pr:presence=true,join_leave=true", "--rate-limit", "0")
+    try:
+        run = locust(tmp_path, "chat", srv.host, "-u", "6", "-r", "6", "-t", "4s", "--rooms", "2",
+                     "--presence-namespace", "pr", "--churn-interval", "0.5")  # fmt: skip
+    finally:
+        srv.stop()
+    _assert_clean(run, "join", "joined", "left", "presence_stats", "delivery")
+    # every churn is seen by the 2 others of its room (minus those still in flight at the end)
+    assert run.count("joined") >= run.count("leave"), run.explain()
+    assert 0 < run.rows["joined"]["avg_ms"] < 1000, run.explain()
+    assert run.summary["counters"].get("messages_missing", 0) == 0
