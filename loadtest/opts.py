@@ -310,7 +310,9 @@ class Settings:
         whatever -u is (round-robin over a fixed 10 rooms left 7 chat users alone in 7 rooms).
         """
         k = max(1, self.rooms_per_user)
-        prefix = f"{self.presence_namespace}:{self.room_prefix}" if self.presence_namespace else self.room_prefix
+        prefix = (
+            f"{self.presence_namespace}:{self.room_prefix}" if self.presence_namespace else self.room_prefix
+        )
         if self.rooms > 0:
             count = self.rooms
             k = min(k, count)

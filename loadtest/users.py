@@ -707,7 +707,6 @@ class ChatUser(WebSocketUser):
         else:
             self.request("publish", msg, room)
 
-
     def churn(self) -> None:
         """Leave and rejoin the first room: the room's others time our left and joined events."""
         self._next_churn = time.monotonic() + self.settings.churn_interval
