@@ -542,7 +542,7 @@ def test_web_ui_has_the_hdr_tab(server: ServerProcess, tmp_path: Path) -> None:
 
 
 def test_chat_scenario_with_presence_reports_join_leave_event_latency(tmp_path: Path) -> None:
-    srv = Server(tmp_path, "--namespaces", "pr:presence=true,join_leave=true", "--rate-limit", "0")
+    srv = ServerProcess("--namespaces", "pr:presence=true,join_leave=true", "--rate-limit", "0").start()
     try:
         run = locust(tmp_path, "chat", srv.host, "-u", "6", "-r", "6", "-t", "4s", "--rooms", "2",
                      "--presence-namespace", "pr", "--churn-interval", "0.5")  # fmt: skip
