@@ -8,9 +8,10 @@ import math
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from typing import Any
 
-from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker
@@ -28,11 +29,12 @@ from wsfan.server.handshake import (
 )
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
+from wsfan.server.logs import Throttle, fields
 from wsfan.server.metrics import CONTENT_TYPE, Metrics
 from wsfan.server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
 from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.startup import EXIT_USAGE
-from wsfan.server.transport import Connection, ConnectionRegistry, EchoConnection, Limits
+from wsfan.server.transport import Connection, ConnectionRegistry, EchoConnection, Limits, create_server
 
 log = logging.getLogger("wsfan")
 
@@ -76,6 +78,7 @@ class Node:
         self.limits = Limits(settings.max_message_size, settings.slow_consumer_limit)
         self.draining = False
         self.server: asyncio.Server | None = None
+        self.refusals = Throttle()
         self.authenticator = (
             Authenticator(settings.jwt_secret, settings.jwt_leeway) if settings.jwt_secret else None
         )
@@ -93,40 +96,40 @@ class Node:
         self.hub.stats.heartbeat_closes += 1
 
     def route(
-        self, request: WSUpgradeRequest
+        self, request: WSUpgradeRequest, peer: Callable[[], str | None] = lambda: None
     ) -> Connection | EchoConnection | WSUpgradeResponseWithListener | None:
         """picows' listener factory: every request on the WebSocket port comes through here.
 
         Nothing may escape it: picows would answer an exception with 500 and the exception's
         text as the body. An unexpected error is logged and answered 500 with a fixed body.
+        ``peer()`` gives the client's address, for the log of a refusal.
         """
         try:
-            return self._route(request)
+            return self._route(request, peer)
         except Exception:
-            log.exception("error while routing %r", request.path[:200])
+            log.exception("error while routing %r", request.path[:200], extra=fields(remote=peer()))
             return _plain(500, b"internal server error\n")
 
     def _route(
-        self, request: WSUpgradeRequest
+        self, request: WSUpgradeRequest, peer: Callable[[], str | None]
     ) -> Connection | EchoConnection | WSUpgradeResponseWithListener | None:
         """Pick a listener by path; plain GETs (health) are answered here too, since picows serves them."""
         headers = request.headers
         refused = check_host(headers)
         if refused is not None:
-            return _refuse(refused)
+            return _answer(refused)
         path, _, query = origin_form(request.path).partition(b"?")
         if path == b"/ws" or (path == b"/echo" and self.settings.echo_endpoint):
             upgrade = check_upgrade(headers)
             if isinstance(upgrade, Refusal):
-                return _refuse(upgrade)
+                return _answer(upgrade)
             refused = self.origins.check(headers)
             if refused is not None:
-                self._reject("origin")
-                return _refuse(refused)
+                return self._refuse("origin", refused.status, refused.reason, peer, refused.headers)
             if path == b"/echo":
                 request.headers = picows_headers(upgrade)
                 return EchoConnection(self.limits, self.registry)
-            return self._upgrade(request, upgrade, query)
+            return self._upgrade(request, upgrade, query, peer)
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
         if path == b"/metrics":
@@ -136,10 +139,10 @@ class Node:
         return None
 
     def _upgrade(
-        self, request: WSUpgradeRequest, upgrade: Upgrade, query: bytes
+        self, request: WSUpgradeRequest, upgrade: Upgrade, query: bytes, peer: Callable[[], str | None]
     ) -> Connection | WSUpgradeResponseWithListener:
         """A valid upgrade of ``/ws``: admission, then the token, then the encoding by subprotocol."""
-        refused = self.admit()
+        refused = self.admit(peer)
         if refused is not None:
             return refused
         identity = None
@@ -147,9 +150,8 @@ class Node:
             try:
                 identity = self.authenticator.verify(token_from_request(request.headers, query))
             except AuthError as exc:
-                self._reject("auth")
-                extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-                return _plain(exc.status, f"unauthorized: {exc}\n".encode(), extra)
+                extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+                return self._refuse("auth", exc.status, f"unauthorized: {exc}", peer, extra)
         # picows re-checks the upgrade headers after this function, stricter than RFC 6455 in
         # places: hand it the canonical form of what check_upgrade() accepted.
         request.headers = picows_headers(upgrade)
@@ -159,20 +161,39 @@ class Node:
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
         return Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity)
 
-    def admit(self) -> WSUpgradeResponseWithListener | None:
+    def admit(self, peer: Callable[[], str | None]) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
         if self.draining:
-            return _plain(503, b"draining\n", {"Retry-After": "1"})
+            return self._refuse("draining", 503, "draining", peer, {"Retry-After": "1"}, count=False)
         limit = self.settings.max_connections
         if limit and len(self.registry.connections) >= limit:
-            self._reject("max_connections")
-            return _plain(503, b"too many connections\n", {"Retry-After": "1"})
+            return self._refuse("max_connections", 503, "too many connections", peer, {"Retry-After": "1"})
         bucket = self.handshakes
         if bucket is not None and not bucket.take():
-            self._reject("handshake_rate")
             retry = max(1, math.ceil(1.0 / bucket.rate))
-            return _plain(503, b"too many new connections\n", {"Retry-After": str(retry)})
+            return self._refuse(
+                "handshake_rate", 503, "too many new connections", peer, {"Retry-After": str(retry)}
+            )
         return None
+
+    def _refuse(
+        self,
+        kind: str,
+        status: int,
+        why: str,
+        peer: Callable[[], str | None],
+        headers: dict[str, str],
+        count: bool = True,
+    ) -> WSUpgradeResponseWithListener:
+        """Answer an upgrade with ``status`` and ``why``, count it, log it (throttled: a storm is one line a second)."""
+        if count:
+            self._reject(kind)
+        skipped = self.refusals.ready(kind)
+        if skipped is not None:
+            log.info("refused upgrade: %d %s", status, why, extra=fields(
+                code=status, reason=why, remote=peer(), path="/ws", event="upgrade_refused", suppressed=skipped
+            ))  # fmt: skip
+        return _plain(status, f"{why}\n".encode(), headers)
 
     def _reject(self, reason: str) -> None:
         rejected = self.hub.stats.rejected
@@ -181,15 +202,13 @@ class Node:
     async def start(self) -> None:
         s = self.settings
         await self.broker.start()
-        self.server = await ws_create_server(
+        self.server = await create_server(
             self.route,
             s.host,
             s.port,
             max_frame_size=s.max_message_size,
-            read_buffer_init_size=s.read_buffer_size,
-            enable_auto_pong=False,  # transport.py answers pings after validating them
-            websocket_handshake_timeout=s.request_timeout,
-            logger_name="server",
+            read_buffer_size=s.read_buffer_size,
+            handshake_timeout=s.request_timeout,
             use_aiofastnet=s.aiofastnet and _HAS_AIOFASTNET,
             # Workers each bind the port; the kernel spreads new connections over them.
             reuse_port=s.workers > 1,
@@ -252,7 +271,7 @@ def make_broker(settings: Settings, node_id: str) -> Broker:
     return MemoryBroker(namespaces=spaces, max_rooms=settings.max_rooms)
 
 
-def _refuse(refusal: Refusal) -> WSUpgradeResponseWithListener:
+def _answer(refusal: Refusal) -> WSUpgradeResponseWithListener:
     return _plain(refusal.status, refusal.reason.encode() + b"\n", refusal.headers or None)
 
 

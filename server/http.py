@@ -25,8 +25,9 @@ from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.handshake import Refusal, single
 from wsfan.server.hub import Session, presence_data
+from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
-from wsfan.server.protocol import Encoding, RoomName, parse_seq, valid_room
+from wsfan.server.protocol import Encoding, RoomName, describe_invalid, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -121,6 +122,7 @@ class HttpSide:
         self.node = node
         self.runner: web.AppRunner | None = None
         self.streams: set[asyncio.Task[None]] = set()
+        self.refusals = Throttle()
         app = web.Application(client_max_size=node.settings.max_message_size + 1024)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
@@ -154,6 +156,27 @@ class HttpSide:
         if self.runner is not None:
             await self.runner.cleanup()
 
+    def _refused(
+        self,
+        request: web.Request,
+        status: int,
+        why: str,
+        level: int,
+        kind: str,
+        user: str | None = None,
+        room: str | None = None,
+    ) -> web.Response:
+        """A refused request as JSON ``{"error": why}``, logged (throttled per kind) with the peer's address."""
+        skipped = self.refusals.ready(kind)
+        if skipped is not None:
+            peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+            log.log(level, "refused %s %s: %d %s", request.method, request.path, status, why, extra=fields(
+                code=status, reason=why, remote=peer_text(peer), path=request.path, user=user, room=room,
+                event="http_refused", suppressed=skipped,
+            ))  # fmt: skip
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        return _json_error(status, why, **headers)
+
     async def healthz(self, request: web.Request) -> web.Response:
         if self.node.draining:
             return web.Response(status=503, text="draining\n")
@@ -172,21 +195,24 @@ class HttpSide:
         # aiohttp hands non-UTF-8 header bytes over as lone surrogates: compare the bytes as sent.
         sent = (given or "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
-            return _json_error(401, "missing or wrong admin key", **{"WWW-Authenticate": "Bearer"})
+            # WARNING: someone without the key tried the admin endpoint (the key itself is never logged).
+            return self._refused(request, 401, "missing or wrong admin key", logging.WARNING, "admin_key")
         try:
             async with asyncio.timeout(self.node.settings.request_timeout):
                 body = await request.read()
         except TimeoutError:
             return _json_error(408, "request body not received in time")
+        except web.HTTPRequestEntityTooLarge:
+            return _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
         try:
             msg = _admin_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            return _json_error(400, f"body must be {{'room','payload'}} JSON: {exc}")
+            return _json_error(400, f"body must be {{'room','payload'}} JSON: {describe_invalid(exc)}")
         try:
             result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
             pub = result if isinstance(result, Publication) else await result
-        except BrokerUnavailable:
-            return _json_error(503, "broker unavailable", **{"Retry-After": "1"})
+        except BrokerUnavailable as exc:  # why is in the broker's log; a client learns only what to do
+            return _json_error(503, exc.public, **{"Retry-After": "1"})
         return web.json_response({"room": pub.room, "seq": pub.seq})
 
     async def presence(self, request: web.Request) -> web.Response:
@@ -220,9 +246,12 @@ class HttpSide:
             try:
                 identity = auth.verify(token_from_request(request.headers, request.query_string))
             except AuthError as exc:
-                return _json_error(exc.status, str(exc), **{"WWW-Authenticate": "Bearer"})
+                return self._refused(request, exc.status, str(exc), logging.INFO, "presence_auth", room=room)
             if not identity.allows(room):
-                return _json_error(403, f"not allowed to see who is in {room!r}")
+                return self._refused(
+                    request, 403, f"not allowed to see who is in {room!r}", logging.INFO, "presence_forbidden",
+                    identity.user, room,
+                )  # fmt: skip
         hub = self.node.hub
         if not hub.namespaces.of(room).presence:
             return _json_error(404, f"presence is off for {room!r} (its namespace)")
@@ -232,7 +261,7 @@ class HttpSide:
             if inspect.isawaitable(result):
                 result = await result
         except BrokerUnavailable as exc:
-            return _json_error(503, f"broker unavailable: {exc}", **{"Retry-After": "1"})
+            return _json_error(503, exc.public, **{"Retry-After": "1"})
         return web.Response(
             body=msgspec.json.encode(presence_data(room, result)), content_type="application/json"
         )
@@ -264,16 +293,26 @@ class HttpSide:
                 return _json_error(400, "Last-Event-ID and since must be a seq: ASCII digits, at most 2^63-1")
         refused = self.node.origins.check(request.headers)
         if refused is not None:
-            return _json_error(refused.status, refused.reason)
+            return self._refused(
+                request, refused.status, refused.reason, logging.INFO, "sse_origin", room=room
+            )
         identity: Identity | None = None
         auth = self.node.authenticator
         if auth is not None:
             try:
                 identity = auth.verify(token_from_request(request.headers, request.query_string))
             except AuthError as exc:
-                return _json_error(exc.status, str(exc))
+                return self._refused(request, exc.status, str(exc), logging.INFO, "sse_auth", room=room)
             if not identity.allows(room):
-                return _json_error(403, f"not allowed to join {room!r}")
+                return self._refused(
+                    request,
+                    403,
+                    f"not allowed to join {room!r}",
+                    logging.INFO,
+                    "sse_forbidden",
+                    identity.user,
+                    room,
+                )
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",

@@ -297,7 +297,7 @@ class Hub:
             # Without allow_history a since is not honoured: recovered false, nothing replayed.
             hist = self.broker.history(room, m.since if ns.allow_history else None, m.epoch)
         except BrokerUnavailable as exc:  # the in-process broker's room limit
-            self.error(s, m.id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(s, m.id, ErrorCode.UNAVAILABLE, exc.public)
             return
         if isinstance(hist, History):
             first = room not in s.rooms
@@ -327,7 +327,7 @@ class Hub:
         except BrokerUnavailable as exc:
             room.recovering.pop(s, None)
             self._forget_if_unused(room)
-            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return
         finally:
             room.recovering.pop(s, None)
@@ -407,7 +407,7 @@ class Hub:
         except BrokerUnavailable as exc:
             if reply_to is None:
                 raise  # the backend caller (admin publish) turns it into its own error
-            self.error(reply_to, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(reply_to, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return None
         if isinstance(result, Publication):
             if reply_to is not None and request_id is not None:
@@ -431,7 +431,7 @@ class Hub:
             if request_id is not None:
                 self.ack(s, request_id, PublishData(room=room, seq=done.result().seq))
         elif isinstance(exc, BrokerUnavailable):
-            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
         else:
             log.error("publish to %r failed", room, exc_info=exc)
             self.error(s, request_id, ErrorCode.INTERNAL, "internal error")
@@ -442,7 +442,7 @@ class Hub:
         try:
             pub = await pending
         except BrokerUnavailable as exc:
-            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return
         if request_id is not None:
             self.ack(s, request_id, PublishData(room=room, seq=pub.seq))
@@ -486,7 +486,7 @@ class Hub:
         try:
             result = self.broker.presence_stats(room) if stats else self.broker.presence(room)
         except BrokerUnavailable as exc:
-            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return
         if inspect.isawaitable(result):
             self._spawn(self._presence_reply_async(s, request_id, room, result))
@@ -499,7 +499,7 @@ class Hub:
         try:
             result = await pending
         except BrokerUnavailable as exc:
-            self.error(s, request_id, ErrorCode.UNAVAILABLE, str(exc) or "broker unavailable")
+            self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return
         if not s.closed:
             self.ack(s, request_id, presence_data(room, result))

@@ -260,6 +260,36 @@ class DecodeFailure(Exception):
         self.request_id = request_id
 
 
+# Our words for a field that fails the schema: msgspec's own text is a library's (and shows our regex).
+FIELD_RULES: Final = {
+    "room": "room must be 1-128 characters of A-Z a-z 0-9 _ . : -",
+    "since": "since must be a seq (an integer >= 0) or null",
+    "epoch": "epoch must be a string of at most 64 characters or null",
+    "id": "id must be a string or null",
+    "ts": "ts must be a number or null",
+    "type": "type must be a string naming a message type",
+}
+_AT_PATH = re.compile(r" - at `\$\.?([A-Za-z_][A-Za-z0-9_]{0,63})[^`]*`$")
+_MISSING = re.compile(r"^Object missing required field `([A-Za-z_][A-Za-z0-9_]{0,63})`")
+
+
+def describe_invalid(exc: msgspec.DecodeError, what: str = "JSON") -> str:
+    """A client-facing reason for a message that msgspec refused, in this project's words.
+
+    Only the name of the offending field is taken from msgspec's error (it names a field
+    of our schema, matched by pattern); the rest of its text never reaches a client.
+    """
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        return f"not parseable as {what}"
+    if (m := _MISSING.match(text)) is not None:
+        return f"missing field {m.group(1)!r}"
+    if (m := _AT_PATH.search(text)) is not None:
+        name = m.group(1)
+        return FIELD_RULES.get(name, f"invalid value for {name!r}")
+    return f"the message must be a {what} object (map) with a 'type' field"
+
+
 class Codec:
     """Decoder and encoder for one encoding, reused for every message of every connection.
 
@@ -304,12 +334,14 @@ class Codec:
         # unknown type apart from a malformed message.
         try:
             probe = self._probe.decode(data)
-        except msgspec.DecodeError:
-            return DecodeFailure(ErrorCode.INVALID_MESSAGE, f"not parseable: {exc}", None)
+        except msgspec.DecodeError as probe_exc:
+            return DecodeFailure(
+                ErrorCode.INVALID_MESSAGE, describe_invalid(probe_exc, self.encoding.name), None
+            )
         request_id = probe.id if isinstance(probe.id, str) else None
         if isinstance(probe.type, str) and probe.type not in self.known_types:
             return DecodeFailure(ErrorCode.UNKNOWN_TYPE, f"unknown message type {probe.type!r}", request_id)
-        return DecodeFailure(ErrorCode.INVALID_MESSAGE, str(exc), request_id)
+        return DecodeFailure(ErrorCode.INVALID_MESSAGE, describe_invalid(exc, self.encoding.name), request_id)
 
     def encode(self, msg: Outbound) -> bytes:
         return self._encoder.encode(msg)

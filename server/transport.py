@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from multidict import CIMultiDict
-from picows import WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSAutoPingStrategy, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
+from picows.picows import WSProtocol
 
 from wsfan.server.auth import Identity
 from wsfan.server.hub import Hub, Session
+from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import CloseCode, Encoding
 
 log = logging.getLogger("wsfan.transport")
@@ -37,6 +39,58 @@ _NEVER_ON_THE_WIRE = frozenset((1004, 1005, 1006, 1015))
 CLOSE_GRACE_S = 2.0
 # uvloop's write-buffer high watermark; past it pause_writing() and our own queue take over.
 WRITE_HIGH_WATER = 256 * 1024
+# Closes caused by the server itself; every other close code is the peer's doing (or a limit it hit)
+# and is logged at INFO: a client sending 64 MB or bad UTF-8 is not an operator's error.
+_SERVER_FAULT = frozenset((CloseCode.INTERNAL_ERROR,))
+
+# route(request, peer): ``peer()`` is the client's "host:port", looked up only when asked for.
+Router = Callable[[WSUpgradeRequest, Callable[[], "str | None"]], Any]
+
+
+async def create_server(
+    route: Router,
+    host: str,
+    port: int,
+    *,
+    max_frame_size: int,
+    read_buffer_size: int,
+    handshake_timeout: float,
+    use_aiofastnet: bool,
+    **server_kwargs: Any,
+) -> asyncio.Server:
+    """picows' ``ws_create_server``, but the router also learns the client's address.
+
+    picows hands a listener factory only the parsed request; a refused upgrade (401, 503) must
+    be logged with the address it came from, so each connection gets its own small factory
+    that knows its protocol (and so its socket). picows drops the factory after the handshake.
+    Auto-pong and auto-ping are off: transport.py answers pings and sends its own (heartbeats).
+    """
+    loop = asyncio.get_running_loop()
+    logger = logging.getLogger("picows.server")
+    if use_aiofastnet:
+        import aiofastnet
+
+        def create(factory: Callable[[], WSProtocol], **kw: Any) -> Any:
+            return aiofastnet.create_server(loop, factory, **kw)
+    else:
+        create = loop.create_server
+
+    def protocol_factory() -> WSProtocol:
+        def peer() -> str | None:
+            t = proto.transport
+            return None if t is None else peer_text(t.underlying_transport.get_extra_info("peername"))
+
+        def listener_factory(request: WSUpgradeRequest) -> Any:
+            return route(request, peer)
+
+        proto = WSProtocol(
+            None, None, False, listener_factory, logger, True, handshake_timeout,
+            False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, False,
+            max_frame_size, None, read_buffer_size,
+        )  # fmt: skip
+        return proto
+
+    return await create(protocol_factory, host=host, port=port, **server_kwargs)
 
 
 class Limits:
@@ -214,7 +268,16 @@ class Assembler(WSListener):
         self.closing = True
         self._frag = None
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
-            log.info("closing %s with %d: %s", self.name(), code, reason)
+            level = logging.ERROR if code in _SERVER_FAULT else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "closing %s with %d: %s",
+                    self.name(),
+                    code,
+                    reason,
+                    extra=self.log_fields(code, reason),
+                )
         t.send_close(code, reason.encode()[:123])
         self._close_timer = asyncio.get_running_loop().call_later(grace, self.abort)
 
@@ -227,6 +290,14 @@ class Assembler(WSListener):
 
     def name(self) -> str:
         return hex(id(self))
+
+    def remote(self) -> str | None:
+        """The peer's ``host:port`` (asked of the socket on demand: not kept per connection)."""
+        raw = self.raw
+        return None if raw is None else peer_text(raw.get_extra_info("peername"))
+
+    def log_fields(self, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
+        return fields(conn=self.name(), code=code, reason=reason, remote=self.remote())
 
     def opened(self) -> None: ...
 
@@ -263,6 +334,16 @@ class Connection(Assembler):
     def name(self) -> str:
         return self.session.conn_id if self.session is not None else "?"
 
+    def log_fields(self, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
+        s = self.session
+        return fields(
+            conn=self.name(),
+            user=s.user if s is not None else None,
+            code=code,
+            reason=reason,
+            remote=self.remote(),
+        )
+
     def opened(self) -> None:
         ident = self.identity
         if ident is None:
@@ -275,7 +356,8 @@ class Connection(Assembler):
                 loop = asyncio.get_running_loop()
                 delay = max(0.0, ident.expires_at - time.time())
                 self._expiry = loop.call_at(loop.time() + delay, self._token_expired)
-        log.debug("connected %s", self.session.conn_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connected %s", self.session.conn_id, extra=self.log_fields())
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -288,7 +370,8 @@ class Connection(Assembler):
             self._expiry = None
         s = self.session
         if s is not None:
-            log.debug("disconnected %s", s.conn_id)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("disconnected %s", s.conn_id, extra=fields(conn=s.conn_id, user=s.user))
             self.hub.close(s)
 
     def message(self, data: bytes | memoryview, opcode: int) -> None:

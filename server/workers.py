@@ -32,6 +32,7 @@ from types import FrameType
 
 import msgspec
 
+from wsfan.server import logs
 from wsfan.server.config import Settings
 
 log = logging.getLogger("wsfan.workers")
@@ -104,7 +105,7 @@ class Supervisor:
         # A restarted worker gets a new node id, so that its conn ids never repeat a dead worker's.
         node_id = f"{self.base}-{index}" + (f".{generation}" if generation else "")
         worker = msgspec.structs.replace(self.settings, node_id=node_id)
-        p = self.ctx.Process(target=_worker_main, args=(worker, os.getpid()), name=f"wsfan-{node_id}")
+        p = self.ctx.Process(target=_worker_main, args=(worker, os.getpid(), index), name=f"wsfan-{node_id}")
         p.start()
         self.procs[index] = p
         self.started[index] = time.monotonic()
@@ -155,11 +156,12 @@ def _kill(p: BaseProcess, sig: int) -> None:
         pass
 
 
-def _worker_main(settings: Settings, supervisor_pid: int) -> None:
+def _worker_main(settings: Settings, supervisor_pid: int, index: int = 0) -> None:
     # The supervisor's handlers were forked along: a worker must not forward signals to its siblings.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _exit_with_parent(supervisor_pid)
+    logs.bind(worker=index)  # every log line of this worker says which one it is (and its pid)
     import uvloop
 
     from wsfan.server.app import serve

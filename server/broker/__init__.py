@@ -20,8 +20,21 @@ DeliverFn = Callable[[Publication], None]
 EventFn = Callable[[PresenceEvent], None]
 
 
+# What a client is told when the broker is down: no address, no library error, only what to do.
+UNAVAILABLE_TEXT = "broker unavailable; retry shortly"
+
+
 class BrokerUnavailable(Exception):
-    """The broker cannot take a publish right now; the client gets ``UNAVAILABLE``."""
+    """The broker cannot take a publish right now; the client gets ``UNAVAILABLE``.
+
+    Its text (which may name the Redis address or quote redis-py) is for logs only:
+    clients are told ``public``, a sentence of ours (``UNAVAILABLE_TEXT`` unless the
+    broker has something the client can act on, such as the room limit).
+    """
+
+    def __init__(self, why: str = "", public: str = UNAVAILABLE_TEXT) -> None:
+        super().__init__(why)
+        self.public = public
 
 
 class Broker(Protocol):
@@ -72,6 +85,7 @@ class Broker(Protocol):
 
 
 __all__ = [
+    "UNAVAILABLE_TEXT",
     "Broker",
     "BrokerUnavailable",
     "DeliverFn",

@@ -130,7 +130,7 @@ class MemoryBroker:
                 self.sweep()
                 if len(self.rooms) >= self.max_rooms:
                     raise BrokerUnavailable(
-                        f"room limit reached ({self.max_rooms} rooms); retry once idle rooms expire"
+                        public=f"room limit reached ({self.max_rooms} rooms); retry once idle rooms expire"
                     )
             ns = self.namespaces.of(room)
             epoch = f"{self.epoch}{next(self._incarnations):x}"
