@@ -23,11 +23,13 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rawws import CLOSE, RSV1, HandshakeFailed, RawWS, build_frame, close_payload
-from redis_fixtures import RedisServer, require_redis, running_redis, wait_until
-from wsclients import PicowsPeer
 
-from conftest import ServerProcess, free_port, wait_for_port
+from helpers.peers import PicowsPeer
+from helpers.ports import free_port, wait_for_port
+from helpers.rawws import CLOSE, RSV1, HandshakeFailed, RawWS, build_frame, close_payload
+from helpers.redis_server import RedisServer, require_redis
+from helpers.servers import ServerProcess
+from helpers.waiting import wait_until
 from wsfan.server.broker import UNAVAILABLE_TEXT
 from wsfan.server.protocol import FIELD_RULES, Codec, DecodeFailure, Encoding
 
@@ -164,11 +166,6 @@ async def test_a_flood_of_refusals_is_one_line_a_second(json_server: ServerProce
     refused = [r for r in json_lines(srv.output()) if r.get("event") == "upgrade_refused"]
     assert len(refused) == 2, refused
     assert "suppressed" not in refused[0] and refused[1]["suppressed"] == 4
-
-
-@pytest.fixture
-def redis_server():
-    yield from running_redis()
 
 
 async def test_worker_lines_name_their_worker_and_pid(redis_server: RedisServer, make_server) -> None:
