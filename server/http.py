@@ -92,6 +92,17 @@ def _json_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
+def _room_param(request: web.Request) -> str | web.Response:
+    """The one ``room`` query parameter, a valid room name (:func:`valid_room`), or the 400 to answer."""
+    rooms = request.query.getall("room", [])
+    if len(rooms) > 1:
+        return _json_error(400, "more than one room parameter")
+    room = rooms[0] if rooms else ""
+    if not valid_room(room):
+        return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    return room
+
+
 class SsePeer:
     """A hub peer that hands SSE event bytes to the stream's writer task, bounded like a slow consumer."""
 
@@ -177,6 +188,20 @@ class HttpSide:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
         return _json_error(status, why, **headers)
 
+    def _is_admin(self, request: web.Request) -> bool | Refusal:
+        """Whether the request carries ``Authorization: Bearer <--admin-key>`` (constant-time compare).
+
+        False without a configured key; a :class:`Refusal` (400) for two ``Authorization`` headers.
+        aiohttp hands header bytes that are not UTF-8 over as lone surrogates: the bytes as sent
+        are compared, so they are simply a wrong key, not an encoding error.
+        """
+        key = self.node.settings.admin_key
+        given = single(request.headers, "Authorization")
+        if isinstance(given, Refusal):
+            return given
+        sent = (given or "").encode("utf-8", "surrogateescape")
+        return bool(key) and hmac.compare_digest(sent, f"Bearer {key}".encode())
+
     async def healthz(self, request: web.Request) -> web.Response:
         if self.node.draining:
             return web.Response(status=503, text="draining\n")
@@ -186,15 +211,12 @@ class HttpSide:
         return web.Response(body=self.node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def publish(self, request: web.Request) -> web.Response:
-        key = self.node.settings.admin_key
-        if not key:
+        if not self.node.settings.admin_key:
             return _json_error(404, "admin publish is off: start the server with --admin-key")
-        given = single(request.headers, "Authorization")
-        if isinstance(given, Refusal):
-            return _json_error(given.status, given.reason)
-        # aiohttp hands non-UTF-8 header bytes over as lone surrogates: compare the bytes as sent.
-        sent = (given or "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
+        admin = self._is_admin(request)
+        if isinstance(admin, Refusal):
+            return _json_error(admin.status, admin.reason)
+        if not admin:
             # WARNING: someone without the key tried the admin endpoint (the key itself is never logged).
             return self._refused(request, 401, "missing or wrong admin key", logging.WARNING, "admin_key")
         try:
@@ -229,18 +251,12 @@ class HttpSide:
         400 bad room, 401 bad credentials, 403 room not allowed, 404 presence off in the room's
         namespace, 503 broker unavailable.
         """
-        rooms = request.query.getall("room", [])
-        if len(rooms) > 1:
-            return _json_error(400, "more than one room parameter")
-        room = rooms[0] if rooms else ""
-        if not valid_room(room):
-            return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-        key = self.node.settings.admin_key
-        given = single(request.headers, "Authorization")
-        if isinstance(given, Refusal):
-            return _json_error(given.status, given.reason)
-        sent = (given or "").encode("utf-8", "surrogateescape")
-        admin = bool(key) and hmac.compare_digest(sent, f"Bearer {key}".encode())
+        room = _room_param(request)
+        if isinstance(room, web.Response):
+            return room
+        admin = self._is_admin(request)
+        if isinstance(admin, Refusal):
+            return _json_error(admin.status, admin.reason)
         auth = self.node.authenticator
         if not admin and auth is not None:
             try:
@@ -273,16 +289,13 @@ class HttpSide:
         ``room`` (one, :func:`valid_room`), ``since`` / ``Last-Event-ID`` (one, ASCII digits,
         :func:`parse_seq`), ``Origin`` (403 outside ``--allowed-origins``), the token (401).
         """
-        query = request.query
-        rooms = query.getall("room", [])
-        if len(rooms) > 1:
-            return _json_error(400, "more than one room parameter")
-        room = rooms[0] if rooms else ""
-        if not valid_room(room):
-            return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        room = _room_param(request)
+        if isinstance(room, web.Response):
+            return room
         last_event_id = single(request.headers, "Last-Event-ID")
         if isinstance(last_event_id, Refusal):
             return _json_error(last_event_id.status, last_event_id.reason)
+        query = request.query
         if len(query.getall("since", [])) > 1:
             return _json_error(400, "more than one since parameter")
         since_text = last_event_id or query.get("since")
