@@ -149,7 +149,11 @@ class Codec:
         return self._encode(request)
 
     def decode(self, data: bytes | memoryview) -> ServerMessage:
-        """Decode one server message; raises ``msgspec.DecodeError`` (incl. ValidationError) on bad input."""
+        """Decode one server message.
+
+        Raises ``msgspec.DecodeError`` (incl. ValidationError) on bad input, and
+        ``RecursionError`` for values nested deeper than the interpreter's recursion limit.
+        """
         return self._decode(data)
 
     def encode_payload(self, value: Any) -> Raw:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
 
-import msgspec
 from picows import (
     WSAutoPingStrategy,
     WSCloseCode,
@@ -89,8 +88,8 @@ class _Listener(WSListener):
             return  # PING is answered by picows (auto-pong), PONG consumed by its auto-ping
         try:
             msg = self.codec.decode(data)
-        except msgspec.DecodeError as exc:
-            log.warning("ignoring undecodable server message: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a hostile server's nesting raises RecursionError
+            log.warning("ignoring undecodable server message: %s", type(exc).__name__)
             return
         try:
             if isinstance(msg, Message):

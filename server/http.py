@@ -27,7 +27,7 @@ from wsfan.server.handshake import Refusal, single
 from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
-from wsfan.server.protocol import Encoding, RoomName, describe_invalid, parse_seq, valid_room
+from wsfan.server.protocol import Encoding, PayloadRefused, RoomName, describe_invalid, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -228,11 +228,13 @@ class HttpSide:
             return _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
         try:
             msg = _admin_decoder.decode(body)
-        except msgspec.DecodeError as exc:
+        except Exception as exc:  # noqa: BLE001 - any decoder failure (RecursionError too) is a bad body
             return _json_error(400, f"body must be {{'room','payload'}} JSON: {describe_invalid(exc)}")
         try:
             result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
             pub = result if isinstance(result, Publication) else await result
+        except PayloadRefused as exc:  # our own words: why the payload cannot reach every encoding
+            return _json_error(400, str(exc))
         except BrokerUnavailable as exc:  # why is in the broker's log; a client learns only what to do
             return _json_error(503, exc.public, **{"Retry-After": "1"})
         return web.json_response({"room": pub.room, "seq": pub.seq})

@@ -47,6 +47,7 @@ from wsfan.server.protocol import (
     JoinData,
     Leave,
     LeaveData,
+    PayloadRefused,
     Ping,
     Pong,
     PresenceData,
@@ -57,6 +58,7 @@ from wsfan.server.protocol import (
     Publish,
     PublishData,
     Welcome,
+    payload_problem,
 )
 from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.stats import Stats
@@ -341,7 +343,7 @@ class Hub:
         last = hist.publications[-1].seq if hist.publications else hist.seq
         for pub in parked:
             if pub.seq > last and pub.origin != s.conn_id:
-                self.send(s, pub.frame(s.encoding))
+                self._replay(s, pub)
 
     def _forget_if_unused(self, room: Room) -> None:
         """A join that failed or whose connection left created the room: do not keep it subscribed."""
@@ -357,9 +359,17 @@ class Hub:
             self.ack(
                 s, request_id, JoinData(room=room, seq=hist.seq, recovered=hist.recovered, epoch=hist.epoch)
             )
-        enc = s.encoding
         for pub in hist.publications:
-            self.send(s, pub.frame(enc))
+            self._replay(s, pub)
+
+    def _replay(self, s: Session, pub: Publication) -> None:
+        """Queue one publication from history (or parked during a join) for one session."""
+        try:
+            frame = pub.frame(s.encoding)
+        except Exception:  # noqa: BLE001 - as in deliver: one bad publication must not fail the join
+            log.exception("room %r seq %d cannot be replayed as %s", pub.room, pub.seq, s.encoding.name)
+            return
+        self.send(s, frame)
 
     def _on_leave(self, s: Session, m: Leave) -> None:
         # Leaving a room one is not in is a no-op that still acks, as in Socket.IO.
@@ -399,8 +409,17 @@ class Hub:
     ) -> Publication | Awaitable[Publication] | None:
         """Publish into a room from a client or from the backend (admin publish).
 
-        None means the publish was refused and ``reply_to`` has been told why.
+        The payload must be deliverable in every encoding (``payload_problem``) before it
+        gets a seq: a refusal is ``INVALID_MESSAGE`` to ``reply_to``, or ``PayloadRefused``
+        raised to a backend caller. None means the publish was refused and ``reply_to`` has
+        been told why.
         """
+        problem = payload_problem(payload, encoding)
+        if problem is not None:
+            if reply_to is None:
+                raise PayloadRefused(problem)
+            self.error(reply_to, request_id, ErrorCode.INVALID_MESSAGE, problem)
+            return None
         self.stats.publishes += 1
         try:
             result = self.broker.publish(room, sender, payload, encoding, origin)
@@ -562,7 +581,11 @@ class Hub:
         ):
             if not members or (len(members) == 1 and origin in members):
                 continue
-            frame = pub.frame(enc)
+            try:
+                frame = pub.frame(enc)
+            except Exception:  # noqa: BLE001 - e.g. an envelope from a node that did not check its payload
+                log.exception("room %r seq %d cannot be delivered as %s", pub.room, pub.seq, enc.name)
+                continue
             count = 0
             for s in members:
                 if s is origin:

@@ -63,7 +63,7 @@ class Publication:
         if encoding == Encoding.SSE:
             f = self._sse
             if f is None:
-                f = self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, self.json())
+                f = self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, sse_data(self.json()))
             return f
         f = self._msgpack
         if f is None:
@@ -87,6 +87,18 @@ class Publication:
         """The delivery as JSON text without a frame header (SSE and logs)."""
         frame = self.frame(Encoding.JSON)
         return frame[2:] if frame[1] < 126 else frame[4:] if frame[1] == 126 else frame[10:]
+
+
+def sse_data(text: bytes) -> bytes:
+    """JSON text as the value of SSE ``data:`` lines (WHATWG HTML 9.2.6).
+
+    A JSON publisher's payload is passed through byte for byte, and JSON allows CR and
+    LF between tokens; in an event stream either one ends the field, so each line of the
+    text gets its own ``data:`` field. The browser joins them with LF: the same JSON.
+    """
+    if b"\n" in text or b"\r" in text:
+        return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\ndata: ")
+    return text
 
 
 class History(NamedTuple):

@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -382,7 +381,14 @@ class RedisBroker:
             log.warning("redis refused the history read of %r: %s", room, exc)
             raise BrokerUnavailable("broker refused the history read") from None
         seq, current = int(reply[0]), reply[1].decode()
-        pubs = [self._publication(room, m, live=False) for m in reply[2:]]
+        pubs: list[Publication] = []
+        damaged = False  # an entry that does not decode is a gap: the replay is not a recovery
+        for entry in reply[2:]:
+            try:
+                pubs.append(self._publication(room, entry, live=False))
+            except Exception:  # noqa: BLE001 - any decoder failure
+                damaged = True
+                log.error("skipped a malformed history entry of %r", room)
         if since is None:
             return History([], False, seq, current)
         if epoch and epoch != current:
@@ -391,7 +397,7 @@ class RedisBroker:
             return History(pubs, False, seq, current)
         if since >= seq:
             return History([], since == seq, seq, current)
-        recovered = bool(pubs) and pubs[0].seq == since + 1 and pubs[-1].seq == seq
+        recovered = not damaged and bool(pubs) and pubs[0].seq == since + 1 and pubs[-1].seq == seq
         return History(pubs, recovered, seq, current)
 
     def _room_args(self, room: str) -> tuple[bytes, bytes, bytes, bytes]:
@@ -585,7 +591,7 @@ class RedisBroker:
                     continue  # unsubscribed locally, the UNSUBSCRIBE not confirmed yet
                 try:
                     env = decode(reply[2])
-                except msgspec.DecodeError:
+                except Exception:  # noqa: BLE001 - any decoder failure (RecursionError too)
                     log.error("dropped a malformed envelope on %r", reply[1])
                     continue
                 seq = env.seq
