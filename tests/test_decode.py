@@ -13,9 +13,10 @@ import json
 import aiohttp
 import msgspec
 import pytest
-from wsclients import PicowsPeer
 
-from conftest import ServerProcess, free_port, wait_for_port
+from helpers.peers import PicowsPeer
+from helpers.ports import free_port, wait_for_port
+from helpers.servers import ServerProcess
 
 ADMIN = "admin-key-for-decode-tests"
 DEEP = 1000  # past the interpreter's recursion limit once inside msgspec
@@ -97,7 +98,10 @@ async def test_deep_rate_limited_message_is_answered_without_an_id(make_server):
     "fields, expected",
     [
         ({"type": "join", "room": "bad room"}, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -"),
-        ({"type": "join", "room": "ok", "since": -1}, "since must be a seq (an integer from 0 to 2^63-1) or null"),
+        (
+            {"type": "join", "room": "ok", "since": -1},
+            "since must be a seq (an integer from 0 to 2^63-1) or null",
+        ),
         ({"type": "join"}, "missing field 'room'"),
         (
             {"type": "join", "room": "ok", "epoch": "e" * 65},
