@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.workers > 1:
         from wsfan.server.workers import supervise
 
-        return supervise(settings)
+        return supervise(settings, reload=lambda: config.load(args))
     return uvloop.run(serve(settings))
 
 

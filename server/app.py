@@ -6,9 +6,10 @@ import asyncio
 import logging
 import math
 import os
+import random
 import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -30,7 +31,7 @@ from wsfan.server.handshake import (
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
 from wsfan.server.logs import Throttle, fields
-from wsfan.server.metrics import CONTENT_TYPE, Metrics
+from wsfan.server.metrics import CONTENT_TYPE, Metrics, start_internal
 from wsfan.server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
 from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.startup import EXIT_USAGE
@@ -77,6 +78,9 @@ class Node:
         )
         self.limits = Limits(settings.max_message_size, settings.slow_consumer_limit)
         self.draining = False
+        self.listening = asyncio.Event()  # set once the port is open (a supervisor waits for it on SIGHUP)
+        # Set by the supervisor on SIGHUP: drain by handing over to new workers, closes spread over this many s.
+        self.handoff_spread: float | None = None
         self.server: asyncio.Server | None = None
         self.refusals = Throttle()
         self.authenticator = (
@@ -87,7 +91,10 @@ class Node:
         self.origins = OriginPolicy.parse(settings.allowed_origins)
         rate = settings.max_handshake_rate
         self.handshakes = TokenBucket(rate, max(1.0, rate)) if rate > 0 else None
-        self.metrics = Metrics(self.hub, lambda: len(self.registry.connections))
+        self.metrics = Metrics(self.hub, lambda: len(self.registry.connections), self.broker)
+        # /metrics on the public ports only for a lone node without --metrics-port (workers: the supervisor's).
+        self.public_metrics = not settings.metrics_port and settings.workers == 1
+        self.internal: Callable[[], Awaitable[None]] | None = None
         self.http = HttpSide(self) if settings.http_port else None
         # --demo: the chat page and the browser client, read once here (server/demo.py)
         self.demo_pages = load_pages() if settings.demo else None
@@ -133,6 +140,8 @@ class Node:
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
         if path == b"/metrics":
+            if not self.public_metrics:
+                return _plain(404, b"not here: /metrics is served on --metrics-port\n")
             return _plain(200, self.metrics.render(), {"Content-Type": CONTENT_TYPE})
         if self.demo_pages is not None and (page := self.demo_pages.get(path)) is not None:
             return _plain(200, page.body, page.headers)
@@ -217,6 +226,9 @@ class Node:
         self.registry.start()
         if self.http is not None:
             await self.http.start(s.host, s.http_port)
+        if s.metrics_port and s.workers == 1:
+            self.internal = await start_internal(self, s.metrics_host or s.host, s.metrics_port)
+        self.listening.set()
         log.info("listening on ws://%s:%d/ws (node %s)", s.host, s.port, self.node_id)
 
     async def drain(self) -> list[str]:
@@ -228,15 +240,30 @@ class Node:
         broker's own close deadline); returns what had to be abandoned, empty after a clean stop.
         """
         self.draining = True
+        spread = self.handoff_spread
+        if spread is not None:
+            # SIGHUP: new workers listen on the same port; stop taking connections at once.
+            if self.server is not None:
+                self.server.close()
+            if self.http is not None:
+                await self.http.stop()
+                self.http = None
         self.registry.stop()
         self.hub.flush()  # what was queued before the signal still goes out, ahead of the close frame
         conns = list(self.registry.connections)
-        log.info("draining %d connections", len(conns))
+        log.info("draining %d connections%s", len(conns), f" over {spread:g}s" if spread else "")
         grace = self.settings.drain_timeout
-        for c in conns:
-            c.close(CloseCode.GOING_AWAY, "server going away", grace)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.drain_timeout
+        if spread and conns:
+            # Spread the 1001s so that the clients come back to the new workers a few at a time.
+            random.shuffle(conns)
+            step = spread / len(conns)
+            for i, c in enumerate(conns):
+                loop.call_later(i * step, c.close, CloseCode.GOING_AWAY, "server going away", grace)
+        else:
+            for c in conns:
+                c.close(CloseCode.GOING_AWAY, "server going away", grace)
+        deadline = loop.time() + (spread or 0.0) + self.settings.drain_timeout
         while self.registry.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.registry.connections):
@@ -246,8 +273,14 @@ class Node:
         abandoned = []
         if self.http is not None and not await _bounded(self.http.stop(), "http-stop"):
             abandoned.append("http side")
+        if self.internal is not None and not await _bounded(self.internal(), "metrics-listener-stop"):
+            abandoned.append("metrics listener")
         abandoned += await self.broker.close()
         return abandoned
+
+
+def _sighup_alone() -> None:
+    log.warning("SIGHUP ignored: a restart without downtime needs the supervisor (--workers 2 or more)")
 
 
 def _authorize(s: Session, action: str, room: str) -> bool:
@@ -311,19 +344,23 @@ async def _leftover_tasks() -> list[str]:
     return sorted(t.get_name() for t in pending)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, attach: Callable[[Node, asyncio.Event], None] | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain; exit code 0 after a clean drain, ``EXIT_ABANDONED`` otherwise.
 
     Shutdown is bounded: drain timeout, then at most a few ``STOP_STEP_TIMEOUT_S`` steps. When a
     step overran, an error line names what was abandoned and the process leaves at once with
     ``EXIT_ABANDONED`` (``os._exit``: the loop's own cleanup would wait for the stuck task).
+    ``attach(node, stop)`` (the worker side of a supervisor) is called before the node starts.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM that arrives as soon as the port is open must still drain cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _sighup_alone)
     node = Node(settings)
+    if attach is not None:
+        attach(node, stop)
     try:
         await node.start()
     except OSError as exc:  # the port was free at preflight but taken since (startup.py)

@@ -65,6 +65,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     production: bool = False
     allow_anonymous: bool = False
     log_format: str = "text"
+    metrics_port: int = 0
+    metrics_host: str = ""
+    worker_timeout: float = 30.0
+    drain_spread: float = 0.0
 
 
 HELP: dict[str, str] = {
@@ -121,6 +125,14 @@ HELP: dict[str, str] = {
     "--allow-anonymous",
     "allow_anonymous": "with --production: start without --jwt-secret/--admin-key (anonymous users)",
     "log_format": "text or json (one JSON object per line)",
+    "metrics_port": "internal listener for /metrics and /healthz (with --workers > 1: the supervisor's, merged over "
+    "all workers); when set, /metrics is no longer served on the public ports; 0 = /metrics on the public ports "
+    "(one worker only)",
+    "metrics_host": "address of the --metrics-port listener; empty = --host",
+    "worker_timeout": "seconds a worker's event loop may miss its heartbeat before the supervisor kills and "
+    "restarts it (gunicorn's --timeout)",
+    "drain_spread": "on SIGHUP (zero-downtime restart), seconds over which the old workers' connections are closed "
+    "with 1001, so that clients do not all reconnect at once",
 }
 
 
@@ -258,6 +270,12 @@ def validate(s: Settings) -> list[str]:
         problems.append("log-format must be text or json")
     if s.max_connections < 0 or s.max_handshake_rate < 0:
         problems.append("max-connections and max-handshake-rate must be >= 0")
+    if s.metrics_port and not 0 < s.metrics_port < 65536:
+        problems.append("metrics-port must be 1..65535 (0 = off)")
+    if s.metrics_port and s.metrics_port in (s.port, s.http_port):
+        problems.append("metrics-port must differ from port and http-port")
+    if s.worker_timeout <= 0 or s.drain_spread < 0:
+        problems.append("worker-timeout must be > 0 and drain-spread >= 0")
     if not 0 < s.port < 65536:
         problems.append("port must be 1..65535")
     if s.rate_limit < 0 or s.rate_burst < 1:

@@ -208,6 +208,8 @@ class HttpSide:
         return web.Response(text="ok\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if not self.node.public_metrics:
+            return web.Response(status=404, text="not here: /metrics is served on --metrics-port\n")
         return web.Response(body=self.node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def publish(self, request: web.Request) -> web.Response:

@@ -28,6 +28,8 @@ def preflight(settings: Settings) -> None:
     check_port(settings.host, settings.port, "--port")
     if settings.http_port:
         check_port(settings.host, settings.http_port, "--http-port")
+    if settings.metrics_port:
+        check_port(settings.metrics_host or settings.host, settings.metrics_port, "--metrics-port")
 
 
 def check_broker(url: str) -> None:

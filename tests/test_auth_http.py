@@ -207,7 +207,7 @@ async def test_metrics_parse_and_move_with_traffic(auth_server):
     for i in range(5):
         await a.request("publish", room="metered", payload=i)
     after = await fetch_metrics(url)
-    for name in ("wsfan_publishes_total", "wsfan_messages_in_total", "wsfan_connections_opened_total"):
+    for name in ("wsfan_publishes_total", "wsfan_messages_received_total", "wsfan_connections_opened_total"):
         assert after[(name, ())] > before.get((name, ()), 0), name
     assert after[("wsfan_publishes_total", ())] - before.get(("wsfan_publishes_total", ()), 0) == 5
     assert after[("wsfan_errors_total", (("code", "FORBIDDEN"),))] >= 1

@@ -402,6 +402,7 @@ async def test_production_profile_from_the_sample_toml_starts_against_redis(redi
         "WSFAN_JWT_SECRET": secret,
         "WSFAN_ADMIN_KEY": "k" * 32,
         "WSFAN_HTTP_PORT": str(http_port),
+        "WSFAN_METRICS_PORT": str(free_port()),  # the file's 9102 may be taken on this machine
     }
     # The test's --host/--port flags and environment win over the file, so nothing leaves 127.0.0.1.
     srv = make_server("--config", str(ROOT / "deploy" / "production.toml"), env=env).start()
@@ -444,8 +445,9 @@ def test_systemd_unit_runs_the_production_config_and_stops_with_a_drain():
     with open(ROOT / "deploy" / "production.toml", "rb") as f:
         config = tomllib.load(f)["server"]
     assert config["production"] is True
-    drain = config.get("drain_timeout", 10)
+    drain = config.get("drain_timeout", 10) + config.get("drain_spread", 0)
     assert float(service["TimeoutStopSec"]) > drain, "systemd waits longer than the drain"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID", "systemctl reload is the SIGHUP handover"
 
 
 async def test_a_burst_of_joins_on_one_node_all_succeed(redis_server, make_server):

@@ -213,7 +213,7 @@ def test_slow_consumer_is_closed_with_4008(tmp_path: Path) -> None:
         run = locust(tmp_path, "chat", srv.host, "-u", "3", "-r", "3", "-t", "8s", "--rooms", "1",
                      "--publish-rate", "80", "--payload-size", "60000", "--publisher-ratio", "0.67",
                      "--recv-delay-ms", "12", "--no-reconnect")  # fmt: skip
-        closes = srv.metric("wsfan_slow_consumer_closes_total")
+        closes = srv.metric('wsfan_closes_total{code="4008",reason="slow_consumer"}')
     finally:
         srv.stop()
     assert closes >= 1, run.explain()

@@ -58,6 +58,7 @@ from wsfan.server.broker.redis_layout import (
 )
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.startup import redact
+from wsfan.server.stats import BROKER_PUBLISH_BUCKETS, Histogram
 
 # Connections to Redis per node (history reads and scripts; publishes are pipelined on one).
 POOL_SIZE = 64
@@ -125,6 +126,9 @@ class RedisBroker:
         self._scripts: dict[str, Any] = {}
         self._on_event: EventFn | None = None
         self.available = False
+        # Health for /metrics (read at scrape time): reconnections after a loss, publish round trips.
+        self.reconnects = 0
+        self.publish_rtt = Histogram(BROKER_PUBLISH_BUCKETS)
         self._state = "starting"
         self._why = "broker not connected yet"
         self._closing = False
@@ -311,6 +315,7 @@ class RedisBroker:
             self._fail(batch, self._why)
             self._lost(exc)
             return
+        sent_at = time.perf_counter()
         try:
             async with asyncio.timeout(REPLY_TIMEOUT_S):
                 await conn.send_packed_command(commands, check_health=False)
@@ -327,6 +332,7 @@ class RedisBroker:
             return
         finally:
             await pool.release(conn)
+        self.publish_rtt.observe(time.perf_counter() - sent_at)
         again = []
         for item, res in zip(batch, results, strict=True):
             fut, pub = item[2], item[3]
@@ -716,6 +722,7 @@ class RedisBroker:
         self.available = True
         if self._state == "down":
             self._presence_wake.set()  # write this node's presence again: Redis may have lost it
+            self.reconnects += 1
             log.warning("redis at %s is back; resubscribed %d rooms", redact(self.url), rooms)
         elif self._state == "starting":
             log.info("connected to redis at %s", redact(self.url))
