@@ -77,13 +77,16 @@ def promtool_check_metrics(text: str) -> None:
 
 
 def workers(srv: ServerProcess) -> set[int]:
-    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    """The supervisor's live worker processes (not multiprocessing's resource tracker, not zombies)."""
     assert srv.proc is not None
-    return {
-        p.pid
-        for p in psutil.Process(srv.proc.pid).children()
-        if "resource_tracker" not in " ".join(p.cmdline())
-    }
+    pids = set()
+    for p in psutil.Process(srv.proc.pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline()):
+                pids.add(p.pid)
+        except psutil.Error:  # it exited while we looked
+            pass
+    return pids
 
 
 def supervised(make_server: type[ServerProcess], redis: RedisServer, *args: str) -> tuple[ServerProcess, str]:
