@@ -18,6 +18,7 @@ from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces
+from wsfan.server.deflate import POLICY, Agreement, negotiate
 from wsfan.server.demo import load_pages
 from wsfan.server.handshake import (
     OriginPolicy,
@@ -58,6 +59,8 @@ class Node:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        POLICY.threshold = settings.compression_threshold
+        POLICY.level = settings.compression_level
         self.node_id = settings.node_id or secrets.token_hex(3)
         self.broker = make_broker(settings, self.node_id)
         loop = asyncio.get_running_loop()
@@ -133,10 +136,12 @@ class Node:
             refused = self.origins.check(headers)
             if refused is not None:
                 return self._refuse("origin", refused.status, refused.reason, peer, refused.headers)
+            agreement = self._compression(headers)
             if path == b"/echo":
                 request.headers = picows_headers(upgrade)
-                return EchoConnection(self.limits, self.registry)
-            return self._upgrade(request, upgrade, query, peer)
+                echo = EchoConnection(self.limits, self.registry, agreement.window_bits if agreement else 0)
+                return _upgraded(echo, None, agreement)
+            return self._upgrade(request, upgrade, query, peer, agreement)
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
         if path == b"/metrics":
@@ -147,8 +152,19 @@ class Node:
             return _plain(200, page.body, page.headers)
         return None
 
+    def _compression(self, headers: Any) -> Agreement | None:
+        """permessage-deflate for this upgrade, if enabled and offered acceptably (server/deflate.py)."""
+        if not self.settings.compression:
+            return None
+        return negotiate(headers.getall("Sec-WebSocket-Extensions", []))
+
     def _upgrade(
-        self, request: WSUpgradeRequest, upgrade: Upgrade, query: bytes, peer: Callable[[], str | None]
+        self,
+        request: WSUpgradeRequest,
+        upgrade: Upgrade,
+        query: bytes,
+        peer: Callable[[], str | None],
+        agreement: Agreement | None = None,
     ) -> Connection | WSUpgradeResponseWithListener:
         """A valid upgrade of ``/ws``: admission, then the token, then the encoding by subprotocol."""
         refused = self.admit(peer)
@@ -164,11 +180,12 @@ class Node:
         # picows re-checks the upgrade headers after this function, stricter than RFC 6455 in
         # places: hand it the canonical form of what check_upgrade() accepted.
         request.headers = picows_headers(upgrade)
+        bits = agreement.window_bits if agreement else 0
         if MSGPACK_SUBPROTOCOL in upgrade.protocols:
-            conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry, identity)
-            headers = {"Sec-WebSocket-Protocol": MSGPACK_SUBPROTOCOL}
-            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
-        return Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity)
+            conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry, identity, bits)
+            return _upgraded(conn, MSGPACK_SUBPROTOCOL, agreement)
+        conn = Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity, bits)
+        return _upgraded(conn, None, agreement)
 
     def admit(self, peer: Callable[[], str | None]) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
@@ -306,6 +323,20 @@ def make_broker(settings: Settings, node_id: str) -> Broker:
 
 def _answer(refusal: Refusal) -> WSUpgradeResponseWithListener:
     return _plain(refusal.status, refusal.reason.encode() + b"\n", refusal.headers or None)
+
+
+def _upgraded(
+    conn: Connection | EchoConnection, subprotocol: str | None, agreement: Agreement | None
+) -> Connection | EchoConnection | WSUpgradeResponseWithListener:
+    """The 101 for an accepted upgrade: picows' default unless a subprotocol or an extension is agreed."""
+    if subprotocol is None and agreement is None:
+        return conn
+    headers = {}
+    if subprotocol is not None:
+        headers["Sec-WebSocket-Protocol"] = subprotocol
+    if agreement is not None:
+        headers["Sec-WebSocket-Extensions"] = agreement.response
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
 
 
 def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:

@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     backlog: int = 4096
     aiofastnet: bool = False
     cork_ms: float = 0.0
+    compression: bool = False
+    compression_threshold: int = 128
+    compression_level: int = 6
     node_id: str = ""
     # security and HTTP surface
     jwt_secret: str = ""
@@ -105,6 +108,10 @@ HELP: dict[str, str] = {
     "aiofastnet": "use picows' aiofastnet transport: about 5%% less CPU per echo reply, fan-out cost equal within "
     "noise, but about 5 KB more memory per idle connection (bench core)",
     "cork_ms": "hold a busy connection's output up to this many ms to batch writes (0: flush every loop iteration)",
+    "compression": "accept permessage-deflate (RFC 7692) when a client offers it: deliveries are compressed once "
+    "per publication and encoding, without context takeover, and shared by every subscriber",
+    "compression_threshold": "with --compression: messages smaller than this many bytes are sent uncompressed",
+    "compression_level": "with --compression: zlib level 1 (fastest) .. 9 (smallest)",
     "node_id": "name of this node in welcome messages and conn ids; random when empty",
     "jwt_secret": "HS256 secret: when set, every upgrade needs a JWT (Authorization: Bearer or ?token=)",
     "jwt_leeway": "seconds of clock skew tolerated on exp/nbf/iat",
@@ -286,6 +293,8 @@ def validate(s: Settings) -> list[str]:
         problems.append("heartbeat must be >= 0 and heartbeat-timeout > 0")
     if not 0 <= s.cork_ms <= 50:
         problems.append("cork-ms must be between 0 and 50")
+    if not 1 <= s.compression_level <= 9 or s.compression_threshold < 0:
+        problems.append("compression-level must be 1..9 and compression-threshold >= 0")
     if not 0 < s.request_timeout <= 300:
         problems.append("request-timeout must be > 0 and <= 300 seconds")
     if s.backlog < 1:

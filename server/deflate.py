@@ -29,6 +29,8 @@ from __future__ import annotations
 import zlib
 from typing import Final, NamedTuple
 
+from wsfan.server.protocol import build_frame, frame_payload
+
 EXTENSION: Final = "permessage-deflate"
 #: The four octets a sender strips from each compressed message and the receiver appends (§7.2.1, §7.2.2).
 TAIL: Final = b"\x00\x00\xff\xff"
@@ -151,3 +153,49 @@ def inflate(data: bytes | bytearray | memoryview, limit: int) -> bytes:
     if len(out) > limit or d.unconsumed_tail:
         raise TooLarge
     return out
+
+
+# ---------------------------------------------------------------- delivery kinds and the shared frame
+
+#: A subscriber's *delivery kind* says which bytes fan-out hands it: the encoding's opcode
+#: (``Encoding.JSON``, ``Encoding.MSGPACK``, or ``Encoding.SSE``) for plain frames, or the
+#: opcode plus the negotiated window in bits 8-11 for compressed ones (JSON with a 15-bit
+#: window is ``0xF01``). Subscribers of one kind share one frame per publication.
+KIND_SHIFT: Final = 8
+
+
+def delivery_kind(encoding: int, window_bits: int) -> int:
+    """The kind of a subscriber with this encoding and negotiated window (0: no compression)."""
+    return encoding | (window_bits << KIND_SHIFT) if window_bits else encoding
+
+
+def is_compressed(kind: int) -> bool:
+    return kind >> KIND_SHIFT >= MIN_WINDOW_BITS
+
+
+class Policy:
+    """Process-wide compression settings (``--compression-threshold``, ``--compression-level``).
+
+    Set once at startup by the node; publications read them when they build a compressed frame.
+    """
+
+    __slots__ = ("threshold", "level")
+
+    def __init__(self, threshold: int = 128, level: int = 6) -> None:
+        self.threshold = threshold
+        self.level = level
+
+
+POLICY = Policy()
+
+
+def compressed_frame(plain: bytes, kind: int) -> bytes:
+    """The frame for compressed kind ``kind`` of a message whose plain frame is ``plain``.
+
+    Below the threshold the plain frame itself is returned (RFC 7692 §6: a sender may
+    leave any message uncompressed), so small deliveries stay shared with plain subscribers.
+    """
+    body = frame_payload(plain)
+    if len(body) < POLICY.threshold:
+        return plain
+    return build_frame(plain[0] & 0x0F, compress(body, kind >> KIND_SHIFT, POLICY.level), rsv1=True)

@@ -31,6 +31,7 @@ from wsfan.server.broker import (
     PresenceEvent,
     Publication,
 )
+from wsfan.server.deflate import delivery_kind
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import (
     WIRE_ENCODINGS,
@@ -90,6 +91,7 @@ class Session:
         "user",
         "codec",
         "encoding",
+        "kind",
         "rooms",
         "bucket",
         "out",
@@ -104,6 +106,8 @@ class Session:
         self.user = user
         self.codec = codec
         self.encoding = codec.encoding
+        # What fan-out hands this session: its encoding, or a compressed kind (server/deflate.py).
+        self.kind: int = codec.encoding
         # Most idle connections never join: they share one empty frozenset until the first join.
         self.rooms: set[str] | frozenset[str] = _NO_ROOMS
         self.bucket = bucket
@@ -114,26 +118,46 @@ class Session:
 
 
 class Room:
-    """Local subscribers of one room, split by encoding so fan-out never checks it per subscriber."""
+    """Local subscribers of one room, grouped by delivery kind so fan-out never checks it per subscriber.
 
-    __slots__ = ("name", "json", "msgpack", "sse", "recovering")
+    A kind is an encoding (JSON, MessagePack, SSE) or a compressed variant of one
+    (``server/deflate.py``); each group gets one frame per publication.
+    """
+
+    __slots__ = ("name", "json", "msgpack", "sse", "groups", "recovering")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.json: dict[Session, None] = {}
         self.msgpack: dict[Session, None] = {}
         self.sse: dict[Session, None] = {}
+        # (kind, members) for every kind in use: the list fan-out walks. Compressed kinds are
+        # appended when their first subscriber joins.
+        self.groups: list[tuple[int, dict[Session, None]]] = [
+            (Encoding.JSON, self.json),
+            (Encoding.MSGPACK, self.msgpack),
+            (Encoding.SSE, self.sse),
+        ]
         # Sessions whose join is waiting for history from an asynchronous broker:
         # live publications are parked here so that replay comes first.
         self.recovering: dict[Session, list[Publication]] = {}
 
     def __len__(self) -> int:
-        return len(self.json) + len(self.msgpack) + len(self.sse)
+        return sum(len(members) for _, members in self.groups)
 
-    def members(self, encoding: Encoding) -> dict[Session, None]:
-        if encoding is Encoding.JSON:
+    def members(self, kind: int) -> dict[Session, None]:
+        if kind == Encoding.JSON:
             return self.json
-        return self.msgpack if encoding is Encoding.MSGPACK else self.sse
+        if kind == Encoding.MSGPACK:
+            return self.msgpack
+        if kind == Encoding.SSE:
+            return self.sse
+        for k, members in self.groups:
+            if k == kind:
+                return members
+        members = {}
+        self.groups.append((kind, members))
+        return members
 
 
 class Hub:
@@ -205,10 +229,20 @@ class Hub:
 
     # ------------------------------------------------------------ connection lifecycle
 
-    def open(self, peer: Peer, encoding: Encoding, user: str | None = None, claims: Any = None) -> Session:
+    def open(
+        self,
+        peer: Peer,
+        encoding: Encoding,
+        user: str | None = None,
+        claims: Any = None,
+        deflate_bits: int = 0,
+    ) -> Session:
+        """A new WebSocket session; ``deflate_bits`` is the permessage-deflate window it negotiated (0: none)."""
         conn_id = f"{self.node_id}-{next(self._ids):x}"
         bucket = TokenBucket(self.rate_limit, self.rate_burst) if self.rate_limit > 0 else None
         s = Session(peer, conn_id, user or conn_id, self.codecs[encoding], bucket)
+        if deflate_bits:
+            s.kind = delivery_kind(encoding, deflate_bits)
         s.claims = claims
         self.sessions[conn_id] = s
         self.stats.connections_opened += 1
@@ -223,6 +257,7 @@ class Hub:
         conn_id = f"{self.node_id}-{next(self._ids):x}"
         s = Session(peer, conn_id, user or conn_id, self.codecs[Encoding.JSON], None)
         s.encoding = Encoding.SSE
+        s.kind = Encoding.SSE
         s.claims = claims
         self.sessions[conn_id] = s
         self.stats.connections_opened += 1
@@ -365,7 +400,7 @@ class Hub:
     def _replay(self, s: Session, pub: Publication) -> None:
         """Queue one publication from history (or parked during a join) for one session."""
         try:
-            frame = pub.frame(s.encoding)
+            frame = pub.frame(s.kind)
         except Exception:  # noqa: BLE001 - as in deliver: one bad publication must not fail the join
             log.exception("room %r seq %d cannot be replayed as %s", pub.room, pub.seq, s.encoding.name)
             return
@@ -543,7 +578,7 @@ class Hub:
         return room
 
     def _add(self, s: Session, name: str) -> None:
-        self._room(name).members(s.encoding)[s] = None
+        self._room(name).members(s.kind)[s] = None
         rooms = s.rooms
         if rooms is _NO_ROOMS:
             rooms = s.rooms = set()
@@ -556,7 +591,7 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             return
-        room.members(s.encoding).pop(s, None)
+        room.members(s.kind).pop(s, None)
         if not room and not room.recovering:
             del self.rooms[name]
             unsub = self.broker.unsubscribe(name)
@@ -574,17 +609,13 @@ class Hub:
         dirty = self._dirty
         n = 0
         size = 0
-        for members, enc in (
-            (room.json, Encoding.JSON),
-            (room.msgpack, Encoding.MSGPACK),
-            (room.sse, Encoding.SSE),
-        ):
+        for kind, members in room.groups:
             if not members or (len(members) == 1 and origin in members):
                 continue
             try:
-                frame = pub.frame(enc)
+                frame = pub.frame(kind)
             except Exception:  # noqa: BLE001 - e.g. an envelope from a node that did not check its payload
-                log.exception("room %r seq %d cannot be delivered as %s", pub.room, pub.seq, enc.name)
+                log.exception("room %r seq %d cannot be delivered as kind %#x", pub.room, pub.seq, kind)
                 continue
             count = 0
             for s in members:
@@ -619,10 +650,10 @@ class Hub:
         subject = self.sessions.get(event.conn)
         dirty = self._dirty
         n = 0
-        for members, enc in ((room.json, Encoding.JSON), (room.msgpack, Encoding.MSGPACK)):
-            if not members or (len(members) == 1 and subject in members):
+        for kind, members in room.groups:
+            if kind == Encoding.SSE or not members or (len(members) == 1 and subject in members):
                 continue
-            frame = event.frame(enc)
+            frame = event.frame(kind & 0xFF)  # events are small: never compressed
             for s in members:
                 if s is subject:
                     continue

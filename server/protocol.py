@@ -451,15 +451,27 @@ _H16 = struct.Struct("!BBH")
 _H64 = struct.Struct("!BBQ")
 
 
-def build_frame(opcode: int, payload: bytes) -> bytes:
-    """One FIN frame, unmasked (RFC 6455 5.1: servers never mask), header + payload in one bytes object."""
+RSV1: Final = 0x40  # first-byte bit of a frame whose message is compressed (RFC 7692 §6)
+
+
+def build_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """One FIN frame, unmasked (RFC 6455 5.1: servers never mask), header + payload in one bytes object.
+
+    ``rsv1`` marks a permessage-deflate message (RFC 7692 §6); the payload is then already compressed.
+    """
     n = len(payload)
-    b0 = 0x80 | opcode
+    b0 = 0x80 | opcode | (RSV1 if rsv1 else 0)
     if n < 126:
         return bytes((b0, n)) + payload
     if n < 65536:
         return _H16.pack(b0, 126, n) + payload
     return _H64.pack(b0, 127, n) + payload
+
+
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of an unmasked frame built by ``build_frame`` (its header stripped)."""
+    n = frame[1]
+    return frame[2:] if n < 126 else frame[4:] if n == 126 else frame[10:]
 
 
 CODECS: Final = {Encoding.JSON: Codec(Encoding.JSON), Encoding.MSGPACK: Codec(Encoding.MSGPACK)}

@@ -20,6 +20,7 @@ from picows import WSAutoPingStrategy, WSFrame, WSListener, WSMsgType, WSTranspo
 from picows.picows import WSProtocol
 
 from wsfan.server.auth import Identity
+from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, inflate
 from wsfan.server.hub import Hub, Session
 from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import CloseCode, Encoding
@@ -121,10 +122,15 @@ class Assembler(WSListener):
         "_utf8",
         "_close_timer",
         "registry",
+        "deflate_bits",
+        "_inflate",
     )
 
-    def __init__(self, limits: Limits, registry: ConnectionRegistry) -> None:
+    def __init__(self, limits: Limits, registry: ConnectionRegistry, deflate_bits: int = 0) -> None:
         super().__init__()
+        # permessage-deflate window negotiated in the handshake (0: none); server/deflate.py
+        self.deflate_bits = deflate_bits
+        self._inflate = False  # the message being reassembled is compressed
         self.transport: WSTransport | None = None
         self.raw: Any = None
         self.limits = limits
@@ -166,14 +172,21 @@ class Assembler(WSListener):
         self.rx += 1
         op = frame.msg_type
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
-            return
+            # RSV1 means "compressed" (RFC 7692 §6), on the first frame of a data message only.
+            if frame.rsv2 or frame.rsv3 or not self.deflate_bits or not (op is TEXT or op is BINARY):
+                self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+                return
         if op is TEXT or op is BINARY:
             if self._frag is not None:
                 self.close(CloseCode.PROTOCOL_ERROR, "data frame inside a fragmented message")
                 return
+            self._inflate = frame.rsv1
             if frame.fin:
                 data = frame.get_payload_as_memoryview()
+                if self._inflate:
+                    self._inflate = False
+                    self._inflated(data, op)
+                    return
                 if op is TEXT:
                     try:
                         str(data, "utf-8")
@@ -201,10 +214,28 @@ class Assembler(WSListener):
 
     # ------------------------------------------------------------ fragments
 
+    def _inflated(self, data: bytes | bytearray | memoryview, op: WSMsgType) -> None:
+        """A whole compressed message: inflate it under the size limit, then validate it like any other."""
+        try:
+            plain = inflate(data, self.limits.max_message_size)
+        except TooLarge:
+            self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.limits.max_message_size} bytes")
+            return
+        except CorruptData:
+            self.close(CloseCode.PROTOCOL_ERROR, "invalid permessage-deflate data")
+            return
+        if op is TEXT:
+            try:
+                plain.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(CloseCode.INVALID_UTF8, "invalid UTF-8 in a text message")
+                return
+        self.message(plain, op.value)
+
     def _start_fragments(self, frame: WSFrame, op: WSMsgType) -> None:
         self._frag = bytearray(frame.get_payload_as_memoryview())
         self._frag_op = op
-        if op is TEXT:
+        if op is TEXT and not self._inflate:  # compressed text is checked once inflated
             self._utf8 = codecs.getincrementaldecoder("utf-8")()
             if not self._check_utf8(self._frag, False):
                 return
@@ -219,6 +250,12 @@ class Assembler(WSListener):
         buf += chunk
         if not self._check_size():
             return
+        if self._inflate:
+            if frame.fin:
+                self._frag = None
+                self._inflate = False
+                self._inflated(buf, self._frag_op)
+            return
         if self._frag_op is TEXT and not self._check_utf8(chunk, frame.fin):
             return
         if frame.fin:
@@ -228,7 +265,12 @@ class Assembler(WSListener):
 
     def _check_size(self) -> bool:
         buf = self._frag
-        if buf is not None and len(buf) > self.limits.max_message_size:
+        limit = self.limits.max_message_size
+        if self._inflate:
+            limit += (
+                limit // 64 + 1024
+            )  # deflate may grow incompressible data a little; inflate() has the real limit
+        if buf is not None and len(buf) > limit:
             self._frag = None
             self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.limits.max_message_size} bytes")
             return False
@@ -320,8 +362,9 @@ class Connection(Assembler):
         limits: Limits,
         registry: ConnectionRegistry,
         identity: Identity | None = None,
+        deflate_bits: int = 0,
     ) -> None:
-        super().__init__(limits, registry)
+        super().__init__(limits, registry, deflate_bits)
         self.hub = hub
         self.encoding = encoding
         self.session: Session | None = None
@@ -346,10 +389,13 @@ class Connection(Assembler):
 
     def opened(self) -> None:
         ident = self.identity
+        bits = self.deflate_bits
         if ident is None:
-            self.session = self.hub.open(self, self.encoding)
+            self.session = self.hub.open(self, self.encoding, deflate_bits=bits)
         else:
-            self.session = self.hub.open(self, self.encoding, user=ident.user, claims=ident)
+            self.session = self.hub.open(
+                self, self.encoding, user=ident.user, claims=ident, deflate_bits=bits
+            )
             if ident.expires_at is not None:
                 # One timer per authenticated connection, fired when the token stops being accepted
                 # (exp + leeway, the same instant verify() refuses it): no periodic scan.
@@ -434,8 +480,14 @@ class EchoConnection(Assembler):
     __slots__ = ()
 
     def message(self, data: bytes | memoryview, opcode: int) -> None:
-        if not self.closing:
-            self.transport.send(WSMsgType(opcode), data)  # type: ignore[union-attr]
+        if self.closing:
+            return
+        t = self.transport
+        assert t is not None
+        if self.deflate_bits and len(data) >= POLICY.threshold:
+            t.send(WSMsgType(opcode), compress(bytes(data), self.deflate_bits, POLICY.level), rsv1=True)
+        else:
+            t.send(WSMsgType(opcode), data)
 
 
 class ConnectionRegistry:

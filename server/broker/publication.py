@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from msgspec import Raw
 
+from wsfan.server.deflate import compressed_frame
 from wsfan.server.protocol import CODECS, Delivery, Encoding, JoinedEvent, LeftEvent, build_frame
 
 
@@ -31,6 +32,7 @@ class Publication:
         "_json",
         "_msgpack",
         "_sse",
+        "_compressed",
     )
 
     def __init__(
@@ -53,8 +55,10 @@ class Publication:
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
         self._sse: bytes | None = None
+        self._compressed: dict[int, bytes] | None = None
 
     def frame(self, encoding: int) -> bytes:
+        """The delivery frame for a subscriber kind: an encoding, or a compressed kind (server/deflate.py)."""
         if encoding == Encoding.JSON:
             f = self._json
             if f is None:
@@ -65,9 +69,21 @@ class Publication:
             if f is None:
                 f = self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, sse_data(self.json()))
             return f
-        f = self._msgpack
+        if encoding == Encoding.MSGPACK:
+            f = self._msgpack
+            if f is None:
+                f = self._msgpack = self._build(Encoding.MSGPACK)
+            return f
+        return self._compressed_frame(encoding)
+
+    def _compressed_frame(self, kind: int) -> bytes:
+        # Compressed once per kind (encoding + window) and shared, like the plain frames.
+        cache = self._compressed
+        if cache is None:
+            cache = self._compressed = {}
+        f = cache.get(kind)
         if f is None:
-            f = self._msgpack = self._build(Encoding.MSGPACK)
+            f = cache[kind] = compressed_frame(self.frame(kind & 0xFF), kind)
         return f
 
     def payload_in(self, encoding: int) -> bytes:
