@@ -124,7 +124,9 @@ def test_small_messages_stay_uncompressed(zserver: ServerProcess) -> None:
             _join(pub, "z.small")
             request(pub, {"type": "publish", "room": "z.small", "payload": 1, "id": "p"})
         frame = sub.recv_frame()
-    assert frame.rsv == 0 and json.loads(frame.payload)["payload"] == 1  # a ~75-byte delivery, below --compression-threshold 120
+    assert (
+        frame.rsv == 0 and json.loads(frame.payload)["payload"] == 1
+    )  # a ~75-byte delivery, below --compression-threshold 120
 
 
 def test_history_replay_uses_the_compressed_frames(zserver: ServerProcess) -> None:

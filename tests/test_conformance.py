@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "tests" / "conformance" / "run_autobahn.py"
 sys.path.insert(0, str(SCRIPT.parent))
 from run_autobahn import CI_CASES  # noqa: E402
+
 INSTALLER = REPO_ROOT / "tests" / "conformance" / "install_autobahn.sh"
 
 

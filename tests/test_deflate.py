@@ -28,7 +28,10 @@ BOTH = "permessage-deflate; server_no_context_takeover; client_no_context_takeov
         (["permessage-deflate; client_max_window_bits=10"], Agreement(15, BOTH)),
         (['permessage-deflate; client_max_window_bits="12"'], Agreement(15, BOTH)),
         # the server compresses with a smaller window when asked to (§7.1.2.1)
-        (["permessage-deflate; server_max_window_bits=10"], Agreement(10, BOTH + "; server_max_window_bits=10")),
+        (
+            ["permessage-deflate; server_max_window_bits=10"],
+            Agreement(10, BOTH + "; server_max_window_bits=10"),
+        ),
         # one header line, several offers: the first acceptable one wins (§5.1)
         (
             ["permessage-deflate; server_max_window_bits=8, permessage-deflate; server_max_window_bits=12"],
