@@ -99,8 +99,10 @@ class Session:
         max_buffered: int = 10_000,
         raw_payloads: bool = False,
         headers: Iterable[tuple[str, str]] = (),
+        compression: bool = False,
     ) -> None:
         self.url = url
+        self.compression = compression
         self.token = token
         self.request_timeout = request_timeout
         self.open_timeout = open_timeout
@@ -145,6 +147,7 @@ class Session:
             open_timeout=self.open_timeout,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
+            compression=self.compression,
         )
         if self._closing:  # close() ran while we were connecting
             conn.abort()

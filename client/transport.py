@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
@@ -61,6 +62,11 @@ class _Listener(WSListener):
         self.close_code: int | None = None
         self.close_reason = ""
         self._fragments: bytearray | None = None
+        # permessage-deflate (RFC 7692), set after the handshake if the server accepted our offer:
+        # the inflater, and whether the server keeps its context between messages
+        self.inflater: Any = None
+        self.server_takeover = False
+        self._compressed = False
         self.writable: asyncio.Future[None] | None = None  # pending while picows paused our writes
         # Raw payloads keep a reference to the decoded buffer, and picows reuses its
         # read buffer after on_ws_frame returns: those must decode from a bytes copy.
@@ -70,6 +76,7 @@ class _Listener(WSListener):
         received_at = perf_counter()
         kind = frame.msg_type
         if kind is _TEXT or kind is _BINARY:
+            self._compressed = frame.rsv1 and self.inflater is not None
             if not frame.fin:
                 self._fragments = bytearray(frame.get_payload_as_memoryview())
                 return
@@ -86,6 +93,15 @@ class _Listener(WSListener):
             return
         else:
             return  # PING is answered by picows (auto-pong), PONG consumed by its auto-ping
+        if self._compressed:
+            self._compressed = False
+            try:
+                data = self._inflate(data)
+            except zlib.error:
+                log.warning("invalid permessage-deflate data from the server; closing")
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
+                transport.disconnect()
+                return
         try:
             msg = self.codec.decode(data)
         except Exception as exc:  # noqa: BLE001 - a hostile server's nesting raises RecursionError
@@ -102,6 +118,13 @@ class _Listener(WSListener):
                 self.on_reply(msg)
         except Exception:
             log.exception("client callback failed while handling %s", type(msg).__name__)
+
+    def _inflate(self, data: bytes | memoryview) -> bytes:
+        """One compressed message (RFC 7692 §7.2.2): append the stripped tail and inflate."""
+        inflater = self.inflater
+        if not self.server_takeover:
+            inflater = self.inflater = zlib.decompressobj(-15)  # no shared context: a fresh one each time
+        return inflater.decompress(bytes(data) + b"\x00\x00\xff\xff")
 
     def _on_close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         code = frame.get_close_code()
@@ -210,9 +233,13 @@ async def open_connection(
     ping_interval: float | None = 20.0,
     ping_timeout: float = 10.0,
     max_frame_size: int = 16 * 1024 * 1024,
+    compression: bool = False,
     **picows_options: Any,
 ) -> Connection:
     """Connect, negotiate the encoding, and wait for the server's welcome.
+
+    ``compression=True`` offers permessage-deflate (RFC 7692): what the server compresses
+    is inflated here; what this client sends goes uncompressed (§6 lets a sender choose).
 
     Raises ``Unauthorized`` (401), ``HandshakeRejected`` (other HTTP status, with
     ``retry_after``), ``ConnectionClosed`` (closed before the welcome),
@@ -223,9 +250,16 @@ async def open_connection(
         extra.append(("Authorization", f"Bearer {token}"))
     if codec.encoding == "msgpack":
         extra.append(("Sec-WebSocket-Protocol", MSGPACK_SUBPROTOCOL))
+    if compression:
+        extra.append(("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"))
 
     def factory(request: WSUpgradeRequest, response: WSUpgradeResponse) -> _Listener:
-        return _Listener(codec, on_delivery, on_reply, response)
+        listener = _Listener(codec, on_delivery, on_reply, response)
+        agreed = (response.headers.get("Sec-WebSocket-Extensions") or "").lower() if compression else ""
+        if "permessage-deflate" in agreed:  # set before any frame can arrive
+            listener.inflater = zlib.decompressobj(-15)
+            listener.server_takeover = "server_no_context_takeover" not in agreed
+        return listener
 
     transport: WSTransport | None = None
     try:
