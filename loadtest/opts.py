@@ -54,6 +54,12 @@ def _add_options(parser: Any, **_kw: Any) -> None:
     a("--token-sub-prefix", default="lt", help="Prefix of the sub claim of minted tokens (default lt)")
     a("--msgpack", action="store_true", default=False, help="Offer the msgpack subprotocol (binary frames)")
     a(
+        "--compression",
+        action="store_true",
+        default=False,
+        help="Offer permessage-deflate (RFC 7692); what the server compresses is inflated (costs generator CPU)",
+    )
+    a(
         "--connect-timeout",
         type=float,
         default=10.0,
@@ -247,6 +253,7 @@ class Settings:
     token_rooms: str = ""
     token_sub_prefix: str = "lt"
     msgpack: bool = False
+    compression: bool = False
     connect_timeout: float = 10.0
     request_timeout: float = 10.0
     insecure: bool = False

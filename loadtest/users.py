@@ -276,6 +276,7 @@ class WebSocketUser(User):
                 timeout=s.connect_timeout,
                 insecure=s.insecure,
                 recv_buffer=s.recv_buffer,
+                compression=s.compression,
             )
         except (OSError, HandshakeError, ConnectionClosed, ValueError) as exc:
             self._fire_event("connect", (time.perf_counter() - t0) * 1000, 0, _error_text(exc))

@@ -22,6 +22,7 @@ import os
 import random
 import ssl
 import struct
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -166,8 +167,19 @@ class WSConnection:
     blocking in ``sendall`` on the same gevent socket is an error).
     """
 
-    def __init__(self, sock: gsocket.socket, subprotocol: str | None, leftover: bytes, status: int) -> None:
+    def __init__(
+        self,
+        sock: gsocket.socket,
+        subprotocol: str | None,
+        leftover: bytes,
+        status: int,
+        deflate: bool = False,
+    ) -> None:
         self.sock = sock
+        # permessage-deflate accepted by the server (RFC 7692): inbound messages with RSV1 are
+        # inflated, each on its own (wsfan never keeps a context); we send uncompressed.
+        self.deflate = deflate
+        self._frag_compressed = False
         self.subprotocol = subprotocol
         self.handshake_status = status
         self._buf = bytearray(leftover)
@@ -189,6 +201,7 @@ class WSConnection:
         timeout: float = 10.0,
         insecure: bool = False,
         recv_buffer: int = 0,
+        compression: bool = False,
     ) -> WSConnection:
         """Open TCP (and TLS), perform the upgrade, return a connection ready to use.
 
@@ -196,7 +209,8 @@ class WSConnection:
         socket blocks cooperatively without a timeout (heartbeats are the
         server's job). ``insecure`` skips TLS certificate checks (self-signed
         test deployments). ``recv_buffer`` > 0 sets SO_RCVBUF before connecting, to
-        simulate a slow consumer with a small kernel buffer.
+        simulate a slow consumer with a small kernel buffer. ``compression`` offers
+        permessage-deflate (what the server compresses is inflated here).
         Raises :class:`HandshakeError` on a non-101 answer and ``OSError``
         (including ``TimeoutError``) on network failures.
         """
@@ -223,6 +237,8 @@ class WSConnection:
             ]
             if subprotocols:
                 lines.append("Sec-WebSocket-Protocol: " + ", ".join(subprotocols))
+            if compression:
+                lines.append("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits")
             for name, value in (headers or {}).items():
                 lines.append(f"{name}: {value}")
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -237,8 +253,11 @@ class WSConnection:
             subprotocol = resp_headers.get("sec-websocket-protocol") or None
             if subprotocol is not None and subprotocol not in (subprotocols or []):
                 raise HandshakeError(status, f"unrequested subprotocol {subprotocol!r}")
+            agreed = resp_headers.get("sec-websocket-extensions", "").lower()
+            if agreed and not (compression and agreed.startswith("permessage-deflate")):
+                raise HandshakeError(status, f"unrequested extension {agreed!r}")
             sock.settimeout(None)
-            return cls(sock, subprotocol, leftover, status)
+            return cls(sock, subprotocol, leftover, status, deflate=bool(agreed))
         except BaseException:
             sock.close()
             raise
@@ -291,7 +310,7 @@ class WSConnection:
             raise ConnectionClosed(ABNORMAL_CLOSE, "EOF without close frame")
         self._buf += chunk
 
-    def _read_frame(self) -> tuple[bool, int, bytes]:
+    def _read_frame(self) -> tuple[bool, int, bytes, bool]:
         buf = self._buf
         while len(buf) - self._pos < 2:
             self._fill()
@@ -299,7 +318,7 @@ class WSConnection:
         pos = self._pos
         b0 = buf[pos]
         b1 = buf[pos + 1]
-        if b0 & 0x70:
+        if b0 & 0x70 and (b0 & 0x30 or not self.deflate):
             raise ConnectionClosed(1002, "RSV bits set by server")
         length = b1 & 0x7F
         hdr = 2
@@ -334,7 +353,12 @@ class WSConnection:
             self._pos = 0
         else:
             self._pos = end
-        return bool(b0 & 0x80), b0 & 0x0F, payload
+        return bool(b0 & 0x80), b0 & 0x0F, payload, bool(b0 & 0x40)
+
+    @staticmethod
+    def _inflate(data: bytes) -> bytes:
+        """One permessage-deflate message without context (RFC 7692 §7.2.2)."""
+        return zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
 
     def recv(self) -> tuple[int, bytes]:
         """Return the next (opcode, payload): a complete TEXT/BINARY message, or a PING/PONG.
@@ -345,12 +369,15 @@ class WSConnection:
         connection raises it with 1006.
         """
         while True:
-            fin, opcode, payload = self._read_frame()
+            fin, opcode, payload, compressed = self._read_frame()
+            if compressed and opcode != OP_TEXT and opcode != OP_BINARY:
+                raise ConnectionClosed(1002, "RSV1 on a frame that does not start a message")
             if opcode == OP_TEXT or opcode == OP_BINARY:
                 if self._frag_opcode is not None:
                     raise ConnectionClosed(1002, "new data frame inside a fragmented message")
                 if fin:
-                    return opcode, payload
+                    return opcode, self._inflate(payload) if compressed else payload
+                self._frag_compressed = compressed
                 self._frag_opcode = opcode
                 self._frag_parts = [payload]
             elif opcode == OP_CONT:
@@ -360,6 +387,8 @@ class WSConnection:
                 if fin:
                     op = self._frag_opcode
                     data = b"".join(self._frag_parts)
+                    if self._frag_compressed:
+                        data = self._inflate(data)
                     self._frag_opcode = None
                     self._frag_parts = []
                     return op, data

@@ -79,6 +79,7 @@ class Peer(Protocol):
 
 Handler = Callable[["Session", Any], None]
 _NO_ROOMS: frozenset[str] = frozenset()
+_PLAIN_KINDS = int(max(Encoding))  # delivery kinds above this are compressed (server/deflate.py)
 Authorizer = Callable[["Session", str, str], bool]
 
 
@@ -628,6 +629,8 @@ class Hub:
                 count += 1
             n += count
             size += count * len(frame)
+            if kind > _PLAIN_KINDS:
+                self.stats.compressed_deliveries += count
         if room.recovering:
             for parked in room.recovering.values():
                 parked.append(pub)

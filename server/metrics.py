@@ -99,6 +99,11 @@ class HubCollector:
             ("wsfan_received_bytes", "Message bytes received from clients", st.bytes_in),
             ("wsfan_publishes", "Publications accepted on this node", st.publishes),
             ("wsfan_deliveries", "Deliveries queued to subscribers", st.deliveries),
+            (
+                "wsfan_compressed_deliveries",
+                "Deliveries to permessage-deflate subscribers (one shared compressed frame per publication)",
+                st.compressed_deliveries,
+            ),
             ("wsfan_delivered_bytes", "Delivery bytes queued to subscribers", st.bytes_out),
             ("wsfan_presence_events", "joined/left events queued to subscribers", st.presence_events),
             ("wsfan_replies", "Acks sent", st.replies),

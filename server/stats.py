@@ -25,6 +25,7 @@ class Stats:
         "bytes_in",
         "publishes",
         "deliveries",
+        "compressed_deliveries",
         "presence_events",
         "bytes_out",
         "replies",
@@ -46,6 +47,9 @@ class Stats:
         self.bytes_in = 0
         self.publishes = 0
         self.deliveries = 0
+        self.compressed_deliveries = (
+            0  # of which to permessage-deflate subscribers (compressed or under threshold)
+        )
         self.presence_events = 0  # joined/left events written to subscribers
         self.bytes_out = 0
         self.replies = 0

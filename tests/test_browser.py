@@ -381,3 +381,22 @@ def test_page_recovers_every_message_published_while_its_node_was_down(browser):
             run(body(node_a, node_b), timeout=50)
     finally:
         redis.stop()
+
+
+def test_page_negotiates_permessage_deflate_and_reads_compressed_deliveries(browser):
+    """Both engines offer permessage-deflate on every connection: with --compression the server
+    accepts, compresses what it delivers to the page, and inflates what the page compresses."""
+    room = "browser-deflate"
+
+    async def body(server: ServerProcess) -> None:
+        await open_chat(browser, server.port, room)
+        async with connect(server.url) as bob:
+            await bob.join(room)
+            await chat_both_ways(browser, bob, room)
+        assert server.metric("wsfan_compressed_deliveries_total") >= 1  # bob's message went out compressed
+        assert browser.page_errors() == []
+
+    with ServerProcess(
+        "--demo", "--rate-limit", "0", "--compression", "--compression-threshold", "16"
+    ) as server:
+        run(body(server), timeout=40)

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import pytest
 import websockets
 
-from conftest import ServerProcess
-from rawws import BINARY, CONT, PING, TEXT, RawWS
+from helpers.rawws import BINARY, CONT, PING, TEXT, RawWS
+from helpers.servers import ServerProcess
 
 OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
 TAIL = b"\x00\x00\xff\xff"
@@ -286,3 +286,36 @@ def test_the_websockets_library_negotiates_and_round_trips(zserver: ServerProces
     ext, ack, got = asyncio.run(main())
     assert "permessage-deflate" in ext and "server_no_context_takeover" in ext
     assert ack["success"] and got["payload"] == {"n": "q" * 400}
+
+
+def _metric(srv: ServerProcess, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_the_python_client_negotiates_and_inflates(zserver: ServerProcess) -> None:
+    from wsfan.client import connect
+
+    async def main() -> list[object]:
+        async with connect(zserver.url, compression=True) as sub, connect(zserver.url) as pub:
+            await sub.join("z.client")
+            await pub.join("z.client")
+            for i in range(3):
+                await pub.publish("z.client", {"i": i, "text": "compress me " * 40})
+            got = []
+            async with asyncio.timeout(5):
+                async for m in sub.messages("z.client"):
+                    got.append(m.payload)
+                    if len(got) == 3:
+                        return got
+        return got
+
+    before = _metric(zserver, "wsfan_compressed_deliveries_total")
+    got = asyncio.run(main())
+    assert [p["i"] for p in got] == [0, 1, 2] and got[0]["text"] == "compress me " * 40  # type: ignore[index]
+    assert _metric(zserver, "wsfan_compressed_deliveries_total") - before == 3  # they did go out compressed

@@ -553,3 +553,17 @@ def test_chat_scenario_with_presence_reports_join_leave_event_latency(tmp_path: 
     assert run.count("joined") >= run.count("leave"), run.explain()
     assert 0 < run.rows["joined"]["avg_ms"] < 1000, run.explain()
     assert run.summary["counters"].get("messages_missing", 0) == 0
+
+
+def test_chat_with_compression_inflates_compressed_deliveries(tmp_path: Path) -> None:
+    """--compression: the users offer permessage-deflate; the server's compressed frames arrive intact."""
+    srv = ServerProcess("--compression", "--compression-threshold", "64").start()
+    try:
+        run = locust(tmp_path, "chat", srv.host, "-u", "4", "-r", "4", "-t", "3s", "--room-size", "4",
+                     "--publish-rate", "10", "--payload-size", "400", "--compression")  # fmt: skip
+        compressed = srv.metric("wsfan_compressed_deliveries_total")
+    finally:
+        srv.kill()
+    _assert_clean(run, "connect", "join", "publish", "delivery")
+    assert compressed >= run.count("delivery") > 0, (compressed, run.explain())
+    assert run.summary["counters"].get("messages_missing", 0) == 0
