@@ -62,6 +62,59 @@ class Upgrade:
     protocols: tuple[str, ...]
 
 
+# picows' own limits for a request head (picows.pyx: _http_max_size, _HTTP_MAX_NUM_HEADERS).
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADER_LINES = 128
+_TOKEN_BYTES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_CTL_BYTES = re.compile(
+    rb"[\x00-\x08\x0a-\x1f\x7f]"
+)  # RFC 7230 §3.2: field-value allows HTAB, not other CTLs
+_NO_BODY = "a request body is not accepted here"
+
+
+def check_request_head(head: bytes) -> Refusal | None:
+    """The request line and header block of the WebSocket port (``head`` without the blank line), as RFC 7230 says.
+
+    The same rules picows applies before the listener factory, so that what picows would
+    refuse is refused here first with a fixed sentence (picows answers with its parser's
+    exception text, which quotes the offending line back): a request line of three parts,
+    GET (else 405 with ``Allow: GET``), ``HTTP/1.1``, at most 128 header lines (else 431,
+    RFC 6585 §5), no obsolete line folding, ``name: value`` with a token name and no control
+    characters but HTAB, no ``Transfer-Encoding`` and no non-zero ``Content-Length``.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        return Refusal(400, "malformed request line")
+    method, target, version = parts
+    if method != b"GET":
+        return Refusal(405, "only GET is served on this port", {"Allow": "GET"})
+    if not target:
+        return Refusal(400, "malformed request line")
+    if version != b"HTTP/1.1":
+        return Refusal(400, "HTTP/1.1 is required")
+    if len(lines) - 1 > MAX_HEADER_LINES:
+        return Refusal(431, f"more than {MAX_HEADER_LINES} header fields")
+    lengths = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            return Refusal(400, "obsolete header line folding")
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN_BYTES.match(name) is None:
+            return Refusal(400, "malformed header line")
+        value = value.strip(b" \t")
+        if _CTL_BYTES.search(value) is not None:
+            return Refusal(400, "control character in a header value")
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return Refusal(400, _NO_BODY)
+        if lower == b"content-length":
+            lengths.append(value)
+    if len(lengths) > 1 or (lengths and (not lengths[0] or lengths[0].strip(b"0"))):
+        return Refusal(400, _NO_BODY)
+    return None
+
+
 def list_elements(values: Iterable[str]) -> list[str]:
     """RFC 7230 §7 ``#rule``: the elements of every line of a list header, OWS stripped, empty ones dropped.
 

@@ -13,6 +13,7 @@ import codecs
 import logging
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from multidict import CIMultiDict
@@ -21,6 +22,7 @@ from picows.picows import WSProtocol
 
 from wsfan.server.auth import Identity
 from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, inflate
+from wsfan.server.handshake import MAX_HEAD_BYTES, Refusal, check_request_head
 from wsfan.server.hub import Hub, Session
 from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import CloseCode, Encoding
@@ -84,7 +86,7 @@ async def create_server(
         def listener_factory(request: WSUpgradeRequest) -> Any:
             return route(request, peer)
 
-        proto = WSProtocol(
+        proto = GatedProtocol(
             None, None, False, listener_factory, logger, True, handshake_timeout,
             False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, False,
             max_frame_size, None, read_buffer_size,
@@ -92,6 +94,68 @@ async def create_server(
         return proto
 
     return await create(protocol_factory, host=host, port=port, **server_kwargs)
+
+
+# One scratch buffer for every connection still in its handshake: a read is copied out of it
+# before the next one can start (get_buffer and buffer_updated run back to back on one loop).
+_HEAD_SCRATCH = bytearray(MAX_HEAD_BYTES)
+
+
+class GatedProtocol(WSProtocol):
+    """picows' protocol, with the request head checked by :func:`check_request_head` before picows parses it.
+
+    Until the head is complete, the instance's own ``get_buffer``/``buffer_updated`` (instance
+    attributes shadow the class's methods) collect the bytes; a head that breaks a rule is
+    answered here with a fixed sentence and the connection closed, a head past 16 KiB with
+    431. A good head is handed to picows' own methods, the instance attributes are removed and
+    ``set_protocol`` makes the transport look the methods up again, so every later read goes
+    straight to picows, as before. The handshake timeout is still picows' (connection_made).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._head = bytearray()
+        self.get_buffer = self._head_buffer
+        self.buffer_updated = self._head_updated
+
+    def _head_buffer(self, size_hint: int) -> memoryview:
+        return memoryview(_HEAD_SCRATCH)
+
+    def _head_updated(self, nbytes: int) -> None:
+        head = self._head
+        head += _HEAD_SCRATCH[:nbytes]
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) >= MAX_HEAD_BYTES:
+                self._refuse(Refusal(431, "request head larger than 16 KiB"))
+            return
+        refusal = check_request_head(bytes(head[:end]))
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self.__dict__.clear()  # picows' get_buffer and buffer_updated again
+        raw = self.transport.underlying_transport
+        raw.set_protocol(self)  # uvloop keeps the two bound methods: look them up anew
+        data = memoryview(head)
+        while data:
+            room = WSProtocol.get_buffer(self, len(data))
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            data = data[n:]
+            WSProtocol.buffer_updated(self, n)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self.__dict__.clear()
+        raw = self.transport.underlying_transport
+        body = refusal.reason.encode() + b"\n"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in refusal.headers.items())
+        raw.write(
+            f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\nConnection: close\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+            + body
+        )
+        raw.close()
+        log.debug("refused request head: %d %s", refusal.status, refusal.reason)
 
 
 class Limits:

@@ -140,6 +140,48 @@ def test_plain_gets_need_a_host_too(srv):
     assert status == 200 and body == b"ok\n"
 
 
+# ---------------------------------------------------------------- what picows' parser would refuse
+
+HEAD_REFUSALS = [
+    ("POST", b"POST /ws HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"only GET is served on this port\n"),
+    ("HTTP/1.0", b"GET /ws HTTP/1.0\r\nHost: x\r\n\r\n", 400, b"HTTP/1.1 is required\n"),
+    ("request line of 4 parts", b"GET /ws x HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"malformed request line\n"),
+    ("control character", b"GET /ws HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n", 400, b"control character in a header value\n"),
+    ("line folding", b"GET /ws HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", 400, b"obsolete header line folding\n"),
+    ("header name not a token", b"GET /ws HTTP/1.1\r\nHost: x\r\nX Y: 1\r\n\r\n", 400, b"malformed header line\n"),
+    ("header line without colon", b"GET /ws HTTP/1.1\r\nHost: x\r\nnocolon\r\n\r\n", 400, b"malformed header line\n"),
+    ("Transfer-Encoding", b"GET /ws HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 400, b"a request body is not accepted here\n"),
+    ("a body", b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 400, b"a request body is not accepted here\n"),
+    ("129 header lines", b"GET /ws HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 128 + b"\r\n", 431, b"more than 128 header fields\n"),
+    ("head past 16 KiB", b"GET /ws HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 17000, 431, b"request head larger than 16 KiB\n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, head, status, body", HEAD_REFUSALS, ids=[c[0] for c in HEAD_REFUSALS])
+def test_unparseable_requests_get_a_fixed_sentence_not_the_parsers_text(srv, case, head, status, body):
+    """picows would answer these with its parser's exception text, which quotes the request back."""
+    got, headers, reply = exchange(srv, head)
+    assert (got, reply) == (status, body)
+    if status == 405:
+        assert headers["allow"] == "GET"
+
+
+def test_a_first_frame_in_the_same_packet_as_the_head_is_not_lost(srv):
+    """The head check hands every byte after the head to picows: here a ping sent with the upgrade."""
+    import socket
+
+    from helpers.rawws import TEXT, build_frame
+
+    with socket.create_connection((HOST, srv.port), timeout=3) as sock:
+        sock.sendall(upgrade_head(key=KEY) + build_frame(TEXT, b'{"type":"ping","id":"p"}'))
+        data = b""
+        while b'"pong"' not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101")
+
+
 # ---------------------------------------------------------------- nothing escapes the listener factory
 
 
