@@ -16,10 +16,12 @@ write, not one per message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -99,6 +101,7 @@ class Session:
         "scheduled",
         "closed",
         "claims",
+        "pending",
     )
 
     def __init__(self, peer: Peer, conn_id: str, user: str, codec: Codec, bucket: TokenBucket | None) -> None:
@@ -116,6 +119,30 @@ class Session:
         self.scheduled = False
         self.closed = False
         self.claims: Any = None
+        # Set while an asynchronous request (cluster join, publish, presence query) is in
+        # flight; None on a single node, where every request completes in its own call.
+        self.pending: Pending | None = None
+
+
+class Pending:
+    """A session's requests in flight and the ones waiting behind them (cluster mode only).
+
+    One connection's requests take effect and are answered in the order sent. A request
+    that must wait for the broker holds the session: later requests queue here (as bytes
+    copies, since the read buffer is reused) and run when nothing is in flight. Publishes
+    are the exception that keeps a publisher's throughput: while only publishes are in
+    flight and nothing waits, another publish goes to the broker at once, which keeps
+    their order (one FIFO per node) and answers them in order; whatever it would answer
+    synchronously (a refusal) is deferred into the queue instead, behind the others.
+    """
+
+    __slots__ = ("barriers", "publishes", "queue", "deferring")
+
+    def __init__(self) -> None:
+        self.barriers = 0  # joins and presence queries in flight: everything waits for them
+        self.publishes = 0  # publishes in flight
+        self.queue: deque[Callable[[], None]] = deque()
+        self.deferring = False  # replies sent now go to the queue (a pipelined publish's refusal)
 
 
 class Room:
@@ -274,6 +301,8 @@ class Hub:
             return
         s.closed = True
         s.out = []
+        if s.pending is not None:
+            s.pending.queue.clear()  # requests waiting behind a broker call die with the connection
         self.sessions.pop(s.conn_id, None)
         self.stats.connections_closed += 1
         for name in list(s.rooms):
@@ -292,6 +321,13 @@ class Hub:
         if bucket is not None and not bucket.take():
             self._refuse(s, bucket, codec.request_id(data))
             return
+        if s.pending is not None:
+            self._receive_behind(s, s.pending, data, opcode)
+            return
+        self._handle(s, data, opcode)
+
+    def _handle(self, s: Session, data: bytes | memoryview, opcode: int) -> None:
+        codec = s.codec
         if opcode != codec.opcode:
             kind = "text (JSON)" if codec.encoding is Encoding.JSON else "binary (MessagePack)"
             other = self.codecs[Encoding.MSGPACK if codec.encoding is Encoding.JSON else Encoding.JSON]
@@ -309,6 +345,59 @@ class Hub:
         except Exception:
             log.exception("handler for %s failed", type(msg).__name__)
             self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
+
+    def _receive_behind(self, s: Session, p: Pending, data: bytes | memoryview, opcode: int) -> None:
+        """A message that arrived while an earlier request of ``s`` is in flight (docs: Cluster)."""
+        if not p.barriers and not p.queue and opcode == s.codec.opcode:
+            try:
+                msg = s.codec.decode(data)
+            except DecodeFailure:
+                msg = None
+            if type(msg) is Publish:
+                p.deferring = True
+                try:
+                    self._dispatch(s, msg)
+                finally:
+                    p.deferring = False
+                return
+        p.queue.append(functools.partial(self._handle, s, bytes(data), opcode))
+
+    def _dispatch(self, s: Session, msg: Inbound) -> None:
+        try:
+            self._handlers[type(msg)](s, msg)
+        except Exception:
+            log.exception("handler for %s failed", type(msg).__name__)
+            self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
+
+    def _hold(self, s: Session, barrier: bool) -> None:
+        """An asynchronous request of ``s`` is now in flight: later ones wait for it."""
+        p = s.pending
+        if p is None:
+            p = s.pending = Pending()
+        if barrier:
+            p.barriers += 1
+        else:
+            p.publishes += 1
+
+    def _release(self, s: Session, barrier: bool) -> None:
+        """An asynchronous request of ``s`` completed (answered); run what waited, in order."""
+        p = s.pending
+        if p is None:
+            return
+        if barrier:
+            p.barriers -= 1
+        else:
+            p.publishes -= 1
+        if p.barriers or p.publishes:
+            return
+        s.pending = None
+        queue = p.queue
+        while queue and not s.closed:
+            queue.popleft()()
+            again = s.pending
+            if again is not None:  # that request went to the broker: the rest wait for it
+                again.queue.extend(queue)
+                return
 
     def _refuse(self, s: Session, bucket: TokenBucket, request_id: str | None) -> None:
         self.stats.rate_limited += 1
@@ -344,7 +433,7 @@ class Hub:
             if first and (ns.presence or ns.join_leave):
                 self._presence_join(s, room, ns)
         else:
-            self._spawn(self._join_async(s, m.id, room, hist))
+            self._spawn_held(s, self._join_async(s, m.id, room, hist))
 
     async def _join_async(
         self, s: Session, request_id: str | None, name: str, pending: Awaitable[History]
@@ -366,6 +455,12 @@ class Hub:
             room.recovering.pop(s, None)
             self._forget_if_unused(room)
             self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
+            return
+        except Exception:  # a bug or a broker reply we cannot read: answered all the same
+            log.exception("join of %r failed", name)
+            room.recovering.pop(s, None)
+            self._forget_if_unused(room)
+            self.error(s, request_id, ErrorCode.INTERNAL, "internal error")
             return
         finally:
             room.recovering.pop(s, None)
@@ -471,12 +566,21 @@ class Hub:
         if reply_to is not None:
             if isinstance(result, asyncio.Future):
                 # A callback on the broker's future costs far less than a task per publish.
+                self._hold(reply_to, barrier=False)
                 result.add_done_callback(lambda f: self._published(reply_to, request_id, room, f))
             else:
-                self._spawn(self._publish_async(reply_to, request_id, room, result))
+                self._spawn_held(reply_to, self._publish_async(reply_to, request_id, room, result), False)
         return result
 
     def _published(
+        self, s: Session, request_id: str | None, room: str, done: asyncio.Future[Publication]
+    ) -> None:
+        try:
+            self._answer_publish(s, request_id, room, done)
+        finally:
+            self._release(s, barrier=False)
+
+    def _answer_publish(
         self, s: Session, request_id: str | None, room: str, done: asyncio.Future[Publication]
     ) -> None:
         if done.cancelled():
@@ -544,7 +648,7 @@ class Hub:
             self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return
         if inspect.isawaitable(result):
-            self._spawn(self._presence_reply_async(s, request_id, room, result))
+            self._spawn_held(s, self._presence_reply_async(s, request_id, room, result))
         else:
             self.ack(s, request_id, presence_data(room, result))
 
@@ -673,6 +777,10 @@ class Hub:
         """Queue one complete frame for one session (replies, welcome, replay)."""
         if s.encoding is Encoding.SSE and not frame.startswith(b"id: "):
             return  # an SSE stream carries deliveries only: no welcome, acks or errors
+        p = s.pending
+        if p is not None and p.deferring:
+            p.queue.append(functools.partial(self.send, s, frame))
+            return
         s.out.append(frame)
         if not s.scheduled:
             s.scheduled = True
@@ -730,6 +838,17 @@ class Hub:
                 observe(flushed)
 
     # ------------------------------------------------------------ tasks
+
+    def _spawn_held(self, s: Session, coro: Awaitable[None], barrier: bool = True) -> None:
+        """Run a request's asynchronous part; ``s``'s later requests wait for it (``Pending``)."""
+        self._hold(s, barrier)
+        self._spawn(self._held(s, coro, barrier))
+
+    async def _held(self, s: Session, coro: Awaitable[None], barrier: bool) -> None:
+        try:
+            await coro
+        finally:
+            self._release(s, barrier)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
