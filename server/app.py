@@ -31,6 +31,7 @@ from wsfan.server.handshake import (
 )
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
+from wsfan.server.keys import JwksKeys, load_public_key
 from wsfan.server.logs import Throttle, fields
 from wsfan.server.metrics import CONTENT_TYPE, Metrics, start_internal
 from wsfan.server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
@@ -86,9 +87,7 @@ class Node:
         self.handoff_spread: float | None = None
         self.server: asyncio.Server | None = None
         self.refusals = Throttle()
-        self.authenticator = (
-            Authenticator(settings.jwt_secret, settings.jwt_leeway) if settings.jwt_secret else None
-        )
+        self.authenticator = make_authenticator(settings)
         if self.authenticator is not None:
             self.hub.authorize = _authorize
         self.origins = OriginPolicy.parse(settings.allowed_origins)
@@ -228,6 +227,8 @@ class Node:
     async def start(self) -> None:
         s = self.settings
         await self.broker.start()
+        if self.authenticator is not None:
+            await self.authenticator.start()  # a JWKS is fetched before the first upgrade is accepted
         self.server = await create_server(
             self.route,
             s.host,
@@ -292,6 +293,8 @@ class Node:
             abandoned.append("http side")
         if self.internal is not None and not await _bounded(self.internal(), "metrics-listener-stop"):
             abandoned.append("metrics listener")
+        if self.authenticator is not None and not await _bounded(self.authenticator.stop(), "jwks-stop"):
+            abandoned.append("jwks refresher")
         abandoned += await self.broker.close()
         return abandoned
 
@@ -303,6 +306,21 @@ def _sighup_alone() -> None:
 def _authorize(s: Session, action: str, room: str) -> bool:
     ident = s.claims
     return ident is None or ident.allows(room)
+
+
+def make_authenticator(settings: Settings) -> Authenticator | None:
+    """JWT checks when any key is configured (HS256 secret, PEM public key, JWKS URL); None: anonymous."""
+    s = settings
+    if not (s.jwt_secret or s.jwt_public_key or s.jwks_url):
+        return None
+    return Authenticator(
+        s.jwt_secret,
+        s.jwt_leeway,
+        public_key=load_public_key(s.jwt_public_key) if s.jwt_public_key else None,  # checked at preflight
+        jwks=JwksKeys(s.jwks_url, s.jwks_refresh) if s.jwks_url else None,
+        audience=s.jwt_audience,
+        issuer=s.jwt_issuer,
+    )
 
 
 def make_broker(settings: Settings, node_id: str) -> Broker:

@@ -1,7 +1,9 @@
 """JWT authentication on connect and room permissions from the ``rooms`` claim.
 
-Verification is PyJWT's, pinned to HS256 (so ``alg: none`` and algorithm
-confusion are refused by construction). Room patterns are shell-style globs;
+Verification is PyJWT's: HS256 with ``--jwt-secret``, RS256/ES256 (and the other
+algorithms of the key's type) with ``--jwt-public-key`` or a ``--jwks-url`` key set
+(keys.py). Each key verifies only its own algorithms, so ``alg: none`` and algorithm
+confusion are refused by construction. Room patterns are shell-style globs;
 each distinct set of patterns is compiled once into a single regex and cached,
 because many users share the same claim.
 """
@@ -20,6 +22,8 @@ from urllib.parse import parse_qs
 
 import jwt
 
+from wsfan.server.keys import ASYMMETRIC, JwksKeys
+
 ALGORITHM = "HS256"
 
 
@@ -31,6 +35,10 @@ class AuthError(Exception):
     """
 
     status = 401
+
+
+class UnknownKey(AuthError):
+    """The token names a JWKS key not in memory (yet): a fetch has started; retrying may succeed."""
 
 
 class AmbiguousToken(AuthError):
@@ -66,9 +74,70 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 
 class Authenticator:
-    def __init__(self, secret: str, leeway: float = 5.0) -> None:
+    """Verifies a token with the key its header points to: the HS256 secret, the PEM public key
+    or a JWKS key by ``kid``. Each key verifies only its own algorithms (keys.py), so which key
+    is used never depends on what the token's ``alg`` claims alone.
+    """
+
+    def __init__(
+        self,
+        secret: str = "",
+        leeway: float = 5.0,
+        *,
+        public_key: tuple[Any, tuple[str, ...]] | None = None,
+        jwks: JwksKeys | None = None,
+        audience: str = "",
+        issuer: str = "",
+    ) -> None:
         self.secret = secret
         self.leeway = leeway
+        self.public_key = public_key
+        self.jwks = jwks
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.required = ["sub", "exp"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
+        accepted = ([ALGORITHM] if secret else []) + (list(public_key[1]) if public_key else [])
+        self.accepted = " or ".join(accepted + (["a JWKS key's"] if jwks else []))
+
+    async def start(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.start()
+
+    async def stop(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.stop()
+
+    async def verify_async(self, token: str | None) -> Identity:
+        """``verify`` for surfaces that may wait (SSE, HTTP): an unknown ``kid`` waits for one JWKS fetch."""
+        try:
+            return self.verify(token)
+        except UnknownKey:
+            assert self.jwks is not None
+            await self.jwks.refreshed()
+            return self.verify(token)
+
+    def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        """The key and algorithms to verify ``token`` with, chosen by its header's ``alg`` and ``kid``."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError("malformed token") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg == ALGORITHM and self.secret:
+            return self.secret, [ALGORITHM]
+        if alg in ASYMMETRIC:
+            if self.jwks is not None and (kid is not None or self.public_key is None):
+                if not isinstance(kid, str | None):
+                    raise AuthError("malformed token")
+                jwk = self.jwks.get(kid)
+                if jwk is not None:
+                    return jwk.key, [jwk.algorithm_name]
+                if not self.jwks.keys:
+                    raise UnknownKey("signing keys unavailable; retry shortly")
+                raise UnknownKey("unknown signing key (kid); retry shortly")
+            if self.public_key is not None:
+                return self.public_key[0], list(self.public_key[1])
+        raise AuthError(f"token algorithm must be {self.accepted}")
 
     def verify(self, token: str | None) -> Identity:
         """The identity a token proves, or :class:`AuthError` with a fixed reason (never a library's text).
@@ -80,13 +149,16 @@ class Authenticator:
             raise AuthError("missing token: send Authorization: Bearer <jwt> or ?token=<jwt>")
         if not token.isascii():
             raise AuthError("malformed token")
+        key, algorithms = self._key_for(token)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self.secret,
-                algorithms=[ALGORITHM],
-                options={"require": ["sub", "exp"]},
+                key,
+                algorithms=algorithms,
+                options={"require": self.required},
                 leeway=self.leeway,
+                audience=self.audience,
+                issuer=self.issuer,
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
@@ -95,9 +167,13 @@ class Authenticator:
         except jwt.InvalidSignatureError:
             raise AuthError("bad token signature") from None
         except jwt.InvalidAlgorithmError:
-            raise AuthError(f"token algorithm must be {ALGORITHM}") from None
+            raise AuthError(f"token algorithm must be {self.accepted}") from None
         except jwt.ImmatureSignatureError:
             raise AuthError("token not yet valid") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("token audience (aud) not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("token issuer (iss) not accepted") from None
         except jwt.InvalidTokenError:
             raise AuthError("malformed token") from None
         sub = claims["sub"]
@@ -135,16 +211,48 @@ def token_from_request(headers: Any, query: bytes | str) -> str | None:
     return values[0] if values else None
 
 
-def make_token(secret: str, sub: str, ttl: float = 3600, rooms: Sequence[str] | None = None) -> str:
+def make_token(
+    secret: str | Any,
+    sub: str,
+    ttl: float = 3600,
+    rooms: Sequence[str] | None = None,
+    *,
+    algorithm: str = ALGORITHM,
+    kid: str | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A signed token: ``secret`` is the HS256 secret, or a private key for ``algorithm`` (RS256, ES256...)."""
     claims: dict[str, Any] = {"sub": sub, "exp": int(time.time() + ttl), "iat": int(time.time())}
     if rooms is not None:
         claims["rooms"] = list(rooms)
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=algorithm, headers={"kid": kid} if kid else None)
+
+
+def _private_key(path: str) -> tuple[Any, str]:
+    """A PEM private key and the algorithm its public half verifies first (RS256, ES256, EdDSA)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from wsfan.server.keys import KeyProblem, algorithms_for
+
+    with open(path, "rb") as f:
+        key = load_pem_private_key(f.read(), password=None)
+    try:
+        return key, algorithms_for(key.public_key())[0]
+    except KeyProblem as exc:
+        raise ValueError(str(exc)) from None
 
 
 def token_main(argv: Sequence[str]) -> int:
     """``python -m wsfan token``: a token for tests and demos."""
-    p = argparse.ArgumentParser(prog="wsfan token", description="Print an HS256 JWT for this server.")
+    p = argparse.ArgumentParser(
+        prog="wsfan token",
+        description="Print a JWT for this server: HS256 with --secret, or signed with --private-key.",
+    )
     p.add_argument("--sub", required=True, help="user id")
     p.add_argument(
         "--rooms", action="append", help="glob pattern the user may join/publish (repeatable; default: all)"
@@ -153,8 +261,32 @@ def token_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--secret", default=os.environ.get("WSFAN_JWT_SECRET"), help="secret (default: $WSFAN_JWT_SECRET)"
     )
+    p.add_argument(
+        "--private-key", metavar="FILE", help="PEM private key (RSA: RS256, P-256: ES256, Ed25519: EdDSA)"
+    )
+    p.add_argument("--kid", help="key id for the header (the kid of the key in the server's JWKS)")
+    p.add_argument("--aud", help="aud claim (for --jwt-audience)")
+    p.add_argument("--iss", help="iss claim (for --jwt-issuer)")
     args = p.parse_args(argv)
-    if not args.secret:
-        p.error("no secret: pass --secret or set WSFAN_JWT_SECRET")
-    print(make_token(args.secret, args.sub, args.ttl, args.rooms))
+    if args.private_key:
+        try:
+            key, algorithm = _private_key(args.private_key)
+        except (OSError, ValueError, TypeError) as exc:
+            p.error(f"--private-key {args.private_key}: not a usable PEM private key ({exc})")
+    elif args.secret:
+        key, algorithm = args.secret, ALGORITHM
+    else:
+        p.error("no key: pass --secret (or set WSFAN_JWT_SECRET) or --private-key")
+    print(
+        make_token(
+            key,
+            args.sub,
+            args.ttl,
+            args.rooms,
+            algorithm=algorithm,
+            kid=args.kid,
+            audience=args.aud,
+            issuer=args.iss,
+        )
+    )
     return 0

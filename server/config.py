@@ -55,6 +55,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # security and HTTP surface
     jwt_secret: str = ""
     jwt_leeway: float = 5.0
+    jwt_public_key: str = ""
+    jwks_url: str = ""
+    jwks_refresh: float = 300.0
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
     admin_key: str = ""
     http_port: int = 0
     max_connections: int = 0
@@ -115,6 +120,13 @@ HELP: dict[str, str] = {
     "node_id": "name of this node in welcome messages and conn ids; random when empty",
     "jwt_secret": "HS256 secret: when set, every upgrade needs a JWT (Authorization: Bearer or ?token=)",
     "jwt_leeway": "seconds of clock skew tolerated on exp/nbf/iat",
+    "jwt_public_key": "PEM public key file: when set, every upgrade needs a JWT signed with its private key "
+    "(RS256.. for RSA, ES256 for P-256, EdDSA for Ed25519: the key decides, never the token)",
+    "jwks_url": "JWKS URL of an identity provider: tokens are verified with the key their kid names "
+    "(fetched at start, refreshed, and fetched again for an unknown kid)",
+    "jwks_refresh": "seconds between JWKS refreshes",
+    "jwt_audience": "when set, tokens must carry this aud claim",
+    "jwt_issuer": "when set, tokens must carry this iss claim",
     "admin_key": "bearer key for POST /publish; the endpoint is off when empty",
     "http_port": "port of the aiohttp side server (POST /publish, /sse, /metrics, /healthz); 0 = off",
     "max_connections": "open WebSocket connections at most; past it upgrades get 503 + Retry-After; 0 = no limit",
@@ -128,7 +140,7 @@ HELP: dict[str, str] = {
     "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
     "production": "production profile: workers = CPU cores with --broker (one without it) and log-format json "
-    "(unless given), /echo and the demo page off, refuses to start without --jwt-secret and --admin-key unless "
+    "(unless given), /echo and the demo page off, refuses to start without a JWT key (secret, public key or JWKS) and --admin-key unless "
     "--allow-anonymous",
     "allow_anonymous": "with --production: start without --jwt-secret/--admin-key (anonymous users)",
     "log_format": "text or json (one JSON object per line)",
@@ -271,8 +283,18 @@ def validate(s: Settings) -> list[str]:
         problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
     if s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
         problems.append("broker must be a redis:// URL")
-    if s.production and not s.allow_anonymous and not (s.jwt_secret and s.admin_key):
-        problems.append("--production needs --jwt-secret and --admin-key (or --allow-anonymous)")
+    if s.jwks_url and not s.jwks_url.startswith(("https://", "http://")):
+        problems.append("jwks-url must be an https:// (or http://) URL")
+    if s.jwks_refresh < 1:
+        problems.append("jwks-refresh must be at least 1 second")
+    if (
+        s.production
+        and not s.allow_anonymous
+        and not ((s.jwt_secret or s.jwt_public_key or s.jwks_url) and s.admin_key)
+    ):
+        problems.append(
+            "--production needs --jwt-secret, --jwt-public-key or --jwks-url, and --admin-key (or --allow-anonymous)"
+        )
     if s.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if s.max_connections < 0 or s.max_handshake_rate < 0:

@@ -264,7 +264,7 @@ class HttpSide:
         auth = self.node.authenticator
         if not admin and auth is not None:
             try:
-                identity = auth.verify(token_from_request(request.headers, request.query_string))
+                identity = await auth.verify_async(token_from_request(request.headers, request.query_string))
             except AuthError as exc:
                 return self._refused(request, exc.status, str(exc), logging.INFO, "presence_auth", room=room)
             if not identity.allows(room):
@@ -317,7 +317,7 @@ class HttpSide:
         auth = self.node.authenticator
         if auth is not None:
             try:
-                identity = auth.verify(token_from_request(request.headers, request.query_string))
+                identity = await auth.verify_async(token_from_request(request.headers, request.query_string))
             except AuthError as exc:
                 return self._refused(request, exc.status, str(exc), logging.INFO, "sse_auth", room=room)
             if not identity.allows(room):

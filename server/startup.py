@@ -13,6 +13,7 @@ import errno
 import socket
 
 from wsfan.server.config import Settings
+from wsfan.server.keys import KeyProblem, load_public_key
 
 EXIT_USAGE = 2
 
@@ -25,6 +26,11 @@ def preflight(settings: Settings) -> None:
     """Raise ``StartupError`` for the first problem found, before anything is started or forked."""
     if settings.broker:
         check_broker(settings.broker)
+    if settings.jwt_public_key:
+        try:
+            load_public_key(settings.jwt_public_key)
+        except KeyProblem as exc:
+            raise StartupError(str(exc)) from None
     check_port(settings.host, settings.port, "--port")
     if settings.http_port:
         check_port(settings.host, settings.http_port, "--http-port")
