@@ -338,6 +338,12 @@ def label(r: dict[str, Any]) -> str:
     return f"{r['event']}, {jitter}, admission {'on' if r['admission'] else 'off'}"
 
 
+def _rejoin_span(r: dict[str, Any]) -> float:
+    """Seconds from the first to the last client back: how bunched the crowd returned."""
+    offsets = r["crowd"]["back_offsets_s"]
+    return offsets[-1] - offsets[0] if offsets else 0.0
+
+
 def storm_section(doc: dict[str, Any]) -> list[str]:
     results = doc["data"]["results"]
     s = doc["settings"]
@@ -349,7 +355,9 @@ def storm_section(doc: dict[str, Any]) -> list[str]:
         f"a publisher sends {s['publish_rate']:g} messages/s throughout. *restart*: SIGTERM (drain, close 1001), new "
         "process on the same port, in-process history gone (the room is renumbered from 1). *drop*: the server's end "
         "of every subscriber connection killed with `ss -K`, so each client gets a TCP reset (the publisher's "
-        "connection is spared); server and history stay. No jitter = the same client with plain exponential backoff. "
+        "connection is spared); server and history stay. *reload-abrupt* / *reload-spread*: SIGHUP to a "
+        "`--workers 2` supervisor behind Redis (zero-downtime restart): new workers take the port, the old ones "
+        f"close with 1001 all at once or spread over {s.get('reload_spread', 10):g} s. No jitter = the same client with plain exponential backoff. "
         "Admission on "
         f"= `--max-handshake-rate {s['handshake_rate']:g} --max-connections {s['max_connections_factor']:g}×N` "
         "(503 + Retry-After). Times are from the disruption until a client was reconnected *and* its room rejoined; "
@@ -406,6 +414,18 @@ def storm_section(doc: dict[str, Any]) -> list[str]:
         ],
         table,
     )
+    reloads = {r["event"]: r for r in results if r["event"].startswith("reload")}
+    if len(reloads) == 2:
+        a, b = reloads["reload-abrupt"], reloads["reload-spread"]
+        out += [
+            "",
+            "Zero-downtime restart, abrupt vs spread: all rejoined after "
+            f"{t(a['crowd']['t100_s'])} vs {t(b['crowd']['t100_s'])}; server CPU (supervisor and every worker, "
+            f"old and new) {a['server_cpu_s']:.2f} s vs {b['server_cpu_s']:.2f} s, on average "
+            f"{a['server_util']:.0%} vs {b['server_util']:.0%} of a core over the recovery window; first to last "
+            f"rejoin {_rejoin_span(a):.2f} s vs {_rejoin_span(b):.2f} s (the new workers start first: that "
+            "time is in both).",
+        ]
     late = [r for r in results if r["crowd"].get("late_detection")]
     if late:
         out += [

@@ -235,6 +235,9 @@ async def test_sighup_hands_over_to_new_workers_with_spread_closes(redis_server,
     srv, metrics = supervised(make_server, redis_server, "--drain-spread", str(spread))
     old = await connect_spread(srv.url, 2, at_least=16)
     old_nodes = {p.welcome["node"] for p in old}
+    assert (await old[0].request("join", room="before"))["type"] == "ack"
+    for i in range(3):
+        assert (await old[0].request("publish", room="before", payload=i))["type"] == "ack"
     closed_at: list[float] = []
 
     async def watch(p: PicowsPeer) -> int | None:
@@ -266,9 +269,13 @@ async def test_sighup_hands_over_to_new_workers_with_spread_closes(redis_server,
     for p in fresh[-5:]:
         assert (await p.request("join", room="after"))["type"] == "ack"
     assert srv.alive()
-    text = get(metrics)[1]
-    assert total(parse(text), "wsfan_reloads_total") == 1
     assert wait_until(lambda: 'state="draining"} 0.0' in get(metrics)[1], 20)
+    after = parse(get(metrics)[1])
+    assert total(after, "wsfan_reloads_total") == 1
+    # The old workers' last counts (sent as they exit) stay in the sums: nothing is lost or counted twice.
+    assert total(after, "wsfan_connections_opened_total") == len(old) + len(fresh)
+    assert total(after, "wsfan_publishes_total") == 3
+    assert set(by_worker(after, "wsfan_connections")).isdisjoint(old_nodes)
     await asyncio.gather(*(p.close() for p in fresh if not p.closed.is_set()))
     await stop_cleanly(srv)
     assert "SIGHUP: starting 2 new workers" in srv.output()

@@ -12,7 +12,13 @@ rejoin with ``since``) sit in ``--rooms`` rooms while a publisher sends
   ``ss -K`` (the kernel sends each client a reset; the server stays up and keeps
   its history), as a load balancer or NAT reset would do. The publisher's connection is spared, so messages keep
   flowing while the crowd is away (a backend publishing through another path)
-  and recovery from history has something to recover.
+  and recovery from history has something to recover;
+- reload-abrupt / reload-spread: a zero-downtime restart (SIGHUP to a
+  ``--workers 2`` supervisor behind a private redis-server): new workers take the
+  port, then the old ones close every connection with 1001 at once
+  (``--drain-spread 0``) or spread over ``--reload-spread`` seconds. Server CPU
+  counts the supervisor and every worker, old and new, including the ones that
+  exited during the window.
 
 Each storm is measured with full-jitter backoff and with no jitter (plain
 exponential backoff: the whole crowd returns in the same millisecond), and with
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -35,6 +42,7 @@ from typing import Any
 
 from wsfan.bench.harness import SATURATED, BenchError, LoadGen, LoadGenGroup, ServerProcess
 from wsfan.bench.roles.pacing import clock
+from wsfan.bench.scenarios.cluster import INSTALL_HINT, redis_binary, start_redis
 from wsfan.bench.servers import WSFAN
 from wsfan.bench.suite import Context, add_common, run_scenario, settings_from
 
@@ -46,7 +54,7 @@ COMBOS = tuple(
     for event in ("restart", "drop")
     for jitter in (True, False)
     for admission in (False, True)
-)
+) + (("reload-abrupt", True, False), ("reload-spread", True, False))
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Settings:
     settle: float = 1.0
     handshake_rate: float = 500.0
     max_connections_factor: float = 1.1
+    reload_spread: float = 10.0
     combos: tuple[tuple[str, bool, bool], ...] = COMBOS
 
 
@@ -72,7 +81,13 @@ QUICK: dict[str, Any] = {
     "settle": 0.3,
     "handshake_rate": 50.0,
     "backoff_base": 0.2,
-    "combos": (("restart", True, False), ("drop", False, True)),
+    "reload_spread": 2.0,
+    "combos": (
+        ("restart", True, False),
+        ("drop", False, True),
+        ("reload-abrupt", True, False),
+        ("reload-spread", True, False),
+    ),
 }
 
 
@@ -85,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds after the disruption before giving up (default 40)")
     p.add_argument(
         "--handshake-rate", type=float, help="--max-handshake-rate when admission is on (default 500)"
+    )
+    p.add_argument(
+        "--reload-spread",
+        type=float,
+        help="--drain-spread of the reload-spread storm in seconds (default 10)",
     )
 
 
@@ -139,8 +159,37 @@ def tcp_counters() -> dict[str, int]:
     return out
 
 
+def tree_cpu_with_reaped(server: ServerProcess) -> float:
+    """CPU of the server's process tree, plus the children it already reaped (old workers after a reload)."""
+    assert server.proc is not None
+    t = server.proc.cpu_times()
+    return server.cpu_seconds() + t.children_user + t.children_system
+
+
+def reload_args(s: Settings, event: str, broker: str) -> list[str]:
+    spread = s.reload_spread if event == "reload-spread" else 0.0
+    return ["--workers", "2", "--broker", broker, "--drain-spread", f"{spread:g}"]
+
+
 def measure_storm(ctx: Context, s: Settings, event: str, jitter: bool, admission: bool) -> dict[str, Any]:
     extra = admission_args(s, admission)
+    redis: ServerProcess | None = None
+    if event.startswith("reload"):
+        binary = redis_binary()
+        if binary is None:
+            raise BenchError(f"{event} needs redis-server: {INSTALL_HINT}")
+        redis = start_redis(ctx, binary)
+        extra += reload_args(s, event, f"redis://127.0.0.1:{redis.port}/0")
+    try:
+        return _measure_storm(ctx, s, event, jitter, admission, extra)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def _measure_storm(
+    ctx: Context, s: Settings, event: str, jitter: bool, admission: bool, extra: list[str]
+) -> dict[str, Any]:
     server: ServerProcess = ctx.servers.start(WSFAN, extra=extra, name=f"storm-{event}")
     port = server.port
     gen = LoadGen(
@@ -181,6 +230,11 @@ def measure_storm(ctx: Context, s: Settings, event: str, jitter: bool, admission
                 result["server_down_s"] = clock() - down
                 result["server_back_after_s"] = clock() - at
                 cpu0 = 0.0  # the new process: all of its CPU time belongs to the storm
+            elif event.startswith("reload"):
+                cpu0 = tree_cpu_with_reaped(server)
+                gen.send(cmd="disrupted", at=at)
+                assert server.popen is not None
+                server.popen.send_signal(signal.SIGHUP)
             else:
                 cpu0 = server.cpu_seconds()
                 killed = kill_sockets(port, publisher_port)
@@ -190,7 +244,8 @@ def measure_storm(ctx: Context, s: Settings, event: str, jitter: bool, admission
                 else:
                     gen.send(cmd="drop")  # no ss -K here: the clients abort their own sockets
             rec = gen.expect("recovered", timeout=s.timeout + 60)
-            cpu1, lg1 = server.cpu_seconds(), gen.cpu_seconds()
+            cpu1 = tree_cpu_with_reaped(server) if event.startswith("reload") else server.cpu_seconds()
+            lg1 = gen.cpu_seconds()
             tcp1 = tcp_counters()
             span = max(rec["seconds"], 1e-3)
             done = gen.expect("done", timeout=120)
