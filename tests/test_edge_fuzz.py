@@ -35,13 +35,17 @@ GOOD = jwt.encode({"sub": "fuzz", "exp": int(time.time()) + 3600}, SECRET, algor
 
 NAMES = [
     "Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
-    "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "Origin", "Authorization",
+    "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "Sec-WebSocket-Extensions", "Origin", "Authorization",
     "Content-Length", "Transfer-Encoding", "Last-Event-ID", "Cookie", "X-Other",
 ]  # fmt: skip
 VALUES = [
     "websocket", "Upgrade", "keep-alive, Upgrade", "upgrade, upgrade", KEY, "13", "8", "", " ",
     "msgpack", "msgpack, chat", "https://good.example", "null", f"Bearer {GOOD}", "Bearer café",
-    "0", "1", "²", "permessage-deflate; client_max_window_bits", "127.0.0.1", "a" * 300,
+    "0", "1", "²", "127.0.0.1", "a" * 300,
+    # RFC 7692 offers, good and bad (the fuzz server runs with --compression)
+    "permessage-deflate; client_max_window_bits", "permessage-deflate; server_max_window_bits=²",
+    "permessage-deflate; server_max_window_bits=99", "permessage-deflate; server_no_context_takeover=1",
+    "permessage-deflate; client_max_window_bits=\"10\"", "x-webkit-deflate-frame, permessage-deflate;;",
 ]  # fmt: skip
 # Any bytes but CR and LF inside a value (those would end the line): control characters, NUL,
 # bytes above 0x7F, invalid UTF-8 all stay in.
@@ -105,7 +109,7 @@ def fuzz_server():
     http_port = free_port()
     srv = ServerProcess(
         "--echo-endpoint", "--rate-limit", "0", "--jwt-secret", SECRET, "--http-port", str(http_port),
-        "--allowed-origins", "https://good.example",
+        "--allowed-origins", "https://good.example", "--compression",
     )  # fmt: skip
     srv.http_port = http_port
     srv.start()
