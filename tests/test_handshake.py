@@ -106,6 +106,7 @@ REFUSALS = [
     ("Connection without Upgrade", dict(drop=("connection",), extra=[("Connection", "keep-alive")]), 400, None),
     ("no Connection", dict(drop=("connection",)), 400, None),
     ("subprotocol not a token", dict(extra=[("Sec-WebSocket-Protocol", "a b")]), 400, None),
+    ("subprotocol not ASCII", dict(extra=[("Sec-WebSocket-Protocol", "msgpack, caf\xe9".encode())]), 400, None),
     ("two Origins", dict(extra=[("Origin", "https://a.example"), ("Origin", "https://b.example")]), 400, None),
 ]  # fmt: skip
 

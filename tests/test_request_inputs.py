@@ -166,6 +166,18 @@ def test_sse_names_and_numbers(edge, case, query, extra, status):
     assert "error" in json.loads(body)
 
 
+@pytest.mark.parametrize("path", ["/presence", "/presence_stats"])
+@pytest.mark.parametrize(
+    "query",
+    ["?room=ok%0A", "?room=caf%C3%A9", "?room=a&room=b", "?room="],
+    ids=["newline", "non-ASCII", "two", "empty"],
+)
+def test_presence_room_names(edge, path, query):
+    status, body = http_get(edge, f"{path}{query}&token={GOOD}")
+    assert status == 400, body
+    assert_fixed_reason(body)
+
+
 def test_sse_takes_the_largest_seq_and_ascii_digits(edge):
     assert sse_get(edge, query=f"?room=ok&since=9223372036854775807&token={GOOD}")[0] == 200
     assert sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Last-Event-ID", "0")])[0] == 200
