@@ -441,8 +441,8 @@ class WebSocketUser(User):
                 continue
             try:
                 msg = decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._fire_event("decode", 0, len(data), f"undecodable message: {str(exc)[:60]}")
+            except Exception as exc:  # noqa: BLE001 - RecursionError too, from a deeply nested frame
+                self._fire_event("decode", 0, len(data), f"undecodable message: {type(exc).__name__}")
                 continue
             self._dispatch(msg, len(data))
             if self._gaps:

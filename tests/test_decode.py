@@ -315,3 +315,67 @@ async def test_sse_event_with_newlines_in_a_json_payload_is_one_event(server):
     event = json.loads("\n".join(line[len("data: ") :] for line in lines[1:]))  # as EventSource joins them
     assert event["payload"] == {"a": 1, "b": 2}
     await pub.close()
+
+
+# ---------------------------------------------------------------- bytes from Redis (cluster mode)
+
+
+async def test_malformed_envelopes_and_history_entries_are_skipped_not_fatal(redis_server, make_server):
+    """What comes back from Redis is decoded too: junk on a room's channel or in its history
+    stream (another program, a different version) is logged and skipped; the node keeps
+    serving, and a join whose replay lost an entry is answered with ``recovered: false``."""
+    import redis as redis_py
+
+    from wsfan.server.broker.redis_layout import channel_name, history_key, meta_key
+
+    node = make_server("--broker", redis_server.url, "--rate-limit", "0").start()
+    room = "junk"
+    pub = await PicowsPeer.connect(node.url)
+    sub = await PicowsPeer.connect(node.url, msgpack=True)
+    for c in (pub, sub):
+        assert (await c.request("join", room=room))["type"] == "ack"
+    assert (await pub.request("publish", room=room, payload="one"))["data"]["seq"] == 1
+    assert (await sub.recv())["payload"] == "one"
+    r = redis_py.Redis(port=redis_server.port)
+    try:
+        for junk in (b"\xc1", b"not msgpack", deep_msgpack(DEEP), pack([1, [1, 2]]), pack([1, 2, 3])):
+            assert r.publish(channel_name(room), junk) == 1, "the node is subscribed"
+        r.hincrby(meta_key(room), "s", 1)  # seq 2 is taken by an entry nobody can read
+        r.xadd(history_key(room), {"m": deep_msgpack(DEEP)}, id="2-0")
+    finally:
+        r.close()
+    assert (await pub.request("publish", room=room, payload="three"))["data"]["seq"] == 3
+    assert (await sub.recv())["payload"] == "three", "the live path survived the junk"
+    late = await PicowsPeer.connect(node.url)
+    ack = await late.request("join", room=room, since=0)
+    assert ack["type"] == "ack" and ack["data"]["recovered"] is False and ack["data"]["seq"] == 3
+    assert [(await late.recv())["seq"] for _ in range(2)] == [1, 3]
+    assert node.alive()
+    for c in (pub, sub, late):
+        await c.close()
+
+
+# ---------------------------------------------------------------- the Python client, facing a hostile server
+
+
+async def test_client_ignores_a_server_message_it_cannot_decode_and_keeps_working():
+    """A server that nests a frame 1,000 deep (or sends junk) must not break the client's reader."""
+    import websockets
+
+    from wsfan.client import connect
+
+    async def hostile(ws) -> None:
+        await ws.send(
+            json.dumps({"type": "welcome", "conn": "c1", "user": "u", "heartbeat": 30000, "node": "n"})
+        )
+        async for raw in ws:
+            req = json.loads(raw)
+            await ws.send((b'{"type":"pong","x":' + deep_json(DEEP) + b"}").decode())
+            await ws.send("{not json")
+            await ws.send('{"type":"pong","requestId":' + json.dumps(req.get("id")) + "}")
+
+    async with websockets.serve(hostile, "127.0.0.1", 0) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/ws", reconnect=False) as c:
+            assert await c.ping(timeout=5) >= 0
+            assert await c.ping(timeout=5) >= 0, "still reading after the junk"

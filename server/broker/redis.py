@@ -462,8 +462,13 @@ class RedisBroker:
         reply = await self._read_presence(room, "list")
         out = []
         for i in range(0, len(reply), 2):
-            info = decode_info(reply[i + 1])
-            out.append(PresenceEntry(reply[i].decode(), info.user, info.joined_at))
+            try:
+                info = decode_info(reply[i + 1])
+                conn = reply[i].decode()
+            except Exception:  # noqa: BLE001 - any decoder failure: one unreadable entry, not a failed query
+                log.error("skipped a malformed presence entry of %r", room)
+                continue
+            out.append(PresenceEntry(conn, info.user, info.joined_at))
         return out
 
     async def presence_stats(self, room: str) -> tuple[int, int]:
