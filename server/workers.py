@@ -175,6 +175,7 @@ class Supervisor:
         self.retiring: list[Worker] = []  # old generations handing over or draining
         self.incoming: dict[int, Worker] = {}  # a SIGHUP's new generation until all of it listens
         self.reload_deadline = 0.0
+        self.running_settings = settings  # what the current generation runs with, while a new one starts
         self.generation: dict[int, int] = {}
         self.quick_deaths: dict[int, int] = {}
         # (group, index) -> when: a dead worker's replacement, in the group it belonged to
@@ -308,7 +309,7 @@ class Supervisor:
             self.retiring.remove(w)
             if code not in CLEAN_EXITS:
                 log.warning(
-                    "old worker %s (pid %s) exited with %s after its handover", w.name, w.proc.pid, code
+                    "retired worker %s (pid %s) exited with %s", w.name, w.proc.pid, code
                 )
             return
         group = "workers"
@@ -321,6 +322,9 @@ class Supervisor:
             self.exit_codes.append(code)
             if code not in CLEAN_EXITS:
                 log.warning("worker %s (pid %s) exited with %s while stopping", w.name, w.proc.pid, code)
+            return
+        if group == "incoming":  # a bad deploy must not take the running workers down with it
+            self._abort_reload(f"new worker {w.name} died with exit code {code} before the handover")
             return
         i = w.index
         lived = time.monotonic() - w.started
@@ -377,11 +381,15 @@ class Supervisor:
         if self.incoming:
             log.warning("SIGHUP: a reload is already under way; ignored")
             return
+        self.running_settings = self.settings
         if self.reload_settings is not None:
             try:
                 fresh = self.reload_settings()
             except SystemExit:
                 log.error("SIGHUP: the settings no longer load (see above); keeping the running workers")
+                return
+            if fresh.workers < 2:
+                log.error("SIGHUP: the settings now ask for one worker; that needs a restart, not a reload")
                 return
             self.settings = msgspec.structs.replace(fresh, node_id=self.settings.node_id)
         s = self.settings
@@ -409,14 +417,16 @@ class Supervisor:
                 spread,
             )
         elif now > self.reload_deadline:
-            log.error(
-                "reload: the new workers did not listen within %gs; keeping the old ones",
-                RELOAD_READY_TIMEOUT_S,
-            )
-            for w in self.incoming.values():
-                _kill(w.proc, signal.SIGTERM)
-            self.retiring.extend(self.incoming.values())
-            self.incoming = {}
+            self._abort_reload(f"the new workers did not listen within {RELOAD_READY_TIMEOUT_S:g}s")
+
+    def _abort_reload(self, why: str) -> None:
+        """Stop the new generation and keep serving with the running one, on its settings."""
+        log.error("reload failed: %s; keeping the running workers", why)
+        for w in self.incoming.values():
+            _kill(w.proc, signal.SIGTERM)
+        self.retiring.extend(self.incoming.values())
+        self.incoming = {}
+        self.settings = self.running_settings
 
     # ------------------------------------------------------------ metrics
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -279,6 +280,39 @@ async def test_sighup_hands_over_to_new_workers_with_spread_closes(redis_server,
     await asyncio.gather(*(p.close() for p in fresh if not p.closed.is_set()))
     await stop_cleanly(srv)
     assert "SIGHUP: starting 2 new workers" in srv.output()
+
+
+async def test_a_reload_that_cannot_start_keeps_the_running_workers(redis_server, make_server, tmp_path):
+    conf = tmp_path / "wsfan.toml"
+    conf.write_text("[server]\nworker_timeout = 30\n")
+    srv, metrics = supervised(make_server, redis_server, "--config", str(conf))
+    running = workers(srv)
+    peer = await PicowsPeer.connect(srv.url)
+    assert srv.proc is not None
+
+    # Settings that no longer load: nothing is started, nothing stops.
+    conf.write_text("[server]\nrate_burst = 0\n")
+    srv.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "SIGHUP: the settings no longer load" in srv.output(), 10), srv.output()
+
+    # New workers that cannot start (their --http-port is taken): the reload is abandoned.
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        conf.write_text(f"[server]\nhttp_port = {blocker.getsockname()[1]}\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload failed: new worker" in srv.output(), 60), srv.output()
+    assert wait_until(lambda: workers(srv) == running, 15), srv.output()
+    assert (await peer.request("join", room="still"))["type"] == "ack", (
+        "the running workers kept their clients"
+    )
+    late = await PicowsPeer.connect(srv.url)
+    assert late.welcome["node"] in {p for p in by_worker(parse(get(metrics)[1]), "wsfan_connections")}
+    m = parse(get(metrics)[1])
+    assert total(m, "wsfan_reloads_total") == 1 and total(m, "wsfan_workers", state="serving") == 2
+    await peer.close()
+    await late.close()
+    await stop_cleanly(srv)
 
 
 # ---------------------------------------------------------------- one node
