@@ -308,9 +308,7 @@ class Supervisor:
         if w in self.retiring:
             self.retiring.remove(w)
             if code not in CLEAN_EXITS:
-                log.warning(
-                    "retired worker %s (pid %s) exited with %s", w.name, w.proc.pid, code
-                )
+                log.warning("retired worker %s (pid %s) exited with %s", w.name, w.proc.pid, code)
             return
         group = "workers"
         if self.incoming.get(w.index) is w:
