@@ -17,10 +17,11 @@ from typing import Any
 from wsfan.bench.latency import fmt_us
 from wsfan.bench.plots import PLOTS
 from wsfan.bench.results import markdown_table
+from wsfan.bench.scenarios import compression
 from wsfan.bench.servers import ALL, BASELINES
 from wsfan.bench.suite import LAG_LIMIT_US, cores
 
-ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster")
+ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "compression")
 
 
 def _label(key: str) -> str:
@@ -628,6 +629,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "storm": storm_section,
     "connect": connect_section,
     "cluster": cluster_section,
+    "compression": compression.section,
 }
 
 

@@ -65,11 +65,27 @@ CORK = Variant(
 AIOFASTNET = Variant(
     "wsfan-afn", "wsfan --aiofastnet", "wsfan", ("--aiofastnet",), note="aiofastnet transports"
 )
+DEFLATE = Variant(
+    "wsfan-deflate",
+    "wsfan --compression",
+    "wsfan",
+    ("--compression",),
+    note="permessage-deflate, one compressed frame per publication",
+)
 NAIVE = Variant("naive", "naive picows", "naive", baseline=True, note="one send() per subscriber")
 WEBSOCKETS = Variant("websockets", "websockets lib", "websockets", baseline=True, note="broadcast(), asyncio")
 BUN = Variant("bun", "Bun", "bun", baseline=True, note="Bun.serve, ws.publish")
+BUN_DEFLATE = Variant(
+    "bun-deflate",
+    "Bun perMessageDeflate",
+    "bun",
+    ("--deflate",),
+    note="perMessageDeflate: true, ws.publish(..., compress)",
+)
 
-ALL: dict[str, Variant] = {v.key: v for v in (WSFAN, CORK, AIOFASTNET, NAIVE, WEBSOCKETS, BUN)}
+ALL: dict[str, Variant] = {
+    v.key: v for v in (WSFAN, CORK, AIOFASTNET, DEFLATE, NAIVE, WEBSOCKETS, BUN, BUN_DEFLATE)
+}
 BASELINES = tuple(v.key for v in ALL.values() if v.baseline)
 
 
@@ -85,8 +101,8 @@ class Servers:
     def available(self, keys: Sequence[str]) -> list[Variant]:
         out = []
         for key in keys:
-            if key == "bun" and self.bun is None:
-                self.skipped["bun"] = self.bun_note
+            if ALL[key].kind == "bun" and self.bun is None:
+                self.skipped[key] = self.bun_note
                 continue
             out.append(ALL[key])
         return out

@@ -1,6 +1,6 @@
 // The Bun baseline: the same protocol subset on Bun.serve and its built-in pub/sub (uWebSockets topics).
 //
-//   bun bench/baselines/bun_server.js --port PORT [--idle-timeout SECONDS]
+//   bun bench/baselines/bun_server.js --port PORT [--idle-timeout SECONDS] [--deflate]
 //
 // Written the way Bun's documentation shows it: ws.subscribe(room) on join and
 // ws.publish(room, data) on publish, which sends to every subscriber of the topic
@@ -18,6 +18,9 @@ function option(name, fallback) {
 const port = Number(option("--port", "8768"));
 const host = option("--host", "127.0.0.1");
 const idleTimeout = Number(option("--idle-timeout", "120"));
+// --deflate: negotiate permessage-deflate and compress publications (ws.publish's compress flag);
+// Bun/uWebSockets' shared compressor, the baseline for wsfan --compression.
+const deflate = args.includes("--deflate");
 
 const seqs = new Map();
 let ids = 0;
@@ -48,7 +51,7 @@ const server = Bun.serve({
   websocket: {
     idleTimeout,
     sendPings: true,
-    perMessageDeflate: false,
+    perMessageDeflate: deflate,
     publishToSelf: false,
     maxPayloadLength: 64 * 1024,
     open(ws) {
@@ -73,7 +76,7 @@ const server = Bun.serve({
           }
           const seq = (seqs.get(room) ?? 0) + 1;
           seqs.set(room, seq);
-          ws.publish(room, JSON.stringify({ type: "message", room, seq, from: ws.data.user, payload: msg.payload }));
+          ws.publish(room, JSON.stringify({ type: "message", room, seq, from: ws.data.user, payload: msg.payload }), deflate);
           if (id !== undefined) ws.send(ack(id, { room, seq }));
           return;
         }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from array import array
 from typing import Any
 
@@ -67,6 +68,7 @@ class Subscriber(Base):
         self.next_seq = 0
         self.count = 0
         self.gaps = 0
+        self.wire_bytes = 0  # frame bytes received this phase (header + payload, compressed or not)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         now = clock()
@@ -75,6 +77,10 @@ class Subscriber(Base):
                 self._on_close(transport, frame)
             return
         data = frame.get_payload_as_memoryview()
+        n = len(data)
+        self.wire_bytes += n + (2 if n < 126 else 4 if n < 65536 else 10)
+        if frame.rsv1:  # permessage-deflate, no context (RFC 7692 §7.2.2)
+            data = zlib.decompressobj(-15).decompress(bytes(data) + b"\x00\x00\xff\xff")
         m = HEAD.decode(data)
         if m.type == "message":
             seq = m.seq
@@ -164,6 +170,29 @@ class Publisher(Base):
             self.finished.set_result(None)
 
 
+_WORDS = (
+    "the meeting moved to three so we can review the release notes and the open issues "
+    "before lunch, ping me if the build is still red after your fix, thanks! "
+    "sounds good, I will update the dashboard and share the link in this channel"
+).split()
+
+
+def chat_payload(size: int) -> bytes:
+    """A chat-like JSON payload of about ``size`` bytes: words, a user, a timestamp (compresses like real chat).
+
+    Deterministic, so every server in a run gets the same bytes; ``payload_of``'s run of
+    one letter would compress a hundredfold and flatter every compressor.
+    """
+    words, i = [], 0
+    while sum(len(w) + 1 for w in words) < max(8, size - 70):
+        words.append(_WORDS[(i * 7 + i // 5) % len(_WORDS)])
+        i += 1
+    text = " ".join(words)
+    return json.dumps(
+        {"text": text, "user": "alice.smith", "ts": 1764489600.123, "thread": "release-2.4"}
+    ).encode()
+
+
 def _join(room: str) -> bytes:
     return json.dumps({"type": "join", "id": room, "room": room}).encode()
 
@@ -191,6 +220,10 @@ async def fanout_lat(cfg: dict[str, Any], control: Control) -> None:
         cfg.get("concurrency", 100),
         join_rooms,
         read_buffer_init_size=4096,
+        # "compression": offer permessage-deflate, as browsers do on every connection
+        extra_headers=[("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")]
+        if cfg.get("compression")
+        else None,
     )
     publisher: Publisher | None = None
     if cfg.get("publisher"):
@@ -199,8 +232,10 @@ async def fanout_lat(cfg: dict[str, Any], control: Control) -> None:
             for room in sizes:
                 c.transport.send(TEXT, _join(room))  # type: ignore[union-attr]
 
+        size = cfg["payload_size"]
+        payload = chat_payload(size) if cfg.get("chat_payload") else payload_of(size)
         (publisher,) = await connect_many(  # type: ignore[assignment]
-            lambda: Publisher(list(sizes), payload_of(cfg["payload_size"])), url, 1, 1, join_all
+            lambda: Publisher(list(sizes), payload), url, 1, 1, join_all
         )
     emit("ready", subscribers=len(subs))
     members: list[Subscriber] = []
@@ -214,7 +249,7 @@ async def fanout_lat(cfg: dict[str, Any], control: Control) -> None:
             room, base = cmd["room"], cmd["base"]
             members = [s for s in subs if room in s.rooms]
             for s in members:
-                s.next_seq, s.count, s.gaps = base + 1, 0, 0
+                s.next_seq, s.count, s.gaps, s.wire_bytes = base + 1, 0, 0, 0
             rate = cmd.get("rate")
             rec[0] = Recording(True, cmd["t0"], 1.0 / rate, base) if rate else Recording()
             emit("armed")
@@ -272,6 +307,7 @@ async def fanout_lat(cfg: dict[str, Any], control: Control) -> None:
                 received=sum(s.count for s in members),
                 expected=(last - cmd["base"]) * len(members),
                 gaps=sum(s.gaps for s in members),
+                wire_bytes=sum(s.wire_bytes for s in members),
                 incomplete=sum(1 for s in members if s.next_seq <= last),
                 disconnected=sum(1 for s in members if s.transport is None or s.transport.is_disconnected),
                 close_codes=sorted({s.close_code for s in subs if s.close_code is not None}),

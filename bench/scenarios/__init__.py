@@ -10,7 +10,18 @@ import argparse
 from types import ModuleType
 from typing import Protocol
 
-from wsfan.bench.scenarios import cluster, connect, core, echo, everything, fanout, heartbeat, render, storm
+from wsfan.bench.scenarios import (
+    cluster,
+    compression,
+    connect,
+    core,
+    echo,
+    everything,
+    fanout,
+    heartbeat,
+    render,
+    storm,
+)
 
 
 class Scenario(Protocol):
@@ -23,5 +34,6 @@ class Scenario(Protocol):
 
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (everything, fanout, echo, heartbeat, storm, connect, cluster, core, render)
+    m.NAME: m
+    for m in (everything, fanout, echo, heartbeat, storm, connect, cluster, compression, core, render)
 }

@@ -128,6 +128,9 @@ def _gens(ctx: Context, name: str, url: str, s: Settings) -> LoadGenGroup:
                 "publisher": i == 0,
                 "payload_size": s.payload_size,
                 "samples_dir": str(ctx.samples),
+                # the compression scenario: subscribers offer permessage-deflate, chat-like payloads
+                "compression": getattr(s, "compression", False),
+                "chat_payload": getattr(s, "chat_payload", False),
             },
             cpu=ctx.client_cpu,
         )
@@ -147,6 +150,7 @@ def _counts(dones: list[dict[str, Any]], pub: dict[str, Any], base: int, size: i
         "deliveries": received,
         "expected_deliveries": expected,
         "gaps": _sum(dones, "gaps"),
+        "wire_bytes": sum(d.get("wire_bytes", 0) for d in dones),
         "incomplete": _sum(dones, "incomplete"),
         "disconnected": _sum(dones, "disconnected"),
         "errors": _sum(dones, "errors") + pub["errors"],
@@ -267,6 +271,7 @@ def _row(
         "offered_deliveries_per_s": offered,
         "deliveries_per_s": n / iv.wall_s if iv.wall_s else None,
         "server_us_per_delivery": iv.server_cpu_s / n * 1e6 if n else None,
+        "wire_bytes_per_delivery": counts["wire_bytes"] / n if n else None,
         "loadgen_us_per_delivery": iv.loadgen_cpu_s / n * 1e6 if n else None,
         "interval": interval_dict(iv, ctx, bottleneck),
     }
