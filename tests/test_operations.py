@@ -23,6 +23,8 @@ import urllib.request
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.peers import PicowsPeer
@@ -407,3 +409,84 @@ def test_operations_flags_are_validated(argv, message, capsys):
         config.load(argv, environ={})
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the merge, as a property
+
+
+def _families(publishes: int, errors: dict[str, int], latencies: list[float], connections: int) -> bytes:
+    """One worker's families as its collector yields them, through the real wire encoding."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from wsfan.server.metrics import encode_families, histogram_family
+    from wsfan.server.stats import PUBLISH_TO_FLUSH_BUCKETS, Histogram
+
+    hist = Histogram(PUBLISH_TO_FLUSH_BUCKETS)
+    for dt in latencies:
+        hist.observe(dt)
+    errs = CounterMetricFamily("wsfan_errors", "e", labels=["code"])
+    for code, n in sorted(errors.items()):
+        errs.add_metric([code], n)
+    return encode_families(
+        [
+            GaugeMetricFamily("wsfan_connections", "c", value=connections),
+            CounterMetricFamily("wsfan_publishes", "p", value=publishes),
+            errs,
+            histogram_family("wsfan_publish_to_flush_seconds", "l", hist),
+        ]
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("traffic"), st.integers(0, 3), st.integers(1, 50), st.sampled_from(["A", "B"])),
+            st.tuples(st.just("scrape"), st.just(0), st.just(0), st.just("")),
+            st.tuples(st.just("exit"), st.integers(0, 3), st.just(0), st.just("")),
+        ),
+        max_size=40,
+    ),
+    st.floats(1e-6, 2.0),
+)
+def test_merged_counters_are_the_sum_of_what_workers_reported_and_never_go_down(actions, latency):
+    from wsfan.server.metrics import Retired, decode_families, merge
+
+    live = {f"w{i}": {"pub": 0, "err": {}, "lat": [], "conns": i} for i in range(4)}
+    reported: dict[str, bytes] = {}  # the supervisor's view: each worker's last snapshot
+    seen: dict[str, dict] = {}  # what those snapshots said
+    retired, gone_totals = Retired(), {"pub": 0, "lat": 0}
+    previous: dict[tuple, float] = {}
+    for kind, worker, n, code in [*actions, ("scrape", 0, 0, "")]:
+        name = f"w{worker}"
+        if kind == "traffic" and name in live:
+            w = live[name]
+            w["pub"] += n
+            w["err"][code] = w["err"].get(code, 0) + 1
+            w["lat"] += [latency] * n
+        elif kind == "exit" and name in live:
+            del live[name]
+            if name in reported:
+                retired.add(decode_families(reported.pop(name)))
+                gone_totals["pub"] += seen[name]["pub"]
+                gone_totals["lat"] += len(seen[name]["lat"])
+            live[f"{name}.{len(actions)}"] = {"pub": 0, "err": {}, "lat": [], "conns": 0}  # its replacement
+        elif kind == "scrape":
+            seen.update({k: {"pub": w["pub"], "lat": list(w["lat"])} for k, w in live.items()})
+            reported.update({k: _families(w["pub"], w["err"], w["lat"], w["conns"]) for k, w in live.items()})
+            merged = merge({k: decode_families(v) for k, v in reported.items()}, retired)
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in merged for s in m.samples}
+            assert (
+                samples[("wsfan_publishes_total", ())]
+                == sum(w["pub"] for w in live.values()) + gone_totals["pub"]
+            )
+            count = sum(len(w["lat"]) for w in live.values()) + gone_totals["lat"]
+            assert samples[("wsfan_publish_to_flush_seconds_count", ())] == count
+            buckets = [v for (n, _), v in samples.items() if n == "wsfan_publish_to_flush_seconds_bucket"]
+            assert buckets == sorted(buckets) and buckets[-1] == count, "cumulative, +Inf = count"
+            gauges = {dict(ls)["worker"] for (n, ls), _ in samples.items() if n == "wsfan_connections"}
+            assert gauges == set(live), "gauges only for running workers, one per worker"
+            for key, value in previous.items():
+                if key[0].endswith(("_total", "_count", "_bucket", "_sum")):
+                    assert samples.get(key, 0) >= value, f"{key} went down"
+            previous = samples
