@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import fcntl
 import logging
+import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -40,6 +44,10 @@ _NO_HEADERS: Any = CIMultiDict()
 _NEVER_ON_THE_WIRE = frozenset((1004, 1005, 1006, 1015))
 # After our close frame, how long a peer gets to answer before the socket is dropped.
 CLOSE_GRACE_S = 2.0
+# A peer still reading the output queued ahead of our close frame (at least this many bytes per
+# grace period) gets the grace again, up to this many times: 32 s in all with the 2 s grace.
+MIN_CLOSE_PROGRESS = 64 * 1024
+MAX_GRACE_EXTENSIONS = 15
 # uvloop's write-buffer high watermark; past it pause_writing() and our own queue take over.
 WRITE_HIGH_WATER = 256 * 1024
 # Closes caused by the server itself; every other close code is the peer's doing (or a limit it hit)
@@ -158,6 +166,56 @@ class GatedProtocol(WSProtocol):
         log.debug("refused request head: %d %s", refusal.status, refusal.reason)
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(raw: Any) -> None:
+    """Close a TCP transport with a reset (RST) instead of a FIN, discarding what the kernel still holds.
+
+    A plain close (uvloop's ``abort()`` closes the fd at once) leaves the socket to the kernel as
+    an orphan in FIN-WAIT-1 that keeps its whole unsent queue (megabytes on loopback) for as long
+    as the peer advertises a zero window, i.e. for as long as a client that stopped reading wants
+    (tcp_orphan_retries only counts retransmissions, not zero-window probes). ``SO_LINGER`` with a
+    zero timeout makes ``close()`` send RST and free the queue (socket(7), tcp(7)). Used wherever
+    the server gives up on a peer: the close grace ran out (slow consumer 4008, heartbeat 4000,
+    rate limit 4029, token expiry, protocol errors) and the drain timeout on shutdown.
+    """
+    _setsockopt(raw, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    raw.abort()
+
+
+def unsent_bytes(raw: Any) -> int:
+    """Output not yet acknowledged by the peer: uvloop's buffer plus the kernel's send queue (SIOCOUTQ)."""
+    queued = raw.get_write_buffer_size()
+    sock = raw.get_extra_info("socket")
+    if sock is not None:
+        try:
+            queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            pass
+    return queued
+
+
+def limit_stall(raw: Any, seconds: float) -> None:
+    """Let the kernel drop the connection once its output has made no progress for ``seconds``.
+
+    ``TCP_USER_TIMEOUT`` (tcp(7), RFC 5482) also bounds zero-window probing (Linux >= 5.1) and
+    survives the close: an orphan that still holds queued output after a graceful close (the
+    peer's close answered, picows' own close after a framing error) is freed when it expires,
+    where ``tcp_orphan_retries`` would let a zero-window peer keep it forever.
+    """
+    _setsockopt(raw, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
+
+def _setsockopt(raw: Any, level: int, option: int, value: int | bytes) -> None:
+    sock = raw.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:  # already closed by the peer: nothing is queued
+            pass
+
+
 class Limits:
     """The per-connection limits the transport enforces, shared by all connections."""
 
@@ -185,6 +243,8 @@ class Assembler(WSListener):
         "_frag_op",
         "_utf8",
         "_close_timer",
+        "_close_left",
+        "_close_checks",
         "registry",
         "deflate_bits",
         "_inflate",
@@ -208,6 +268,8 @@ class Assembler(WSListener):
         self._frag_op: WSMsgType = TEXT
         self._utf8: Any = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._close_left = 0
+        self._close_checks = 0
 
     # ------------------------------------------------------------ picows callbacks
 
@@ -215,6 +277,8 @@ class Assembler(WSListener):
         self.transport = transport
         self.raw = transport.underlying_transport
         self.raw.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.registry.stall_limit:
+            limit_stall(self.raw, self.registry.stall_limit)
         # picows keeps the upgrade request and response for the connection's lifetime; their
         # header maps are dead weight once connected (about 0.6 KB per idle connection).
         if transport.request is not None:
@@ -364,7 +428,11 @@ class Assembler(WSListener):
             else:
                 t.send_close(code)
         self.closing = True
+        limit_stall(t.underlying_transport, CLOSE_GRACE_S)
         t.disconnect()
+        # A graceful disconnect waits for our queued output to leave; a peer that sent its close and
+        # stopped reading would hold this connection forever, so the grace applies here too.
+        self._start_grace(CLOSE_GRACE_S)
 
     def close(self, code: int, reason: str = "", grace: float = CLOSE_GRACE_S) -> None:
         """Start the closing handshake; drop the socket if the peer does not answer within ``grace`` seconds."""
@@ -385,12 +453,49 @@ class Assembler(WSListener):
                     extra=self.log_fields(code, reason),
                 )
         t.send_close(code, reason.encode()[:123])
-        self._close_timer = asyncio.get_running_loop().call_later(grace, self.abort)
+        self._start_grace(grace)
+
+    def _start_grace(self, grace: float) -> None:
+        if self._close_timer is None and self.transport is not None:
+            self._close_left = unsent_bytes(self.transport.underlying_transport)
+            self._close_timer = asyncio.get_running_loop().call_later(grace, self._grace_over, grace)
+
+    def _grace_over(self, grace: float) -> None:
+        """The peer did not finish the close in time: reset it, unless it is still reading what is queued.
+
+        A peer that keeps reading (at least ``MIN_CLOSE_PROGRESS`` bytes since the last check) gets
+        another ``grace``, at most ``MAX_GRACE_EXTENSIONS`` times; one that read less is dropped now.
+        """
+        self._close_timer = None
+        t = self.transport
+        if t is None or t.is_disconnected:
+            return
+        left = unsent_bytes(t.underlying_transport)
+        if (
+            left
+            and self._close_left - left >= MIN_CLOSE_PROGRESS
+            and self._close_checks < MAX_GRACE_EXTENSIONS
+        ):
+            self._close_left = left
+            self._close_checks += 1
+            self._close_timer = asyncio.get_running_loop().call_later(grace, self._grace_over, grace)
+            return
+        self.abort()
 
     def abort(self) -> None:
+        """Drop a peer that did not answer our close in time.
+
+        With output still unsent the TCP connection is reset (see ``reset``): a FIN would queue
+        behind it and leave the kernel an orphan holding it. With nothing unsent a plain close
+        (FIN) pins nothing, and the peer can still read everything we sent, the close frame too.
+        """
         t = self.transport
         if t is not None and not t.is_disconnected:
-            t.underlying_transport.abort()
+            raw = t.underlying_transport
+            if unsent_bytes(raw):
+                reset(raw)
+            else:
+                raw.abort()
 
     # ------------------------------------------------------------ for subclasses
 
@@ -563,6 +668,9 @@ class ConnectionRegistry:
         self.connections: set[Assembler] = set()
         self.heartbeat = heartbeat_ms / 1000.0
         self.timeout = timeout_ms / 1000.0
+        # A connection whose output made no progress for this long is one the heartbeat would have
+        # closed (a peer that reads nothing sees no ping): the kernel may drop it, orphan or not.
+        self.stall_limit = self.heartbeat + self.timeout + CLOSE_GRACE_S if heartbeat_ms > 0 else 0.0
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._on_timeout = on_timeout
@@ -601,6 +709,11 @@ class ConnectionRegistry:
                 c.ping_sent_at = 0.0
             elif c.closing:
                 continue
+            elif c.transport is not None and c.transport.is_close_frame_sent:
+                # picows closed it itself (a framing error: 1002, 1009) and disconnects gracefully,
+                # which waits for a peer that may never read: give it the close grace, then reset.
+                c.closing = True
+                c._start_grace(CLOSE_GRACE_S)
             elif c.ping_sent_at:
                 if now - c.ping_sent_at >= timeout:
                     if self._on_timeout is not None:

@@ -10,9 +10,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any
+
+import msgspec
+import pytest
 
 from helpers.peers import PicowsPeer
+from helpers.rawws import RawWS, http_request
 from helpers.servers import ServerProcess
+from wsfan.server.transport import CLOSE_GRACE_S
 
 DRAIN_S = 1.0
 
@@ -89,3 +95,163 @@ async def test_sigterm_to_the_supervisor_under_load_exits_0(redis_server, make_s
         out = srv.output()
         assert code == 0, f"run {i}: exit {code} after {took:.1f}s\n{out[-3000:]}"
         assert "killing them" not in out and "not cleanly" not in out
+
+
+# ---------------------------------------------------------------- dropped peers leave nothing in the kernel
+
+# /proc/net/tcp state codes (include/net/tcp_states.h)
+_TCP_STATES = {
+    "01": "ESTABLISHED",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0B": "CLOSING",
+}
+
+
+def server_side_sockets(
+    port: int, states: tuple[str, ...] = ("FIN_WAIT1", "CLOSING", "LAST_ACK")
+) -> list[dict]:
+    """Sockets whose local port is the server's (only this test's server: other agents share the machine)."""
+    found = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            local, remote, state, queues, inode = cols[1], cols[2], cols[3], cols[4], cols[9]
+            if int(local.split(":")[1], 16) != port:
+                continue
+            name = _TCP_STATES.get(state)
+            if name in states:
+                found.append(
+                    {
+                        "state": name,
+                        "peer": int(remote.split(":")[1], 16),
+                        "tx_queue": int(queues.split(":")[0], 16),
+                        "inode": int(inode),
+                    }
+                )
+    return found
+
+
+def metric(port: int, name: str) -> float:
+    status, _, body = http_request("127.0.0.1", port, "/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def non_reading_subscriber(port: int, room: str) -> RawWS:
+    """Joins ``room``, then never reads again: its receive window closes and stays closed."""
+    ws = RawWS.connect("127.0.0.1", port)
+    ws.recv_message()  # welcome
+    ws.send_text(msgspec.json.encode({"type": "join", "id": "j", "room": room}))
+    while b'"ack"' not in ws.recv_message()[1]:
+        pass
+    return ws
+
+
+async def _flood(srv: ServerProcess, room: str, until: Any, timeout: float = 30.0) -> PicowsPeer:
+    """Publish 60 KB messages to ``room`` in bursts until ``until()`` is true; the publisher reads its own."""
+    publisher = await PicowsPeer.connect(srv.url)
+    assert (await publisher.request("join", room=room))["type"] == "ack"
+    payload = "x" * 60_000
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, f"flooding {room} did not get there in {timeout}s"
+        for _ in range(20):
+            await publisher.send({"type": "publish", "room": room, "payload": payload})
+        await asyncio.sleep(0.05)
+    return publisher
+
+
+def assert_nothing_left(port: int) -> None:
+    left = server_side_sockets(port)
+    pinned = sum(s["tx_queue"] for s in left)
+    assert not left, f"{len(left)} sockets still held by the kernel, {pinned} bytes unsent: {left[:3]}"
+
+
+async def test_slow_consumers_dropped_with_4008_leave_no_orphaned_socket(make_server):
+    """20 clients that stopped reading are closed with 4008 and, after the grace, reset: 5 s later the
+    kernel holds no orphaned FIN-WAIT-1 socket (each used to pin its unsent queue, ~3.7 MiB)."""
+    srv = make_server("--rate-limit", "0", "--slow-consumer-limit", "65536").start()
+    subs = [non_reading_subscriber(srv.port, "flood") for _ in range(20)]
+    try:
+        await _flood(srv, "flood", lambda: metric(srv.port, "wsfan_slow_consumer_closes_total") >= 20)
+        await asyncio.sleep(CLOSE_GRACE_S + 5.0)
+        assert_nothing_left(srv.port)
+    finally:
+        for ws in subs:
+            ws.close()
+
+
+async def test_heartbeat_timeout_of_a_peer_with_a_full_queue_leaves_no_orphaned_socket(make_server):
+    """4000 to a peer that neither reads nor answers pings, queue full: reset after the grace too."""
+    srv = make_server(
+        "--rate-limit", "0", "--slow-consumer-limit", str(64 << 20), "--heartbeat", "500", "--heartbeat-timeout", "500"
+    ).start()  # fmt: skip
+    subs = [non_reading_subscriber(srv.port, "quiet") for _ in range(5)]
+    try:
+        sent = time.monotonic() + 1.0  # about 6 MB per subscriber: more than loopback's buffers hold
+        await _flood(srv, "quiet", lambda: time.monotonic() > sent)
+        deadline = time.monotonic() + 15
+        while metric(srv.port, "wsfan_heartbeat_closes_total") < 5:
+            assert time.monotonic() < deadline, "the silent peers were not closed with 4000"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(CLOSE_GRACE_S + 3.0)
+        assert_nothing_left(srv.port)
+    finally:
+        for ws in subs:
+            ws.close()
+
+
+async def test_drain_timeout_resets_peers_that_do_not_read_so_nothing_outlives_the_process(make_server):
+    """SIGTERM with non-reading peers: after the drain timeout they are reset; orphans would outlive the exit."""
+    srv = make_server(
+        "--rate-limit", "0", "--slow-consumer-limit", str(64 << 20), "--drain-timeout", "1"
+    ).start()
+    subs = [non_reading_subscriber(srv.port, "stuck") for _ in range(5)]
+    try:
+        sent = time.monotonic() + 1.0
+        publisher = await _flood(srv, "stuck", lambda: time.monotonic() > sent)
+        assert await asyncio.to_thread(srv.stop, 10) == 0
+        assert await publisher.wait_closed(1) == 1001
+        await asyncio.sleep(1.0)
+        assert_nothing_left(srv.port)
+    finally:
+        for ws in subs:
+            ws.close()
+
+
+@pytest.mark.parametrize("last_words", ["close", "oversize"])
+async def test_a_peer_that_closes_or_breaks_the_framing_then_stops_reading_is_reset(make_server, last_words):
+    """Two closes that wait for the peer: ours answering its close frame, and picows' own close after a
+    framing error (1009). Both flush queued output first; a peer that stopped reading would hold the
+    connection forever, so the close grace applies and the socket is reset."""
+    srv = make_server(
+        "--rate-limit", "0", "--slow-consumer-limit", str(64 << 20),
+        "--heartbeat", "500", "--heartbeat-timeout", "5000",
+    ).start()  # fmt: skip
+    subs = [non_reading_subscriber(srv.port, "last") for _ in range(3)]
+    ports = {ws.sock.getsockname()[1] for ws in subs}
+    try:
+        sent = time.monotonic() + 1.0
+        await _flood(srv, "last", lambda: time.monotonic() > sent)
+        for ws in subs:
+            if last_words == "close":
+                ws.send_close(1000)
+            else:
+                ws.send_frame(
+                    0x2, b"y" * 70_000
+                )  # one frame over --max-message-size: picows closes with 1009
+        await asyncio.sleep(0.5 + CLOSE_GRACE_S + 2.0)  # a sweep tick, the grace, slack
+        states = ("ESTABLISHED", "FIN_WAIT1", "CLOSING", "LAST_ACK", "CLOSE_WAIT")
+        left = [s for s in server_side_sockets(srv.port, states) if s["peer"] in ports]
+        assert not left, f"the server still holds {len(left)} of these connections: {left}"
+    finally:
+        for ws in subs:
+            ws.close()
