@@ -21,6 +21,8 @@ from helpers.servers import ServerProcess
 from wsfan.server.transport import CLOSE_GRACE_S
 
 DRAIN_S = 1.0
+SLOW_CONSUMER_CLOSES = 'wsfan_closes_total{code="4008"'
+HEARTBEAT_CLOSES = 'wsfan_closes_total{code="4000"'
 
 
 async def _publish_steadily(peer: PicowsPeer, room: str, every: float) -> None:
@@ -136,13 +138,14 @@ def server_side_sockets(
     return found
 
 
-def metric(port: int, name: str) -> float:
+def metric(port: int, series: str) -> float:
+    """The value of the first series on ``/metrics`` that starts with ``series`` (a name, or a name and labels)."""
     status, _, body = http_request("127.0.0.1", port, "/metrics")
     assert status == 200
     for line in body.decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(series):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+    raise AssertionError(f"{series} not in /metrics")
 
 
 def non_reading_subscriber(port: int, room: str) -> RawWS:
@@ -181,7 +184,7 @@ async def test_slow_consumers_dropped_with_4008_leave_no_orphaned_socket(make_se
     srv = make_server("--rate-limit", "0", "--slow-consumer-limit", "65536").start()
     subs = [non_reading_subscriber(srv.port, "flood") for _ in range(20)]
     try:
-        await _flood(srv, "flood", lambda: metric(srv.port, "wsfan_slow_consumer_closes_total") >= 20)
+        await _flood(srv, "flood", lambda: metric(srv.port, SLOW_CONSUMER_CLOSES) >= 20)
         await asyncio.sleep(CLOSE_GRACE_S + 5.0)
         assert_nothing_left(srv.port)
     finally:
@@ -199,7 +202,7 @@ async def test_heartbeat_timeout_of_a_peer_with_a_full_queue_leaves_no_orphaned_
         sent = time.monotonic() + 1.0  # about 6 MB per subscriber: more than loopback's buffers hold
         await _flood(srv, "quiet", lambda: time.monotonic() > sent)
         deadline = time.monotonic() + 15
-        while metric(srv.port, "wsfan_heartbeat_closes_total") < 5:
+        while metric(srv.port, HEARTBEAT_CLOSES) < 5:
             assert time.monotonic() < deadline, "the silent peers were not closed with 4000"
             await asyncio.sleep(0.1)
         await asyncio.sleep(CLOSE_GRACE_S + 3.0)
