@@ -52,6 +52,7 @@ def quotes_library(text: str) -> bool:
         return False  # the rest is the client's own type string, quoted
     return any(marker in text for marker in LIBRARY_TEXT)
 
+
 # ---------------------------------------------------------------- strategies
 
 
