@@ -41,30 +41,14 @@ import msgspec
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from wsfan.server.wire import Head, Join
+
 TEXT = WSMsgType.TEXT
 CLOSE = WSMsgType.CLOSE
 
 
-class Head(msgspec.Struct):
-    """Just enough of a server message to count it: unknown fields are skipped by the decoder."""
-
-    type: str = ""
-    seq: int = 0
-
-
-class Data(msgspec.Struct):
-    seq: int = 0
-
-
-class Reply(msgspec.Struct):
-    type: str = ""
-    data: Data | None = None
-    code: str | None = None
-    message: str | None = None
-
-
+# Just enough of a server message to count it (a view of the schema): unknown fields are skipped.
 HEAD = msgspec.json.Decoder(Head)
-REPLY = msgspec.json.Decoder(Reply)
 
 
 def payload_of(size: int) -> bytes:
@@ -127,8 +111,8 @@ class Base(WSListener):
             transport.send_close(frame.get_close_code())
         transport.disconnect()
 
-    def _cold(self, data: Any) -> Reply:
-        r = REPLY.decode(data)
+    def _cold(self, data: Any) -> Head:
+        r = HEAD.decode(data)
         if r.type == "error":
             self.errors += 1
         return r
@@ -340,7 +324,7 @@ def disconnect_all(listeners: list[Base]) -> None:
 
 async def fanout(cfg: dict[str, Any], control: Control) -> None:
     url, room = cfg["url"], cfg["room"]
-    join = json.dumps({"type": "join", "id": "j", "room": room}).encode()
+    join = msgspec.json.encode(Join(id="j", room=room))
 
     def send_join(c: Base) -> None:
         c.transport.send(TEXT, join)  # type: ignore[union-attr]

@@ -15,7 +15,6 @@ backoff, rejoin with recovery, typed errors). See ``client.client.Client``.
 
 from wsfan.client.backoff import Backoff, parse_retry_after
 from wsfan.client.client import Client, connect
-from wsfan.client.codec import Joined, Left, Message, RawMessage, Welcome
 from wsfan.client.errors import (
     TRANSIENT_CODES,
     ClientError,
@@ -41,6 +40,8 @@ from wsfan.client.events import (
     Disconnected,
     Event,
     Gap,
+    Joined,
+    Left,
     Overflow,
     Reconnecting,
     Recovered,
@@ -49,6 +50,7 @@ from wsfan.client.events import (
 )
 from wsfan.client.inbox import MessageStream
 from wsfan.client.session import Stats
+from wsfan.server.wire import Message, RawMessage, Welcome
 
 __all__ = [
     "Backoff",

@@ -15,7 +15,7 @@ from typing import Any
 
 from msgspec import Raw
 
-from wsfan.client.codec import Encoding, Request
+from wsfan.client.codec import Encoding
 from wsfan.client.errors import ClientError, NotConnected
 from wsfan.client.inbox import MessageStream
 from wsfan.client.session import DEFAULT, Session
@@ -193,7 +193,7 @@ class Client(Session):
 
         Raises ``NotConnected`` while there is no connection (it is not queued).
         """
-        self._send_nowait(Request(type="publish", room=room, payload=payload))
+        self._send_nowait("publish", room=room, payload=payload)
 
     @property
     def writable(self) -> bool:
@@ -212,7 +212,7 @@ class Client(Session):
 
     def echo_nowait(self, payload: Any) -> None:
         """Echo without an id; the echoed reply is discarded."""
-        self._send_nowait(Request(type="echo", payload=payload))
+        self._send_nowait("echo", payload=payload)
 
     def send_raw(self, data: bytes) -> None:
         """Write one already-encoded message as is (tests of server validation, replaying traffic)."""

@@ -1,13 +1,12 @@
-"""The client's view of the wire format (PROTOCOL.md v1), for JSON and MessagePack alike.
+"""The client's codec over the wire schema (``server/wire.py``), for JSON and MessagePack alike.
 
-Server messages decode through one reusable ``msgspec`` decoder into a tagged
-union on ``type``, straight from the frame's buffer, never through a dict. The
-delivery struct *is* the public ``Message`` the application receives, so a
-delivery costs one allocation on the hot path.
-
-The client deliberately does not import ``server.protocol``: it must work
-against any server speaking the protocol, and it is lenient where the server is
-strict (unknown fields are ignored, optional fields default).
+Server messages decode through one reusable ``msgspec`` decoder into the tagged
+union of server messages, straight from the frame's buffer, never through a
+dict. Deliveries decode into the schema's client view ``Message`` (payload
+decoded in the same pass), which *is* the object the application receives, so a
+delivery costs one allocation on the hot path. Requests are the schema's own
+client messages (``Join``, ``Publish``...); their payload is encoded once here
+unless the caller already holds a ``Raw``.
 """
 
 from __future__ import annotations
@@ -15,105 +14,27 @@ from __future__ import annotations
 from typing import Any, Final, Literal
 
 import msgspec
-from msgspec import UNSET, Raw, Struct, UnsetType, field
+from msgspec import Raw
 from picows import WSMsgType
 
+from wsfan.server.wire import (
+    BUILTIN_TYPES,
+    Ack,
+    EchoReply,
+    Error,
+    Inbound,
+    JoinedEvent,
+    LeftEvent,
+    Message,
+    Outbound,
+    Pong,
+    RawMessage,
+    Welcome,
+)
+
 Encoding = Literal["json", "msgpack"]
-MSGPACK_SUBPROTOCOL: Final = "msgpack"
 
-
-class ServerMessage(Struct, tag_field="type"):
-    """Base of everything the server sends; the ``type`` field selects the subclass."""
-
-
-class Welcome(ServerMessage, tag="welcome"):
-    """Sent once when the connection opens; identifies the connection for logs and metrics."""
-
-    conn: str
-    user: str
-    heartbeat: int = 0
-    node: str = ""
-
-
-class Message(ServerMessage, tag="message", kw_only=True):
-    """One delivery of a room, as handed to the application.
-
-    ``received_at`` is ``time.perf_counter()`` taken when the frame was read,
-    before decoding, so benchmarks can measure publish-to-delivery latency
-    without counting the time the message waited in the client's buffer.
-    ``payload`` is the decoded value, or ``msgspec.Raw`` bytes when the client was
-    created with ``raw_payloads=True``.
-    """
-
-    room: str
-    seq: int
-    sender: str = field(name="from")
-    payload: Any = None
-    received_at: float = 0.0
-
-
-class RawMessage(Message, tag="message", kw_only=True):
-    """A ``Message`` whose payload was left encoded (``raw_payloads=True``): decode only what you need."""
-
-    payload: Raw = Raw(b"")
-
-
-class Ack(ServerMessage, tag="ack", kw_only=True):
-    requestId: str | None = None  # noqa: N815 - wire name
-    success: bool = True
-    data: Any = None
-
-
-class ErrorReply(ServerMessage, tag="error", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    success: bool = False
-    code: str = "INTERNAL"
-    message: str = ""
-
-
-class EchoReply(ServerMessage, tag="echo", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    payload: Any = None
-
-
-class Pong(ServerMessage, tag="pong", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    ts: float | None = None
-
-
-class Joined(ServerMessage, tag="joined", kw_only=True, frozen=True):
-    """Another connection joined a room (namespaces with ``join_leave``); reported through ``on_event``."""
-
-    room: str
-    user: str
-    conn: str
-
-
-class Left(ServerMessage, tag="left", kw_only=True, frozen=True):
-    """Another connection left a room (leave, disconnect, or its node died); reported through ``on_event``."""
-
-    room: str
-    user: str
-    conn: str
-
-
-class Request(Struct, omit_defaults=True, kw_only=True):
-    """Every client -> server message. Absent fields are omitted from the wire, not sent as null.
-
-    ``payload`` defaults to ``UNSET`` rather than ``None`` so that publishing or
-    echoing an explicit ``None`` still sends ``"payload": null``.
-    """
-
-    type: str
-    id: str | None = None
-    room: str | None = None
-    payload: Any | UnsetType = UNSET
-    since: int | None = None
-    # Extension to v1 (docs/protocol-choices.md, "Epochs"): the room's epoch from an earlier
-    # join ack, sent back with ``since`` so that a room that was lost and renumbered is detected.
-    epoch: str | None = None
-    ts: float | None = None
-
+REQUEST_TYPES: Final[dict[str, type[Inbound]]] = {t.__struct_config__.tag: t for t in BUILTIN_TYPES}  # type: ignore[misc]
 
 _JSON_DECODERS: dict[bool, Any] = {}
 _MSGPACK_DECODERS: dict[bool, Any] = {}
@@ -121,7 +42,7 @@ _MSGPACK_DECODERS: dict[bool, Any] = {}
 
 def _union(raw_payloads: bool) -> Any:
     delivery = RawMessage if raw_payloads else Message
-    return Welcome | delivery | Ack | ErrorReply | EchoReply | Pong | Joined | Left
+    return Welcome | delivery | JoinedEvent | LeftEvent | Ack | Error | EchoReply | Pong
 
 
 class Codec:
@@ -145,10 +66,23 @@ class Codec:
         self._decode = decoder.decode
         self._decode_value = mod.Decoder().decode
 
-    def encode(self, request: Request) -> bytes:
-        return self._encode(request)
+    def request(self, kind: str, request_id: str | None = None, **fields: Any) -> bytes:
+        """Encode one client message of a built-in ``kind`` (``join``, ``publish``...); absent fields are omitted.
 
-    def decode(self, data: bytes | memoryview) -> ServerMessage:
+        A ``payload`` that is not already ``Raw`` is encoded first, so publishing or
+        echoing ``None`` still sends ``"payload": null``. Raises ``KeyError`` for an
+        unknown kind and ``TypeError`` for a field the kind does not have.
+        """
+        if "payload" in fields:
+            payload = fields["payload"]
+            if not isinstance(payload, Raw):
+                fields["payload"] = Raw(self._encode(payload))
+        return self._encode(REQUEST_TYPES[kind](id=request_id, **fields))
+
+    def encode(self, message: Inbound) -> bytes:
+        return self._encode(message)
+
+    def decode(self, data: bytes | memoryview) -> Outbound:
         """Decode one server message.
 
         Raises ``msgspec.DecodeError`` (incl. ValidationError) on bad input, and

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsfan.client.codec import Joined, Left, Welcome
+from wsfan.server.wire import JoinedEvent, LeftEvent, Welcome
+
+# The server's join/leave events (``server/wire.py``), under the names the application sees.
+Joined = JoinedEvent
+Left = LeftEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,4 +117,4 @@ Event = (
     | Joined
     | Left
 )
-"""``Joined``/``Left`` are the server's join/leave events (``client.codec``), handed over as they come."""
+"""``Joined``/``Left`` are the server's join/leave events (``server/wire.py``), handed over as they come."""

@@ -26,8 +26,8 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from wsfan.client.codec import Message
 from wsfan.client.errors import MessagesDropped
+from wsfan.server.wire import Message
 
 OverflowFn = Callable[[str | None, int], None]
 

@@ -46,8 +46,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from wsfan.client.codec import Message
 from wsfan.client.events import Gap, Recovered
+from wsfan.server.wire import Message
 
 
 class RoomState:

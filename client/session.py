@@ -28,20 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from wsfan.client.backoff import Backoff
-from wsfan.client.codec import (
-    Ack,
-    Codec,
-    EchoReply,
-    Encoding,
-    ErrorReply,
-    Joined,
-    Left,
-    Message,
-    Pong,
-    Request,
-    ServerMessage,
-    Welcome,
-)
+from wsfan.client.codec import Codec, Encoding
 from wsfan.client.errors import (
     ConnectionClosed,
     NotConnected,
@@ -55,6 +42,7 @@ from wsfan.client.inbox import Router
 from wsfan.client.reconnect import Reconnector, TokenFn
 from wsfan.client.rooms import RoomTracker
 from wsfan.client.transport import Connection, open_connection
+from wsfan.server.wire import Ack, EchoReply, Error, JoinedEvent, LeftEvent, Message, Outbound, Pong, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +106,7 @@ class Session:
         self.stats = Stats()
         self.welcome: Welcome | None = None
         self._codec = Codec(encoding, raw_payloads)
-        self._encode = self._codec.encode
+        self._encode = self._codec.request
         self._on_message = on_message
         self._on_event = on_event
         self._router = Router(max_buffered, self._overflowed)
@@ -309,18 +297,18 @@ class Session:
         except Exception:
             log.exception("on_message callback failed")
 
-    def _on_reply(self, msg: ServerMessage) -> None:
+    def _on_reply(self, msg: Outbound) -> None:
         kind = type(msg)
-        if kind is Joined or kind is Left:
+        if kind is JoinedEvent or kind is LeftEvent:
             self.stats.presence_events += 1
             self._emit(msg)  # type: ignore[arg-type]
             return
-        if kind is ErrorReply:
+        if kind is Error:
             errors = self.stats.errors
             errors[msg.code] = errors.get(msg.code, 0) + 1
         request_id = getattr(msg, "requestId", None)
         if request_id is None:
-            if kind is ErrorReply:
+            if kind is Error:
                 self._emit(ServerError(msg.code, msg.message))
             return
         fut = self._pending.pop(request_id, None)
@@ -328,10 +316,11 @@ class Session:
             return  # the caller timed out or went away: a late reply is dropped on purpose
         if kind is Ack:
             fut.set_result(msg.data if msg.data is not None else {})
-        elif kind is ErrorReply:
+        elif kind is Error:
             fut.set_exception(error_for(msg.code, msg.message))
         elif kind is EchoReply:
-            fut.set_result(msg.payload)
+            # Decoded now: the Raw payload may point into the connection's reusable read buffer.
+            fut.set_result(self._codec.decode_payload(msg.payload))
         elif kind is Pong:
             fut.set_result(msg.ts)
 
@@ -373,7 +362,7 @@ class Session:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
-            conn.send(self._encode(Request(type=kind, id=request_id, **fields)))
+            conn.send(self._encode(kind, request_id, **fields))
             self.stats.sent += 1
             return await fut
         finally:
@@ -415,9 +404,9 @@ class Session:
     async def _join(self, room: str, since: int | None, epoch: str | None = None) -> dict[str, Any]:
         return await self._join_on(await self._ready_connection(), room, since, epoch)
 
-    def _send_nowait(self, request: Request) -> None:
+    def _send_nowait(self, kind: str, **fields: Any) -> None:
         conn = self._conn
         if conn is None or not self._ready.is_set():
             raise NotConnected("not connected" if self._stopped is None else "client stopped")
-        conn.send(self._encode(request))
+        conn.send(self._encode(kind, **fields))
         self.stats.sent += 1

@@ -30,14 +30,15 @@ from picows import (
 )
 
 from wsfan.client.backoff import parse_retry_after
-from wsfan.client.codec import MSGPACK_SUBPROTOCOL, Codec, Message, ServerMessage, Welcome
+from wsfan.client.codec import Codec
 from wsfan.client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
+from wsfan.server.wire import MSGPACK_SUBPROTOCOL, Message, Outbound, Welcome
 
 log = logging.getLogger(__name__)
 
 ABNORMAL_CLOSURE = 1006  # RFC 6455: no close frame was received (socket died, or we aborted it)
 DeliveryFn = Callable[[Message], None]
-ReplyFn = Callable[[ServerMessage], None]
+ReplyFn = Callable[[Outbound], None]
 LostFn = Callable[["Connection", int, str], None]
 
 _TEXT, _BINARY, _CLOSE, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.CONTINUATION

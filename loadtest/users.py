@@ -61,6 +61,18 @@ from wsfan.loadtest.wsclient import (
     HandshakeError,
     WSConnection,
 )
+from wsfan.server.wire import (
+    MSGPACK_SUBPROTOCOL,
+    Echo,
+    FlatMessage,
+    Inbound,
+    Join,
+    Leave,
+    Ping,
+    PresenceStatsRequest,
+    Publish,
+    ReplyData,
+)
 
 logger = logging.getLogger("loadtest")
 
@@ -178,7 +190,7 @@ class WebSocketUser(User):
         self.rooms: list[str] = []
         self.conn: WSConnection | None = None
         self.codec = wire.Codec(None)
-        self.welcome: wire.Inbound | None = None
+        self.welcome: FlatMessage | None = None
         self.last_seq: dict[str, int] = {}
         self.room_epoch: dict[str, str] = {}
         self._fire = environment.events.request.fire
@@ -272,7 +284,7 @@ class WebSocketUser(User):
             conn = WSConnection.connect(
                 self.url(),
                 headers=headers,
-                subprotocols=[wire.MSGPACK] if s.msgpack else None,
+                subprotocols=[MSGPACK_SUBPROTOCOL] if s.msgpack else None,
                 timeout=s.connect_timeout,
                 insecure=s.insecure,
                 recv_buffer=s.recv_buffer,
@@ -335,13 +347,13 @@ class WebSocketUser(User):
         prefix = f"storm{self._storm}:" if self._storm else ""
         for room in self.rooms:
             since = self.last_seq.get(room) if self._lost_at is not None else None
-            msg: dict[str, Any] = {"type": "join", "room": room}
+            msg = Join(room=room)
             if since is not None:
-                msg["since"] = since
+                msg.since = since
                 # the epoch lets the server tell "history renumbered" (restart, flushed broker) from "recovered"
                 epoch = self.room_epoch.get(room)
                 if epoch:
-                    msg["epoch"] = epoch
+                    msg.epoch = epoch
                 self._recovering[room] = _Recovery(since, time.perf_counter(), prefix)
             self.request("rejoin" if self._lost_at is not None else "join", msg, room)
 
@@ -391,7 +403,7 @@ class WebSocketUser(User):
         return self.conn is not None and self._ready.is_set()
 
     # ---------------------------------------------------------------- sending
-    def send_message(self, msg: dict[str, Any]) -> bool:
+    def send_message(self, msg: Inbound) -> bool:
         """Encode and send; False if not connected (the receive loop reports the failure)."""
         conn = self.conn
         if conn is None or conn.closed:
@@ -403,10 +415,10 @@ class WebSocketUser(User):
             return False
         return True
 
-    def request(self, name: str, msg: dict[str, Any], room: str | None = None) -> bool:
+    def request(self, name: str, msg: Inbound, room: str | None = None) -> bool:
         """Send with an ``id`` and time the reply under ``name`` (ack, echo or pong)."""
         rid = str(next(self._rid))
-        msg["id"] = rid
+        msg.id = rid
         self._pending[rid] = _Pending(name, time.perf_counter(), room)
         if not self.send_message(msg):
             self._pending.pop(rid, None)
@@ -450,7 +462,7 @@ class WebSocketUser(User):
             if delay:
                 gevent.sleep(delay)
 
-    def _dispatch(self, msg: wire.Inbound, size: int) -> None:
+    def _dispatch(self, msg: FlatMessage, size: int) -> None:
         kind = msg.type
         if kind == "message":
             self._on_delivery(msg, size)
@@ -485,7 +497,7 @@ class WebSocketUser(User):
         else:
             self._fire_event(f"unexpected:{kind}"[:60], 0, size, f"unexpected message type {kind!r}")
 
-    def _on_presence_event(self, kind: str, msg: wire.Inbound, size: int) -> None:
+    def _on_presence_event(self, kind: str, msg: FlatMessage, size: int) -> None:
         sent = PRESENCE_SENT.get((kind, msg.room or "", msg.conn or ""))
         if sent is None:  # sent by a user of another Locust process: counted, not timed
             self._fire_event(f"{kind} (untimed)", 0, size, None, timed=False)
@@ -497,7 +509,7 @@ class WebSocketUser(User):
         if not self._joins_left and not self._ready.is_set():
             self._on_ready()
 
-    def _on_join_ack(self, room: str, data: wire.AckData | None) -> None:
+    def _on_join_ack(self, room: str, data: ReplyData | None) -> None:
         seq = data.seq if data is not None else None
         if data is not None and data.epoch:
             self.room_epoch[room] = data.epoch
@@ -538,7 +550,7 @@ class WebSocketUser(User):
         COUNTERS.add("rejoins_recovered")
         self._fire_event(f"{rec.prefix}recovered", (time.perf_counter() - rec.t0) * 1000, rec.count, None)
 
-    def _on_delivery(self, msg: wire.Inbound, size: int) -> None:
+    def _on_delivery(self, msg: FlatMessage, size: int) -> None:
         now = time.time()
         room = msg.room or ""
         seq = msg.seq
@@ -701,7 +713,7 @@ class ChatUser(WebSocketUser):
             return
         self._n += 1
         room = self.rooms[self._n % len(self.rooms)]
-        msg: dict[str, Any] = {"type": "publish", "room": room, "payload": self.make_payload(self._n)}
+        msg = Publish(room=room, payload=self.make_payload(self._n))
         if self.settings.no_publish_ack:
             if self.send_message(msg):
                 self._fire_event("publish", 0, 0, None, timed=False)
@@ -720,11 +732,11 @@ class ChatUser(WebSocketUser):
         for key in [k for k in self._gaps if k[0] == room]:
             del self._gaps[key]
         PRESENCE_SENT[("left", room, conn)] = time.perf_counter()
-        self.request("leave", {"type": "leave", "room": room}, room)
+        self.request("leave", Leave(room=room), room)
         PRESENCE_SENT[("joined", room, conn)] = time.perf_counter()
-        self.request("join", {"type": "join", "room": room}, room)
+        self.request("join", Join(room=room), room)
         if self.settings.presence_namespace:
-            self.request("presence_stats", {"type": "presence_stats", "room": room}, room)
+            self.request("presence_stats", PresenceStatsRequest(room=room), room)
 
 
 class EchoUser(WebSocketUser):
@@ -748,7 +760,7 @@ class EchoUser(WebSocketUser):
         if not self.connected or self.settings.echo_rate <= 0:
             return
         self._n += 1
-        self.request("echo", {"type": "echo", "payload": self.make_payload(self._n)})
+        self.request("echo", Echo(payload=self.make_payload(self._n)))
 
 
 class IdleUser(WebSocketUser):
@@ -769,7 +781,7 @@ class IdleUser(WebSocketUser):
         """Nothing to do but housekeeping (and the optional app-level ping)."""
         self.housekeep()
         if self.settings.app_ping_interval > 0 and self.connected:
-            self.request("ping", {"type": "ping", "ts": time.time()})
+            self.request("ping", Ping(ts=time.time()))
 
 
 def drop_all(storm: int, ratio: float = 1.0) -> int:

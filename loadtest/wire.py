@@ -1,10 +1,12 @@
-"""Wire protocol v1 (``/work/shared/PROTOCOL.md``) as the load generator sees it.
+"""The load generator's codec: the schema's flat view of server messages, and its own payload.
 
-Inbound frames are decoded with typed msgspec structs: decoding into a struct
-is several times faster than into dicts, and the delivery ``payload`` stays a
+Inbound frames decode into ``FlatMessage`` (``server/wire.py``: every server
+message as one struct, tested against the schema): decoding into a struct is
+several times faster than into dicts, and the delivery ``payload`` stays a
 ``msgspec.Raw`` so that only the few fields we need (the send timestamp) are
 ever parsed. One :class:`Codec` per connection, JSON or MessagePack depending
-on the negotiated subprotocol.
+on the negotiated subprotocol. Imports only msgspec and the standard library
+(the gevent world of Locust).
 """
 
 from __future__ import annotations
@@ -13,37 +15,7 @@ from typing import Any
 
 import msgspec
 
-MSGPACK = "msgpack"
-
-
-class AckData(msgspec.Struct):
-    """``data`` of an ack; only the fields of the join/publish acks matter here."""
-
-    room: str | None = None
-    seq: int | None = None
-    recovered: bool | None = None
-    epoch: str | None = None  # extension (docs/protocol-choices.md): the room's numbering
-
-
-class Inbound(msgspec.Struct):
-    """Every server -> client message type flattened into one struct (unknown fields are ignored)."""
-
-    type: str
-    requestId: str | None = None  # noqa: N815 - wire name
-    success: bool | None = None
-    code: str | None = None
-    message: str | None = None
-    data: AckData | None = None
-    room: str | None = None
-    seq: int | None = None
-    from_: str | None = msgspec.field(default=None, name="from")
-    payload: msgspec.Raw = msgspec.Raw()
-    conn: str | None = None
-    user: str | None = None
-    heartbeat: int | None = None
-    node: str | None = None
-    ts: float | None = None
-    id: str | None = None  # the raw /echo endpoint echoes our own envelope, which carries "id"
+from wsfan.server.wire import MSGPACK_SUBPROTOCOL, FlatMessage, Inbound
 
 
 class Payload(msgspec.Struct, omit_defaults=True):
@@ -65,26 +37,26 @@ class Codec:
     __slots__ = ("binary", "_enc", "_dec", "_pdec", "_penc")
 
     def __init__(self, subprotocol: str | None) -> None:
-        self.binary = subprotocol == MSGPACK
+        self.binary = subprotocol == MSGPACK_SUBPROTOCOL
         if self.binary:
             self._enc: Any = msgspec.msgpack.Encoder()
-            self._dec: Any = msgspec.msgpack.Decoder(Inbound)
+            self._dec: Any = msgspec.msgpack.Decoder(FlatMessage)
             self._pdec: Any = msgspec.msgpack.Decoder(Payload)
         else:
             self._enc = msgspec.json.Encoder()
-            self._dec = msgspec.json.Decoder(Inbound)
+            self._dec = msgspec.json.Decoder(FlatMessage)
             self._pdec = msgspec.json.Decoder(Payload)
         self._penc = self._enc
 
-    def encode(self, msg: dict[str, Any]) -> bytes:
-        """Encode a client envelope (a dict; only a handful are built per second per user)."""
+    def encode(self, msg: Inbound) -> bytes:
+        """Encode one client message of the schema (absent fields are left out)."""
         return self._enc.encode(msg)
 
     def encode_payload(self, payload: Payload) -> msgspec.Raw:
         """Encode a payload once, to embed it in an envelope without re-encoding it."""
         return msgspec.Raw(self._penc.encode(payload))
 
-    def decode(self, data: bytes) -> Inbound:
+    def decode(self, data: bytes) -> FlatMessage:
         """Decode one server message (raises ``msgspec.DecodeError`` / ``ValidationError``)."""
         return self._dec.decode(data)
 

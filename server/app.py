@@ -34,10 +34,11 @@ from wsfan.server.hub import Hub, Session
 from wsfan.server.keys import JwksKeys, load_public_key
 from wsfan.server.logs import Throttle, fields
 from wsfan.server.metrics import CONTENT_TYPE, Metrics, start_internal
-from wsfan.server.protocol import MSGPACK_SUBPROTOCOL, CloseCode, Encoding
+from wsfan.server.protocol import Encoding
 from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.startup import EXIT_USAGE
 from wsfan.server.transport import Connection, ConnectionRegistry, EchoConnection, Limits, create_server
+from wsfan.server.wire import MSGPACK_SUBPROTOCOL, CloseCode
 
 log = logging.getLogger("wsfan")
 

@@ -27,7 +27,8 @@ from wsfan.server.handshake import Refusal, single
 from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
-from wsfan.server.protocol import Encoding, PayloadRefused, RoomName, describe_invalid, parse_seq, valid_room
+from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid
+from wsfan.server.wire import RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node

@@ -37,12 +37,18 @@ from wsfan.server.deflate import delivery_kind
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import (
     WIRE_ENCODINGS,
-    Ack,
     Codec,
     DecodeFailure,
+    Encoding,
+    PayloadRefused,
+    payload_problem,
+)
+from wsfan.server.ratelimit import TokenBucket
+from wsfan.server.stats import Stats
+from wsfan.server.wire import (
+    Ack,
     Echo,
     EchoReply,
-    Encoding,
     Error,
     ErrorCode,
     Inbound,
@@ -50,7 +56,6 @@ from wsfan.server.protocol import (
     JoinData,
     Leave,
     LeaveData,
-    PayloadRefused,
     Ping,
     Pong,
     PresenceData,
@@ -61,10 +66,7 @@ from wsfan.server.protocol import (
     Publish,
     PublishData,
     Welcome,
-    payload_problem,
 )
-from wsfan.server.ratelimit import TokenBucket
-from wsfan.server.stats import Stats
 
 log = logging.getLogger("wsfan.hub")
 

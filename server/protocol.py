@@ -1,9 +1,8 @@
-"""The wire format of PROTOCOL.md v1, in one place.
+"""The server's codecs over the wire schema (``server/wire.py``): decode, explain, encode, frame.
 
-Every message is a ``msgspec.Struct``; inbound messages form a tagged union on
-``type`` so that one reusable decoder turns a frame's memoryview straight into a
-typed object without building a dict. Payloads stay ``msgspec.Raw``: the server
-never parses or re-encodes what a user published.
+One ``Codec`` per encoding decodes a frame's memoryview straight into the tagged
+union of client messages (built-in and application types alike) and turns a
+schema failure into the protocol's error code and the request id to answer.
 
 Frames are built here too: server frames are never masked, so one delivery's
 frame is the same bytes for every subscriber and is built exactly once.
@@ -15,45 +14,11 @@ import enum
 import math
 import re
 import struct
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import msgspec
-from msgspec import Meta, Raw, Struct, field
 
-# ``\Z``, not ``$``: msgspec applies patterns with ``re.search``, and ``$`` also matches
-# before a trailing newline, so ``"room\n"`` would pass (issue 11, docs/protocol-choices.md).
-ROOM_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}\Z"
-RoomName = Annotated[str, Meta(pattern=ROOM_PATTERN)]
-_ROOM_RE: Final = re.compile(ROOM_PATTERN)
-
-
-def valid_room(name: str) -> bool:
-    """Whether ``name`` is a room name on every surface (WebSocket, SSE, admin HTTP).
-
-    A room is 1-128 characters of ``A-Z a-z 0-9 _ . : -`` and nothing else: no
-    trailing newline, no other whitespace, no non-ASCII letters or digits.
-    """
-    return _ROOM_RE.match(name) is not None
-
-
-SEQ_MAX: Final = 2**63 - 1  # a Redis integer; no room gets further
-# A seq on the wire is an integer in 0..2^63-1: msgspec refuses bool, float (even 1.0)
-# and string in both encodings, so only a JSON integer or a MessagePack int is one.
-Seq = Annotated[int, Meta(ge=0, le=SEQ_MAX)]
-_SEQ_TEXT: Final = re.compile(r"[0-9]{1,19}\Z")
-
-
-def parse_seq(text: str) -> int | None:
-    """A seq written as text (``?since=``, ``Last-Event-ID``), or None when it is not one.
-
-    Only ASCII digits make a number on the wire: ``str.isdigit`` and ``int`` also accept
-    ``²``, ``٣`` or full-width digits, and ``int`` takes ``_``, signs and whitespace too.
-    At most 2^63-1, the largest seq a broker can hold.
-    """
-    if _SEQ_TEXT.match(text) is None:
-        return None
-    value = int(text)
-    return value if value <= SEQ_MAX else None
+from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, Outbound, Probe
 
 
 class Encoding(enum.IntEnum):
@@ -65,189 +30,6 @@ class Encoding(enum.IntEnum):
 
 
 WIRE_ENCODINGS: Final = (Encoding.JSON, Encoding.MSGPACK)
-
-
-MSGPACK_SUBPROTOCOL: Final = "msgpack"
-
-
-class ErrorCode(enum.StrEnum):
-    INVALID_MESSAGE = "INVALID_MESSAGE"
-    UNKNOWN_TYPE = "UNKNOWN_TYPE"
-    FORBIDDEN = "FORBIDDEN"
-    NOT_JOINED = "NOT_JOINED"
-    NOT_AVAILABLE = "NOT_AVAILABLE"
-    RATE_LIMITED = "RATE_LIMITED"
-    UNAVAILABLE = "UNAVAILABLE"
-    INTERNAL = "INTERNAL"
-
-
-class CloseCode(enum.IntEnum):
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
-    INVALID_UTF8 = 1007
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    HEARTBEAT_TIMEOUT = 4000
-    TOKEN_EXPIRED = 4001
-    SLOW_CONSUMER = 4008
-    RATE_LIMIT_ABUSE = 4029
-
-
-# ---------------------------------------------------------------- client -> server
-
-
-class Inbound(Struct, tag_field="type", kw_only=True):
-    """Fields every client message may carry; unknown fields are ignored for forward compatibility."""
-
-    id: str | None = None
-    ts: int | float | None = None
-
-
-class Join(Inbound, tag="join"):
-    room: RoomName
-    since: Seq | None = None
-    # Extension to v1: the epoch from an earlier join ack, so that a room that was lost
-    # and renumbered since is not reported recovered (docs/protocol-choices.md, "Cluster").
-    epoch: Annotated[str, Meta(max_length=64)] | None = None
-
-
-class Leave(Inbound, tag="leave"):
-    room: RoomName
-
-
-class Publish(Inbound, tag="publish"):
-    room: RoomName
-    payload: Raw
-
-
-class PresenceRequest(Inbound, tag="presence"):
-    room: RoomName
-
-
-class PresenceStatsRequest(Inbound, tag="presence_stats"):
-    room: RoomName
-
-
-class Echo(Inbound, tag="echo"):
-    payload: Raw
-
-
-class Ping(Inbound, tag="ping"):
-    pass
-
-
-BUILTIN_TYPES: Final[tuple[type[Inbound], ...]] = (
-    Join,
-    Leave,
-    Publish,
-    Echo,
-    Ping,
-    PresenceRequest,
-    PresenceStatsRequest,
-)
-
-
-class _Probe(Struct):
-    """Read only what is needed to answer a message that failed the schema: its id and type."""
-
-    type: Any = None
-    id: Any = None
-
-
-# ---------------------------------------------------------------- server -> client
-
-
-class Outbound(Struct, tag_field="type", omit_defaults=True):
-    pass
-
-
-class Welcome(Outbound, tag="welcome"):
-    conn: str
-    user: str
-    heartbeat: int
-    node: str
-
-
-class Delivery(Outbound, tag="message", kw_only=True):
-    room: str
-    seq: int
-    sender: str = field(name="from")
-    payload: Raw
-
-
-class JoinedEvent(Outbound, tag="joined", kw_only=True):
-    """Another connection joined the room (namespaces with join_leave); not numbered, not in history."""
-
-    room: str
-    user: str
-    conn: str
-
-
-class LeftEvent(Outbound, tag="left", kw_only=True):
-    """Another connection left the room (leave or disconnect); not numbered, not in history."""
-
-    room: str
-    user: str
-    conn: str
-
-
-# ``success`` has no default on purpose: omit_defaults would otherwise drop it from the wire.
-class Ack(Outbound, tag="ack", kw_only=True):
-    requestId: str | None = None  # noqa: N815 - wire name
-    success: bool
-    data: Any = None
-
-
-class Error(Outbound, tag="error", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    success: bool
-    code: str
-    message: str
-
-
-class EchoReply(Outbound, tag="echo", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    payload: Raw
-
-
-class Pong(Outbound, tag="pong", kw_only=True):
-    requestId: str | None = None  # noqa: N815
-    ts: int | float | None = None
-
-
-class JoinData(Struct, omit_defaults=True):
-    room: str
-    seq: int
-    recovered: bool
-    epoch: str = ""  # the room's numbering; a client sends it back with since when it rejoins
-
-
-class LeaveData(Struct):
-    room: str
-
-
-class PresenceInfo(Struct):
-    conn: str
-    user: str
-    joined_at: int  # unix time in ms
-
-
-class PresenceData(Struct):
-    room: str
-    presence: list[PresenceInfo]
-
-
-class PresenceStatsData(Struct):
-    room: str
-    connections: int
-    users: int
-
-
-class PublishData(Struct):
-    room: str
-    seq: int
 
 
 # ---------------------------------------------------------------- codecs
@@ -319,12 +101,12 @@ class Codec:
         self.known_types = frozenset(t.__struct_config__.tag for t in types)
         if encoding is Encoding.JSON:
             self._decoder: Any = msgspec.json.Decoder(union)
-            self._probe: Any = msgspec.json.Decoder(_Probe)
+            self._probe: Any = msgspec.json.Decoder(Probe)
             self._encoder: Any = msgspec.json.Encoder()
             self._value_decoder: Any = msgspec.json.Decoder()
         else:
             self._decoder = msgspec.msgpack.Decoder(union)
-            self._probe = msgspec.msgpack.Decoder(_Probe)
+            self._probe = msgspec.msgpack.Decoder(Probe)
             self._encoder = msgspec.msgpack.Encoder()
             self._value_decoder = msgspec.msgpack.Decoder()
 

@@ -29,7 +29,8 @@ from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, inflat
 from wsfan.server.handshake import MAX_HEAD_BYTES, Refusal, check_request_head
 from wsfan.server.hub import Hub, Session
 from wsfan.server.logs import fields, peer_text
-from wsfan.server.protocol import CloseCode, Encoding
+from wsfan.server.protocol import Encoding
+from wsfan.server.wire import CloseCode
 
 log = logging.getLogger("wsfan.transport")
 

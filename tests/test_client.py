@@ -49,7 +49,7 @@ from wsfan.client import (
     error_for,
     parse_retry_after,
 )
-from wsfan.client.codec import Codec, Request
+from wsfan.client.codec import Codec
 from wsfan.client.inbox import Inbox, Router
 from wsfan.client.reconnect import Reconnector
 from wsfan.client.rooms import RoomTracker
@@ -106,14 +106,14 @@ def test_parse_retry_after_seconds_and_http_date():
 def test_codec_omits_absent_fields_and_passes_raw_payload_verbatim(encoding):
     codec = Codec(encoding)
     mod = msgspec.json if encoding == "json" else msgspec.msgpack
-    assert mod.decode(codec.encode(Request(type="leave", id="1", room="r"))) == {
+    assert mod.decode(codec.request("leave", "1", room="r")) == {
         "type": "leave",
         "id": "1",
         "room": "r",
     }
-    assert mod.decode(codec.encode(Request(type="echo", payload=None))) == {"type": "echo", "payload": None}
+    assert mod.decode(codec.request("echo", payload=None)) == {"type": "echo", "payload": None}
     raw = codec.encode_payload({"k": [1, 2]})
-    wire = codec.encode(Request(type="publish", room="r", payload=raw))
+    wire = codec.request("publish", room="r", payload=raw)
     assert bytes(raw) in wire
     delivered = codec.decode(
         mod.encode({"type": "message", "room": "r", "seq": 4, "from": "u1", "payload": [1]})
@@ -144,7 +144,7 @@ def test_error_codes_map_to_typed_exceptions():
 
 def test_codec_sends_epoch_only_when_given():
     codec = Codec("json")
-    wire = codec.encode(Request(type="join", id="1", room="r", since=9, epoch="5f0c2a9e"))
+    wire = codec.request("join", "1", room="r", since=9, epoch="5f0c2a9e")
     assert msgspec.json.decode(wire) == {
         "type": "join",
         "id": "1",
@@ -152,7 +152,7 @@ def test_codec_sends_epoch_only_when_given():
         "since": 9,
         "epoch": "5f0c2a9e",
     }
-    assert "epoch" not in msgspec.json.decode(codec.encode(Request(type="join", id="2", room="r")))
+    assert "epoch" not in msgspec.json.decode(codec.request("join", "2", room="r"))
 
 
 # ---------------------------------------------------------------- rooms: dedupe and recovery

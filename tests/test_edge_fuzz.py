@@ -26,7 +26,7 @@ from helpers.rawws import send_head
 from helpers.servers import ServerProcess
 from wsfan.server.auth import Authenticator, AuthError, Identity, token_from_request
 from wsfan.server.handshake import Refusal, Upgrade, check_upgrade
-from wsfan.server.protocol import SEQ_MAX, parse_seq
+from wsfan.server.wire import SEQ_MAX, parse_seq
 
 HOST = "127.0.0.1"
 SECRET = "fuzz-secret-that-is-long-enough-for-hs256!!"

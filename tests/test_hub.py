@@ -14,7 +14,8 @@ import msgspec
 
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.hub import Hub, Session
-from wsfan.server.protocol import Encoding, Inbound
+from wsfan.server.protocol import Encoding
+from wsfan.server.wire import Inbound
 
 
 class RecordingPeer:

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsfan.server.protocol import CODECS, DecodeFailure, Encoding, valid_room
+from wsfan.server.protocol import CODECS, DecodeFailure, Encoding
+from wsfan.server.wire import valid_room
 
 ALLOWED = frozenset(string.ascii_letters + string.digits + "_.:-")
 

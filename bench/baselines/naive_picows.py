@@ -25,7 +25,7 @@ import msgspec
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from wsfan.server.protocol import Ack, Delivery, Echo, EchoReply, Error, Join, Publish, Welcome
+from wsfan.server.wire import Ack, Delivery, Echo, EchoReply, Error, Join, Publish, Welcome
 
 TEXT = WSMsgType.TEXT
 

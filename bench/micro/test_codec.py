@@ -13,7 +13,8 @@ import msgspec
 import pytest
 
 from wsfan.server.broker.publication import Publication
-from wsfan.server.protocol import CODECS, Encoding, Join, Publish, build_frame
+from wsfan.server.protocol import CODECS, Encoding, build_frame
+from wsfan.server.wire import Join, Publish
 
 PAYLOAD = {"text": "x" * 88}  # 100 bytes as JSON, the load generators' payload size
 PUBLISH = {"type": "publish", "id": "17", "room": "bench", "payload": PAYLOAD}

@@ -25,14 +25,9 @@ from picows import WSFrame, WSTransport
 
 from wsfan.bench.loadgen import CLOSE, TEXT, Base, Control, connect_many, disconnect_all, emit, payload_of
 from wsfan.bench.roles.pacing import Pacer, clock, save_samples, summary_fields
+from wsfan.server.wire import Head
 
-
-class EchoHead(msgspec.Struct):
-    type: str = ""
-    requestId: str | None = None  # noqa: N815 - wire name
-
-
-ECHO_HEAD = msgspec.json.Decoder(EchoHead)
+ECHO_HEAD = msgspec.json.Decoder(Head)
 
 
 class Phase:

@@ -32,6 +32,7 @@ import zlib
 from array import array
 from typing import Any
 
+import msgspec
 from picows import WSFrame, WSTransport
 
 from wsfan.bench.loadgen import (
@@ -46,6 +47,7 @@ from wsfan.bench.loadgen import (
     payload_of,
 )
 from wsfan.bench.roles.pacing import Pacer, clock, save_samples, summary_fields
+from wsfan.server.wire import Join
 
 
 class Recording:
@@ -194,7 +196,7 @@ def chat_payload(size: int) -> bytes:
 
 
 def _join(room: str) -> bytes:
-    return json.dumps({"type": "join", "id": room, "room": room}).encode()
+    return msgspec.json.encode(Join(id=room, room=room))
 
 
 async def fanout_lat(cfg: dict[str, Any], control: Control) -> None:

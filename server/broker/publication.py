@@ -7,7 +7,8 @@ from typing import NamedTuple
 from msgspec import Raw
 
 from wsfan.server.deflate import compressed_frame
-from wsfan.server.protocol import CODECS, Delivery, Encoding, JoinedEvent, LeftEvent, build_frame
+from wsfan.server.protocol import CODECS, Encoding, build_frame
+from wsfan.server.wire import Delivery, JoinedEvent, LeftEvent
 
 
 class Publication:
