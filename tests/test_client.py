@@ -52,7 +52,6 @@ from wsfan.client import (
 from wsfan.client.codec import Codec
 from wsfan.client.inbox import Inbox, Router
 from wsfan.client.reconnect import Reconnector
-from wsfan.client.rooms import RoomTracker
 
 
 def msg(room: str, seq: int, payload: object = None) -> Message:
@@ -156,149 +155,8 @@ def test_codec_sends_epoch_only_when_given():
 
 
 # ---------------------------------------------------------------- rooms: dedupe and recovery
-
-
-def test_rooms_deliver_each_seq_once_in_order():
-    rooms = RoomTracker()
-    rooms.begin_join("r", None)
-    assert rooms.end_join("r", {"room": "r", "seq": 5, "recovered": False}) == ([], None)
-    assert [rooms.accept(msg("r", s)) for s in (6, 7, 8)] == [True, True, True]
-    # join again with since on the joined room: live 9 arrives before the ack, the replay of 7..9 after it
-    assert rooms.begin_join("r", 6) == 6
-    assert rooms.accept(msg("r", 9)) is False  # held until the ack
-    released, event = rooms.end_join("r", {"seq": 9, "recovered": True})
-    assert [m.seq for m in released] == [9] and event == Recovered("r", 6, 9)
-    assert [rooms.accept(msg("r", s)) for s in (7, 8, 9, 10)] == [False, False, False, True]
-    assert rooms.duplicates == 3 and rooms.resets == 0  # the replay repeats seqs; the room did not restart
-    assert rooms.accept(msg("other", 1)) is False and rooms.unknown == 1
-
-
-def test_rooms_a_live_seq_going_back_is_a_restart_reported_before_its_message():
-    """Redis lost the room while we stayed joined: the node delivers its new numbering from 1."""
-    resets: list[Gap] = []
-    rooms = RoomTracker(on_reset=resets.append)
-    rooms.begin_join("r", None)
-    rooms.end_join("r", {"seq": 0, "recovered": False, "epoch": "e1"})
-    assert [rooms.accept(msg("r", s)) for s in (1, 2, 3)] == [True, True, True]
-    rooms.published("r", 4)  # ours, in the old numbering
-    assert rooms.accept(msg("r", 1)) and resets == [Gap("r", since=4, seq=1, reset=True)]
-    assert [rooms.accept(msg("r", s)) for s in (2, 3, 4)] == [True, True, True]  # the new 4 is not our old 4
-    assert rooms.resets == 1 and rooms.duplicates == 0
-    assert rooms.epoch("r") is None  # unknown until the next join ack: the rejoin sends since alone
-    rooms.connection_lost()
-    assert rooms.begin_join("r", None) == 4 and rooms.epoch("r") is None
-    released, event = rooms.end_join("r", {"seq": 4, "recovered": True, "epoch": "e2"})
-    assert event == Recovered("r", 4, 4) and rooms.epoch("r") == "e2"
-
-
-def test_rooms_rejoin_holds_replay_until_ack_and_reports_recovered():
-    rooms = RoomTracker()
-    rooms.begin_join("r", None)
-    rooms.end_join("r", {"seq": 3})
-    rooms.connection_lost()
-    assert rooms.begin_join("r", None) == 3  # rejoin resumes from the last seq seen
-    assert rooms.accept(msg("r", 4)) is False  # held until the ack says how to number it
-    released, event = rooms.end_join("r", {"seq": 5, "recovered": True})
-    assert [m.seq for m in released] == [4]
-    assert event == Recovered("r", 3, 5)
-    assert rooms.accept(msg("r", 5)) and not rooms.accept(msg("r", 4))
-
-
-def test_rooms_seq_reset_reports_gap_and_accepts_new_numbering():
-    rooms = RoomTracker()
-    rooms.begin_join("r", None)
-    rooms.end_join("r", {"seq": 0})
-    for s in (1, 2, 3):
-        assert rooms.accept(msg("r", s))
-    rooms.connection_lost()
-    rooms.begin_join("r", None)
-    released, event = rooms.end_join("r", {"seq": 0, "recovered": False})
-    assert event == Gap("r", since=3, seq=0, reset=True)
-    assert rooms.last_seq("r") == 0
-    assert rooms.accept(msg("r", 1))  # the restarted server's first message is new, not a duplicate
-
-
-def test_rooms_send_back_the_acked_epoch_and_a_same_epoch_recovers():
-    rooms = RoomTracker()
-    assert rooms.begin_join("r", None) is None
-    rooms.end_join("r", {"room": "r", "seq": 2, "recovered": False, "epoch": "e1"})
-    assert rooms.epoch("r") == "e1" and rooms.last_seq("r") == 2
-    assert rooms.accept(msg("r", 3))
-    rooms.connection_lost()
-    assert rooms.begin_join("r", None) == 3 and rooms.epoch("r") == "e1"
-    released, event = rooms.end_join("r", {"seq": 4, "recovered": True, "epoch": "e1"})
-    assert event == Recovered("r", 3, 4)
-    assert rooms.accept(msg("r", 4)) and rooms.last_seq("r") == 4
-
-
-def test_rooms_changed_epoch_is_a_reset_even_when_the_new_seq_passed_since():
-    """Redis lost the room and it got past our since again: only the epoch tells (seq 5 > since 3)."""
-    rooms = RoomTracker()
-    rooms.begin_join("r", None)
-    rooms.end_join("r", {"seq": 0, "recovered": False, "epoch": "e1"})
-    assert [rooms.accept(msg("r", s)) for s in (1, 2, 3)] == [True, True, True]
-    rooms.published("r", 4)  # ours, in the old numbering: must not hide the new seq 4
-    rooms.connection_lost()
-    assert rooms.begin_join("r", None) == 4
-    assert rooms.accept(msg("r", 1)) is False  # a replayed frame read before the ack: held
-    released, event = rooms.end_join("r", {"seq": 5, "recovered": False, "epoch": "e2"})
-    assert event == Gap("r", since=4, seq=5, reset=True)
-    assert [m.seq for m in released] == [1]
-    assert rooms.epoch("r") == "e2"
-    # the rest of the replay of the new numbering (a repeat inside it is a duplicate), then live
-    assert [rooms.accept(msg("r", s)) for s in (2, 3, 3, 4, 5, 6)] == [True, True, False, True, True, True]
-    # an ack that contradicts itself (another epoch, yet "recovered") is still a reset
-    rooms.connection_lost()
-    rooms.begin_join("r", None)
-    assert rooms.end_join("r", {"seq": 9, "recovered": True, "epoch": "e3"})[1] == Gap("r", 6, 9, True)
-
-
-def test_rooms_reset_by_seq_delivers_the_replay_of_the_new_numbering():
-    """A server without epochs: the seq went backwards (2 < 5); its replay 1..2 arrives after the ack."""
-    rooms = RoomTracker()
-    rooms.begin_join("r", 5)
-    released, event = rooms.end_join("r", {"seq": 2, "recovered": False})
-    assert released == [] and event == Gap("r", since=5, seq=2, reset=True)
-    assert [rooms.accept(msg("r", s)) for s in (1, 2, 3)] == [True, True, True]
-    assert rooms.duplicates == 0 and rooms.epoch("r") is None
-
-
-def test_rooms_explicit_epoch_is_sent_back_with_an_explicit_since():
-    rooms = RoomTracker()
-    assert rooms.begin_join("r", 7, "saved") == 7 and rooms.epoch("r") == "saved"
-    assert rooms.end_join("r", {"seq": 2, "recovered": False, "epoch": "new"})[1] == Gap("r", 7, 2, True)
-
-
-def test_rooms_gap_without_reset_keeps_partial_replay():
-    rooms = RoomTracker()
-    rooms.begin_join("r", 10)
-    released, event = rooms.end_join("r", {"seq": 500, "recovered": False})
-    assert event == Gap("r", since=10, seq=500, reset=False)
-    assert rooms.accept(msg("r", 200)) and rooms.accept(msg("r", 501))
-
-
-def test_rooms_skip_own_publications_replayed_after_reconnect():
-    rooms = RoomTracker()
-    rooms.begin_join("r", None)
-    rooms.end_join("r", {"seq": 0})
-    rooms.published("r", 2)  # ours; seq 1 (someone else's) still in flight
-    assert rooms.last_seq("r") == 0
-    assert rooms.accept(msg("r", 1))
-    assert rooms.last_seq("r") == 2  # moved over our own 2
-    rooms.published("r", 3)
-    assert rooms.last_seq("r") == 3
-    rooms.published("r", 5)
-    rooms.connection_lost()
-    rooms.begin_join("r", None)
-    rooms.end_join("r", {"seq": 5, "recovered": True})
-    assert rooms.accept(msg("r", 4)) and not rooms.accept(msg("r", 5))  # 5 is ours, replayed
-
-
-def test_rooms_failed_first_join_is_forgotten():
-    rooms = RoomTracker()
-    rooms.begin_join("r", None)
-    rooms.abort_join("r")
-    assert rooms.joined() == [] and not rooms.accept(msg("r", 1))
+# The numbering rules (gap, duplicate, reset, recovered:false) are shared vectors:
+# tests/vectors/numbering.json, run by tests/test_numbering.py and by the JS client's tests.
 
 
 # ---------------------------------------------------------------- buffers: overflow policy and routing

@@ -159,23 +159,38 @@ export class Backoff {
  *   and renumbered (e.g. Redis restarted without persistence) even if its seq has passed
  *   our `since` again, so it is a reset like a seq that went backwards. Servers that send
  *   no epoch are handled by the seq rule alone.
+ * - A delivery whose seq is not above the last one seen, on a connection that stayed
+ *   joined, means the room started over while we were in it (Redis lost it), unless it is
+ *   one a rejoin's replay may repeat (`since` < seq <= the ack's seq, until the replay is
+ *   past): it is handed over as the first message of the new numbering and reported to
+ *   `onReset` as a `gap` with `reset: true`; the room's epoch becomes unknown.
+ *
+ * The rules are shared with client/rooms.py as test vectors (tests/vectors/numbering.json).
  */
 export class RoomTracker {
-  constructor() {
+  constructor(onReset = null) {
     this.rooms = new Map();
     this.duplicates = 0;
     this.unknown = 0;
+    this.resets = 0; // rooms seen starting over on a live connection
+    this.onReset = onReset; // told of each, before its first message is handed over
   }
 
-  /** Record a join about to be sent; returns the `since` to send (explicit since rewinds the room). */
-  beginJoin(room, since = null) {
+  /**
+   * Record a join about to be sent; returns the `since` to send (see `epoch()`). An explicit
+   * `since` rewinds the room and an explicit `epoch` says which numbering it counts in.
+   */
+  beginJoin(room, since = null, epoch = null) {
     let state = this.rooms.get(room);
     if (!state) {
-      state = { lastSeq: null, own: null, joined: false, held: null, since: null, epoch: null };
+      state = { lastSeq: null, own: null, joined: false, held: null, since: null, epoch: null, replay: null };
       this.rooms.set(room, state);
     }
     if (since == null) since = state.lastSeq;
-    else state.lastSeq = since;
+    else {
+      state.lastSeq = since;
+      if (epoch) state.epoch = epoch;
+    }
     state.since = since;
     state.held = since != null ? [] : null;
     return since;
@@ -196,11 +211,13 @@ export class RoomTracker {
     const renumbered = epoch !== null && state.epoch !== null && epoch !== state.epoch;
     if (epoch !== null) state.epoch = epoch;
     let event = null;
+    state.replay = null;
     if (since != null && seq != null) {
-      if (recovered) {
+      let reset = false;
+      if (recovered && !renumbered) {
         event = { type: "recovered", room, since, seq };
       } else {
-        const reset = seq < since || renumbered;
+        reset = seq < since || renumbered;
         event = { type: "gap", room, since, seq, reset };
         if (reset) {
           // Nothing of the new numbering was seen: what the server replays after this ack (all
@@ -209,6 +226,10 @@ export class RoomTracker {
           state.own = null;
         }
       }
+      const floor = reset ? 0 : since;
+      // The replay that follows may repeat what was held before the ack (it ends at the
+      // ack's seq when nothing was held; otherwise past it, at a live one).
+      if (seq > floor) state.replay = [floor, seq, held.length === 0];
     }
     const released = held.filter((m) => this.accept(m));
     if (state.lastSeq == null && seq != null) state.lastSeq = seq;
@@ -244,10 +265,17 @@ export class RoomTracker {
     const last = state.lastSeq;
     const seq = msg.seq;
     if (last != null && seq <= last) {
+      const replay = state.replay;
+      if (replay == null || !(replay[0] < seq && seq <= replay[1])) return this._restarted(state, msg, last);
       this.duplicates += 1;
+      if (seq === replay[1]) state.replay = null;
       return false;
     }
     state.lastSeq = seq;
+    const replay = state.replay;
+    if (replay != null && (seq > replay[1] || (seq === replay[1] && replay[2]))) {
+      state.replay = null; // the replay is past: from now on a seq going back is a restart
+    }
     if (state.own && state.own.size) {
       if (state.own.has(seq)) {
         state.own.delete(seq);
@@ -256,6 +284,17 @@ export class RoomTracker {
       }
       passOwn(state);
     }
+    return true;
+  }
+
+  /** A live seq went back: the room started over, and `msg` opens its new numbering. */
+  _restarted(state, msg, last) {
+    this.resets += 1;
+    state.lastSeq = msg.seq;
+    state.own = null;
+    state.replay = null;
+    state.epoch = null; // the new one is learnt from the next join ack (since alone until then)
+    if (this.onReset) this.onReset({ type: "gap", room: msg.room, since: last, seq: msg.seq, reset: true });
     return true;
   }
 
@@ -281,6 +320,7 @@ export class RoomTracker {
       else {
         state.held = null;
         state.since = null;
+        state.replay = null;
       }
     }
   }
@@ -608,7 +648,7 @@ export class Client extends EventTarget {
     if (typeof this._WebSocket !== "function") throw new TypeError("no WebSocket implementation: pass options.WebSocket");
     this.welcome = null;
     this.stats = { messages: 0, presenceEvents: 0, sent: 0, reconnects: 0, errors: {} };
-    this._rooms = new RoomTracker();
+    this._rooms = new RoomTracker(({ type, ...detail }) => this._emit(type, detail));
     this._pending = new Map();
     this._nextId = 1;
     this._conn = null;

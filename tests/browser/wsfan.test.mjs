@@ -12,7 +12,6 @@ import {
   ConnectionClosed,
   ProtocolError,
   RequestTimeout,
-  RoomTracker,
   connect,
   tokenExpired,
 } from "../../client/js/wsfan.js";
@@ -200,98 +199,7 @@ test("backoff reset, max attempts, and no overflow on long outages", () => {
 });
 
 // ------------------------------------------------------------------ rooms: dedupe and recovery
-
-const m = (room, seq) => ({ type: "message", room, seq, from: "u", payload: seq });
-
-test("rooms deliver each seq once, in order", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", null);
-  assert.deepEqual(r.endJoin("r", { room: "r", seq: 5, recovered: false }), [[], null]);
-  assert.deepEqual([6, 7, 7, 5, 8].map((s) => r.accept(m("r", s))), [true, true, false, false, true]);
-  assert.equal(r.duplicates, 2);
-  assert.equal(r.accept(m("other", 1)), false);
-  assert.equal(r.unknown, 1);
-});
-
-test("rejoin holds the replay until the ack, then reports recovered", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", null);
-  r.endJoin("r", { seq: 3 });
-  r.connectionLost();
-  assert.equal(r.beginJoin("r", null), 3);
-  assert.equal(r.accept(m("r", 4)), false); // held
-  const [released, event] = r.endJoin("r", { seq: 5, recovered: true });
-  assert.deepEqual(released.map((x) => x.seq), [4]);
-  assert.deepEqual(event, { type: "recovered", room: "r", since: 3, seq: 5 });
-  assert.equal(r.accept(m("r", 5)), true);
-  assert.equal(r.accept(m("r", 4)), false);
-});
-
-test("a seq reset is a gap and the new numbering is accepted", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", null);
-  r.endJoin("r", { seq: 0 });
-  for (const s of [1, 2, 3]) assert.equal(r.accept(m("r", s)), true);
-  r.connectionLost();
-  r.beginJoin("r", null);
-  const [, event] = r.endJoin("r", { seq: 0, recovered: false });
-  assert.deepEqual(event, { type: "gap", room: "r", since: 3, seq: 0, reset: true });
-  assert.equal(r.lastSeq("r"), 0);
-  assert.equal(r.accept(m("r", 1)), true);
-});
-
-test("a gap without reset keeps the partial replay", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", 10);
-  const [, event] = r.endJoin("r", { seq: 500, recovered: false });
-  assert.deepEqual(event, { type: "gap", room: "r", since: 10, seq: 500, reset: false });
-  assert.equal(r.accept(m("r", 200)), true);
-  assert.equal(r.accept(m("r", 501)), true);
-});
-
-test("own publications replayed after a reconnect are skipped", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", null);
-  r.endJoin("r", { seq: 0 });
-  r.published("r", 2);
-  assert.equal(r.lastSeq("r"), 0);
-  assert.equal(r.accept(m("r", 1)), true);
-  assert.equal(r.lastSeq("r"), 2);
-  r.published("r", 3);
-  assert.equal(r.lastSeq("r"), 3);
-  r.published("r", 5);
-  r.connectionLost();
-  r.beginJoin("r", null);
-  r.endJoin("r", { seq: 5, recovered: true });
-  assert.equal(r.accept(m("r", 4)), true);
-  assert.equal(r.accept(m("r", 5)), false);
-});
-
-test("an ack with another epoch is a reset even when the new seq passed since", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", null);
-  r.endJoin("r", { seq: 0, recovered: false, epoch: "e1" });
-  assert.equal(r.epoch("r"), "e1");
-  for (const s of [1, 2, 3]) r.accept(m("r", s));
-  r.connectionLost();
-  assert.equal(r.beginJoin("r", null), 3);
-  const [, event] = r.endJoin("r", { seq: 12, recovered: false, epoch: "e2" });
-  assert.deepEqual(event, { type: "gap", room: "r", since: 3, seq: 12, reset: true });
-  assert.equal(r.epoch("r"), "e2");
-  assert.equal(r.accept(m("r", 1)), true); // the replay of the new numbering starts at 1
-  r.connectionLost();
-  r.beginJoin("r", null);
-  const [, same] = r.endJoin("r", { seq: 12, recovered: true, epoch: "e2" });
-  assert.equal(same.type, "recovered");
-});
-
-test("a failed first join is forgotten", () => {
-  const r = new RoomTracker();
-  r.beginJoin("r", null);
-  r.abortJoin("r");
-  assert.deepEqual(r.joined(), []);
-  assert.equal(r.accept(m("r", 1)), false);
-});
+// The numbering rules are shared with the Python client as vectors: numbering.test.mjs.
 
 // ------------------------------------------------------------------ client against the fake server
 
