@@ -5,21 +5,41 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8765
 ARGS   ?=
 
-.PHONY: help install serve test test-browser lint format conformance bench bench-core bench-quick bench-micro swarm token clean
+.PHONY: help install venv-check serve test test-browser lint format conformance bench bench-quick bench-core bench-micro bench-publish swarm token clean
 
+# `make help` prints every .PHONY target (tests/test_makefile.py checks that none is missing).
 help:
-	@echo "make serve        run a single-node server on 127.0.0.1:$(PORT) (ARGS='--flag value' for more)"
-	@echo "make test         run the whole test suite against real server processes"
-	@echo "make lint         ruff check + format check"
-	@echo "make conformance  RFC 6455 conformance: Autobahn|Testsuite fuzzingclient against /echo"
-	@echo "make bench        the full benchmark suite (~9 min): tables in results/latest.md, plots and JSON in results/<date>-<host>/"
-	@echo "make bench-quick  the same in CI size (under a minute)"
-	@echo "make bench-micro  pytest-benchmark micro benchmarks, compared with the last stored run"
-	@echo "make bench-core   server CPU per delivery vs a naive picows loop, memory per idle connection"
-	@echo "make swarm        a short headless Locust chat run against a local server"
-	@echo "make token        print a JWT (ARGS='--sub alice --secret S')"
+	@echo "make help          this list"
+	@echo "make install       the .venv with wsfan editable and every extra (other targets do it on demand)"
+	@echo "make serve         run a single-node server on 127.0.0.1:$(PORT) (ARGS='--flag value' for more)"
+	@echo "make test          run the whole test suite against real server processes"
+	@echo "make test-browser  only the browser (Chromium) and client storm tests"
+	@echo "make lint          ruff check + format check"
+	@echo "make format        ruff format + ruff check --fix"
+	@echo "make conformance   RFC 6455 conformance: Autobahn|Testsuite fuzzingclient against /echo (needs a Python 2.7, see README)"
+	@echo "make bench         the full benchmark suite (~9 min) into results/local/ (git-ignored)"
+	@echo "make bench-quick   the same in CI size (under a minute) into results/tmp/ (git-ignored)"
+	@echo "make bench-core    server CPU per delivery vs a naive picows loop, memory per idle connection, into results/local/"
+	@echo "make bench-micro   pytest-benchmark micro benchmarks, compared with the last local run (results/local/micro/)"
+	@echo "make bench-publish bench-core + bench on a quiet machine, written to the committed results/ (latest.md, core-latest.md)"
+	@echo "make swarm         a short headless Locust chat run against a local server"
+	@echo "make token         print a JWT (ARGS='--sub alice --secret S')"
+	@echo "make venv-check    fail with advice if $(VENV) was made by a Python older than 3.11"
+	@echo "make clean         remove $(VENV) and the caches"
 
-$(VENV)/.installed: pyproject.toml
+# A .venv left by a too-old Python (< 3.11) breaks every later target: say so instead.
+venv-check:
+	@if [ -e $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+		echo "$(VENV) was made by Python $$($(PY) -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(unknown: it does not run)'); wsfan needs Python 3.11 or newer." >&2; \
+		echo "Run 'make clean', then 'make install PYTHON=python3.11' (or any python3 >= 3.11)." >&2; \
+		exit 1; \
+	fi
+	@if [ ! -e $(PY) ] && ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+		echo "$(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(not found)'); wsfan needs 3.11 or newer: make install PYTHON=python3.11" >&2; \
+		exit 1; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | venv-check
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
@@ -48,11 +68,15 @@ conformance: install
 bench: install
 	$(PY) -m wsfan.bench all $(ARGS)
 
+bench-publish: install
+	$(PY) -m wsfan.bench core --publish $(ARGS)
+	$(PY) -m wsfan.bench all --publish $(ARGS)
+
 bench-quick: install
 	$(PY) -m wsfan.bench all --quick $(ARGS)
 
 bench-micro: install
-	$(PY) -m pytest bench/micro -q -p no:cacheprovider --benchmark-only --benchmark-storage=file://./results/micro --benchmark-autosave --benchmark-compare --benchmark-sort=name --benchmark-columns=min,median,mean,stddev,rounds $(ARGS)
+	$(PY) -m pytest bench/micro -q -p no:cacheprovider --benchmark-only --benchmark-storage=file://./results/local/micro --benchmark-autosave --benchmark-compare --benchmark-sort=name --benchmark-columns=min,median,mean,stddev,rounds $(ARGS)
 
 bench-core: install
 	$(PY) -m wsfan.bench core $(ARGS)

@@ -6,7 +6,8 @@ processes), ``servers.py`` (our server, its variants and the baselines),
 ``scenarios/`` (one module per scenario), ``suite.py`` (what the scenarios of the
 full suite share), ``latency.py`` (percentiles and histograms), ``report.py`` and
 ``plots.py`` (markdown and PNGs from the JSON files), ``baselines/`` (reference
-servers), ``micro/`` (pytest-benchmark micro benchmarks). Results land in
-``results/<YYYYMMDD-HHMM>-<host>/`` and ``results/latest.md``; the core scenario
-keeps its own ``results/core-*.json`` and ``results/core-latest.md``.
+servers), ``micro/`` (pytest-benchmark micro benchmarks). Runs land in the git-ignored
+``results/local/`` (``--quick``: ``results/tmp/``); only ``--publish`` writes the committed
+``results/<YYYYMMDD-HHMM>-<host>/``, ``results/latest.md``, ``results/core-*.json`` and
+``results/core-latest.md`` (see ``results.results_dir``).
 """

@@ -16,7 +16,23 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
+#: The committed figures live in the checkout's results/; an installed wheel writes under ./results/.
+RESULTS = ROOT / "results" if (ROOT / "pyproject.toml").exists() else Path.cwd() / "results"
+#: Where runs go unless published: quick runs (CI size) and local full runs, both git-ignored.
+QUICK_RESULTS = RESULTS / "tmp"
+LOCAL_RESULTS = RESULTS / "local"
+
+
+def results_dir(quick: bool, publish: bool) -> Path:
+    """Where a run writes: ``results/`` only when published (``--publish``), else a git-ignored folder.
+
+    Quick runs never publish (their figures are indicative only): ``ValueError``.
+    """
+    if publish and quick:
+        raise ValueError("--publish needs a full run: quick figures are indicative only")
+    if publish:
+        return RESULTS
+    return QUICK_RESULTS if quick else LOCAL_RESULTS
 
 
 def _cpu_model() -> str:
@@ -86,9 +102,7 @@ def timestamp() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def write_results(
-    name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS
-) -> tuple[Path, Path]:
+def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path) -> tuple[Path, Path]:
     """``<name>-<timestamp>.json`` (raw, every run) and ``<name>-latest.md`` (the summary table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}-{payload.get('stamp') or timestamp()}.json"

@@ -4,7 +4,8 @@ A run writes into one folder, ``results/<YYYYMMDD-HHMM>-<host>/`` (``--quick`` r
 into ``results/tmp/quick-<host>/``, which git ignores): ``machine.json`` and one
 ``<scenario>.json`` per scenario (raw figures, settings, load averages), then
 ``report.md`` and the PNG plots rebuilt from whatever JSON files the folder
-holds. A full ``all`` run also writes ``results/latest.md``.
+holds. Unless ``--publish`` is given, a full run writes under ``results/local/`` (git-ignored);
+only a published ``all`` run writes ``results/<YYYYMMDD-HHMM>-<host>/`` and ``results/latest.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 from wsfan.bench.baselines.bun import ensure_bun
 from wsfan.bench.harness import CLIENT_CPU, LOGS, SATURATED, SERVER_CPU, Interval, raise_nofile, reset_logs
-from wsfan.bench.results import RESULTS, machine_info
+from wsfan.bench.results import RESULTS, machine_info, results_dir
 from wsfan.bench.servers import Servers
 
 # Open-loop phases: a load generator whose sends left more than this late (p99) could not keep its schedule.
@@ -58,7 +59,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="CI-sized run (seconds, not minutes); figures indicative only"
     )
     p.add_argument(
-        "--out", type=Path, help="run folder (default results/<YYYYMMDD-HHMM>-<host>/, quick: results/tmp/)"
+        "--out",
+        type=Path,
+        help="run folder (default results/local/<YYYYMMDD-HHMM>-<host>/, quick: results/tmp/, "
+        "--publish: results/<YYYYMMDD-HHMM>-<host>/)",
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="a run to commit: write under results/ (and results/latest.md); only on a quiet machine",
     )
     p.add_argument(
         "--client-procs", type=int, default=1, help="load-generator processes, all on the client core"
@@ -77,15 +86,20 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def default_out(quick: bool) -> Path:
+def default_out(quick: bool, publish: bool = False) -> Path:
+    """The run folder: see :func:`wsfan.bench.results.results_dir` for which runs may touch results/."""
     host = socket.gethostname().split(".")[0] or "host"
     if quick:
-        return RESULTS / "tmp" / f"quick-{host}"
-    return RESULTS / f"{dt.datetime.now():%Y%m%d-%H%M}-{host}"
+        return results_dir(quick, publish) / f"quick-{host}"
+    return results_dir(quick, publish) / f"{dt.datetime.now():%Y%m%d-%H%M}-{host}"
 
 
 def context_from(args: argparse.Namespace, connections_hint: int = 20_000) -> Context:
-    out = (args.out or default_out(args.quick)).resolve()
+    try:
+        out = (args.out or default_out(args.quick, getattr(args, "publish", False))).resolve()
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     out.mkdir(parents=True, exist_ok=True)
     install = args.bun == "install" or (args.bun == "auto" and not args.quick)
     bun, note = (None, "Bun turned off (--bun off)") if args.bun == "off" else ensure_bun(install)

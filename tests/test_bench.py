@@ -121,9 +121,10 @@ def _assert_latency(lat: dict[str, Any], count: int, tag: str) -> None:
 
 
 def test_latency_percentiles_are_monotonic_and_histograms_hold_every_sample(run):
-    for r in _rows(run, "fanout"):
-        if r["phase"] == "latency":
-            _assert_latency(r["latency"], r["deliveries"], f"fanout {r['variant']} {r['size']}")
+    latency_rows = [r for r in _rows(run, "fanout") if r["phase"] == "latency"]
+    assert latency_rows and _rows(run, "echo"), "no latency rows to check"
+    for r in latency_rows:
+        _assert_latency(r["latency"], r["deliveries"], f"fanout {r['variant']} {r['size']}")
     for r in _rows(run, "echo"):
         assert r["received"] == r["sent"] > 0
         _assert_latency(r["latency"], r["received"], f"echo {r['variant']} {r['load']}")
@@ -132,6 +133,7 @@ def test_latency_percentiles_are_monotonic_and_histograms_hold_every_sample(run)
 def test_heartbeat_pings_only_when_on_and_every_connection_survives(run):
     rows = _rows(run, "heartbeat")
     assert {r["variant"] for r in rows} == {"wsfan", "websockets"}
+    assert {r["heartbeat_ms"] > 0 for r in rows} == {True, False}, "both heartbeat on and off were measured"
     for r in rows:
         tag = f"{r['variant']} {r['heartbeat_ms']}"
         assert r["open_at_end"] == r["connections"], tag
@@ -176,7 +178,9 @@ def test_storm_fractions_times_and_message_accounting_add_up(run):
 
 
 def test_connect_rate_counts_every_connection(run):
-    for r in _rows(run, "connect"):
+    rows = _rows(run, "connect")
+    assert rows, "the connect scenario wrote no rows"
+    for r in rows:
         assert (
             r["connected"] == r["connections"]
             and r["handshakes_per_s"] > 0
@@ -225,3 +229,51 @@ def test_bun_baseline_speaks_the_protocol(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "fanout.json").read_text())["data"]["rows"]
     assert rows and all(r["variant"] == "bun" and r["count_ok"] for r in rows)
+
+
+# ---------------------------------------------------------------- where runs write
+
+
+def _tracked_results_state() -> str:
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--ignored=no", "results"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    return done.stdout
+
+
+def test_only_a_published_run_writes_into_the_committed_results(tmp_path):
+    from wsfan.bench.results import LOCAL_RESULTS, QUICK_RESULTS, RESULTS, results_dir
+
+    assert results_dir(quick=True, publish=False) == QUICK_RESULTS == RESULTS / "tmp"
+    assert results_dir(quick=False, publish=False) == LOCAL_RESULTS == RESULTS / "local"
+    assert results_dir(quick=False, publish=True) == RESULTS
+    with pytest.raises(ValueError):
+        results_dir(quick=True, publish=True)
+    paths = ["results/tmp/x.json", "results/local/x.json", "results/local/micro/x.json"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert ignored.stdout.split() == paths, "results/tmp/ and results/local/ must be git-ignored"
+
+
+def test_quick_core_run_leaves_the_committed_results_alone():
+    before = _tracked_results_state()
+    latest = (ROOT / "results" / "core-latest.md").read_bytes()
+    proc = _bench("core", "--quick", "--only", "memory", timeout=90)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "results/tmp/core-latest.md" in proc.stdout
+    assert (ROOT / "results" / "core-latest.md").read_bytes() == latest
+    assert _tracked_results_state() == before
+
+
+def test_quick_runs_refuse_to_publish():
+    for args in (("core", "--quick", "--publish"), ("all", "--quick", "--publish", "--only", "connect")):
+        proc = _bench(*args, timeout=30)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and "--publish needs a full run" in proc.stderr

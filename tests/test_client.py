@@ -16,7 +16,8 @@ import msgspec
 import pytest
 import uvloop
 
-from helpers.client_tools import hold_reconnects, take
+from helpers.client_tools import assert_nothing_more, hold_reconnects, take
+from helpers.peers import PicowsPeer
 from helpers.ports import free_port
 from helpers.servers import ServerProcess
 from helpers.waiting import run, until
@@ -608,7 +609,10 @@ def test_client_answers_server_heartbeat_pings():
         events = []
         async with connect(server.url, ping_interval=None, on_event=events.append) as c:
             assert c.welcome.heartbeat == 200
-            await asyncio.sleep(1.2)  # several server ping rounds while the client sends nothing
+            # Control: a peer that never pongs is closed 4000, so pings do go out; by then the client,
+            # which sends nothing itself, has been through at least two ping rounds.
+            silent = await PicowsPeer.connect(server.url, enable_auto_pong=False)
+            assert await silent.wait_closed(5) == 4000
             assert [type(e) for e in events] == [Connected]
             assert await c.echo("alive") == "alive"
 
@@ -672,8 +676,8 @@ def test_restarted_server_replays_its_new_numbering_to_a_client_that_rejoins_wit
                 Gap("epoch", since=3, seq=3, reset=True)
             ]
             assert x.epoch("epoch") not in (None, first["epoch"])
-            await asyncio.sleep(0.1)
-            assert len(stream) == 0 and x._rooms.duplicates == 0  # exactly once
+            await assert_nothing_more(stream, server.url, "epoch")  # exactly once
+            assert x._rooms.duplicates == 0
 
     with ServerProcess() as server:
         run(body(server), timeout=20)

@@ -24,7 +24,7 @@ from helpers.peers import PicowsPeer, WebsocketsPeer
 from helpers.ports import free_port
 from helpers.redis_server import RedisServer
 from helpers.servers import ROOT, ServerProcess
-from helpers.waiting import wait_until
+from helpers.waiting import until, wait_until
 
 NODE_FLAGS = ("--rate-limit", "0")
 
@@ -216,12 +216,14 @@ class Tap:
         self.task.cancel()
 
 
-async def pump(peer: PicowsPeer, room: str, stop: asyncio.Event, tag: str) -> None:
+async def pump(peer: PicowsPeer, room: str, stop: asyncio.Event, tag: str) -> int:
+    """Publish every 2 ms until ``stop`` or the peer is closed; the number of publishes sent."""
     n = 0
     while not stop.is_set() and not peer.closed.is_set():
         n += 1
         await peer.send({"type": "publish", "id": f"{tag}{n}", "room": room, "payload": n})
         await asyncio.sleep(0.002)
+    return n
 
 
 async def test_kill_9_of_a_node_loses_no_acknowledged_message(redis_server, make_server):
@@ -238,14 +240,17 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(redis_server, make
         asyncio.ensure_future(pump(pub_a, room, stop, "a")),
         asyncio.ensure_future(pump(pub_b, room, stop, "b")),
     ]
-    await asyncio.sleep(0.4)
+    await until(lambda: len(taps["sub"].delivered) >= 20 and taps["pub_b"].acked, timeout=10)  # traffic flows
 
     a.proc.send_signal(signal.SIGKILL)
     await sub.wait_closed()
     await pub_a.wait_closed()
     assert taps["sub"].delivered, "the subscriber saw traffic before the kill"
     assert taps["pub_a"].acked, "node A acknowledged publishes before the kill"
-    await asyncio.sleep(0.2)  # node B's publisher keeps going meanwhile
+    acked_b = len(taps["pub_b"].acked)
+    await until(
+        lambda: len(taps["pub_b"].acked) >= acked_b + 20, timeout=10
+    )  # B's publisher goes on meanwhile
 
     # Both of A's clients come back on B; the subscriber recovers from the last seq it saw.
     seen = taps["sub"].delivered
@@ -255,10 +260,13 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(redis_server, make
     pub_a2, _ = await joined(b.url, room)
     taps["pub_a2"] = Tap(pub_a2)
     pumps.append(asyncio.ensure_future(pump(pub_a2, room, stop, "c")))
-    await asyncio.sleep(0.3)
+    await until(lambda: len(taps["pub_a2"].acked) >= 20, timeout=10)  # A's publisher carries on through B
     stop.set()
-    await asyncio.gather(*pumps)
-    await asyncio.sleep(0.3)
+    _, sent_b, sent_a2 = await asyncio.gather(*pumps)
+    # Every publish B took is acknowledged, and the subscriber has seen the last acknowledged seq.
+    await until(lambda: (len(taps["pub_b"].acked), len(taps["pub_a2"].acked)) == (sent_b, sent_a2), 10)
+    last = max(taps["pub_b"].acked + taps["pub_a2"].acked)
+    await until(lambda: max(taps["sub2"].delivered, default=0) >= last, 10)
     for tap in taps.values():
         tap.stop()
 

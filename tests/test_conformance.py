@@ -75,3 +75,15 @@ def test_autobahn_fuzzingclient_echo(tmp_path: Path) -> None:
         f"run_autobahn.py exited {proc.returncode} (1 = non-conformant cases, 2 = harness/server broke); "
         f"reports in {tmp_path}\n{proc.stdout}"
     )
+
+
+def test_installer_without_python_2_7_says_what_to_install(tmp_path: Path) -> None:
+    """No pyenv, no python2.7 on PATH, no WSFAN_PYTHON27: one error naming the ways to get a 2.7."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    if any(Path(d, "python2.7").exists() for d in ("/usr/bin", "/bin")):
+        pytest.skip("this machine has a system python2.7 on /usr/bin")
+    done = subprocess.run(["bash", str(INSTALLER)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stdout == ""  # stdout carries only the wstest path, on success
+    assert "no Python 2.7 interpreter found" in done.stderr
+    assert "pyenv install 2.7.18" in done.stderr and "WSFAN_PYTHON27" in done.stderr

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
 from helpers.peers import PicowsPeer, WebsocketsPeer
-from helpers.rawws import RawWS
+from helpers.rawws import CLOSE, PING, PONG, RawWS
 from helpers.waiting import until
 
 
@@ -113,13 +114,30 @@ async def test_slow_consumer_is_closed_4008_while_healthy_subscriber_gets_every_
     await healthy.close()
 
 
+def _answer_pings_for(ws: RawWS, seconds: float) -> list[int]:
+    """Read for ``seconds``, answering every ping with its payload: the opcodes of every frame the server sent."""
+    deadline = time.monotonic() + seconds
+    seen = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = ws.recv_frame(left)
+        except TimeoutError:
+            break
+        seen.append(frame.opcode)
+        if frame.opcode == PING:
+            ws.send_frame(PONG, frame.payload)
+    return seen
+
+
 async def test_connection_that_answers_pings_survives_heartbeats(make_server):
     srv = make_server("--heartbeat", "200", "--heartbeat-timeout", "300").start()
-    c = await WebsocketsPeer.connect(srv.url)
-    assert c.welcome["heartbeat"] == 200
-    await asyncio.sleep(1.5)
-    assert (await c.request("ping"))["type"] == "pong"
-    await c.close()
+    with RawWS.connect("127.0.0.1", srv.port) as c:
+        assert json.loads(c.recv_message()[1])["heartbeat"] == 200
+        seen = await asyncio.to_thread(_answer_pings_for, c, 1.5)
+        assert seen.count(PING) >= 3, f"one ping per 200 ms expected over 1.5 s, got frames {seen}"
+        assert CLOSE not in seen
+        c.send_text(json.dumps({"type": "ping", "id": "after"}))
+        assert json.loads(c.recv_message()[1]) == {"type": "pong", "requestId": "after"}
 
 
 async def test_heartbeat_timeout_closes_4000(make_server):
@@ -132,11 +150,15 @@ async def test_heartbeat_timeout_closes_4000(make_server):
 
 
 async def test_heartbeat_off_with_zero(make_server):
+    """0 is "off", not "the default": advertised as 0, no ping, and a peer that never pongs stays."""
     srv = make_server("--heartbeat", "0", "--heartbeat-timeout", "100").start()
-    silent = await PicowsPeer.connect(srv.url, enable_auto_pong=False)
-    await asyncio.sleep(0.6)
-    assert not silent.closed.is_set()
-    await silent.close()
+    with RawWS.connect("127.0.0.1", srv.port) as c:
+        assert json.loads(c.recv_message()[1])["heartbeat"] == 0
+        with pytest.raises(TimeoutError):
+            frame = c.recv_frame(0.6)  # 6 heartbeat timeouts of 100 ms: no frame at all
+            pytest.fail(f"heartbeat 0 still sent {frame}")
+        c.send_text(json.dumps({"type": "ping", "id": "still-here"}))
+        assert json.loads(c.recv_message()[1])["requestId"] == "still-here"
 
 
 async def test_sigterm_closes_everyone_with_1001_and_exits_0(make_server):
@@ -160,8 +182,7 @@ async def test_sigterm_drains_without_clients_too(make_server):
 async def test_client_close_is_answered_and_normal(make_server, peer):
     srv = make_server().start()
     c = await peer.connect(srv.url)
-    await c.close()
-    await asyncio.wait_for(c.closed.wait(), 5)
+    assert await c.close_handshake(1000) == 1000, "the server answers a client's close with its code"
     assert srv.alive()
 
 

@@ -149,10 +149,10 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
     srv2: ServerProcess | None = None
     try:
         deadline = time.monotonic() + 30
-        while srv.metric("wsfan_connections") < 6:  # every user connected before the restart
-            assert time.monotonic() < deadline and proc.poll() is None, "users never connected"
+        while srv.metric("wsfan_connections") < 6 or srv.metric("wsfan_deliveries_total") < 6:
+            # every user connected, and deliveries are flowing (each has a seq to rejoin from)
+            assert time.monotonic() < deadline and proc.poll() is None, "users never connected and received"
             time.sleep(0.2)
-        time.sleep(0.5)
         srv.stop()  # SIGTERM: graceful, 1001 to everybody
         srv2 = ServerProcess(port=srv.port).start()
         out, _ = proc.communicate(timeout=60)

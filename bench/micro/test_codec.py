@@ -1,7 +1,7 @@
 """Envelope decode (JSON and MessagePack) and delivery encode + frame build: the per-message hot paths.
 
 Each benchmark times one call on realistic messages (100-byte payload, like the
-load tests). ``make bench-micro`` stores every run under results/micro/ and
+load tests). ``make bench-micro`` stores every run under results/local/micro/ and
 compares it with the previous one, so a regression shows as a ratio there.
 """
 

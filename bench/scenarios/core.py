@@ -45,7 +45,7 @@ from wsfan.bench.harness import (
     raise_nofile,
     reset_logs,
 )
-from wsfan.bench.results import RESULTS, machine_info, timestamp, write_results
+from wsfan.bench.results import machine_info, results_dir, timestamp, write_results
 from wsfan.bench.scenarios.core_report import markdown, print_table, summarize
 
 NAME = "core"
@@ -119,11 +119,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="count the server's send/recv/epoll calls with perf (adds a little overhead; off for official figures)",
     )
     p.add_argument("--only", help="comma-separated subset of fanout,memory,echo")
-    p.add_argument("--no-write", action="store_true", help="print the table only; write nothing to results/")
+    p.add_argument("--no-write", action="store_true", help="print the table only; write no file")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="write results/core-<stamp>.json and results/core-latest.md (the committed figures); "
+        "otherwise results/local/ (quick: results/tmp/), which git ignores",
+    )
     p.add_argument(
         "--render",
         metavar="JSON",
-        help="run nothing: rebuild results/core-latest.md from a raw results/core-*.json file",
+        help="run nothing: rebuild core-latest.md (results/ with --publish, else results/local/) from a core-*.json",
     )
 
 
@@ -331,19 +337,25 @@ def _per_write(n: int, iv: Interval) -> float | None:
 # ---------------------------------------------------------------- entry
 
 
-def render(path: str) -> int:
+def render(path: str, out_dir: Path) -> int:
     payload = json.loads(Path(path).read_text())
     _, rows = summarize(payload["runs"], payload["settings"]["subscribers"], VARIANTS)
     print_table(rows)
-    md_path = RESULTS / f"{NAME}-latest.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path = out_dir / f"{NAME}-latest.md"
     md_path.write_text(markdown(rows, payload))
     print(f"\nwrote {md_path} from {path}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        out_dir = results_dir(args.quick, args.publish)
+    except ValueError as exc:
+        print(f"bench core: {exc}", file=sys.stderr)
+        return 2
     if args.render:
-        return render(args.render)
+        return render(args.render, results_dir(False, args.publish))
     s = settings_from(args)
     if s.syscalls and not SyscallCounter.available():
         print("--syscalls needs perf and /sys/kernel/tracing; counting nothing", file=sys.stderr)
@@ -404,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print_table(rows)
     if not args.no_write:
-        json_path, md_path = write_results(NAME, payload, md)
+        json_path, md_path = write_results(NAME, payload, md, out_dir)
         print(f"\nwrote {json_path} and {md_path} ({payload['seconds']:.0f} s)")
     ok = all(summary.get(f"{v}_count_ok", True) for v in VARIANTS)
     return 0 if ok else 1

@@ -1,4 +1,4 @@
-"""``python -m wsfan.bench all``: every scenario of the suite into one run folder, then report.md, plots, latest.md.
+"""``python -m wsfan.bench all``: every scenario of the suite into one run folder, then report.md and plots (``--publish``: also results/latest.md).
 
 Order: fan-out, echo, heartbeat, reconnection storm, connect rate, cluster, compression (the core
 scenario stays separate: ``make bench-core``). A full run takes about 15
@@ -24,9 +24,6 @@ PARTS = {m.NAME: m for m in (fanout, echo, heartbeat, storm, connect, cluster, c
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--only", type=csv_words, help=f"subset of {','.join(PARTS)}")
-    p.add_argument(
-        "--no-latest", action="store_true", help="do not write results/latest.md (full runs write it)"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
         )
     md = render_folder(ctx.out)
     print(f"report: {md} ({(time.monotonic() - started) / 60:.1f} min in all)")
-    if not args.quick and not args.no_latest and args.out is None:
+    if args.publish:
         print(f"latest: {copy_latest(ctx.out, md)}")
     return code

@@ -69,7 +69,7 @@ find_py27() {
     if command -v python2.7 >/dev/null 2>&1; then command -v python2.7; return 0; fi
     return 1
 }
-PY27="$(find_py27)" || die "no Python 2.7 interpreter found (install pyenv 2.7.18 or set WSFAN_PYTHON27)"
+PY27="$(find_py27)" || die "no Python 2.7 interpreter found. The Autobahn|Testsuite needs one: install pyenv (https://github.com/pyenv/pyenv#installation) and run 'pyenv install 2.7.18', or install a python2.7 package where your OS still has one, or set WSFAN_PYTHON27=/path/to/python2.7"
 "$PY27" -c 'import sys; assert sys.version_info[:2] == (2, 7), sys.version' \
     || die "$PY27 is not Python 2.7"
 log "using Python 2.7: $PY27"

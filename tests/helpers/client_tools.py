@@ -28,3 +28,21 @@ def hold_reconnects(client: Client, gate: asyncio.Event) -> None:
         await sleep(delay)
 
     client.reconnector.sleep = held
+
+
+async def assert_nothing_more(streams: Any, url: str, room: str, timeout: float = 5.0) -> None:
+    """Publish a marker to ``room`` from a fresh client: it must be the very next message of every stream.
+
+    A room is delivered in order, so anything still queued or in flight to a stream (a duplicate, a
+    late replay) would come before the marker: this checks "exactly once" without a quiet-period sleep.
+    ``streams`` is one ``MessageStream`` or a list of them (every one subscribed to ``room``).
+    """
+    from wsfan.client import connect
+
+    streams = streams if isinstance(streams, list) else [streams]
+    async with connect(url) as marker:
+        await marker.join(room)
+        await marker.publish(room, {"marker": "end"})
+    for stream in streams:
+        nxt = await stream.get(timeout)
+        assert nxt.payload == {"marker": "end"}, f"{nxt} arrived after the last expected message"

@@ -48,6 +48,10 @@ class Peer:
     async def close(self) -> None:
         raise NotImplementedError
 
+    async def close_handshake(self, code: int = 1000, timeout: float = 5.0) -> int | None:
+        """Send a close frame and wait for the server's: the code it answered with (None: no close frame)."""
+        raise NotImplementedError
+
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         return await asyncio.wait_for(self.inbox.get(), timeout)
 
@@ -140,6 +144,12 @@ class PicowsPeer(Peer):
             self.transport.send_close(1000)
             self.transport.disconnect()
 
+    async def close_handshake(self, code: int = 1000, timeout: float = 5.0) -> int | None:
+        assert self.transport is not None
+        self.transport.send_close(code)  # the listener records the server's close code, then disconnects
+        await asyncio.wait_for(self.closed.wait(), timeout)
+        return self.close_code
+
 
 class WebsocketsPeer(Peer):
     """The ``websockets`` library: an implementation independent of picows."""
@@ -174,6 +184,11 @@ class WebsocketsPeer(Peer):
     async def close(self) -> None:
         await self.ws.close()
         self._reader.cancel()
+
+    async def close_handshake(self, code: int = 1000, timeout: float = 5.0) -> int | None:
+        await asyncio.wait_for(self.ws.close(code), timeout)  # returns once the server's close frame came
+        rcvd = self.ws.protocol.close_rcvd
+        return rcvd.code if rcvd is not None else None
 
 
 PEERS = {"picows": PicowsPeer, "websockets": WebsocketsPeer}
