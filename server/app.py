@@ -20,6 +20,7 @@ from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces
 from wsfan.server.deflate import POLICY, Agreement, negotiate
 from wsfan.server.demo import load_pages
+from wsfan.server.fds import FdBudget, raise_soft_limit
 from wsfan.server.handshake import (
     OriginPolicy,
     Refusal,
@@ -94,7 +95,10 @@ class Node:
         self.origins = OriginPolicy.parse(settings.allowed_origins)
         rate = settings.max_handshake_rate
         self.handshakes = TokenBucket(rate, max(1.0, rate)) if rate > 0 else None
-        self.metrics = Metrics(self.hub, lambda: len(self.registry.connections), self.broker)
+        self.fds = FdBudget(settings.fd_reserve, lambda: len(self.registry.connections))
+        if hasattr(self.broker, "on_fd_exhausted"):
+            self.broker.on_fd_exhausted = lambda what: self.fds.note_exhausted("broker", what)
+        self.metrics = Metrics(self.hub, lambda: len(self.registry.connections), self.broker, self.fds)
         # /metrics on the public ports only for a lone node without --metrics-port (workers: the supervisor's).
         self.public_metrics = not settings.metrics_port and settings.workers == 1
         self.internal: Callable[[], Awaitable[None]] | None = None
@@ -194,6 +198,11 @@ class Node:
         limit = self.settings.max_connections
         if limit and len(self.registry.connections) >= limit:
             return self._refuse("max_connections", 503, "too many connections", peer, {"Retry-After": "1"})
+        if not self.fds.room_for_client():
+            # The last --fd-reserve fds are the broker's and the HTTP side's (server/fds.py).
+            return self._refuse(
+                "fd_reserve", 503, "server at its connection capacity", peer, {"Retry-After": "1"}
+            )
         bucket = self.handshakes
         if bucket is not None and not bucket.take():
             retry = max(1, math.ceil(1.0 / bucket.rate))
@@ -227,6 +236,7 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
+        self.fds.watch()
         await self.broker.start()
         if self.authenticator is not None:
             await self.authenticator.start()  # a JWKS is fetched before the first upgrade is accepted
@@ -402,6 +412,7 @@ async def serve(settings: Settings, attach: Callable[[Node, asyncio.Event], None
     ``EXIT_ABANDONED`` (``os._exit``: the loop's own cleanup would wait for the stuck task).
     ``attach(node, stop)`` (the worker side of a supervisor) is called before the node starts.
     """
+    raise_soft_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM that arrives as soon as the port is open must still drain cleanly.

@@ -36,6 +36,7 @@ from wsfan.server.stats import PUBLISH_TO_FLUSH_BUCKETS, Histogram
 if TYPE_CHECKING:
     from wsfan.server.app import Node
     from wsfan.server.broker import Broker
+    from wsfan.server.fds import FdBudget
     from wsfan.server.hub import Hub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -184,14 +185,37 @@ class BuildCollector:
         )
 
 
+class FdCollector:
+    """``wsfan_fd_exhausted_total{where}``: EMFILE/ENFILE seen (broker connects) or the process found at its limit.
+
+    ``process_open_fds`` and ``process_max_fds`` (ProcessCollector) give the level; refusals for the
+    reserve are ``wsfan_rejected_connections_total{reason="fd_reserve"}``.
+    """
+
+    def __init__(self, fds: FdBudget) -> None:
+        self.fds = fds
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "wsfan_fd_exhausted", "Times the process ran out of file descriptors, by where", labels=["where"]
+        )
+        for where, n in sorted(self.fds.exhausted.items()):
+            family.add_metric([where], n)
+        yield family
+
+
 class Metrics:
     """One registry per node (not the global one), so several nodes in one test process never mix."""
 
-    def __init__(self, hub: Hub, connections: Callable[[], int], broker: Broker) -> None:
+    def __init__(
+        self, hub: Hub, connections: Callable[[], int], broker: Broker, fds: FdBudget | None = None
+    ) -> None:
         self.latency = LatencyHistogram()
         hub.flush_observers.append(self.latency.observe_flushed)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(HubCollector(hub, connections, self.latency, broker))
+        if fds is not None:
+            self.registry.register(FdCollector(fds))
         self.registry.register(BuildCollector())
         ProcessCollector(registry=self.registry)  # process_*: CPU, RSS, open fds (Linux /proc)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from typing import Any
 
@@ -16,8 +17,9 @@ import msgspec
 import pytest
 
 from helpers.peers import PicowsPeer
-from helpers.rawws import RawWS, http_request
+from helpers.rawws import RawWS, http_request, upgrade_head
 from helpers.servers import ServerProcess
+from helpers.waiting import wait_until
 from wsfan.server.transport import CLOSE_GRACE_S
 
 DRAIN_S = 1.0
@@ -258,3 +260,120 @@ async def test_a_peer_that_closes_or_breaks_the_framing_then_stops_reading_is_re
     finally:
         for ws in subs:
             ws.close()
+
+
+# ---------------------------------------------------------------- file descriptors
+
+
+def try_client(port: int, timeout: float = 2.0) -> socket.socket | None:
+    """One upgrade attempt: the open socket after a 101 (the caller keeps it), None after a refusal or a drop."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        sock.sendall(upgrade_head())
+        head = sock.recv(4096)
+    except OSError:
+        head = b""
+    if head.startswith(b"HTTP/1.1 101"):
+        return sock
+    sock.close()
+    return None
+
+
+async def test_the_broker_comes_back_at_the_fd_limit_while_clients_keep_arriving(redis_server, make_server):
+    """Under RLIMIT_NOFILE 256 full of clients, Redis restarts while clients keep arriving: the broker
+    is back within 5 s, because the last --fd-reserve fds are kept for it (upgrades get 503)."""
+    srv = make_server("--broker", redis_server.url, "--rate-limit", "0", nofile=256)
+    srv.start()
+    publisher = await PicowsPeer.connect(srv.url)
+    assert (await publisher.request("join", room="fd"))["type"] == "ack"
+    held: list[socket.socket] = []
+    try:
+        for _ in range(300):  # fill the server up to what it admits
+            sock = await asyncio.to_thread(try_client, srv.port)
+            if sock is None:
+                break
+            held.append(sock)
+        assert len(held) < 250, "the server admitted clients into its last file descriptors"
+        arriving = True
+
+        def arrive() -> int:
+            attempts = 0
+            while arriving and attempts < 2000:
+                attempts += 1
+                sock = try_client(srv.port, timeout=0.5)
+                if sock is not None:
+                    held.append(sock)
+                time.sleep(0.005)
+            return attempts
+
+        arrivals = asyncio.get_running_loop().run_in_executor(None, arrive)
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(redis_server.restart)
+        back = time.monotonic()
+        reply: dict = {}
+        while time.monotonic() - back < 5.0:
+            reply = await publisher.request("publish", room="fd", payload="after")
+            if reply["type"] == "ack":
+                break
+            assert reply["code"] == "UNAVAILABLE", reply
+            await asyncio.sleep(0.1)
+        arriving = False
+        attempts = await arrivals
+        assert reply.get("type") == "ack", (
+            f"the broker was not back 5 s after Redis ({attempts} arrivals): {reply}"
+        )
+        assert attempts > 20, "clients kept arriving meanwhile"
+        assert metric(srv.port, 'wsfan_rejected_connections_total{reason="fd_reserve"}') > 0
+    finally:
+        for sock in held:
+            sock.close()
+
+
+async def test_without_a_reserve_running_out_of_fds_is_logged_and_counted(redis_server, make_server):
+    """--fd-reserve 0: clients take every fd, Redis restarts, the broker's reconnects fail with EMFILE:
+    a log line says so and ``wsfan_fd_exhausted_total`` counts it (the accept side as well)."""
+    srv = make_server("--broker", redis_server.url, "--rate-limit", "0", "--fd-reserve", "0", nofile=128)
+    srv.start()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            sock = await asyncio.to_thread(try_client, srv.port)
+            if sock is None:
+                break
+            held.append(sock)
+        await asyncio.to_thread(redis_server.stop)
+        # The broker's connections are gone; clients take the fds they freed.
+        for _ in range(20):
+            sock = await asyncio.to_thread(try_client, srv.port, 0.5)
+            if sock is not None:
+                held.append(sock)
+        await asyncio.to_thread(redis_server.start)
+        deadline = time.monotonic() + 10
+        while "out of file descriptors (broker" not in srv.output():
+            assert time.monotonic() < deadline, srv.output()[-3000:]
+            await asyncio.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        held.clear()
+
+    def exhausted() -> float:  # the server frees the clients' fds as it sees them close
+        try:
+            return metric(srv.port, 'wsfan_fd_exhausted_total{where="broker"}')
+        except OSError:
+            return 0.0
+
+    assert wait_until(exhausted, 5.0) > 0
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(make_server):
+    """Started with soft 128 / hard 1024, the server runs with 1024 (process_max_fds on /metrics)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = make_server(nofile=(min(128, hard), hard))
+    srv.start()
+    assert metric(srv.port, "process_max_fds") == hard

@@ -21,7 +21,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -56,6 +56,7 @@ from wsfan.server.broker.redis_layout import (
     resp_arg,
     room_args,
 )
+from wsfan.server.fds import is_exhausted
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.startup import redact
 from wsfan.server.stats import BROKER_PUBLISH_BUCKETS, Histogram
@@ -115,6 +116,8 @@ class RedisBroker:
         self.namespaces = namespaces or Namespaces(Namespace(history_size=history_size))
         self.history_size = self.namespaces.default.kept_history
         self.node_id = node_id
+        # Called with the error text when a connection to Redis fails for want of file descriptors.
+        self.on_fd_exhausted: Callable[[str], None] | None = None
         # Redis EXPIRE takes whole seconds.
         self.presence_ttl = max(1, math.ceil(presence_ttl))
         self.meta_ttl = max(1, math.ceil(meta_ttl))
@@ -703,6 +706,8 @@ class RedisBroker:
             self._reader.cancel()
 
     def _down(self, exc: BaseException | None) -> None:
+        if exc is not None and self.on_fd_exhausted is not None and is_exhausted(exc):
+            self.on_fd_exhausted(str(exc))  # logged (throttled) and counted there, every time
         if exc is not None:
             # Clients get this sentence in UNAVAILABLE; redis' own text (addresses, errno) only goes to the log below.
             self._why = "broker unavailable: connection to redis lost"

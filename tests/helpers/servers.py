@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """``python -m wsfan --host 127.0.0.1 --port <port> *args``; ``start()`` returns once the port accepts."""
 
-    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        nofile: int | tuple[int, int] | None = None,
+    ) -> None:
+        self.nofile = nofile  # RLIMIT_NOFILE of the server process, when given: both limits, or (soft, hard)
         self.port = port or free_port()
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
@@ -50,6 +57,7 @@ class ServerProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=None if self.nofile is None else self._limit_fds,
         )
         try:
             wait_for_port(self.port, timeout=timeout, proc=self.proc)
@@ -57,6 +65,13 @@ class ServerProcess:
             self.kill()
             raise RuntimeError(f"server did not start: {exc}\n{self.output()[-4000:]}") from None
         return self
+
+    def _limit_fds(self) -> None:
+        import resource
+
+        limits = self.nofile if isinstance(self.nofile, tuple) else (self.nofile, self.nofile)
+        assert limits[0] is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
     def _signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
