@@ -344,18 +344,29 @@ async def test_without_a_reserve_running_out_of_fds_is_logged_and_counted(redis_
             if sock is None:
                 break
             held.append(sock)
+        arriving = True
+
+        def arrive() -> None:  # every fd the server frees is taken by the next client
+            for _ in range(3000):
+                if not arriving:
+                    return
+                sock = try_client(srv.port, timeout=0.5)
+                if sock is not None:
+                    held.append(sock)
+                time.sleep(0.002)
+
+        arrivals = asyncio.get_running_loop().run_in_executor(None, arrive)
         await asyncio.to_thread(redis_server.stop)
-        # The broker's connections are gone; clients take the fds they freed.
-        for _ in range(60):
-            sock = await asyncio.to_thread(try_client, srv.port, 0.5)
-            if sock is None:
-                break  # full again
-            held.append(sock)
+        await asyncio.sleep(0.3)
         await asyncio.to_thread(redis_server.start)
         deadline = time.monotonic() + 10
-        while "out of file descriptors (broker" not in srv.output():
-            assert time.monotonic() < deadline, srv.output()[-3000:]
-            await asyncio.sleep(0.1)
+        try:
+            while "out of file descriptors (broker" not in srv.output():
+                assert time.monotonic() < deadline, srv.output()[-3000:]
+                await asyncio.sleep(0.1)
+        finally:
+            arriving = False
+            await arrivals
     finally:
         for sock in held:
             sock.close()
