@@ -56,6 +56,7 @@ from wsfan.server.wire import (
     JoinData,
     Leave,
     LeaveData,
+    Outbound,
     Ping,
     Pong,
     PresenceData,
@@ -276,10 +277,7 @@ class Hub:
         s.claims = claims
         self.sessions[conn_id] = s
         self.stats.connections_opened += 1
-        self.send(
-            s,
-            s.codec.frame(Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id)),
-        )
+        self.reply(s, Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id))
         return s
 
     def open_stream(self, peer: Peer, user: str | None = None, claims: Any = None) -> Session:
@@ -667,10 +665,10 @@ class Hub:
 
     def _on_echo(self, s: Session, m: Echo) -> None:
         # Encoded right away: m.payload still points into the frame being handled.
-        self.send(s, s.codec.frame(EchoReply(requestId=m.id, payload=m.payload)))
+        self.reply(s, EchoReply(requestId=m.id, payload=m.payload))
 
     def _on_ping(self, s: Session, m: Ping) -> None:
-        self.send(s, s.codec.frame(Pong(requestId=m.id, ts=m.ts)))
+        self.reply(s, Pong(requestId=m.id, ts=m.ts))
 
     # ------------------------------------------------------------ membership
 
@@ -775,10 +773,19 @@ class Hub:
         if n and not self._flush_pending:
             self._request_flush()
 
+    def reply(self, s: Session, msg: Outbound) -> None:
+        """Queue a message to one session (welcome, ack, error, echo, pong) in its encoding.
+
+        A Server-Sent Events stream carries deliveries only: a session opened with
+        ``open_stream`` (its ``encoding`` is ``Encoding.SSE``) gets no replies. The
+        kind is the session's; the hub never looks into a frame to tell.
+        """
+        if s.encoding is Encoding.SSE:
+            return
+        self.send(s, s.codec.frame(msg))
+
     def send(self, s: Session, frame: bytes) -> None:
-        """Queue one complete frame for one session (replies, welcome, replay)."""
-        if s.encoding is Encoding.SSE and not frame.startswith(b"id: "):
-            return  # an SSE stream carries deliveries only: no welcome, acks or errors
+        """Queue one complete frame, already built for the session's delivery kind (replies, replay)."""
         p = s.pending
         if p is not None and p.deferring:
             p.queue.append(functools.partial(self.send, s, frame))
@@ -795,11 +802,11 @@ class Hub:
 
     def ack(self, s: Session, request_id: str | None, data: Any) -> None:
         self.stats.replies += 1
-        self.send(s, s.codec.frame(Ack(requestId=request_id, success=True, data=data)))
+        self.reply(s, Ack(requestId=request_id, success=True, data=data))
 
     def error(self, s: Session, request_id: str | None, code: ErrorCode, message: str) -> None:
         self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
-        self.send(s, s.codec.frame(Error(requestId=request_id, success=False, code=code, message=message)))
+        self.reply(s, Error(requestId=request_id, success=False, code=code, message=message))
 
     def _request_flush(self) -> None:
         self._flush_pending = True

@@ -29,15 +29,8 @@ from helpers.servers import ServerProcess
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.broker.publication import Publication
 from wsfan.server.hub import Hub, Session
-from wsfan.server.protocol import (
-    CODECS,
-    MAX_PAYLOAD_DEPTH,
-    DecodeFailure,
-    Encoding,
-    ErrorCode,
-    Inbound,
-    payload_problem,
-)
+from wsfan.server.protocol import CODECS, MAX_PAYLOAD_DEPTH, DecodeFailure, Encoding, payload_problem
+from wsfan.server.wire import ErrorCode, Inbound
 
 REPLY_TYPES = {"welcome", "message", "ack", "error", "echo", "pong", "joined", "left"}
 ERROR_CODES = {c.value for c in ErrorCode}

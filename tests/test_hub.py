@@ -15,7 +15,7 @@ import msgspec
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.hub import Hub, Session
 from wsfan.server.protocol import Encoding
-from wsfan.server.wire import Inbound
+from wsfan.server.wire import ErrorCode, Inbound
 
 
 class RecordingPeer:
@@ -221,3 +221,32 @@ def test_replies_are_written_before_fan_out():
     run(scheduled)
     assert order == ["publisher", "sub0", "sub1", "sub2"]
     assert pub_peer.messages()[-1]["requestId"] == "p1"
+
+
+def test_a_stream_session_gets_deliveries_only_and_the_hub_never_reads_frame_bytes():
+    """SSE is a property of the session (``open_stream``), not of the frame's first bytes."""
+    hub, scheduled = make_hub()
+    pub_peer, stream_peer = RecordingPeer(), RecordingPeer()
+    publisher = hub.open(pub_peer, Encoding.JSON)
+    send(hub, publisher, {"type": "join", "id": "j", "room": "r"})
+    send(hub, publisher, {"type": "publish", "room": "r", "payload": {"n": 1}})
+    stream = hub.open_stream(stream_peer)
+    hub.join(stream, "r", since=0, request_id="sse-join")  # replays seq 1; its ack is not for a stream
+    hub.error(stream, "x", ErrorCode.FORBIDDEN, "no")  # a reply of any kind is not for a stream
+    hub.ack(stream, "y", {})
+    send(hub, publisher, {"type": "publish", "room": "r", "payload": {"n": 2}})
+    # An SSE frame is whatever the session's encoding builds, even a text that does not
+    # start with "id: ": the hub queues deliveries for a stream without looking at them.
+    hub.send(stream, b"retry: 1000\n\n")
+    run(scheduled)
+    frames = [f for batch in stream_peer.writes for f in batch]
+    assert frames == [
+        b'id: 1\ndata: {"type":"message","room":"r","seq":1,"from":"'
+        + publisher.user.encode()
+        + b'","payload":{"n":1}}\n\n',
+        b'id: 2\ndata: {"type":"message","room":"r","seq":2,"from":"'
+        + publisher.user.encode()
+        + b'","payload":{"n":2}}\n\n',
+        b"retry: 1000\n\n",
+    ]
+    assert [m["type"] for m in pub_peer.messages()] == ["welcome", "ack"]

@@ -1,12 +1,54 @@
-"""The seam between one node and the rest of the cluster.
+"""The seam between one node and the rest of the cluster: the ``Broker`` contract.
 
 The hub publishes through a ``Broker`` and receives every publication back through
-the callback it binds, whether the broker lives in this process (single node) or
-in Redis (cluster). The hub never knows which one it has.
+the callback it binds, whether the broker lives in this process (single node,
+``memory.py``) or in Redis (cluster, ``redis.py``). The hub never knows which one
+it has. ``tests/test_broker_contract.py`` runs one suite against every
+implementation (centrifuge's shared broker tests are the model).
 
-Calls that may need the network return either a value or an awaitable of it: the
-in-process broker answers synchronously so the single-node hot path never creates
-a task, and the hub awaits only when it is handed an awaitable.
+Rules every broker keeps:
+
+Sync or async
+    ``publish``, ``history``, ``subscribe``, ``unsubscribe`` and the presence calls
+    return either the value itself or an awaitable of it. The in-process broker
+    answers synchronously so that the single-node hot path never creates a task;
+    the hub awaits only when handed an awaitable (``inspect.isawaitable``).
+    ``bind``/``bind_events`` are synchronous and come before ``start``; ``start``
+    and ``close`` are coroutines, ``close`` bounded in time.
+
+Numbering
+    ``publish`` assigns the room's next seq: 1, 2, 3... per room, no gaps, no
+    repeats within one epoch, in the order one node called ``publish``. A room's
+    ``epoch`` names its numbering; it changes only when the room was lost and its
+    seq started over (a restarted process, Redis without the room, an expired room).
+
+History
+    ``history(room, since, epoch)`` is ``history_since`` (``history.py``: the one
+    pure function every broker uses) applied to what the broker kept of the room.
+    A room nobody published to has seq 0 and an epoch; asking fixes that epoch for
+    the publications that follow. An asynchronous broker reads history only once
+    the room's live publications flow to this node, so a join sees every seq once:
+    in the replay or live (the hub parks live ones meanwhile).
+
+Delivery
+    ``deliver`` (bound with ``bind``) is called on the event loop, synchronously,
+    once per publication of every room this node subscribed to, in seq order per
+    room, the publishing node included. It may also be called for rooms this node
+    did not subscribe to (the memory broker delivers every room): the hub drops
+    those. A room's deliveries are guaranteed from the moment a ``history`` call
+    made after ``subscribe`` has returned (the hub's join does exactly that) until
+    ``unsubscribe``.
+
+Errors
+    The only error a caller handles is ``BrokerUnavailable`` ("not now": the client
+    gets ``UNAVAILABLE``). ``publish``, ``history`` and the presence reads report
+    it by raising it (synchronous broker) or through their awaitable (asynchronous
+    broker); either way nothing was published or read. Its ``public`` text is what
+    the client is told, a sentence of ours; its message (which may quote Redis) is
+    for logs only. Any other exception is a bug: the hub logs it and answers
+    ``INTERNAL``. ``subscribe``/``unsubscribe`` never fail: a broker that lost its
+    backend resubscribes every wanted room when it is back, and delivers what the
+    rooms' subscribers missed meanwhile before anything newer.
 """
 
 from __future__ import annotations
@@ -14,7 +56,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from wsfan.server.broker.publication import History, PresenceEntry, PresenceEvent, Publication
+from wsfan.server.broker.history import History, history_since
+from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
 
 DeliverFn = Callable[[Publication], None]
 EventFn = Callable[[PresenceEvent], None]
@@ -55,10 +98,11 @@ class Broker(Protocol):
         """Assign the room's next seq, keep the publication in history and fan it out to every node."""
 
     def history(self, room: str, since: int | None, epoch: str | None = None) -> History | Awaitable[History]:
-        """Publications with ``seq > since`` (none when since is None), the room's seq and epoch.
+        """``history_since`` of what the broker kept of ``room``: replay, recovered, seq, epoch.
 
-        An ``epoch`` other than the room's means ``since`` counts in a numbering that is
-        gone: the result is not recovered, and carries whatever history the room has now.
+        Publications with ``seq > since`` (none when since is None). An ``epoch`` other
+        than the room's means ``since`` counts in a numbering that is gone: the result is
+        not recovered, and carries whatever history the room has now.
         """
 
     def subscribe(self, room: str) -> None | Awaitable[None]:
@@ -94,4 +138,5 @@ __all__ = [
     "PresenceEntry",
     "PresenceEvent",
     "Publication",
+    "history_since",
 ]

@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Callable
 
 from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn
-from wsfan.server.broker.publication import History, PresenceEntry, PresenceEvent, Publication
+from wsfan.server.broker.history import History, history_since
+from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
 from wsfan.server.namespaces import Namespace, Namespaces
 
 # Sweep period bounds, seconds: a quarter of the shortest history_ttl, within these.
@@ -40,22 +41,9 @@ class RoomLog:
         self.last = now  # perf_counter of the last publication (or of the room's creation)
 
     def since(self, since: int | None, client_epoch: str | None = None) -> History:
-        epoch = self.epoch
-        if since is None:
-            return History([], False, self.seq, epoch)
-        if client_epoch and client_epoch != epoch:
-            # The client counted in an earlier incarnation's numbering: nothing after its
-            # since is recoverable, and all this room has now is news to it.
-            return History(list(self.ring), False, self.seq, epoch)
-        if since >= self.seq:
-            # Nothing missed; a since beyond our seq means the client saw a seq
-            # this room never assigned (a restart or an expiry lost it): not recovered.
-            return History([], since == self.seq, self.seq, epoch)
-        missed = self.seq - since
-        ring = self.ring
-        if missed > len(ring):
-            return History(list(ring), False, self.seq, epoch)
-        return History(list(ring)[len(ring) - missed :], True, self.seq, epoch)
+        """``history_since`` of this room's ring: a client epoch from an earlier incarnation
+        (a restart or an expiry lost the room) is not recovered."""
+        return history_since(self.ring, self.seq, self.epoch, since, client_epoch)
 
 
 class MemoryBroker:

@@ -118,15 +118,6 @@ def sse_data(text: bytes) -> bytes:
     return text
 
 
-class History(NamedTuple):
-    publications: list[Publication]
-    recovered: bool
-    seq: int
-    # Names the room's numbering: it changes when the broker lost the room and its seq
-    # started over, which ``since`` alone cannot reveal once the new seq has passed it.
-    epoch: str = ""
-
-
 class PresenceEntry(NamedTuple):
     """One connection in a room's presence: its conn id, user, and when it joined (unix ms)."""
 

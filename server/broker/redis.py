@@ -33,7 +33,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn
-from wsfan.server.broker.publication import History, PresenceEntry, PresenceEvent, Publication
+from wsfan.server.broker.history import History, history_since
+from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
 from wsfan.server.broker.redis_layout import (
     EVENT_SEQ,
     HISTORY_LUA,
@@ -391,23 +392,13 @@ class RedisBroker:
             raise BrokerUnavailable("broker refused the history read") from None
         seq, current = int(reply[0]), reply[1].decode()
         pubs: list[Publication] = []
-        damaged = False  # an entry that does not decode is a gap: the replay is not a recovery
         for entry in reply[2:]:
             try:
                 pubs.append(self._publication(room, entry, live=False))
             except Exception:  # noqa: BLE001 - any decoder failure
-                damaged = True
+                # Skipped: its seq is missing from the replay, so history_since does not call it recovered.
                 log.error("skipped a malformed history entry of %r", room)
-        if since is None:
-            return History([], False, seq, current)
-        if epoch and epoch != current:
-            # The room was lost and started over: nothing after ``since`` is recoverable, but
-            # everything in the new numbering is news to this client, so it is all replayed.
-            return History(pubs, False, seq, current)
-        if since >= seq:
-            return History([], since == seq, seq, current)
-        recovered = not damaged and bool(pubs) and pubs[0].seq == since + 1 and pubs[-1].seq == seq
-        return History(pubs, recovered, seq, current)
+        return history_since(pubs, seq, current, since, epoch)
 
     def _room_args(self, room: str) -> tuple[bytes, bytes, bytes, bytes]:
         """A room's parts of a publish command, as RESP: keys, channel, history size, history and meta TTLs."""
