@@ -21,7 +21,7 @@ from wsfan.bench.scenarios import compression
 from wsfan.bench.servers import ALL, BASELINES
 from wsfan.bench.suite import LAG_LIMIT_US, cores
 
-ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "compression")
+ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "compression", "rooms")
 
 
 def _label(key: str) -> str:
@@ -622,6 +622,55 @@ def cluster_section(doc: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def rooms_section(doc: dict[str, Any]) -> list[str]:
+    data, s = doc["data"], doc["settings"]
+    out = ["## Rooms that come and go: memory after their TTL, join/leave churn", ""]
+    m = data.get("memory")
+    if m:
+        mib = 2**20
+        out += [
+            f"{m['rooms']:,} one-shot rooms (join, one publish, leave) on one node with `--history-ttl "
+            f"{s['history_ttl']:g}`, after a warm-up of {s['warmup_rooms']:,} rooms that expired first "
+            "(bench/scenarios/rooms.py says why). RSS cold (connections open, nothing done), warm (the "
+            "baseline), at the peak and once the TTL passed; the check: back within 10 % of warm.",
+            "",
+        ]
+        out += markdown_table(
+            ["rooms/s", "µs CPU/room", "cold MiB", "warm MiB", "peak MiB", "bytes/room at peak", "after MiB",
+             "after ÷ warm", "after ÷ cold", "settled in"],
+            [[_num(m["rooms_per_s"]), _num(m["server_us_per_room"], "{:.1f}"), f"{m['rss_cold'] / mib:.1f}",
+              f"{m['rss_baseline'] / mib:.1f}", f"{m['rss_peak'] / mib:.1f}", _num(m["bytes_per_room_at_peak"]),
+              f"{m['rss_after'] / mib:.1f}", f"{m['after_over_baseline']:.2f}", f"{m['after_over_cold']:.2f}",
+              f"{m['settled_after_s']:.0f} s"]],
+        )  # fmt: skip
+        out.append("")
+    churn = data.get("churn") or []
+    if churn:
+        out += [
+            f"Join/leave churn: {s['churners']} connections join and leave one room in a closed loop for "
+            f"{s['churn_duration']:g} s while {s['churn_listeners']} listeners stay in it; presence off (default "
+            "namespace) vs on (`--presence --join-leave`: every join and leave is announced to everyone in the "
+            "room, so the extra CPU is mostly those events' fan-out).",
+            "",
+        ]
+        rows = [
+            [("on" if r["presence"] else "off"), _num(r["joins_per_s"]), _num(r["server_us_per_join"], "{:.1f}"),
+             _num(r["events_per_s"]), f"{(r['server_util'] or 0) * 100:.0f}%"]
+            for r in churn
+        ]  # fmt: skip
+        ratios = data.get("ratios") or {}
+        if ratios:
+            rows.append(
+                ["on ÷ off", f"{ratios['joins_per_s_on_over_off']:.2f}",
+                 f"{ratios['cpu_per_join_on_over_off']:.2f}", "", ""]
+            )  # fmt: skip
+        out += markdown_table(
+            ["presence", "joins/s", "µs CPU per join+leave", "events/s", "server core"], rows
+        )
+        out.append("")
+    return out
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "fanout": fanout_section,
     "echo": echo_section,
@@ -630,6 +679,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "connect": connect_section,
     "cluster": cluster_section,
     "compression": compression.section,
+    "rooms": rooms_section,
 }
 
 

@@ -690,8 +690,13 @@ class Hub:
         rooms.add(name)  # type: ignore[union-attr]
 
     def _remove(self, s: Session, name: str) -> None:
-        if name in s.rooms:
-            s.rooms.discard(name)  # type: ignore[union-attr]
+        rooms = s.rooms
+        if name in rooms:
+            rooms.discard(name)  # type: ignore[union-attr]
+            if not rooms:
+                # Sets never shrink: a connection that left its last room goes back to sharing the
+                # empty frozenset, so a table sized during a burst of joins does not outlive it.
+                s.rooms = _NO_ROOMS
             self._presence_leave(s, name)
         room = self.rooms.get(name)
         if room is None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster")
+SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "rooms")
 PLOTS = (
     "fanout_cpu.png",
     "fanout_latency.png",
@@ -90,6 +90,7 @@ def test_every_scenario_wrote_its_json_report_and_plots(run):
         "## Heartbeat",
         "## Reconnection storm",
         "## Connect",
+        "## Rooms that come and go",
     ):
         assert heading in report
     if _rows(run, "cluster"):
@@ -277,3 +278,14 @@ def test_quick_runs_refuse_to_publish():
         proc = _bench(*args, timeout=30)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr and "--publish needs a full run" in proc.stderr
+
+
+def test_rooms_memory_comes_back_and_churn_announces_every_join_and_leave(run):
+    data, s = run["docs"]["rooms"]["data"], run["docs"]["rooms"]["settings"]
+    m = data["memory"]
+    assert m["rooms"] == s["rooms"] and m["errors"] == 0
+    assert m["rss_peak"] > m["rss_baseline"] and m["after_over_baseline"] <= 1.10, m
+    off, on = data["churn"]
+    assert (off["presence"], on["presence"]) == (False, True)
+    assert off["events"] == 0 and on["events"] == 2 * on["joins"] * s["churn_listeners"]
+    assert data["ratios"]["cpu_per_join_on_over_off"] > 0 and data["ratios"]["joins_per_s_on_over_off"] > 0

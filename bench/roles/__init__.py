@@ -8,6 +8,7 @@ Which client each role uses, and why:
 | ``fanout_lat`` | plain picows | up to a million deliveries/s received on one core |
 | ``idle_multi`` | plain picows | tens of thousands of idle connections; pings counted per server |
 | ``connect`` | plain picows | handshake rate: the cheapest possible client side |
+| ``oneshot_rooms`` / ``churn`` | plain picows | hundreds of thousands of rooms, or joins as fast as acks come |
 | ``storm`` | ``client/`` | the point is the client's real reconnect logic (backoff, jitter, Retry-After, rejoin with since) |
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 from wsfan.bench.roles.echo import echo_lat
 from wsfan.bench.roles.fanout import fanout_lat
 from wsfan.bench.roles.idle import connect, idle_multi
+from wsfan.bench.roles.rooms import churn, oneshot_rooms
 from wsfan.bench.roles.storm import storm
 
 ROLES: dict[str, Callable[..., Any]] = {
@@ -27,4 +29,6 @@ ROLES: dict[str, Callable[..., Any]] = {
     "idle_multi": idle_multi,
     "connect": connect,
     "storm": storm,
+    "oneshot_rooms": oneshot_rooms,
+    "churn": churn,
 }

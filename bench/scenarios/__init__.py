@@ -20,6 +20,7 @@ from wsfan.bench.scenarios import (
     fanout,
     heartbeat,
     render,
+    rooms,
     storm,
 )
 
@@ -35,5 +36,5 @@ class Scenario(Protocol):
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (everything, fanout, echo, heartbeat, storm, connect, cluster, compression, core, render)
+    for m in (everything, fanout, echo, heartbeat, storm, connect, cluster, compression, rooms, core, render)
 }

@@ -1,6 +1,6 @@
 """``python -m wsfan.bench all``: every scenario of the suite into one run folder, then report.md and plots (``--publish``: also results/latest.md).
 
-Order: fan-out, echo, heartbeat, reconnection storm, connect rate, cluster, compression (the core
+Order: fan-out, echo, heartbeat, reconnection storm, connect rate, cluster, compression, rooms (the core
 scenario stays separate: ``make bench-core``). A full run takes about 15
 minutes on 2 cores; ``--quick`` is the CI-sized version (under a minute). A
 scenario that fails is recorded and the others still run; the exit code is 1
@@ -13,12 +13,12 @@ import argparse
 import time
 
 from wsfan.bench.report import render_folder
-from wsfan.bench.scenarios import cluster, compression, connect, echo, fanout, heartbeat, storm
+from wsfan.bench.scenarios import cluster, compression, connect, echo, fanout, heartbeat, rooms, storm
 from wsfan.bench.suite import add_common, context_from, copy_latest, csv_words, run_scenario, settings_from
 
 NAME = "all"
-HELP = "every scenario (fanout, echo, heartbeat, storm, connect, cluster, compression) into one results folder, with report and plots"
-PARTS = {m.NAME: m for m in (fanout, echo, heartbeat, storm, connect, cluster, compression)}
+HELP = "every scenario (fanout, echo, heartbeat, storm, connect, cluster, compression, rooms) into one results folder, with report and plots"
+PARTS = {m.NAME: m for m in (fanout, echo, heartbeat, storm, connect, cluster, compression, rooms)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
