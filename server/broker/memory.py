@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import itertools
 import secrets
 import time
@@ -41,9 +40,8 @@ def _malloc_trim() -> None:
     """
 
 
-_libc_name = ctypes.util.find_library("c")
-try:
-    _trim = ctypes.CDLL(_libc_name).malloc_trim if _libc_name else None
+try:  # the process's own symbols include the C library's (no ldconfig/gcc lookup at startup)
+    _trim = ctypes.CDLL(None).malloc_trim
 except (OSError, AttributeError):
     _trim = None
 if _trim is not None:
