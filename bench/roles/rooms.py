@@ -23,7 +23,7 @@ from typing import Any
 
 from picows import WSFrame, WSTransport
 
-from wsfan.bench.loadgen import CLOSE, HEAD, REPLY, TEXT, Base, Control, connect_many, disconnect_all, emit
+from wsfan.bench.loadgen import CLOSE, HEAD, TEXT, Base, Control, connect_many, disconnect_all, emit
 
 
 class _Welcomed(Base):
@@ -140,7 +140,7 @@ class Churner(_Welcomed):
         self.transport.send(TEXT, self.join)  # type: ignore[union-attr]
 
     def on_message(self, data: bytes) -> None:
-        r = REPLY.decode(data)
+        r = HEAD.decode(data)
         if r.type == "error":
             self.errors += 1
         elif r.type != "ack":
