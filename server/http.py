@@ -203,6 +203,23 @@ class HttpSide:
         sent = (given or "").encode("utf-8", "surrogateescape")
         return bool(key) and hmac.compare_digest(sent, f"Bearer {key}".encode())
 
+    async def _identity(
+        self, request: web.Request, room: str, verb: str, kind: str
+    ) -> Identity | None | web.Response:
+        """The request's token identity, allowed in ``room`` (None: no auth configured), or the logged
+        refusal to answer with: 401 with the token's fixed reason, 403 ``not allowed to <verb> 'room'``."""
+        auth = self.node.authenticator
+        if auth is None:
+            return None
+        try:
+            identity = await auth.verify_async(token_from_request(request.headers, request.query_string))
+        except AuthError as exc:
+            return self._refused(request, exc.status, str(exc), logging.INFO, f"{kind}_auth", room=room)
+        if not identity.allows(room):
+            why = f"not allowed to {verb} {room!r}"
+            return self._refused(request, 403, why, logging.INFO, f"{kind}_forbidden", identity.user, room)
+        return identity
+
     async def healthz(self, request: web.Request) -> web.Response:
         if self.node.draining:
             return web.Response(status=503, text="draining\n")
@@ -262,17 +279,10 @@ class HttpSide:
         admin = self._is_admin(request)
         if isinstance(admin, Refusal):
             return _json_error(admin.status, admin.reason)
-        auth = self.node.authenticator
-        if not admin and auth is not None:
-            try:
-                identity = await auth.verify_async(token_from_request(request.headers, request.query_string))
-            except AuthError as exc:
-                return self._refused(request, exc.status, str(exc), logging.INFO, "presence_auth", room=room)
-            if not identity.allows(room):
-                return self._refused(
-                    request, 403, f"not allowed to see who is in {room!r}", logging.INFO, "presence_forbidden",
-                    identity.user, room,
-                )  # fmt: skip
+        if not admin:
+            identity = await self._identity(request, room, "see who is in", "presence")
+            if isinstance(identity, web.Response):
+                return identity
         hub = self.node.hub
         if not hub.namespaces.of(room).presence:
             return _json_error(404, f"presence is off for {room!r} (its namespace)")
@@ -314,23 +324,9 @@ class HttpSide:
             return self._refused(
                 request, refused.status, refused.reason, logging.INFO, "sse_origin", room=room
             )
-        identity: Identity | None = None
-        auth = self.node.authenticator
-        if auth is not None:
-            try:
-                identity = await auth.verify_async(token_from_request(request.headers, request.query_string))
-            except AuthError as exc:
-                return self._refused(request, exc.status, str(exc), logging.INFO, "sse_auth", room=room)
-            if not identity.allows(room):
-                return self._refused(
-                    request,
-                    403,
-                    f"not allowed to join {room!r}",
-                    logging.INFO,
-                    "sse_forbidden",
-                    identity.user,
-                    room,
-                )
+        identity = await self._identity(request, room, "join", "sse")
+        if isinstance(identity, web.Response):
+            return identity
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
