@@ -190,7 +190,9 @@ async def test_broker_down_tells_clients_only_unavailable(how: str, make_server)
     else:
         redis, url = None, f"redis://127.0.0.1:{free_port()}/0"
     http_port = free_port()
-    srv = make_server("--broker", url, "--admin-key", ADMIN, "--http-port", str(http_port)).start()
+    srv = make_server(
+        "--broker", url, "--admin-key", ADMIN, "--http-port", str(http_port), "--namespaces", "chat:presence=true"
+    ).start()  # fmt: skip
     wait_for_port(http_port)
     try:
         c = await PicowsPeer.connect(srv.url)
@@ -198,7 +200,11 @@ async def test_broker_down_tells_clients_only_unavailable(how: str, make_server)
             assert (await c.request("join", room="before"))["type"] == "ack"
             redis.stop()
         messages = []
-        requests = [("join", {"room": "r"})]
+        requests = [
+            ("join", {"room": "r"}),
+            ("presence", {"room": "chat:x"}),
+            ("presence_stats", {"room": "chat:x"}),
+        ]
         if redis is not None:  # publishing needs a joined room: the one joined while Redis was up
             requests.append(("publish", {"room": "before", "payload": 1}))
         for kind, request in requests:
@@ -213,11 +219,19 @@ async def test_broker_down_tells_clients_only_unavailable(how: str, make_server)
             ) as r:
                 assert r.status == 503 and r.headers["Retry-After"] == "1"
                 messages.append((await r.json())["error"])
+            for path in ("presence", "presence_stats"):
+                async with http.get(
+                    f"http://{HOST}:{http_port}/{path}",
+                    params={"room": "chat:x"},
+                    headers={"Authorization": f"Bearer {ADMIN}"},
+                ) as r:
+                    assert r.status == 503, await r.text()
+                    messages.append((await r.json())["error"])
         await c.close()
     finally:
         if redis is not None:
             redis.stop()
-    assert messages == [UNAVAILABLE_TEXT] * (len(requests) + 1)
+    assert messages == [UNAVAILABLE_TEXT] * (len(requests) + 3), "WebSocket replies, admin publish, presence"
     assert not INTERNAL.search(UNAVAILABLE_TEXT)
     assert srv.stop() == 0
     assert url.rsplit(":", 1)[1].split("/")[0] in srv.output(), "the address is in the log, for the operator"
