@@ -34,6 +34,7 @@ from wsfan.server.broker import (
     Publication,
 )
 from wsfan.server.deflate import delivery_kind
+from wsfan.server.logs import fields
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import (
     WIRE_ENCODINGS,
@@ -343,7 +344,9 @@ class Hub:
         try:
             self._handlers[type(msg)](s, msg)
         except Exception:
-            log.exception("handler for %s failed", type(msg).__name__)
+            log.exception(
+                "handler for %s failed", type(msg).__name__, extra=fields(conn=s.conn_id, user=s.user)
+            )
             self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
 
     def _receive_behind(self, s: Session, p: Pending, data: bytes | memoryview, opcode: int) -> None:
@@ -366,7 +369,9 @@ class Hub:
         try:
             self._handlers[type(msg)](s, msg)
         except Exception:
-            log.exception("handler for %s failed", type(msg).__name__)
+            log.exception(
+                "handler for %s failed", type(msg).__name__, extra=fields(conn=s.conn_id, user=s.user)
+            )
             self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
 
     def _hold(self, s: Session, barrier: bool) -> None:
@@ -403,7 +408,10 @@ class Hub:
         self.stats.rate_limited += 1
         if bucket.strikes > self.rate_abuse_strikes:
             self.stats.rate_limit_closes += 1
-            log.info("closing %s: still over the rate limit after %d refusals", s.conn_id, bucket.strikes - 1)
+            log.info(
+                "closing %s: still over the rate limit after %d refusals", s.conn_id, bucket.strikes - 1,
+                extra=fields(conn=s.conn_id, user=s.user, code=4029, event="rate_limit_abuse"),
+            )  # fmt: skip
             s.peer.close(4029, "rate limit abuse")
             return
         self.error(
@@ -457,7 +465,7 @@ class Hub:
             self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
             return
         except Exception:  # a bug or a broker reply we cannot read: answered all the same
-            log.exception("join of %r failed", name)
+            log.exception("join of %r failed", name, extra=fields(conn=s.conn_id, user=s.user, room=name))
             room.recovering.pop(s, None)
             self._forget_if_unused(room)
             self.error(s, request_id, ErrorCode.INTERNAL, "internal error")
@@ -592,7 +600,12 @@ class Hub:
         elif isinstance(exc, BrokerUnavailable):
             self.error(s, request_id, ErrorCode.UNAVAILABLE, exc.public)
         else:
-            log.error("publish to %r failed", room, exc_info=exc)
+            log.error(
+                "publish to %r failed",
+                room,
+                exc_info=exc,
+                extra=fields(conn=s.conn_id, user=s.user, room=room),
+            )
             self.error(s, request_id, ErrorCode.INTERNAL, "internal error")
 
     async def _publish_async(
