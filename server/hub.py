@@ -48,6 +48,7 @@ from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.stats import Stats
 from wsfan.server.wire import (
     Ack,
+    CloseCode,
     Echo,
     EchoReply,
     Error,
@@ -824,6 +825,12 @@ class Hub:
 
     def error(self, s: Session, request_id: str | None, code: ErrorCode, message: str) -> None:
         self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        if s.encoding is Encoding.SSE:
+            # A stream's only request is its join: refused (UNAVAILABLE from the broker or the
+            # room limit), the stream would stay open and silent, so it ends instead.
+            again = code == ErrorCode.UNAVAILABLE
+            s.peer.close(CloseCode.TRY_AGAIN_LATER if again else CloseCode.INTERNAL_ERROR, message)
+            return
         self.reply(s, Error(requestId=request_id, success=False, code=code, message=message))
 
     def _request_flush(self) -> None:

@@ -91,6 +91,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # only as an SSE stream's closing `event: close` data (its join got UNAVAILABLE)
     HEARTBEAT_TIMEOUT = 4000
     TOKEN_EXPIRED = 4001
     SLOW_CONSUMER = 4008

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from helpers.redis_server import RedisServer, require_redis
 from wsfan.server.broker import Broker, History, Publication, history_since
 from wsfan.server.broker.memory import MemoryBroker
+from wsfan.server.broker.publication import PresenceEntry
+from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import Encoding
 
 T = TypeVar("T")
@@ -98,14 +100,16 @@ async def make_node(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[
     started: list[Broker] = []
     srv = request.getfixturevalue("shared_redis") if kind == "redis" else None
 
-    async def make(history_size: int = HISTORY_SIZE) -> Node:
+    async def make(history_size: int = HISTORY_SIZE, namespaces: Namespaces | None = None) -> Node:
         if kind == "memory":
-            broker: Broker = MemoryBroker(history_size)
+            broker: Broker = MemoryBroker(history_size, namespaces=namespaces)
         else:
             from wsfan.server.broker.redis import RedisBroker
 
             assert srv is not None
-            broker = RedisBroker(srv.url, history_size=history_size, node_id=f"n{len(started)}")
+            broker = RedisBroker(
+                srv.url, history_size=history_size, node_id=f"n{len(started)}", namespaces=namespaces
+            )
         node = Node(broker)
         await broker.start()
         started.append(broker)
@@ -287,6 +291,90 @@ async def test_a_node_receives_other_nodes_publications_until_it_unsubscribes(
     await a.publish(marker)
     await b.deliveries.until(marker, 1)
     assert b.deliveries.of(room) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- presence and join/leave events
+
+
+class Events:
+    """The ``bind_events`` callback, recording (joined, user, conn) per room and waking waiters."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def of(self, room: str) -> list[tuple[bool, str, str]]:
+        return [(e.joined, e.user, e.conn) for e in self.node.events if e.room == room]
+
+    async def until(self, room: str, count: int, timeout: float = 10.0) -> list[tuple[bool, str, str]]:
+        async with asyncio.timeout(timeout):
+            while len(self.of(room)) < count:
+                await asyncio.sleep(0.01)
+        return self.of(room)
+
+
+async def test_presence_lists_entries_and_counts_users_once(node: Node, room: str) -> None:
+    b = node.broker
+    entries = [PresenceEntry("c1", "ann", 1), PresenceEntry("c2", "ann", 2), PresenceEntry("c3", "bob", 3)]
+    for e in entries:
+        await settle(b.join_presence(room, e, True, False))
+    assert sorted(await settle(b.presence(room))) == entries
+    assert await settle(b.presence_stats(room)) == (3, 2)
+    await settle(b.leave_presence(room, PresenceEntry("c1", "ann", 0), True, False))
+    assert sorted(await settle(b.presence(room))) == entries[1:]
+    assert await settle(b.presence_stats(room)) == (2, 2)
+    assert await settle(b.presence(room + "-empty")) == [] and await settle(
+        b.presence_stats(room + "-x")
+    ) == (0, 0)
+
+
+async def test_presence_off_keeps_nothing_and_announce_off_sends_nothing(node: Node, room: str) -> None:
+    await node.join(room)
+    await settle(node.broker.join_presence(room, PresenceEntry("c1", "ann", 1), False, True))
+    await settle(node.broker.join_presence(room, PresenceEntry("c2", "bob", 1), True, False))
+    assert [e.conn for e in await settle(node.broker.presence(room))] == ["c2"]
+    assert await Events(node).until(room, 1) == [(True, "ann", "c1")]
+    await node.publish(room)  # a marker: events and messages of a room keep their order
+    await node.deliveries.until(room, 1)
+    assert Events(node).of(room) == [(True, "ann", "c1")], "announce=False sent no event"
+
+
+async def test_joined_and_left_reach_a_subscribed_node_once_in_order_unnumbered(
+    node: Node, room: str
+) -> None:
+    await node.join(room)
+    await node.publish(room)
+    await settle(node.broker.join_presence(room, PresenceEntry("c9", "zed", 1), True, True))
+    await settle(node.broker.leave_presence(room, PresenceEntry("c9", "zed", 0), True, True))
+    assert await Events(node).until(room, 2) == [(True, "zed", "c9"), (False, "zed", "c9")]
+    assert (await node.publish(room)).seq == 2, "events take no seq"
+    assert (await node.history(room, 0)).publications[-1].seq == 2
+
+
+@pytest.mark.parametrize("kind", ["redis"])  # a memory broker is one node
+async def test_presence_and_events_are_shared_by_every_node(make_node: Any, room: str) -> None:
+    a, b = await make_node(), await make_node()
+    await b.join(room)
+    await settle(a.broker.join_presence(room, PresenceEntry("ca", "ann", 1), True, True))
+    assert await Events(b).until(room, 1) == [(True, "ann", "ca")]
+    assert [e.conn for e in await settle(b.broker.presence(room))] == ["ca"]
+
+
+# ---------------------------------------------------------------- history lifetime
+
+
+async def test_history_expires_after_the_namespaces_ttl(make_node: Any, room: str) -> None:
+    """After ``history_ttl`` without a publication, ``since`` is never recovered and nothing is replayed."""
+    ttl = Namespace(name="brief", history_ttl=1.0)
+    node = await make_node(namespaces=Namespaces(Namespace(), {"brief": ttl}))
+    name = f"brief:{room}"
+    first = await node.publish(name)
+    hist = await node.history(name, 0)
+    assert hist.recovered and [p.seq for p in hist.publications] == [1]
+    async with asyncio.timeout(10):
+        while (hist := await node.history(name, 0, hist.epoch)).recovered:
+            await asyncio.sleep(0.1)
+    assert hist.publications == [] and not hist.recovered
+    assert first.seq == 1
 
 
 # ---------------------------------------------------------------- the pure rule

@@ -10,11 +10,14 @@ import time
 import aiohttp
 import jwt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers.peers import PicowsPeer, WebsocketsPeer
 from helpers.ports import free_port, wait_for_port
 from helpers.servers import ROOT, ServerProcess
 from wsfan.server import config
+from wsfan.server import namespaces as ns_config
 
 SECRET = "presence-test-secret-long-enough-for-hs256"
 ADMIN = "presence-admin-key"
@@ -387,3 +390,57 @@ def test_js_client_presence_and_join_leave_events_against_the_server(ns_server):
     assert out["stats"] == {"connections": 2, "users": 2}
     assert out["notAvailable"] == "NOT_AVAILABLE"
     assert out["counted"] == 2
+
+
+async def test_an_sse_stream_refused_by_the_room_limit_ends_with_close_1013(make_server):
+    http_port = free_port()
+    srv = make_server("--max-rooms", "1", "--http-port", str(http_port), "--rate-limit", "0").start()
+    wait_for_port(http_port)
+    p = await PicowsPeer.connect(srv.url)
+    assert (await p.request("join", room="taken"))["type"] == "ack"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{http_port}/sse", params={"room": "other"}) as r:
+            assert r.status == 200
+            body = await asyncio.wait_for(r.content.read(), 5)  # the server ends the stream
+    assert body.endswith(b"event: close\ndata: 1013\n\n"), body
+    await p.close()
+
+
+# ---------------------------------------------------------------- namespace parsing, property-tested
+
+
+_NS_NAME = st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True)
+_KEYS = st.sampled_from(
+    ["history_size", "history_ttl", "presence", "join_leave", "allow_publish", "allow_history"]
+)
+_VALUE = st.from_regex(r"[A-Za-z0-9_.+-]{1,8}", fullmatch=True)
+
+
+@given(st.dictionaries(_NS_NAME, st.dictionaries(_KEYS, _VALUE, min_size=1), max_size=5))
+def test_namespace_specs_parse_back_to_what_was_written(table):
+    spec = ";".join(f"{n}:" + ",".join(f"{k}={v}" for k, v in opts.items()) for n, opts in table.items())
+    assert ns_config.parse_specs(spec) == table
+
+
+@given(st.text(max_size=80))
+def test_any_namespace_spec_parses_or_is_refused_with_a_message(text):
+    try:
+        table = ns_config.parse_specs(text)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    spaces, problems = ns_config.build(ns_config.Namespace(), table)
+    assert all(isinstance(p, str) and p for p in problems)
+    assert set(spaces.named) <= set(table)
+
+
+@given(
+    named=st.lists(_NS_NAME, max_size=4, unique=True),
+    room=st.from_regex(r"[A-Za-z0-9_.:-]{1,40}", fullmatch=True),
+)
+def test_a_rooms_namespace_is_its_prefix_before_the_first_colon_or_the_default(named, room):
+    spaces, problems = ns_config.build(ns_config.Namespace(), {n: {"presence": True} for n in named})
+    assert problems == []
+    prefix, sep, _ = room.partition(":")
+    expected = spaces.named[prefix] if sep and prefix in spaces.named else spaces.default
+    assert spaces.of(room) is expected
