@@ -741,6 +741,7 @@ class Hub:
             except Exception:  # noqa: BLE001 - e.g. an envelope from a node that did not check its payload
                 log.exception("room %r seq %d cannot be delivered as kind %#x", pub.room, pub.seq, kind)
                 continue
+            # The loop of ``_fan``, inlined: a call per group measured ~10 % slower (bench/micro).
             count = 0
             for s in members:
                 if s is origin:
@@ -774,23 +775,28 @@ class Hub:
         if room is None:
             return
         subject = self.sessions.get(event.conn)
-        dirty = self._dirty
         n = 0
         for kind, members in room.groups:
             if kind == Encoding.SSE or not members or (len(members) == 1 and subject in members):
                 continue
-            frame = event.frame(kind & 0xFF)  # events are small: never compressed
-            for s in members:
-                if s is subject:
-                    continue
-                s.out.append(frame)
-                if not s.scheduled:
-                    s.scheduled = True
-                    dirty.append(s)
-                n += 1
+            n += self._fan(members, event.frame(kind & 0xFF), subject)  # events are small: never compressed
         self.stats.presence_events += n
         if n and not self._flush_pending:
             self._request_flush()
+
+    def _fan(self, members: dict[Session, None], frame: bytes, skip: Session | None) -> int:
+        """Queue one shared frame for every member but ``skip`` (a write each at the next flush); how many."""
+        dirty = self._dirty
+        count = 0
+        for s in members:
+            if s is skip:
+                continue
+            s.out.append(frame)
+            if not s.scheduled:
+                s.scheduled = True
+                dirty.append(s)
+            count += 1
+        return count
 
     def reply(self, s: Session, msg: Outbound) -> None:
         """Queue a message to one session (welcome, ack, error, echo, pong) in its encoding.
