@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 from helpers.peers import PicowsPeer
@@ -132,3 +133,19 @@ async def test_an_expired_seq_restarts_under_a_new_epoch(redis_server, make_serv
     again = await pub.request("join", room="plain", since=2, epoch=epoch)
     assert again["data"]["recovered"] is False and again["data"]["epoch"] != epoch
     await pub.close()
+
+
+async def test_a_drained_node_leaves_presence_at_once_not_after_the_ttl(redis_server, make_server):
+    args = ("--presence-ttl", "60", "--drain-timeout", "2")
+    a, b = node(make_server, redis_server, "A", *args), node(make_server, redis_server, "B", *args)
+    room = "chat:drain"
+    pa = await joined(a.url, room)
+    pb = await joined(b.url, room)
+    assert (await pa.recv_type("joined"))["conn"] == pb.welcome["conn"]
+    started = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)  # a graceful stop: B's connections leave, announced
+    left = await pa.recv_type("left", timeout=10)
+    assert left["conn"] == pb.welcome["conn"] and time.monotonic() - started < 10
+    assert await presence(pa, room) == [pa.welcome["conn"]], "gone now, not after the 60 s TTL"
+    assert b.proc.wait(15) == 0
+    await pa.close()
