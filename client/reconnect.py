@@ -130,6 +130,9 @@ class Reconnector:
                 error, retry_after = exc, exc.retry_after
             except (OSError, TimeoutError, WSError, ClientError) as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - a library's surprise must not end reconnecting silently
+                log.exception("reconnect attempt %d failed unexpectedly; retrying", backoff.attempt)
+                error = exc
         return None
 
     async def _refreshed(self, why: int) -> str | None:

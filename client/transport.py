@@ -280,7 +280,13 @@ async def open_connection(
                 max_redirects=0,
                 **picows_options,
             )
-            assert isinstance(listener, _Listener)
+            if listener is None:
+                # picows resolves the handshake with no listener when the socket closed before the
+                # server's answer (WSProtocol.connection_lost: ``set_result(None)``), e.g. a server that
+                # exits while draining: a failed attempt like any other, to be retried.
+                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection closed during the handshake")
+            if not isinstance(listener, _Listener):
+                raise ClientError(f"picows returned an unexpected listener {type(listener).__name__}")
             if codec.encoding == "msgpack":
                 chosen = listener.response.headers.get("Sec-WebSocket-Protocol")
                 if chosen != MSGPACK_SUBPROTOCOL:

@@ -282,8 +282,12 @@ def checks(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         tag = f"storm {label(r)}"
         c, m = r["crowd"], r["messages"]
-        if not 0.0 <= c["fraction_back"] <= 1.0:
-            failures.append(f"{tag}: fraction back {c['fraction_back']} outside [0, 1]")
+        if c["fraction_back"] != 1.0:
+            # Every client must come back: the one that used to stop for good in its first attempt
+            # (picows ended a handshake cut short with no listener) is fixed in client/transport.py.
+            failures.append(
+                f"{tag}: only {c['back']} of {c['clients']} back; stragglers {c.get('stragglers')}"
+            )
         times = [c[k] for k in ("t50_s", "t90_s", "t99_s", "t100_s") if c[k] is not None]
         if times != sorted(times) or any(t < 0 for t in times):
             failures.append(f"{tag}: recovery times not monotonic: {times}")
