@@ -268,6 +268,8 @@ async def connect_many(
             for attempt in range(5):
                 try:
                     _, listener = await ws_connect(factory, url, websocket_handshake_timeout=30, **options)
+                    if listener is None:  # picows: the socket closed before the server answered the upgrade
+                        raise ConnectionResetError("connection closed during the handshake")
                     break
                 except OSError:
                     if attempt == 4:

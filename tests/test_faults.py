@@ -389,3 +389,49 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(make_server):
     srv = make_server(nofile=(min(128, hard), hard))
     srv.start()
     assert metric(srv.port, "process_max_fds") == hard
+
+
+# ---------------------------------------------------------------- handshakes cut short (client side)
+
+
+async def _cutting_server() -> tuple[asyncio.AbstractServer, list[int]]:
+    """A TCP server that reads each upgrade request and closes the socket without answering; counts them."""
+    seen = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        seen[0] += 1
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, seen
+
+
+async def test_client_transport_reports_a_handshake_cut_short_as_a_closed_connection():
+    """picows completes ``ws_connect`` with no listener when the socket closes before the answer: the
+    client's transport raises ``ConnectionClosed(1006)``, which the reconnect loop retries."""
+    from wsfan.client.codec import Codec
+    from wsfan.client.errors import ConnectionClosed
+    from wsfan.client.transport import open_connection
+
+    server, seen = await _cutting_server()
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(ConnectionClosed) as caught:
+            await open_connection(
+                f"ws://127.0.0.1:{port}/ws", Codec("json"),
+                on_delivery=print, on_reply=print, on_lost=lambda *a: None, open_timeout=5.0,
+            )  # fmt: skip
+    assert caught.value.code == 1006 and seen[0] == 1
+
+
+async def test_loadgen_retries_a_handshake_cut_short_then_fails_with_a_connection_error():
+    """The benchmark's ``connect_many`` treats it as a failed connect: retried, then ``ConnectionResetError``."""
+    from wsfan.bench.loadgen import Base, connect_many
+
+    server, seen = await _cutting_server()
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(ConnectionResetError):
+            await connect_many(Base, f"ws://127.0.0.1:{port}/ws", 1, 1, socket_factory=None)
+    assert seen[0] == 5, "every one of the 5 attempts reached the server"
