@@ -18,7 +18,7 @@ from typing import Any, Final
 import msgspec
 
 SEPARATOR: Final = ":"
-NAME_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,64}$"
+NAME_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,64}\Z"  # \Z: "$" would accept a trailing newline
 _NAME = re.compile(NAME_PATTERN)
 
 

@@ -54,7 +54,7 @@ FIELD_RULES: Final = {
     "ts": "ts must be a number or null",
     "type": "type must be a string naming a message type",
 }
-_AT_PATH = re.compile(r" - at `\$\.?([A-Za-z_][A-Za-z0-9_]{0,63})[^`]*`$")
+_AT_PATH = re.compile(r" - at `\$\.?([A-Za-z_][A-Za-z0-9_]{0,63})[^`]*`\Z")
 _MISSING = re.compile(r"^Object missing required field `([A-Za-z_][A-Za-z0-9_]{0,63})`")
 
 

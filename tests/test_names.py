@@ -44,3 +44,12 @@ def test_trailing_or_leading_newline_is_not_a_room(name):
     assert not valid_room(name)
     with pytest.raises(DecodeFailure):
         CODECS[Encoding.JSON].decode(msgspec.json.encode({"type": "join", "room": name}))
+
+
+@pytest.mark.parametrize("name", ["chat\n", "chat\r\n", "\nchat", "", "a" * 65, "ch at"])
+def test_namespace_names_refuse_a_trailing_newline_like_rooms(name):
+    """The same ``$`` mistake in the namespace name pattern (operator config): ``\\Z`` now."""
+    from wsfan.server.namespaces import Namespace, build
+
+    _, problems = build(Namespace(), {name: {}, "chat": {}})
+    assert len(problems) == 1 and "namespace name" in problems[0], problems
