@@ -321,7 +321,15 @@ class Hub:
         # The bucket is charged before decoding so that a flood of garbage is limited too.
         bucket = s.bucket
         if bucket is not None and not bucket.take():
-            self._refuse(s, bucket, codec.request_id(data))
+            p = s.pending
+            if p is None:
+                self._refuse(s, bucket, codec.request_id(data))
+                return
+            p.deferring = True  # counted now, answered in its place behind the requests in flight
+            try:
+                self._refuse(s, bucket, codec.request_id(data))
+            finally:
+                p.deferring = False
             return
         if s.pending is not None:
             self._receive_behind(s, s.pending, data, opcode)

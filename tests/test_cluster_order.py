@@ -145,3 +145,14 @@ async def test_messages_pipelined_over_msgpack_keep_order_too(cluster_node):
     assert ids(replies) == ["r0", "r1", "r2", "r3"]
     assert [r.get("code", r["type"]) for r in replies] == ["ack", "INVALID_MESSAGE", "ack", "ack"]
     await c.close()
+
+
+async def test_a_rate_limited_message_is_refused_in_its_place(redis, make_server):
+    node = make_server("--broker", redis.url, "--rate-limit", "0.01", "--rate-burst", "3").start()
+    c = await PicowsPeer.connect(node.url)
+    replies = await burst(
+        c, {"type": "join", "room": "order-rate"}, {"type": "ping"}, {"type": "ping"}, {"type": "ping"}
+    )
+    assert ids(replies) == ["r0", "r1", "r2", "r3"], replies
+    assert [r.get("code", r["type"]) for r in replies] == ["ack", "pong", "pong", "RATE_LIMITED"]
+    await c.close()
