@@ -83,7 +83,7 @@ def assert_fixed_reason(body: bytes) -> None:
 
 # ---------------------------------------------------------------- tokens: encoding, duplicates, size
 
-GOOD = token()
+GOOD = token(ttl=7 * 24 * 3600)  # made at collection: must outlive a slow whole-suite run
 HUGE_EXP = token(exp=10**400)
 
 TOKEN_CASES = [
