@@ -205,16 +205,23 @@ def _portable(value: Any, depth: int) -> str | None:
         return None if math.isfinite(value) else "payload has a NaN or infinite float"
     if depth == 0:
         return f"payload nested deeper than {MAX_PAYLOAD_DEPTH}"
+    # Strings and 64-bit integers, the common leaves, are checked inline: no call for them.
     if t is list:
         for item in value:
-            if type(item) is not str and (why := _portable(item, depth - 1)) is not None:
+            ti = type(item)
+            if ti is str or (ti is int and _INT_MIN <= item <= _UINT_MAX):
+                continue
+            if (why := _portable(item, depth - 1)) is not None:
                 return why
         return None
     if t is dict:
         for key, item in value.items():
             if type(key) is not str:
                 return "payload has a map key that is not a string"
-            if type(item) is not str and (why := _portable(item, depth - 1)) is not None:
+            ti = type(item)
+            if ti is str or (ti is int and _INT_MIN <= item <= _UINT_MAX):
+                continue
+            if (why := _portable(item, depth - 1)) is not None:
                 return why
         return None
     if t is bytes:

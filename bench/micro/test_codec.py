@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from wsfan.server.broker.publication import Publication
-from wsfan.server.protocol import CODECS, Encoding, build_frame
+from wsfan.server.protocol import CODECS, Encoding, build_frame, payload_problem
 from wsfan.server.wire import Join, Publish
 
 PAYLOAD = {"text": "x" * 88}  # 100 bytes as JSON, the load generators' payload size
@@ -51,6 +51,23 @@ def test_delivery_encode_and_frame(benchmark: Any, encoding: Encoding) -> None:
 
     frame = benchmark(build)
     assert frame[0] == 0x80 | int(encoding) and payload in frame
+
+
+CHAT = {
+    "text": "hello, this is a chat message",
+    "user": "alice",
+    "n": 12345,
+    "ts": 1764480000123,
+    "tags": ["a"],
+}
+
+
+@pytest.mark.parametrize("encoding", [Encoding.JSON, Encoding.MSGPACK], ids=["json", "msgpack"])
+@pytest.mark.parametrize("value", [PAYLOAD, CHAT], ids=["text100", "chat"])
+def test_payload_check(benchmark: Any, encoding: Encoding, value: Any) -> None:
+    """Once per publish, any encoding mix: is the payload deliverable in every encoding (one parse + walk)."""
+    payload = msgspec.json.encode(value) if encoding is Encoding.JSON else msgspec.msgpack.encode(value)
+    assert benchmark(payload_problem, payload, encoding) is None
 
 
 @pytest.mark.parametrize("size", [100, 1000, 70000], ids=["100B", "1KB", "70KB"])
