@@ -25,7 +25,7 @@ from helpers.ports import free_port, wait_for_port
 from helpers.rawws import send_head
 from helpers.servers import ServerProcess
 from wsfan.server.auth import Authenticator, AuthError, Identity, token_from_request
-from wsfan.server.handshake import Refusal, Upgrade, check_upgrade
+from wsfan.server.handshake import Refusal, Upgrade, _check_header_lines, check_request_head, check_upgrade
 from wsfan.server.wire import SEQ_MAX, parse_seq
 
 HOST = "127.0.0.1"
@@ -239,3 +239,20 @@ def test_parse_seq_is_ascii_digits_up_to_2_63(text):
         assert not ascii_digits or len(text) > 19 or int(text) > SEQ_MAX
     else:
         assert ascii_digits and int(text) == value <= SEQ_MAX
+
+
+header_line = st.one_of(
+    st.tuples(name, st.sampled_from([b":", b": ", b" :", b""]), value).map(b"".join),
+    st.sampled_from(
+        [b"Content-Length: 0", b"content-length: 00", b"Content-Length: 1", b"Transfer-Encoding: x"]
+    ),
+    raw_value,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(header_line, min_size=1, max_size=8))
+def test_request_head_fast_path_agrees_with_the_line_by_line_rules(lines):
+    """check_request_head answers a good head with one regex; it must agree with the per-line rules."""
+    head = b"GET /ws HTTP/1.1\r\n" + b"\r\n".join(lines)
+    assert check_request_head(head) == _check_header_lines(lines)
