@@ -39,6 +39,8 @@ CLIENT_CPU = 1
 LOGS = RESULTS / "tmp" / "bench"  # process logs of the latest run (results/tmp/ is git-ignored)
 # A side whose process tree used at least this fraction of its core is called the bottleneck.
 SATURATED = 0.90
+# Open-loop phases: a load generator whose sends left more than this late (p99) could not keep its schedule.
+LAG_LIMIT_US = 1000.0
 
 
 class BenchError(RuntimeError):
@@ -498,3 +500,15 @@ class SyscallCounter:
             if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_") and parts[0].isdigit():
                 counts[parts[2].removeprefix("syscalls:sys_enter_")] = int(parts[0])
         return counts
+
+
+def cores(iv: dict[str, Any]) -> str:
+    """'server 45% (+3%) · load gen 80% (+1%)': ours, and (+) other processes on the same core."""
+
+    def pct(x: float | None) -> str:
+        return "?" if x is None else f"{x * 100:.0f}%"
+
+    return (
+        f"server {pct(iv['server_util'])} (+{pct(iv.get('other_load_server_core'))}) · "
+        f"load gen {pct(iv['loadgen_util'])} (+{pct(iv.get('other_load_client_core'))})"
+    )

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wsfan.bench.harness import LAG_LIMIT_US, cores
 from wsfan.bench.latency import fmt_us
 from wsfan.bench.plots import PLOTS
 from wsfan.bench.results import markdown_table
 from wsfan.bench.scenarios import compression
 from wsfan.bench.servers import ALL, BASELINES
-from wsfan.bench.suite import LAG_LIMIT_US, cores
 
 ORDER = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "compression", "rooms")
 
@@ -97,8 +97,7 @@ def fanout_section(doc: dict[str, Any]) -> list[str]:
                     _baselines(rows, same, "server_us_per_delivery", r["variant"]),
                 ),
                 ratio_text(r["deliveries_per_s"], _baselines(rows, same, "deliveries_per_s", r["variant"])),
-                cores(r["interval"]),
-                r["interval"]["bottleneck"],
+                *capacity(r),
                 _check(r),
             ]
         )
@@ -110,8 +109,7 @@ def fanout_section(doc: dict[str, Any]) -> list[str]:
             "server µs/delivery",
             "µs/delivery ÷ baseline",
             "deliveries/s ÷ baseline",
-            "cores: ours (+others)",
-            "bottleneck",
+            *CAPACITY_COLUMNS,
             "check",
         ],
         table,
@@ -205,6 +203,15 @@ def _variant_tradeoffs(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+#: The last columns of every measured row: whose core was busy, and what limited the figure.
+CAPACITY_COLUMNS = ("cores: ours (+others)", "bottleneck")
+
+
+def capacity(r: dict[str, Any]) -> list[str]:
+    """A row's ``CAPACITY_COLUMNS`` cells, from its measured interval."""
+    return [cores(r["interval"]), r["interval"]["bottleneck"]]
+
+
 def _check(r: dict[str, Any]) -> str:
     ok = r["count_ok"]
     text = f"{'OK' if ok else 'FAIL'}: {r['deliveries']:,}/{r['expected_deliveries']:,}, {r['gaps']} gaps"
@@ -247,8 +254,7 @@ def echo_section(doc: dict[str, Any]) -> list[str]:
                 if r["load"] == "max"
                 else "",
                 _num(r["server_us_per_reply"], "{:.1f}"),
-                cores(r["interval"]),
-                r["interval"]["bottleneck"],
+                *capacity(r),
                 f"{r['received']:,}/{r['sent']:,} answered, {r['errors']} errors",
             ]
         )
@@ -265,8 +271,7 @@ def echo_section(doc: dict[str, Any]) -> list[str]:
             "p99 ÷ baseline",
             "rate ÷ baseline",
             "server µs/reply",
-            "cores: ours (+others)",
-            "bottleneck",
+            *CAPACITY_COLUMNS,
             "check",
         ],
         table,
@@ -484,8 +489,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
                     r["server_us_per_connect"],
                     _baselines(rows, lambda b: True, "server_us_per_connect", r["variant"]),
                 ),
-                cores(r["interval"]),
-                r["interval"]["bottleneck"],
+                *capacity(r),
                 f"{r['connected']:,}/{r['connections']:,}",
             ]
         )
@@ -496,8 +500,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
             "rate ÷ baseline",
             "server µs/connect",
             "CPU ÷ baseline",
-            "cores: ours (+others)",
-            "bottleneck",
+            *CAPACITY_COLUMNS,
             "check",
         ],
         table,
@@ -552,8 +555,7 @@ def cluster_section(doc: dict[str, Any]) -> list[str]:
                 _proc_us(r, "redis"),
                 fmt_us(L.get("p50")) if L else "",
                 fmt_us(L.get("p99")) if L else "",
-                cores(r["interval"]),
-                r["interval"]["bottleneck"],
+                *capacity(r),
                 _check(r),
             ]
         )
@@ -570,8 +572,7 @@ def cluster_section(doc: dict[str, Any]) -> list[str]:
             "redis µs/del",
             "p50",
             "p99",
-            "cores: ours (+others)",
-            "bottleneck",
+            *CAPACITY_COLUMNS,
             "check",
         ],
         table,

@@ -19,18 +19,26 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from wsfan.bench.baselines.bun import ensure_bun
-from wsfan.bench.harness import CLIENT_CPU, LOGS, SATURATED, SERVER_CPU, Interval, raise_nofile, reset_logs
+from wsfan.bench.harness import (
+    CLIENT_CPU,
+    LAG_LIMIT_US,
+    LOGS,
+    SATURATED,
+    SERVER_CPU,
+    BenchError,
+    Interval,
+    raise_nofile,
+    reset_logs,
+)
 from wsfan.bench.results import RESULTS, machine_info, results_dir
 from wsfan.bench.servers import Servers
 
-# Open-loop phases: a load generator whose sends left more than this late (p99) could not keep its schedule.
-LAG_LIMIT_US = 1000.0
 # A process holds at most this many sockets: the machine's hard open-file limit is 20,000 and cannot be raised.
 PER_PROCESS_CONNECTIONS = 19_000
 
@@ -177,6 +185,7 @@ def run_scenario(
     render: bool = True,
 ) -> int:
     """Measure one scenario into the run folder and rebuild the folder's report; 0 when every check passed."""
+    # Imported here: report.py renders the scenarios' sections (compression.section), whose modules import this one.
     from wsfan.bench.report import render_folder
 
     ctx = ctx or context_from(args)
@@ -238,18 +247,6 @@ def open_loop_bottleneck(iv: Interval, ctx: Context, lag_p99_us: float | None, m
     return " and ".join(found) or "neither (below capacity)"
 
 
-def cores(iv: dict[str, Any]) -> str:
-    """'server 45% (+3%) · load gen 80% (+1%)': ours, and (+) other processes on the same core."""
-
-    def pct(x: float | None) -> str:
-        return "?" if x is None else f"{x * 100:.0f}%"
-
-    return (
-        f"server {pct(iv['server_util'])} (+{pct(iv.get('other_load_server_core'))}) · "
-        f"load gen {pct(iv['loadgen_util'])} (+{pct(iv.get('other_load_client_core'))})"
-    )
-
-
 def interval_dict(iv: Interval, ctx: Context, bottleneck: str) -> dict[str, Any]:
     d = iv.to_dict(*ctx.cpus)
     d["bottleneck"] = bottleneck
@@ -258,3 +255,33 @@ def interval_dict(iv: Interval, ctx: Context, bottleneck: str) -> dict[str, Any]
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def measure_each(
+    scenario: str,
+    keys: Iterable[Any],
+    measure_one: Callable[[Any], list[dict[str, Any]]],
+    describe: Callable[[dict[str, Any]], str],
+    checks: Callable[[list[dict[str, Any]]], list[str]],
+    key: Callable[[Any], str] = str,
+) -> dict[str, Any]:
+    """The scenario loop: measure each variant (or mode) in turn, print one line per row, then check the rows.
+
+    A variant whose measurement raises ``BenchError`` is recorded under ``errors`` (first 2,000
+    characters) and the others still run. Returns ``{"rows", "errors", "failures"}``, the shape
+    ``run_scenario`` saves and the report reads.
+    """
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    for k in keys:
+        try:
+            found = measure_one(k)
+        except BenchError as exc:
+            errors[key(k)] = str(exc)[:2000]
+            print(f"   {scenario} {key(k)}: FAILED {exc}", flush=True)
+            continue
+        rows += found
+        for r in found:
+            print(describe(r), flush=True)
+    failures = checks(rows) + [f"{scenario} {k}: {e}" for k, e in errors.items()]
+    return {"rows": rows, "errors": errors, "failures": failures}

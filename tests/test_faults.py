@@ -427,7 +427,7 @@ async def test_client_transport_reports_a_handshake_cut_short_as_a_closed_connec
 
 async def test_loadgen_retries_a_handshake_cut_short_then_fails_with_a_connection_error():
     """The benchmark's ``connect_many`` treats it as a failed connect: retried, then ``ConnectionResetError``."""
-    from wsfan.bench.loadgen import Base, connect_many
+    from wsfan.bench.roles.base import Base, connect_many
 
     server, seen = await _cutting_server()
     port = server.sockets[0].getsockname()[1]

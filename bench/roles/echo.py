@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 from picows import WSFrame, WSTransport
 
-from wsfan.bench.loadgen import CLOSE, TEXT, Base, Control, connect_many, disconnect_all, emit, payload_of
+from wsfan.bench.roles.base import CLOSE, TEXT, Base, Control, connect_many, disconnect_all, emit, payload_of
 from wsfan.bench.roles.pacing import Pacer, clock, save_samples, summary_fields
 from wsfan.server.wire import Head
 

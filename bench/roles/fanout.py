@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 from picows import WSFrame, WSTransport
 
-from wsfan.bench.loadgen import (
+from wsfan.bench.roles.base import (
     CLOSE,
     HEAD,
     TEXT,

@@ -23,7 +23,7 @@ from typing import Any
 
 from picows import WSFrame, WSMsgType, WSTransport
 
-from wsfan.bench.loadgen import CLOSE, Base, Control, connect_many, disconnect_all, emit
+from wsfan.bench.roles.base import CLOSE, Base, Control, connect_many, disconnect_all, emit
 from wsfan.bench.roles.pacing import clock
 
 PING = WSMsgType.PING

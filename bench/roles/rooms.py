@@ -23,7 +23,7 @@ from typing import Any
 
 from picows import WSFrame, WSTransport
 
-from wsfan.bench.loadgen import CLOSE, HEAD, TEXT, Base, Control, connect_many, disconnect_all, emit
+from wsfan.bench.roles.base import CLOSE, HEAD, TEXT, Base, Control, connect_many, disconnect_all, emit
 
 
 class _Welcomed(Base):

@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 from msgspec import Raw
 
-from wsfan.bench.loadgen import Control, emit
+from wsfan.bench.roles.base import Control, emit
 from wsfan.bench.roles.pacing import clock
 from wsfan.client import (
     Client,

@@ -30,11 +30,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter, ServerProcess, free_port
+from wsfan.bench.harness import LoadGen, LoadGenGroup, Meter, ServerProcess, free_port
+from wsfan.bench.scenarios import fanout
 from wsfan.bench.scenarios.fanout import add_phase_arguments, measure_sizes, room_of
 from wsfan.bench.scenarios.fanout import checks as fanout_checks
 from wsfan.bench.servers import WSFAN
-from wsfan.bench.suite import Context, add_common, csv_ints, run_scenario, settings_from
+from wsfan.bench.suite import Context, add_common, csv_ints, measure_each, run_scenario, settings_from
 
 NAME = "cluster"
 HELP = "fan-out across two nodes behind one Redis vs one node: deliveries/s, CPU per delivery, latency"
@@ -43,24 +44,11 @@ MODES = ("single", "cluster")
 
 
 @dataclass
-class Settings:
+class Settings(fanout.PhaseSettings):
     sizes: tuple[int, ...] = (100, 1000)
-    inflight: int = 16
-    target_deliveries: int = 1_000_000
-    max_duration: float = 2.5
-    latency_load: int = 50_000
-    max_publish_rate: int = 5_000
-    latency_duration: float = 2.5
-    payload_size: int = 100
 
 
-QUICK: dict[str, Any] = {
-    "sizes": (100,),
-    "target_deliveries": 20_000,
-    "max_duration": 0.4,
-    "latency_load": 10_000,
-    "latency_duration": 0.4,
-}
+QUICK: dict[str, Any] = {"sizes": (100,), **fanout.QUICK_PHASES}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -207,32 +195,14 @@ def measure(ctx: Context, s: Settings) -> dict[str, Any]:
         ctx.servers.skipped["redis"] = INSTALL_HINT
         print(f"   cluster: skipped ({INSTALL_HINT})", flush=True)
         return {"rows": [], "errors": {}, "failures": [], "skipped": INSTALL_HINT}
-    rows: list[dict[str, Any]] = []
-    errors: dict[str, str] = {}
-    for mode in MODES:
-        try:
-            mr = measure_mode(ctx, s, mode, binary)
-        except BenchError as exc:
-            errors[mode] = str(exc)[:2000]
-            print(f"   cluster {mode}: FAILED {exc}", flush=True)
-            continue
-        rows += mr
-        for r in mr:
-            lat = r.get("latency") or {}
-            per = " ".join(
-                f"{k} {v['us_per_delivery'] or 0:.2f}"
-                for k, v in r["processes"].items()
-                if v["us_per_delivery"]
-            )
-            print(
-                f"   cluster {mode:<8} {r['size']:>6} {r['phase']:<10} {r['deliveries_per_s'] or 0:>10,.0f} del/s "
-                f"{r['server_us_per_delivery'] or 0:>6.2f} µs/del ({per})"
-                + (f" p50 {lat.get('p50', 0):>7.0f} µs p99 {lat.get('p99', 0):>8.0f} µs" if lat else "")
-                + f"; {r['interval']['bottleneck']}; ok={r['count_ok']}",
-                flush=True,
-            )
-    failures = checks(rows) + [f"cluster {k}: {e}" for k, e in errors.items()]
-    return {"rows": rows, "errors": errors, "failures": failures}
+
+    def line(r: dict[str, Any]) -> str:
+        per = " ".join(
+            f"{k} {v['us_per_delivery'] or 0:.2f}" for k, v in r["processes"].items() if v["us_per_delivery"]
+        )
+        return fanout.describe(r, f"cluster {r['variant']:<8}", f" ({per})")
+
+    return measure_each(NAME, MODES, lambda mode: measure_mode(ctx, s, mode, binary), line, checks)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,28 +26,15 @@ HELP = "permessage-deflate in a room of 1,000: server CPU and bytes on the wire 
 
 
 @dataclass
-class Settings:
+class Settings(fanout.Settings):
     variants: tuple[str, ...] = ("wsfan", "wsfan-deflate", "bun", "bun-deflate")
     sizes: tuple[int, ...] = (1000,)
-    inflight: int = 16
-    target_deliveries: int = 1_000_000
-    max_duration: float = 2.5
-    latency_load: int = 50_000
-    max_publish_rate: int = 5_000
-    latency_duration: float = 2.5
     payload_size: int = 400
-    separate_publisher: bool = True
     compression: bool = True  # subscribers offer permessage-deflate
     chat_payload: bool = True
 
 
-QUICK: dict[str, Any] = {
-    "sizes": (100,),
-    "target_deliveries": 20_000,
-    "max_duration": 0.4,
-    "latency_load": 10_000,
-    "latency_duration": 0.4,
-}
+QUICK: dict[str, Any] = {"sizes": (100,), **fanout.QUICK_PHASES}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
+from wsfan.bench.harness import LoadGen, LoadGenGroup, Meter
 from wsfan.bench.latency import load_samples, monotonic, summarize
 from wsfan.bench.roles.pacing import clock
 from wsfan.bench.suite import (
@@ -28,6 +28,7 @@ from wsfan.bench.suite import (
     csv_ints,
     csv_words,
     interval_dict,
+    measure_each,
     open_loop_bottleneck,
     run_scenario,
     settings_from,
@@ -166,27 +167,24 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
     return failures
 
 
+def describe(r: dict[str, Any]) -> str:
+    lat = r["latency"]
+    return (
+        f"   echo {r['variant']:<11} {r['load']:>9}: {r['achieved_rate'] or 0:>9,.0f}/s "
+        f"p50 {lat.get('p50', 0):>7.0f} µs p99 {lat.get('p99', 0):>8.0f} µs "
+        f"max {lat.get('max', 0):>8.0f} µs; {r['interval']['bottleneck']}"
+    )
+
+
 def measure(ctx: Context, s: Settings) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
-    errors: dict[str, str] = {}
-    for v in ctx.servers.available(s.variants):
-        try:
-            vr = measure_variant(ctx, s, v)
-        except BenchError as exc:
-            errors[v.key] = str(exc)[:2000]
-            print(f"   echo {v.key}: FAILED {exc}", flush=True)
-            continue
-        rows += vr
-        for r in vr:
-            lat = r["latency"]
-            print(
-                f"   echo {v.key:<11} {r['load']:>9}: {r['achieved_rate'] or 0:>9,.0f}/s "
-                f"p50 {lat.get('p50', 0):>7.0f} µs p99 {lat.get('p99', 0):>8.0f} µs "
-                f"max {lat.get('max', 0):>8.0f} µs; {r['interval']['bottleneck']}",
-                flush=True,
-            )
-    failures = checks(rows) + [f"echo {k}: {e}" for k, e in errors.items()]
-    return {"rows": rows, "errors": errors, "failures": failures}
+    return measure_each(
+        NAME,
+        ctx.servers.available(s.variants),
+        lambda v: measure_variant(ctx, s, v),
+        describe,
+        checks,
+        key=lambda v: v.key,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from wsfan.bench.report import render_folder
+from wsfan.bench import report  # the module, not its names: report.py imports the scenarios' sections
 from wsfan.bench.scenarios import cluster, compression, connect, echo, fanout, heartbeat, rooms, storm
 from wsfan.bench.suite import add_common, context_from, copy_latest, csv_words, run_scenario, settings_from
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         code |= run_scenario(
             name, module.measure, settings_from(module.Settings, module.QUICK, args), args, ctx, render=False
         )
-    md = render_folder(ctx.out)
+    md = report.render_folder(ctx.out)
     print(f"report: {md} ({(time.monotonic() - started) / 60:.1f} min in all)")
     if args.publish:
         print(f"latest: {copy_latest(ctx.out, md)}")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from wsfan.bench.harness import BenchError, LoadGen, LoadGenGroup, Meter
+from wsfan.bench.harness import LoadGen, LoadGenGroup, Meter
 from wsfan.bench.latency import load_samples, monotonic, summarize
 from wsfan.bench.roles.pacing import clock
 from wsfan.bench.suite import (
@@ -38,6 +38,7 @@ from wsfan.bench.suite import (
     csv_ints,
     csv_words,
     interval_dict,
+    measure_each,
     open_loop_bottleneck,
     run_scenario,
     settings_from,
@@ -48,8 +49,9 @@ HELP = "fan-out to rooms of 10..10,000: deliveries/s, server CPU per delivery, d
 
 
 @dataclass
-class Settings:
-    variants: tuple[str, ...] = ("wsfan", "wsfan-cork1", "wsfan-afn", "naive", "websockets", "bun")
+class PhaseSettings:
+    """The two phases' knobs (closed-loop throughput, open-loop latency), shared by fanout, cluster, compression."""
+
     sizes: tuple[int, ...] = (10, 100, 1000, 10000)
     inflight: int = 16
     target_deliveries: int = 1_000_000
@@ -58,16 +60,24 @@ class Settings:
     max_publish_rate: int = 5_000
     latency_duration: float = 2.5
     payload_size: int = 100
-    separate_publisher: bool = True
 
 
-QUICK: dict[str, Any] = {
-    "sizes": (10, 100),
+#: ``--quick`` sizes of the two phases (every fan-out-like scenario adds its own ``sizes``).
+QUICK_PHASES: dict[str, Any] = {
     "target_deliveries": 20_000,
     "max_duration": 0.4,
     "latency_load": 10_000,
     "latency_duration": 0.4,
 }
+
+
+@dataclass
+class Settings(PhaseSettings):
+    variants: tuple[str, ...] = ("wsfan", "wsfan-cork1", "wsfan-afn", "naive", "websockets", "bun")
+    separate_publisher: bool = True
+
+
+QUICK: dict[str, Any] = {"sizes": (10, 100), **QUICK_PHASES}
 
 
 def add_phase_arguments(p: argparse.ArgumentParser) -> None:
@@ -297,28 +307,26 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
     return failures
 
 
+def describe(r: dict[str, Any], who: str, detail: str = "") -> str:
+    """One progress line per fan-out row (fanout, cluster and compression print the same shape)."""
+    lat = r.get("latency") or {}
+    return (
+        f"   {who} {r['size']:>6} {r['phase']:<10} {r['deliveries_per_s'] or 0:>10,.0f} del/s "
+        f"{r['server_us_per_delivery'] or 0:>6.2f} µs/del{detail}"
+        + (f" p50 {lat.get('p50', 0):>7.0f} µs p99 {lat.get('p99', 0):>8.0f} µs" if lat else "")
+        + f"; {r['interval']['bottleneck']}; ok={r['count_ok']}"
+    )
+
+
 def measure(ctx: Context, s: Settings) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
-    errors: dict[str, str] = {}
-    for v in ctx.servers.available(s.variants):
-        try:
-            vr = measure_variant(ctx, s, v)
-        except BenchError as exc:
-            errors[v.key] = str(exc)[:2000]
-            print(f"   fanout {v.key}: FAILED {exc}", flush=True)
-            continue
-        rows += vr
-        for r in vr:
-            lat = r.get("latency") or {}
-            print(
-                f"   fanout {v.key:<11} {r['size']:>6} {r['phase']:<10} {r['deliveries_per_s'] or 0:>10,.0f} del/s "
-                f"{r['server_us_per_delivery'] or 0:>6.2f} µs/del"
-                + (f" p50 {lat.get('p50', 0):>7.0f} µs p99 {lat.get('p99', 0):>8.0f} µs" if lat else "")
-                + f"; {r['interval']['bottleneck']}; ok={r['count_ok']}",
-                flush=True,
-            )
-    failures = checks(rows) + [f"fanout {k}: {e}" for k, e in errors.items()]
-    return {"rows": rows, "errors": errors, "failures": failures}
+    return measure_each(
+        NAME,
+        ctx.servers.available(s.variants),
+        lambda v: measure_variant(ctx, s, v),
+        lambda r: describe(r, f"fanout {r['variant']:<11}"),
+        checks,
+        key=lambda v: v.key,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsfan.bench.report import render_folder
+from wsfan.bench import report  # the module, not its names: report.py imports the scenarios' sections
 from wsfan.bench.suite import copy_latest
 
 NAME = "report"
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    md = render_folder(args.folder.resolve())
+    md = report.render_folder(args.folder.resolve())
     print(f"wrote {md}")
     if args.latest:
         print(f"wrote {copy_latest(args.folder.resolve(), md)}")
