@@ -100,7 +100,12 @@ def _core_closure(requires: list[str]) -> dict[str, metadata.Distribution]:
         if req.marker is not None and not req.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(req.name)
-        dist = metadata.distribution(req.name)  # PackageNotFoundError: the dev venv lacks a core dependency
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            pytest.fail(
+                f"core dependency {req.name} is not installed here: run `make install`", pytrace=False
+            )
         if name not in found:
             found[name] = dist
             todo += [(Requirement(r), "") for r in dist.requires or []]
