@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wsfan.client.events import Gap, Recovered
-from wsfan.server.wire import Message
+from wsfan.server.wire import Message, rejoin_outcome
 
 
 class RoomState:
@@ -105,19 +105,16 @@ class RoomTracker:
         state.since = None
         state.joined = True
         seq, recovered, epoch = _ack_fields(data)
-        # Another epoch than the one we sent: the room was lost and renumbered, even when
-        # its new seq has already passed our since (which ``since`` alone cannot reveal).
-        renumbered = epoch is not None and state.epoch is not None and epoch != state.epoch
+        sent_epoch = state.epoch
         if epoch is not None:
             state.epoch = epoch
         event: Recovered | Gap | None = None
         state.replay = None
         if since is not None and seq is not None:
-            reset = False
-            if recovered and not renumbered:
+            recovered, reset = rejoin_outcome(since, sent_epoch, seq, recovered, epoch)
+            if recovered:
                 event = Recovered(room, since, seq)
             else:
-                reset = renumbered or seq < since
                 event = Gap(room, since, seq, reset)
                 if reset:
                     # Nothing of the new numbering was seen: what the server replays after

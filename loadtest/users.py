@@ -72,6 +72,7 @@ from wsfan.server.wire import (
     PresenceStatsRequest,
     Publish,
     ReplyData,
+    rejoin_outcome,
 )
 
 logger = logging.getLogger("loadtest")
@@ -511,14 +512,23 @@ class WebSocketUser(User):
 
     def _on_join_ack(self, room: str, data: ReplyData | None) -> None:
         seq = data.seq if data is not None else None
+        sent_epoch = self.room_epoch.get(room)
         if data is not None and data.epoch:
             self.room_epoch[room] = data.epoch
         rec = self._recovering.get(room)
         if rec is not None:
-            if data is not None and data.recovered is False:
+            # The same rule as the asyncio client's (server/wire.py rejoin_outcome).
+            recovered, reset = (
+                rejoin_outcome(rec.since, sent_epoch, seq, data.recovered is not False, data.epoch or None)
+                if data is not None and seq is not None
+                else (data is None or data.recovered is not False, False)
+            )
+            if not recovered:
                 self._recovering.pop(room)
                 missed = (seq - rec.since) if seq is not None else 0
                 COUNTERS.add("rejoins_not_recovered")
+                if reset:
+                    COUNTERS.add("rejoins_reset")  # the room was lost and renumbered: since is gone
                 COUNTERS.add("messages_unrecoverable", max(0, missed))
                 self._fire_event(
                     f"{rec.prefix}recovered",

@@ -1,7 +1,8 @@
 """The wire format of PROTOCOL.md v1, written once: every message, error code and close code.
 
-Everything here is a ``msgspec.Struct`` or a constant, and the module imports
-nothing but ``msgspec`` and the standard library, so that every side of the
+Everything here is a ``msgspec.Struct``, a constant, or one of the few pure rules
+over them (a room name, a seq in text, how a rejoin's ack reads), and the module
+imports nothing but ``msgspec`` and the standard library, so that every side of the
 protocol imports it: the server (``server/protocol.py`` builds its codecs and
 frames on it), the asyncio client (``client/``), the Locust users
 (``loadtest/``, a gevent world without asyncio) and the benchmarks (``bench/``).
@@ -270,6 +271,29 @@ SERVER_TYPES: Final[tuple[type[Outbound], ...]] = (
     EchoReply,
     Pong,
 )
+
+
+# ---------------------------------------------------------------- reading a rejoin's ack
+
+
+def rejoin_outcome(
+    since: int, sent_epoch: str | None, seq: int, recovered: bool, epoch: str | None
+) -> tuple[bool, bool]:
+    """How a client reads the ack of a join it sent with ``since``: ``(recovered, reset)``.
+
+    ``sent_epoch`` is the epoch sent with ``since`` (None: none known); ``seq``,
+    ``recovered`` and ``epoch`` are the ack's (``epoch`` None when the server sends
+    none). Recovered: everything after ``since`` follows, in the same numbering.
+    Reset: the room was lost and renumbered (docs/protocol-choices.md, "Epochs"):
+    the ack names another epoch than the one sent, even if its seq has passed
+    ``since`` again, or, from a server without epochs, it is not recovered and its
+    seq is below ``since``. Both Python clients use it (``client/rooms.py``,
+    ``loadtest/users.py``); ``tests/vectors/numbering.json`` pins it for both languages.
+    """
+    renumbered = epoch is not None and sent_epoch is not None and epoch != sent_epoch
+    if recovered and not renumbered:
+        return True, False
+    return False, renumbered or seq < since
 
 
 # ---------------------------------------------------------------- views for hot paths

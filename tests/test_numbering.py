@@ -15,7 +15,7 @@ import pytest
 
 from wsfan.client.events import Gap, Recovered
 from wsfan.client.rooms import RoomTracker
-from wsfan.server.wire import Message
+from wsfan.server.wire import Message, rejoin_outcome
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "numbering.json").read_text())
 CASES = VECTORS["cases"]
@@ -85,3 +85,27 @@ def test_every_step_kind_is_exercised() -> None:
     assert kinds == set(VECTORS["steps"]), (
         "a step kind documented in the vectors but never used (or the reverse)"
     )
+
+
+@pytest.mark.parametrize(
+    ("since", "sent_epoch", "seq", "recovered", "epoch", "outcome"),
+    [
+        (3, "e1", 5, True, "e1", (True, False)),  # everything after since follows
+        (3, None, 5, True, None, (True, False)),  # a server without epochs
+        (3, "e1", 500, False, "e1", (False, False)),  # history no longer reaches back: a gap
+        (5, None, 2, False, None, (False, True)),  # the seq went back: renumbered
+        (3, "e1", 9, False, "e2", (False, True)),  # another epoch, though the seq passed since again
+        (3, "e1", 9, True, "e2", (False, True)),  # an ack that contradicts itself is still a reset
+        (3, None, 9, True, "e2", (True, False)),  # no epoch was sent: nothing to compare with
+    ],
+)
+def test_rejoin_outcome_is_the_rule_both_python_clients_read_acks_by(
+    since: int,
+    sent_epoch: str | None,
+    seq: int,
+    recovered: bool,
+    epoch: str | None,
+    outcome: tuple[bool, bool],
+) -> None:
+    """``client/rooms.py`` and the Locust user (``loadtest/users.py``) both call ``rejoin_outcome``."""
+    assert rejoin_outcome(since, sent_epoch, seq, recovered, epoch) == outcome
