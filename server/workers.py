@@ -204,6 +204,10 @@ class Supervisor:
             os.getpid(), s.workers, s.host, s.port,
             f", metrics on :{s.metrics_port}" if s.metrics_port else "", s.worker_timeout,
         )  # fmt: skip
+        if not s.metrics_port:
+            log.warning(
+                "no --metrics-port: /metrics is off (with several workers only the supervisor serves it)"
+            )
         for i in range(s.workers):
             self.workers[i] = self._spawn(i, self.fork)
         deadline: float | None = None
