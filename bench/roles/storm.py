@@ -161,6 +161,7 @@ def options(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         "rng": random.Random(seed) if cfg["jitter"] else NoJitter(),
         "backoff_base": cfg["backoff_base"],
         "backoff_cap": cfg["backoff_cap"],
+        "ping_interval": cfg.get("ping_interval", 20.0),
         "raw_payloads": True,
         "open_timeout": 5.0,
         "request_timeout": 10.0,

@@ -65,6 +65,9 @@ class Settings:
     publish_rate: float = 100.0
     backoff_base: float = 0.5
     backoff_cap: float = 10.0
+    # The client's own ping (idle interval; its reply timeout is the same or 10 s, the smaller): what
+    # finds a connection whose reset never arrived (see late_detection). 20 s is the client default.
+    ping_interval: float = 20.0
     timeout: float = 40.0
     settle: float = 1.0
     handshake_rate: float = 500.0
@@ -81,6 +84,8 @@ QUICK: dict[str, Any] = {
     "settle": 0.3,
     "handshake_rate": 50.0,
     "backoff_base": 0.2,
+    # A client that misses its reset (drop) must find out by ping well inside the 15 s window.
+    "ping_interval": 4.0,
     "reload_spread": 2.0,
     "combos": (
         ("restart", True, False),
@@ -204,6 +209,7 @@ def _measure_storm(
             "jitter": jitter,
             "backoff_base": s.backoff_base,
             "backoff_cap": s.backoff_cap,
+            "ping_interval": s.ping_interval,
             "timeout": s.timeout,
             "settle": s.settle,
         },
