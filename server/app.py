@@ -17,7 +17,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLis
 from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
-from wsfan.server.config import Settings, namespaces
+from wsfan.server.config import Settings, namespaces, tls_context
 from wsfan.server.deflate import POLICY, Agreement, negotiate
 from wsfan.server.demo import load_pages
 from wsfan.server.fds import FdBudget, raise_soft_limit
@@ -237,6 +237,7 @@ class Node:
     async def start(self) -> None:
         s = self.settings
         self.fds.watch()
+        tls = tls_context(s)  # validated at load: the files were readable a moment ago
         await self.broker.start()
         if self.authenticator is not None:
             await self.authenticator.start()  # a JWKS is fetched before the first upgrade is accepted
@@ -251,14 +252,18 @@ class Node:
             # Workers each bind the port; the kernel spreads new connections over them.
             reuse_port=s.workers > 1,
             backlog=s.backlog,
+            ssl=tls,
+            # A TLS handshake is part of the opening handshake: the same --request-timeout bounds it.
+            **({"ssl_handshake_timeout": s.request_timeout} if tls is not None else {}),
         )
         self.registry.start()
         if self.http is not None:
-            await self.http.start(s.host, s.http_port)
+            await self.http.start(s.host, s.http_port, tls)
         if s.metrics_port and s.workers == 1:
             self.internal = await start_internal(self, s.metrics_host or s.host, s.metrics_port)
         self.listening.set()
-        log.info("listening on ws://%s:%d/ws (node %s)", s.host, s.port, self.node_id)
+        scheme = "ws" if tls is None else "wss"
+        log.info("listening on %s://%s:%d/ws (node %s)", scheme, s.host, s.port, self.node_id)
 
     async def drain(self) -> list[str]:
         """Stop accepting, close every connection with 1001, wait for their handshakes up to the drain timeout.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import tomllib
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -67,6 +68,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_handshake_rate: float = 0.0
     allowed_origins: str = ""
     request_timeout: float = 5.0
+    tls_cert: str = ""
+    tls_key: str = ""
     demo: bool = False
     # production and cluster
     broker: str = ""
@@ -140,6 +143,9 @@ HELP: dict[str, str] = {
     "request_timeout": "seconds a new connection gets to send a complete request head, on both ports; also the "
     "idle limit between keep-alive requests on --http-port",
     "demo": "serve the chat demo page at / (uses the browser client)",
+    "tls_cert": "PEM certificate chain: --port serves wss:// and --http-port https:// (needs --tls-key); "
+    "empty = plain ws:// and http:// (TLS ends at a proxy, see deploy/nginx/)",
+    "tls_key": "PEM private key of --tls-cert (unencrypted)",
     "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
     "production": "production profile: workers = CPU cores with --broker (one without it) and log-format json "
@@ -286,6 +292,13 @@ def validate(s: Settings) -> list[str]:
         problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
     if s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
         problems.append("broker must be a redis:// URL")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        problems.append("--tls-cert and --tls-key go together: give both or neither")
+    elif s.tls_cert:
+        try:
+            tls_context(s)
+        except ValueError as exc:
+            problems.append(str(exc))
     if s.jwks_url and not s.jwks_url.startswith(("https://", "http://")):
         problems.append("jwks-url must be an https:// (or http://) URL")
     if s.jwks_refresh < 1:
@@ -351,3 +364,29 @@ def namespaces(s: Settings) -> tuple[ns_config.Namespaces, list[str]]:
         allow_history=s.allow_history,
     )
     return ns_config.build(default, s.namespaces)
+
+
+def tls_context(s: Settings) -> ssl.SSLContext | None:
+    """The server-side TLS context of ``--tls-cert``/``--tls-key``; ``None`` when TLS is off.
+
+    TLS 1.2 is the floor (RFC 8996 deprecates 1.0 and 1.1); ALPN offers only ``http/1.1``,
+    the one HTTP version both listeners speak (a WebSocket upgrade is an HTTP/1.1 request,
+    RFC 6455 section 4.1). Raises ``ValueError`` with a one-line reason (the file and what is
+    wrong with it) when the files cannot be read or do not make a key pair.
+    """
+    if not (s.tls_cert and s.tls_key):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+    except OSError as exc:
+        if isinstance(exc, ssl.SSLError):
+            why = "not a PEM certificate and matching private key"
+        else:
+            why = exc.strerror or type(exc).__name__
+        raise ValueError(
+            f"--tls-cert {s.tls_cert} / --tls-key {s.tls_key}: cannot load them ({why})"
+        ) from None
+    return ctx

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+import ssl
 import time
 from collections import deque
 from http import HTTPStatus
@@ -144,7 +145,8 @@ class HttpSide:
         app.router.add_get("/presence_stats", self.presence_stats)
         self.app = app
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Listen on ``host:port`` (https:// with ``tls``, the same context as the WebSocket port's)."""
         # keepalive_timeout bounds a connection's wait for its next request head, the first one
         # included (aiohttp arms it at connection_made): one header line a second, or nothing,
         # is dropped after --request-timeout, like the WebSocket port's handshake timeout.
@@ -155,9 +157,13 @@ class HttpSide:
             keepalive_timeout=self.node.settings.request_timeout,
         )
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, reuse_port=self.node.settings.workers > 1).start()
+        site = web.TCPSite(
+            self.runner, host, port, reuse_port=self.node.settings.workers > 1, ssl_context=tls
+        )
+        await site.start()
         log.info(
-            "HTTP endpoints on http://%s:%d (/healthz /metrics /publish /sse /presence /presence_stats)",
+            "HTTP endpoints on %s://%s:%d (/healthz /metrics /publish /sse /presence /presence_stats)",
+            "http" if tls is None else "https",
             host,
             port,
         )
