@@ -186,6 +186,16 @@ class Client(Session):
         await self._bounded("ping", timeout, self._request("ping", ts=time.time() * 1000.0))
         return perf_counter() - started
 
+    async def request(self, message: Any, *, timeout: float | None = DEFAULT) -> Any:
+        """Send an application message (a ``wsfan.Message`` Struct, docs/app-api.md) with a fresh id.
+
+        Returns the ``data`` of its ``ack`` (the server handler's return value, ``{}`` for None);
+        an ``error`` reply raises the ``ServerError`` subclass of its code (``InvalidMessage``,
+        ``InternalError``...; an application's own code raises ``ProtocolError`` with ``.code``).
+        """
+        kind = type(message).__struct_config__.tag
+        return await self._bounded(str(kind), timeout, self._request_message(message))
+
     # ------------------------------------------------------------ fire-and-forget (no id, no reply)
 
     def publish_nowait(self, room: str, payload: Any) -> None:

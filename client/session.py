@@ -27,6 +27,8 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import msgspec
+
 from wsfan.client.backoff import Backoff
 from wsfan.client.codec import Codec, Encoding
 from wsfan.client.errors import (
@@ -356,13 +358,24 @@ class Session:
 
     async def _call(self, conn: Connection, kind: str, **fields: Any) -> Any:
         """Send one request with a fresh id on ``conn`` and wait for its reply (the caller bounds the wait)."""
+        return await self._exchange(conn, lambda request_id: self._encode(kind, request_id, **fields))
+
+    async def _request_message(self, message: Any) -> Any:
+        """An application message (a ``wsfan.Message`` Struct) sent with a fresh id; its ack data."""
+        conn = await self._ready_connection()
+        encode = self._codec.encode
+        return await self._exchange(
+            conn, lambda request_id: encode(msgspec.structs.replace(message, id=request_id))
+        )
+
+    async def _exchange(self, conn: Connection, encode: Callable[[str], bytes]) -> Any:
         if not conn.is_open:
             raise ConnectionClosed(*conn.closed.result()) if conn.closed.done() else NotConnected()
         request_id = str(next(self._ids))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
-            conn.send(self._encode(kind, request_id, **fields))
+            conn.send(encode(request_id))
             self.stats.sent += 1
             return await fut
         finally:

@@ -22,6 +22,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from wsfan.server.auth import token_main
 
         return token_main(args[1:])
+    if args[:1] == ["run"]:  # uvicorn's habit: wsfan run myapp:app [flags] is --app myapp:app
+        if len(args) < 2 or args[1].startswith("-"):
+            print(
+                "wsfan: error: wsfan run MODULE:APP [flags], e.g. wsfan run myapp:app --port 9000",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(
+                0, os.getcwd()
+            )  # like uvicorn: the app's module is found from the current directory
+        args = ["--app", args[1], *args[2:]]
     settings = config.load(args)
     logs.setup(settings.log_level, settings.log_format)
     try:

@@ -14,6 +14,8 @@ from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
+from wsfan.server.application import App, ConnectRequest
+from wsfan.server.application import Error as AppError
 from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
@@ -105,6 +107,9 @@ class Node:
         self.http = HttpSide(self) if settings.http_port else None
         # --demo: the chat page and the browser client, read once here (server/demo.py)
         self.demo_pages = load_pages() if settings.demo else None
+        self.app = _application(settings)  # wsfan.App: --app / `wsfan run module:app` / app.run()
+        if self.app is not None:
+            self.app.attach(self)
 
     def _count_heartbeat_close(self) -> None:
         self.hub.stats.heartbeat_closes += 1
@@ -145,7 +150,7 @@ class Node:
                 request.headers = picows_headers(upgrade)
                 echo = EchoConnection(self.limits, self.registry, agreement.window_bits if agreement else 0)
                 return _upgraded(echo, None, agreement)
-            return self._upgrade(request, upgrade, query, peer, agreement)
+            return self._upgrade(request, upgrade, path, query, peer, agreement)
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
         if path == b"/metrics":
@@ -166,6 +171,7 @@ class Node:
         self,
         request: WSUpgradeRequest,
         upgrade: Upgrade,
+        path: bytes,
         query: bytes,
         peer: Callable[[], str | None],
         agreement: Agreement | None = None,
@@ -183,13 +189,19 @@ class Node:
                 return self._refuse("auth", exc.status, f"unauthorized: {exc}", peer, extra)
         # picows re-checks the upgrade headers after this function, stricter than RFC 6455 in
         # places: hand it the canonical form of what check_upgrade() accepted.
+        data = None
+        if self.app is not None and self.app.connect_hooks:
+            try:
+                data = self.app.connect(_connect_request(request, path, query, identity))
+            except AppError as exc:
+                extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+                return self._refuse("app", exc.status, f"{exc.code}: {exc.message}", peer, extra)
         request.headers = picows_headers(upgrade)
         bits = agreement.window_bits if agreement else 0
-        if MSGPACK_SUBPROTOCOL in upgrade.protocols:
-            conn = Connection(self.hub, Encoding.MSGPACK, self.limits, self.registry, identity, bits)
-            return _upgraded(conn, MSGPACK_SUBPROTOCOL, agreement)
-        conn = Connection(self.hub, Encoding.JSON, self.limits, self.registry, identity, bits)
-        return _upgraded(conn, None, agreement)
+        encoding = Encoding.MSGPACK if MSGPACK_SUBPROTOCOL in upgrade.protocols else Encoding.JSON
+        conn = Connection(self.hub, encoding, self.limits, self.registry, identity, bits)
+        conn.data = data
+        return _upgraded(conn, MSGPACK_SUBPROTOCOL if encoding is Encoding.MSGPACK else None, agreement)
 
     def admit(self, peer: Callable[[], str | None]) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
@@ -261,6 +273,8 @@ class Node:
             await self.http.start(s.host, s.http_port, tls)
         if s.metrics_port and s.workers == 1:
             self.internal = await start_internal(self, s.metrics_host or s.host, s.metrics_port)
+        if self.app is not None:
+            await self.app.started()
         self.listening.set()
         scheme = "ws" if tls is None else "wss"
         log.info("listening on %s://%s:%d/ws (node %s)", scheme, s.host, s.port, self.node_id)
@@ -313,6 +327,25 @@ class Node:
             abandoned.append("jwks refresher")
         abandoned += await self.broker.close()
         return abandoned
+
+
+def _application(settings: Settings) -> App | None:
+    """The App this process serves: ``--app module:attr``, else the one whose ``run()`` started it."""
+    from wsfan.server import application
+
+    if settings.app:
+        return application.load(settings.app)  # checked at preflight
+    return application.RUNNING
+
+
+def _connect_request(request: WSUpgradeRequest, path: bytes, query: bytes, identity: Any) -> ConnectRequest:
+    return ConnectRequest(
+        path=path,
+        query=query,
+        headers=request.headers,
+        user=identity.user if identity is not None else None,
+        claims=getattr(identity, "claims", None),
+    )
 
 
 def _sighup_alone() -> None:

@@ -50,7 +50,7 @@ class AmbiguousToken(AuthError):
 class Identity:
     """Who a connection is and what it may touch."""
 
-    __slots__ = ("user", "exp", "expires_at", "_rooms")
+    __slots__ = ("user", "exp", "expires_at", "_rooms", "claims")
 
     def __init__(
         self, user: str, exp: float | None, rooms: tuple[str, ...] | None, leeway: float = 0.0
@@ -61,6 +61,7 @@ class Identity:
         # and a connection (WebSocket or SSE) that carries it is closed at exp + leeway.
         self.expires_at = exp + leeway if exp is not None else None
         self._rooms = _compile(rooms) if rooms is not None else None
+        self.claims: dict[str, Any] | None = None  # the verified token's claims (application on_connect)
 
     def allows(self, room: str) -> bool:
         return self._rooms is None or self._rooms.fullmatch(room) is not None
@@ -186,7 +187,9 @@ class Authenticator:
             exp = float(claims["exp"])  # PyJWT checked it is an integer; it may still be 10**400
         except OverflowError:
             raise AuthError("malformed token") from None
-        return Identity(sub, exp, tuple(rooms) if rooms is not None else None, self.leeway)
+        ident = Identity(sub, exp, tuple(rooms) if rooms is not None else None, self.leeway)
+        ident.claims = claims
+        return ident
 
 
 def token_from_request(headers: Any, query: bytes | str) -> str | None:

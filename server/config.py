@@ -76,6 +76,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     workers: int = 1
     production: bool = False
     allow_anonymous: bool = False
+    # application API (docs/app-api.md): "module:attribute" of a wsfan.App; `wsfan run module:attr` sets it
+    app: str = ""
     log_format: str = "text"
     metrics_port: int = 0
     metrics_host: str = ""
@@ -110,6 +112,8 @@ HELP: dict[str, str] = {
     "allow_history; unset keys inherit the default namespace. TOML: [namespaces.NAME] tables",
     "echo_endpoint": "serve /echo, which echoes every message verbatim (for RFC 6455 conformance suites)",
     "log_level": "debug, info, warning or error",
+    "app": "application to serve, as module:attribute naming a wsfan.App (what `wsfan run module:app` sets); "
+    "imported by every worker (docs/app-api.md)",
     "drain_timeout": "seconds to wait for close handshakes on shutdown before dropping connections",
     "read_buffer_size": "initial per-connection read buffer in bytes (grows on demand); small keeps idle connections cheap",
     "backlog": "listen backlog: connection attempts the kernel queues before accept (capped by net.core.somaxconn); "

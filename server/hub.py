@@ -88,6 +88,7 @@ Handler = Callable[["Session", Any], None]
 _NO_ROOMS: frozenset[str] = frozenset()
 _PLAIN_KINDS = int(max(Encoding))  # delivery kinds above this are compressed (server/deflate.py)
 Authorizer = Callable[["Session", str, str], bool]
+NO_CLOSE_FRAME = 1006  # RFC 6455 7.1.5: the connection closed with no close frame either way
 
 
 class Session:
@@ -107,6 +108,8 @@ class Session:
         "closed",
         "claims",
         "pending",
+        "data",
+        "close_code",
     )
 
     def __init__(self, peer: Peer, conn_id: str, user: str, codec: Codec, bucket: TokenBucket | None) -> None:
@@ -127,6 +130,10 @@ class Session:
         # Set while an asynchronous request (cluster join, publish, presence query) is in
         # flight; None on a single node, where every request completes in its own call.
         self.pending: Pending | None = None
+        # Application state (``wsfan.App``: what on_connect set) and the close code its
+        # on_disconnect sees (1006 until a close frame is sent or received).
+        self.data: Any = None
+        self.close_code = NO_CLOSE_FRAME
 
 
 class Pending:
@@ -233,6 +240,9 @@ class Hub:
         self._flush_pending = False
         self._ids = itertools.count(1)
         self._extra_types: tuple[type[Inbound], ...] = ()
+        # Application lifecycle hooks (wsfan.App): once per connection, never per message.
+        self.on_open: Callable[[Session], None] | None = None
+        self.on_close: Callable[[Session], None] | None = None
         self._handlers: dict[type, Handler] = {
             Join: self._on_join,
             Leave: self._on_leave,
@@ -269,17 +279,25 @@ class Hub:
         user: str | None = None,
         claims: Any = None,
         deflate_bits: int = 0,
+        data: Any = None,
     ) -> Session:
-        """A new WebSocket session; ``deflate_bits`` is the permessage-deflate window it negotiated (0: none)."""
+        """A new WebSocket session; ``deflate_bits`` is the permessage-deflate window it negotiated (0: none).
+
+        ``data`` is the application's state for it (what ``App.on_connect`` returned); the
+        ``on_open`` hook runs after the welcome is queued.
+        """
         conn_id = f"{self.node_id}-{next(self._ids):x}"
         bucket = TokenBucket(self.rate_limit, self.rate_burst) if self.rate_limit > 0 else None
         s = Session(peer, conn_id, user or conn_id, self.codecs[encoding], bucket)
         if deflate_bits:
             s.kind = delivery_kind(encoding, deflate_bits)
         s.claims = claims
+        s.data = data
         self.sessions[conn_id] = s
         self.stats.connections_opened += 1
         self.reply(s, Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id))
+        if self.on_open is not None:
+            self.on_open(s)
         return s
 
     def open_stream(self, peer: Peer, user: str | None = None, claims: Any = None) -> Session:
@@ -293,9 +311,27 @@ class Hub:
         self.stats.connections_opened += 1
         return s
 
-    def join(self, s: Session, room: str, since: int | None = None, request_id: str | None = None) -> None:
-        """Subscribe with optional recovery; used by the ``join`` message and by SSE streams."""
-        self._on_join(s, Join(room=room, since=since, id=request_id))
+    def join(
+        self,
+        s: Session,
+        room: str,
+        since: int | None = None,
+        request_id: str | None = None,
+        trusted: bool = False,
+    ) -> None:
+        """Subscribe with optional recovery; used by the ``join`` message, SSE streams and applications.
+
+        ``trusted`` (the server's own decision, ``Conn.join``) skips ``authorize``.
+        """
+        m = Join(room=room, since=since, id=request_id)
+        if trusted:
+            self._join(s, m)
+        else:
+            self._on_join(s, m)
+
+    def leave(self, s: Session, room: str) -> None:
+        """Unsubscribe ``s`` from ``room`` (no reply); a no-op when it is not in it."""
+        self._remove(s, room)
 
     def close(self, s: Session) -> None:
         """Forget a session whose connection is gone; it leaves every room."""
@@ -307,6 +343,8 @@ class Hub:
             s.pending.queue.clear()  # requests waiting behind a broker call die with the connection
         self.sessions.pop(s.conn_id, None)
         self.stats.connections_closed += 1
+        if self.on_close is not None and s.encoding is not Encoding.SSE:
+            self.on_close(s)  # still in its rooms, so the application can announce the departure
         for name in list(s.rooms):
             self._remove(s, name)
 
@@ -436,6 +474,10 @@ class Hub:
         if not self._allowed(s, "join", room):
             self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
             return
+        self._join(s, m)
+
+    def _join(self, s: Session, m: Join) -> None:
+        room = m.room
         ns = self.namespaces.of(room)
         try:
             # Without allow_history a since is not honoured: recovered false, nothing replayed.

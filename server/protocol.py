@@ -54,7 +54,11 @@ FIELD_RULES: Final = {
     "ts": "ts must be a number or null",
     "type": "type must be a string naming a message type",
 }
-_AT_PATH = re.compile(r" - at `\$\.?([A-Za-z_][A-Za-z0-9_]{0,63})[^`]*`\Z")
+# The field path: a schema field name, then (application types' nested Structs and lists) up to
+# 16 more steps of ``.name`` or ``[index]``; whatever follows (e.g. a dict key) is not repeated.
+_AT_PATH = re.compile(
+    r" - at `\$\.?([A-Za-z_][A-Za-z0-9_]{0,63}(?:\[[0-9]{1,9}\]|\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,16})[^`]*`\Z"
+)
 _MISSING = re.compile(r"^Object missing required field `([A-Za-z_][A-Za-z0-9_]{0,63})`")
 
 
@@ -75,8 +79,8 @@ def describe_invalid(exc: BaseException, what: str = "JSON") -> str:
     if (m := _MISSING.match(text)) is not None:
         return f"missing field {m.group(1)!r}"
     if (m := _AT_PATH.search(text)) is not None:
-        name = m.group(1)
-        return FIELD_RULES.get(name, f"invalid value for {name!r}")
+        path = m.group(1)
+        return FIELD_RULES.get(path, f"invalid value for {path!r}")
     return f"the message must be a {what} object (map) with a 'type' field"
 
 

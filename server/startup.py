@@ -31,6 +31,13 @@ def preflight(settings: Settings) -> None:
             load_public_key(settings.jwt_public_key)
         except KeyProblem as exc:
             raise StartupError(str(exc)) from None
+    if settings.app:
+        from wsfan.server import application
+
+        try:
+            application.load(settings.app)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     check_port(settings.host, settings.port, "--port")
     if settings.http_port:
         check_port(settings.host, settings.http_port, "--http-port")

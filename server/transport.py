@@ -27,7 +27,7 @@ from picows.picows import WSProtocol
 from wsfan.server.auth import Identity
 from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, inflate
 from wsfan.server.handshake import MAX_HEAD_BYTES, Refusal, check_request_head
-from wsfan.server.hub import Hub, Session
+from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
 from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import Encoding
 from wsfan.server.wire import CloseCode
@@ -523,7 +523,17 @@ class Assembler(WSListener):
 class Connection(Assembler):
     """A ``/ws`` connection: whole messages go to the hub, the hub's queued frames come back here."""
 
-    __slots__ = ("hub", "encoding", "session", "is_paused", "backlog", "counted", "identity", "_expiry")
+    __slots__ = (
+        "hub",
+        "encoding",
+        "session",
+        "is_paused",
+        "backlog",
+        "counted",
+        "identity",
+        "_expiry",
+        "data",
+    )
 
     def __init__(
         self,
@@ -543,6 +553,9 @@ class Connection(Assembler):
         self.counted = 0
         self.identity = identity
         self._expiry: asyncio.TimerHandle | None = None
+        self.data: Any = (
+            None  # the application's on_connect result, handed to the session (server/application.py)
+        )
 
     def name(self) -> str:
         return self.session.conn_id if self.session is not None else "?"
@@ -561,10 +574,10 @@ class Connection(Assembler):
         ident = self.identity
         bits = self.deflate_bits
         if ident is None:
-            self.session = self.hub.open(self, self.encoding, deflate_bits=bits)
+            self.session = self.hub.open(self, self.encoding, deflate_bits=bits, data=self.data)
         else:
             self.session = self.hub.open(
-                self, self.encoding, user=ident.user, claims=ident, deflate_bits=bits
+                self, self.encoding, user=ident.user, claims=ident, deflate_bits=bits, data=self.data
             )
             if ident.expires_at is not None:
                 # One timer per authenticated connection, fired when the token stops being accepted
@@ -600,9 +613,18 @@ class Connection(Assembler):
         # Replies queued in this loop iteration (e.g. the RATE_LIMITED errors
         # before a 4029) go out ahead of the close frame, as they were sent first.
         s = self.session
+        if s is not None and s.close_code == NO_CLOSE_FRAME and not self.closing:
+            s.close_code = code  # what the application's on_disconnect sees
         if s is not None and s.out and not self.closing:
             self.flush(s)
         super().close(code, reason, grace)
+
+    def _on_close_frame(self, frame: WSFrame) -> None:
+        s = self.session
+        if s is not None and s.close_code == NO_CLOSE_FRAME:
+            # The client's code (1005: its close frame had none), for the application's on_disconnect.
+            s.close_code = int(frame.get_close_code()) if frame.payload_size else 1005
+        super()._on_close_frame(frame)
 
     def flush(self, session: Session) -> None:
         out = session.out

@@ -7,6 +7,9 @@ One importable name over the repository's folders (``pyproject.toml`` maps them)
 - ``wsfan.loadtest`` Locust users and scenarios (extra ``loadtest``)
 - ``wsfan.bench``    the benchmark suite (extra ``bench``)
 
+and the application API (docs/app-api.md), imported on first use of the name:
+``wsfan.App``, ``wsfan.Message``, ``wsfan.Error``, ``wsfan.Conn``, ``wsfan.ConnectRequest``.
+
 Importing ``wsfan`` itself is cheap: nothing below is imported until it is used.
 """
 
@@ -19,4 +22,17 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+from typing import Any
+
+_APP_NAMES = frozenset({"App", "Message", "Error", "Conn", "ConnectRequest"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _APP_NAMES:
+        from wsfan.server import application
+
+        return getattr(application, name)
+    raise AttributeError(f"module 'wsfan' has no attribute {name!r}")
+
+
+__all__ = ["App", "Conn", "ConnectRequest", "Error", "Message", "__version__"]

@@ -1,0 +1,323 @@
+"""The application API (docs/app-api.md) on a real server process serving tests/apps/probe.py.
+
+Driven with the ``websockets`` library (raw wire shapes) and the Python client (``Client.request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import websockets
+from apps import probe as probe_app
+
+from helpers.peers import WebsocketsPeer
+from helpers.ports import free_port, wait_for_port
+from helpers.servers import ROOT, ServerProcess
+from helpers.waiting import run
+from wsfan.client import connect
+from wsfan.client.errors import InternalError, InvalidMessage, ProtocolError
+
+TESTS = Path(__file__).resolve().parent
+ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+SECRET = "app-api-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def probe() -> Iterator[ServerProcess]:
+    srv = ServerProcess("--app", "apps.probe:app", "--rate-limit", "0", env=ENV).start()
+    yield srv
+    srv.kill()
+
+
+async def ask(p: WebsocketsPeer, rid: str, type_: str, **fields: Any) -> dict[str, Any]:
+    """Send ``{"type": type_, "id": rid, **fields}``; the reply carrying ``rid`` (other messages are skipped)."""
+    await p.send({"type": type_, "id": rid, **fields})
+    while True:
+        msg = await p.recv()
+        if msg.get("requestId") == rid:
+            return msg
+
+
+def test_return_value_is_the_ack_data_and_no_id_means_no_reply(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        assert await ask(p, "a1", "add", a=2, b=3) == {
+            "type": "ack",
+            "requestId": "a1",
+            "success": True,
+            "data": 5,
+        }
+        await p.send({"type": "add", "a": 1, "b": 1})  # no id: handled, nothing sent back
+        await p.no_message(0.3)
+        await p.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"a": "x", "b": 1}, "a"),
+        ({"b": 1}, "a"),
+    ],
+)
+def test_invalid_application_message_names_the_field(probe: ServerProcess, fields: dict, path: str) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        reply = await ask(p, "v1", "add", **fields)
+        assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE"
+        assert f"'{path}'" in reply["message"] or f"`$.{path}`" in reply["message"], reply
+        assert (await ask(p, "v2", "add", a=1, b=1))["data"] == 2  # the connection keeps working
+        await p.close()
+
+    run(go())
+
+
+def test_nested_field_path_like_builtins(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        reply = await ask(p, "n1", "order", items=[{"name": "a", "qty": 1}, {"name": "b", "qty": 0}])
+        assert reply["code"] == "INVALID_MESSAGE"
+        assert "items[1].qty" in reply["message"], reply
+        assert (await ask(p, "n2", "order", items=[{"name": "a", "qty": 2}]))["data"] == {"total": 2}
+        await p.close()
+
+    run(go())
+
+
+def test_async_handlers_answer_in_the_order_sent(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        # The first takes longest: without the per-connection queue the acks would come back reversed.
+        delays = [0.3, 0.1, 0.0]
+        for i, delay in enumerate(delays):
+            await p.send({"type": "slow", "id": f"s{i}", "n": i, "delay": delay})
+        await p.send({"type": "add", "id": "after", "a": 1, "b": 2})  # sync, but sent after them
+        got = [await p.recv() for _ in range(4)]
+        assert [m["requestId"] for m in got] == ["s0", "s1", "s2", "after"]
+        assert [m["data"] for m in got[:3]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        await p.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("how", ["error", "aerror"])
+def test_wsfan_error_is_an_error_reply(probe: ServerProcess, how: str) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        reply = await ask(p, "e1", "fail", how=how)
+        assert reply["type"] == "error" and reply["success"] is False
+        assert reply["code"] == "OUT_OF_STOCK" and reply["message"] in ("no more widgets", "none left")
+        await p.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("how", ["crash", "acrash"])
+def test_unexpected_exception_is_internal_logged_and_the_connection_lives(
+    probe: ServerProcess, how: str
+) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        reply = await ask(p, "c1", "fail", how=how)
+        assert reply == {
+            "type": "error",
+            "requestId": "c1",
+            "success": False,
+            "code": "INTERNAL",
+            "message": "internal error",
+        }
+        assert (await ask(p, "c2", "add", a=40, b=2))["data"] == 42
+        await p.close()
+
+    run(go())
+    out = probe.output()
+    assert f"secret detail {how}" in out and "Traceback" in out  # logged with its trace, never sent
+
+
+def test_python_client_request(probe: ServerProcess) -> None:
+    async def go() -> None:
+        async with connect(probe.url) as c:
+            assert await c.request(probe_app.Add(a=1, b=2)) == 3
+            assert await c.request(probe_app.Slow(n=7, delay=0)) == {"n": 7}
+            with pytest.raises(ProtocolError) as err:
+                await c.request(probe_app.Fail(how="error"))
+            assert err.value.code == "OUT_OF_STOCK"
+            with pytest.raises(InternalError):
+                await c.request(probe_app.Fail(how="crash"))
+            with pytest.raises(InvalidMessage):
+                await c.request(probe_app.Order(items=[probe_app.Item(name="x", qty=0)]))
+
+    run(go())
+
+
+def test_on_connect_sets_data_and_refuses(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url + "?x=1", additional_headers={"X-Agent": "probe/1"})
+        reply = await ask(p, "w1", "whoami")
+        assert reply["data"] == {
+            "id": p.welcome["conn"],
+            "user": p.welcome["user"],
+            "data": {"agent": "probe/1", "path": "/ws", "role": None},
+        }
+        await p.close()
+        for status in (401, 403):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(probe.url, additional_headers={"X-Refuse": str(status)})
+            assert refused.value.response.status_code == status
+            body = refused.value.response.body.decode()
+            assert body == ("WHO: say who you are\n" if status == 401 else "NOPE: not you\n")
+
+    run(go())
+
+
+def test_on_connect_sees_jwt_claims(make_server: type[ServerProcess]) -> None:
+    srv = make_server("--app", "apps.probe:app", "--jwt-secret", SECRET, env=ENV).start()
+    token = jwt.encode(
+        {"sub": "ann", "exp": int(time.time()) + 600, "role": "editor"}, SECRET, algorithm="HS256"
+    )
+
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(f"{srv.url}?token={token}")
+        reply = await ask(p, "w", "whoami")
+        assert reply["data"]["user"] == "ann" and reply["data"]["data"]["role"] == "editor"
+        await p.close()
+
+    run(go())
+
+
+def test_conn_send_join_leave(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        other = await WebsocketsPeer.connect(probe.url)
+        await p.send({"type": "push", "id": "p1", "text": "hello"})
+        assert await p.recv() == {"type": "notice", "text": "hello"}  # sent by the handler, before its ack
+        assert (await p.recv())["requestId"] == "p1"
+        assert (await ask(p, "j1", "enlist", room="r-a"))["data"] == ["r-a"]
+        assert (await ask(other, "o1", "join", room="r-a"))["success"]
+        assert (await ask(other, "o2", "publish", room="r-a", payload={"n": 1}))["success"]
+        delivery = await p.recv_type("message")
+        assert delivery["room"] == "r-a" and delivery["payload"] == {"n": 1}
+        assert (await ask(p, "j2", "enlist", room="r-a", leave=True))["data"] == []
+        assert (await ask(other, "o3", "publish", room="r-a", payload={"n": 2}))["success"]
+        await p.no_message(0.3)  # left: no delivery
+        await p.close()
+        await other.close()
+
+    run(go())
+
+
+def test_hooks_refuse_join_and_publish(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        assert (await ask(p, "h1", "join", room="vault"))["code"] == "FORBIDDEN"
+        assert (await ask(p, "h2", "join", room="quiet-room"))["success"]
+        assert (await ask(p, "h3", "publish", room="quiet-room", payload=1))["code"] == "FORBIDDEN"
+        assert (await ask(p, "h4", "join", room="loud"))["success"]
+        assert (await ask(p, "h5", "publish", room="loud", payload=1))["success"]
+        await p.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize(("how", "code"), [("client", 4321), ("server", 4400)])
+def test_on_disconnect_sees_the_close_code_and_rooms(probe: ServerProcess, how: str, code: int) -> None:
+    async def go() -> None:
+        watcher = await WebsocketsPeer.connect(probe.url)
+        assert (await ask(watcher, "w1", "join", room="audit"))["success"]
+        p = await WebsocketsPeer.connect(probe.url)
+        assert (await ask(p, "j", "join", room="r-gone"))["success"]
+        if how == "client":
+            await p.close_handshake(code)
+        else:
+            await p.send({"type": "kick", "code": code, "reason": "bye"})
+            assert await p.wait_closed() == code
+        msg = await watcher.recv_type("message")
+        assert msg["payload"] == {"gone": p.welcome["conn"], "code": code, "rooms": ["r-gone"]}
+        await watcher.close()
+
+    run(go())
+
+
+def test_bad_close_code_from_handler_is_internal(probe: ServerProcess) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        assert (await ask(p, "k", "kick", code=1006))["code"] == "INTERNAL"  # 1006 is never on the wire
+        assert (await ask(p, "k2", "add", a=1, b=1))["data"] == 2
+        await p.close()
+
+    run(go())
+
+
+def test_wsfan_run_cli_and_bad_spec() -> None:
+    port = free_port()
+    wsfan_bin = str(Path(sys.executable).with_name("wsfan"))
+    bad = subprocess.run(
+        [wsfan_bin, "run", "apps.nope:app", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "cannot import 'apps.nope'" in bad.stderr
+    notapp = subprocess.run(
+        [wsfan_bin, "run", "apps.probe:Add", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert notapp.returncode == 2 and "is not a wsfan.App" in notapp.stderr
+    proc = subprocess.Popen(
+        [wsfan_bin, "run", "apps.probe:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc=proc)
+
+        async def go() -> None:
+            async with connect(f"ws://127.0.0.1:{port}/ws") as c:
+                assert await c.request(probe_app.Add(a=20, b=1)) == 21
+
+        run(go())
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+
+
+def test_import_wsfan_stays_cheap() -> None:
+    code = "import sys, wsfan; assert 'wsfan.server' not in sys.modules; wsfan.App; assert 'wsfan.server.application' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_declaring_mistakes_are_refused() -> None:
+    import msgspec
+
+    import wsfan
+
+    app = wsfan.App()
+    with pytest.raises(TypeError):
+        app.message(msgspec.Struct)  # not a wsfan.Message
+
+    class Ping(wsfan.Message, tag="ping"):
+        pass
+
+    with pytest.raises(ValueError, match="built-in"):
+        app.message(Ping)  # would shadow the built-in ping
+    with pytest.raises(ValueError):
+        wsfan.Error("")
+    with pytest.raises(ValueError):
+        wsfan.Error("X", status=500)
+
+    async def coro(request: Any) -> None: ...
+
+    with pytest.raises(TypeError):
+        app.on_connect(coro)
+    app.message(probe_app.Add)(lambda conn, msg: None)
+    with pytest.raises(ValueError):
+        app.message(probe_app.Add)(lambda conn, msg: None)
+    with pytest.raises(RuntimeError):
+        asyncio.run(app.publish("r", 1))  # not served
