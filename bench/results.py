@@ -73,13 +73,40 @@ def machine_info() -> dict[str, Any]:
         "hypervisor": _hypervisor(),
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
-        "versions": {d: _version(d) for d in ("picows", "aiofastnet", "uvloop", "msgspec", "psutil")},
+        "versions": {
+            d: _version(d)
+            for d in (
+                "wsfan",
+                "picows",
+                "aiofastnet",
+                "uvloop",
+                "msgspec",
+                "redis",
+                "locust",
+                "websockets",
+                "numpy",
+                "psutil",
+            )
+        },
+        "tools": {"redis-server": _tool_version("redis-server"), "node": _tool_version("node")},
         "picows_uses_aiofastnet": _picows_uses_aiofastnet(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "loadavg": os.getloadavg(),
         "taskset": shutil.which("taskset") is not None,
     }
+
+
+def _tool_version(name: str) -> str | None:
+    """``<tool> --version`` (first line), for the programs a run drives besides Python packages."""
+    path = shutil.which(name)
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else None
 
 
 def _hypervisor() -> str | None:

@@ -36,6 +36,7 @@ from wsfan.bench.harness import (
     raise_nofile,
     reset_logs,
 )
+from wsfan.bench.repeats import combine
 from wsfan.bench.results import RESULTS, machine_info, results_dir
 from wsfan.bench.servers import Servers
 
@@ -76,6 +77,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--publish",
         action="store_true",
         help="a run to commit: write under results/ (and results/latest.md); only on a quiet machine",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help="measure each scenario this many times; rows keep the median and each figure's min/median/max "
+        "(default 3, quick runs 1)",
     )
     p.add_argument(
         "--client-procs", type=int, default=1, help="load-generator processes, all on the client core"
@@ -183,16 +190,29 @@ def run_scenario(
     args: argparse.Namespace,
     ctx: Context | None = None,
     render: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Measure one scenario into the run folder and rebuild the folder's report; 0 when every check passed."""
+    """Measure one scenario (``--repeat`` times) into the run folder and rebuild the folder's report.
+
+    Returns 0 when every check of every repetition passed. ``progress(k)`` is called before
+    repetition ``k`` (``bench all`` prints its step counter and time estimate there).
+    """
     # Imported here: report.py renders the scenarios' sections (compression.section), whose modules import this one.
     from wsfan.bench.report import render_folder
 
     ctx = ctx or context_from(args)
     load0 = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
-    print(f"== {name} ({'quick' if ctx.quick else 'full'}) -> {ctx.out}", flush=True)
-    data = measure(ctx, settings)
+    repeat = repeats_of(args)
+    print(f"== {name} ({'quick' if ctx.quick else 'full'}, {repeat}×) -> {ctx.out}", flush=True)
+    runs = []
+    for k in range(repeat):
+        if repeat > 1:
+            print(f"   {name}: repetition {k + 1}/{repeat}", flush=True)
+        if progress is not None:
+            progress(k)
+        runs.append(measure(ctx, settings))
+    data = combine(runs)
     path = save(ctx, name, settings, data, started, load0)
     print(f"   wrote {path} ({time.monotonic() - started:.0f} s)", flush=True)
     if render:
@@ -202,6 +222,12 @@ def run_scenario(
     for f in failures:
         print(f"   CHECK FAILED: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def repeats_of(args: argparse.Namespace) -> int:
+    """``--repeat``, else 3 for a full run and 1 for a quick one."""
+    n = getattr(args, "repeat", None)
+    return max(1, n) if n else (1 if getattr(args, "quick", False) else 3)
 
 
 def clean_samples(paths: list[str | None]) -> None:

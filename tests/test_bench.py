@@ -68,6 +68,20 @@ def test_quick_run_passes_its_own_checks(run):
     # Its duration is reported, not asserted: timing belongs to the benchmarks, and a loaded CI
     # machine must not turn a slow run into a red build (the subprocess timeout still bounds it).
     print(f"bench all --quick took {run['seconds']:.0f} s (aim: under {BUDGET_S:.0f} s)")
+    # every step is announced with a counter and a time estimate
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("[") and "min left" in line]
+    assert (
+        steps
+        and steps[0].startswith("[1/")
+        and steps[-1].split("]")[0] == "[" + steps[0].split("/")[1].split("]")[0]
+    ), steps
+
+
+def test_compression_saves_bytes_on_the_wire_and_counts_every_delivery(run):
+    rows = {(r["variant"], r["phase"]): r for r in _rows(run, "compression")}
+    plain, deflate = rows[("wsfan", "throughput")], rows[("wsfan-deflate", "throughput")]
+    assert plain["count_ok"] and deflate["count_ok"]
+    assert deflate["wire_bytes_per_delivery"] < 0.8 * plain["wire_bytes_per_delivery"], (plain, deflate)
 
 
 def test_every_scenario_wrote_its_json_report_and_plots(run):

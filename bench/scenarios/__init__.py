@@ -10,6 +10,7 @@ import argparse
 from types import ModuleType
 from typing import Protocol
 
+from wsfan.bench import compare
 from wsfan.bench.scenarios import (
     cluster,
     compression,
@@ -36,5 +37,18 @@ class Scenario(Protocol):
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (everything, fanout, echo, heartbeat, storm, connect, cluster, compression, rooms, core, render)
+    for m in (
+        everything,
+        fanout,
+        echo,
+        heartbeat,
+        storm,
+        connect,
+        cluster,
+        compression,
+        rooms,
+        core,
+        render,
+        compare,
+    )
 }
