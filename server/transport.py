@@ -651,14 +651,28 @@ class Connection(Assembler):
         for i in range(self.counted, len(out)):
             self.backlog += len(out[i])
         self.counted = len(out)
-        if self.backlog > self.limits.slow_consumer_limit:
+        self._check_backlog(session)
+
+    def _check_backlog(self, session: Session) -> None:
+        """Close with 4008 once what waits for this socket (uvloop's buffer + our queue) passes the limit.
+
+        uvloop's buffer counts too: a burst fanned out in one loop iteration is written (and
+        buffered by uvloop) before ``pause_writing`` can stop anything, and no later write
+        may come to notice it.
+        """
+        if self.backlog + self.raw.get_write_buffer_size() > self.limits.slow_consumer_limit:
             self.hub.stats.slow_consumer_closes += 1
-            out.clear()
+            session.out.clear()
             self.backlog = self.counted = 0
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer over the limit")
 
     def paused(self, on: bool) -> None:
         self.is_paused = on
+        if on:
+            s = self.session
+            if s is not None:
+                self._check_backlog(s)
+            return
         if not on:
             self.backlog = self.counted = 0
             s = self.session

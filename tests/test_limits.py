@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers.peers import PicowsPeer, WebsocketsPeer
-from helpers.rawws import CLOSE, PING, PONG, RawWS
+from helpers.rawws import CLOSE, PING, PONG, TEXT, RawWS, build_frame
 from helpers.waiting import until
 
 
@@ -112,6 +112,27 @@ async def test_slow_consumer_is_closed_4008_while_healthy_subscriber_gets_every_
     assert seqs == list(range(1, n + 1)), "the healthy subscriber lost nothing"
     await pub.close()
     await healthy.close()
+
+
+async def test_a_burst_fanned_out_in_one_loop_iteration_still_closes_the_slow_consumer(make_server):
+    """Every publish in one TCP write: the server fans them all out in the same loop iteration and
+    writes them at once, so uvloop buffers megabytes before pause_writing; no later write comes.
+    What uvloop holds counts against --slow-consumer-limit too (it used to be missed: no 4008)."""
+    srv = make_server("--slow-consumer-limit", "262144", "--rate-limit", "0").start()
+    room = "burst"
+    with (
+        RawWS.connect("127.0.0.1", srv.port) as pub,
+        RawWS.connect("127.0.0.1", srv.port, rcvbuf=4096) as slow,
+    ):
+        for ws, rid in ((pub, "p"), (slow, "s")):
+            ws.send_text(json.dumps({"type": "join", "room": room, "id": rid}))
+            while json.loads(ws.recv_message()[1]).get("requestId") != rid:
+                pass
+        msg = json.dumps({"type": "publish", "room": room, "payload": "b" * 16000}).encode()
+        pub.send_raw(b"".join(build_frame(TEXT, msg) for _ in range(400)))  # 6.4 MB in one write
+        await until(lambda: "slow consumer" in srv.output(), timeout=15)
+        code, _ = slow.expect_close(timeout=10, reply=False)
+    assert code == 4008
 
 
 def _answer_pings_for(ws: RawWS, seconds: float) -> list[int]:
