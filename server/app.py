@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -468,6 +469,10 @@ async def serve(settings: Settings, attach: Callable[[Node, asyncio.Event], None
         )
         await node.broker.close()
         return EXIT_USAGE
+    # Everything built so far (modules, settings, the hub) lives as long as the process: out of the
+    # collector's generations, so the collections a connection storm triggers skip it (gc was 5.9 % of
+    # a connect + join in results/profiles/connect-join-before.svg, 1.3 % after).
+    gc.freeze()
     await stop.wait()
     abandoned = await node.drain()
     abandoned += await _leftover_tasks()
