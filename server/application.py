@@ -241,6 +241,16 @@ class App:
         pub = await result  # type: ignore[misc]
         return pub.seq
 
+    @property
+    def node_id(self) -> str:
+        """This process's node id (the ``node`` of every ``welcome`` it sends)."""
+        return self._attached().node_id
+
+    @property
+    def connections(self) -> int:
+        """Open connections (WebSocket and SSE) on this process."""
+        return len(self._attached().sessions)
+
     def _attached(self) -> Hub:
         if self.hub is None:
             raise RuntimeError(

@@ -8,7 +8,8 @@ One importable name over the repository's folders (``pyproject.toml`` maps them)
 - ``wsfan.bench``    the benchmark suite (extra ``bench``)
 
 and the application API (docs/app-api.md), imported on first use of the name:
-``wsfan.App``, ``wsfan.Message``, ``wsfan.Error``, ``wsfan.Conn``, ``wsfan.ConnectRequest``.
+``wsfan.App``, ``wsfan.Message``, ``wsfan.Error``, ``wsfan.Conn``, ``wsfan.ConnectRequest``,
+``wsfan.BrokerUnavailable``.
 
 Importing ``wsfan`` itself is cheap: nothing below is imported until it is used.
 """
@@ -24,7 +25,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 
 from typing import Any
 
-_APP_NAMES = frozenset({"App", "Message", "Error", "Conn", "ConnectRequest"})
+_APP_NAMES = frozenset({"App", "Message", "Error", "Conn", "ConnectRequest", "BrokerUnavailable"})
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +36,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'wsfan' has no attribute {name!r}")
 
 
-__all__ = ["App", "Conn", "ConnectRequest", "Error", "Message", "__version__"]
+__all__ = ["App", "BrokerUnavailable", "Conn", "ConnectRequest", "Error", "Message", "__version__"]

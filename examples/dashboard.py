@@ -1,0 +1,61 @@
+"""A live dashboard fed by a background task: every ``TICK_S`` the server publishes a sample.
+
+Run: ``wsfan run examples.dashboard:app`` (add ``--broker redis://...`` and ``--workers N``: each
+worker has its own feed, tagged with its node). Clients ``join`` the room ``dashboard:load`` and
+receive ``{"type":"message","room":"dashboard:load","from":"server","payload":{"tick","node","load1","connections"}}``.
+A ``snapshot`` request (``{"type":"snapshot","id":"1"}``) answers the latest sample at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import wsfan
+
+app = wsfan.App()
+ROOM = "dashboard:load"
+TICK_S = float(os.environ.get("DASHBOARD_TICK_S", "0.2"))
+latest: dict[str, object] = {}
+_tasks: set[asyncio.Task[None]] = set()
+
+
+class Snapshot(wsfan.Message, tag="snapshot"):
+    pass
+
+
+@app.before_join
+def dashboard_rooms_only(conn: wsfan.Conn, room: str) -> bool:
+    return room.startswith("dashboard:")
+
+
+@app.before_publish
+def read_only(conn: wsfan.Conn, room: str) -> bool:
+    return False  # only the feed publishes
+
+
+@app.message(Snapshot)
+def snapshot(conn: wsfan.Conn, msg: Snapshot) -> dict[str, object]:
+    return latest
+
+
+async def feed() -> None:
+    tick = 0
+    while True:
+        tick += 1
+        latest.update(tick=tick, node=app.node_id, load1=os.getloadavg()[0], connections=app.connections)
+        try:
+            await app.publish(ROOM, latest)
+        except wsfan.BrokerUnavailable:
+            pass  # the broker is down: skip this sample, the next one tries again
+        await asyncio.sleep(TICK_S)
+
+
+@app.on_startup
+def start_feed() -> None:
+    task = asyncio.get_running_loop().create_task(feed(), name="dashboard-feed")
+    _tasks.add(task)  # keep a reference: the loop holds tasks weakly
+
+
+if __name__ == "__main__":
+    app.run()
