@@ -78,7 +78,10 @@ async def create_server(
     Auto-pong and auto-ping are off: transport.py answers pings and sends its own (heartbeats).
     """
     loop = asyncio.get_running_loop()
-    logger = logging.getLogger("picows.server")
+    # picows gives each connection its own ``logging.Logger`` (named after the fd; about 340 B and
+    # a Logger construction per connect, picows.pyx WSProtocol.connection_made) unless the logger
+    # is not a Logger: one shared adapter keeps picows' records (name "picows.server") without it.
+    logger = logging.LoggerAdapter(logging.getLogger("picows.server"))
     if use_aiofastnet:
         import aiofastnet
 
