@@ -16,7 +16,7 @@ import ssl
 import time
 from collections import deque
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -28,7 +28,7 @@ from wsfan.server.handshake import Refusal, single
 from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
-from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid
+from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid, payload_problem
 from wsfan.server.wire import RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
@@ -88,6 +88,30 @@ class AdminPublish(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _admin_decoder = msgspec.json.Decoder(AdminPublish)
+MAX_BROADCAST_ROOMS = 1000
+
+
+class AdminBroadcast(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /broadcast`` body: one payload to 1-1000 distinct rooms."""
+
+    rooms: Annotated[list[RoomName], msgspec.Meta(min_length=1, max_length=MAX_BROADCAST_ROOMS)]
+    payload: msgspec.Raw
+
+
+_broadcast_decoder = msgspec.json.Decoder(AdminBroadcast)
+
+
+class HistoryEntry(msgspec.Struct):
+    seq: int
+    sender: str = msgspec.field(name="from")
+    payload: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
+
+class HistoryReply(msgspec.Struct):
+    room: str
+    seq: int
+    epoch: str
+    publications: list[HistoryEntry]
 
 
 def _json_error(status: int, message: str, **headers: str) -> web.Response:
@@ -103,6 +127,13 @@ def _room_param(request: web.Request) -> str | web.Response:
     if not valid_room(room):
         return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
     return room
+
+
+def _json_payload(pub: Publication) -> msgspec.Raw:
+    """A kept publication's payload as JSON (MessagePack ones transcoded; they passed payload_problem)."""
+    if pub.encoding == Encoding.JSON:
+        return msgspec.Raw(pub.payload)
+    return msgspec.Raw(msgspec.json.encode(msgspec.msgpack.decode(pub.payload)))
 
 
 class SsePeer:
@@ -140,6 +171,9 @@ class HttpSide:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/publish", self.publish)
+        app.router.add_post("/broadcast", self.broadcast)
+        app.router.add_get("/history", self.history)
+        app.router.add_get("/rooms", self.rooms)
         app.router.add_get("/sse", self.sse)
         app.router.add_get("/presence", self.presence)
         app.router.add_get("/presence_stats", self.presence_stats)
@@ -236,22 +270,35 @@ class HttpSide:
             return web.Response(status=404, text="not here: /metrics is served on --metrics-port\n")
         return web.Response(body=self.node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def publish(self, request: web.Request) -> web.Response:
+    def _admin_only(self, request: web.Request) -> web.Response | None:
+        """The server API's gate: 404 without ``--admin-key``, 401 (logged) without the key, 400 for two keys."""
         if not self.node.settings.admin_key:
-            return _json_error(404, "admin publish is off: start the server with --admin-key")
+            return _json_error(404, "the server API is off: start the server with --admin-key")
         admin = self._is_admin(request)
         if isinstance(admin, Refusal):
             return _json_error(admin.status, admin.reason)
         if not admin:
             # WARNING: someone without the key tried the admin endpoint (the key itself is never logged).
             return self._refused(request, 401, "missing or wrong admin key", logging.WARNING, "admin_key")
+        return None
+
+    async def _admin_body(self, request: web.Request) -> bytes | web.Response:
+        """The request body, read within ``--request-timeout`` (408) and ``--max-message-size`` (413)."""
         try:
             async with asyncio.timeout(self.node.settings.request_timeout):
-                body = await request.read()
+                return await request.read()
         except TimeoutError:
             return _json_error(408, "request body not received in time")
         except web.HTTPRequestEntityTooLarge:
             return _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
+
+    async def publish(self, request: web.Request) -> web.Response:
+        refused = self._admin_only(request)
+        if refused is not None:
+            return refused
+        body = await self._admin_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             msg = _admin_decoder.decode(body)
         except Exception as exc:  # noqa: BLE001 - any decoder failure (RecursionError too) is a bad body
@@ -264,6 +311,83 @@ class HttpSide:
         except BrokerUnavailable as exc:  # why is in the broker's log; a client learns only what to do
             return _json_error(503, exc.public, **{"Retry-After": "1"})
         return web.json_response({"room": pub.room, "seq": pub.seq})
+
+    async def broadcast(self, request: web.Request) -> web.Response:
+        """``POST /broadcast`` ``{"rooms": [...], "payload": any}``: one publication per room, in order.
+
+        200 ``{"results": [{"room","seq"}]}``; 400 bad body, duplicate rooms or a payload not
+        deliverable in both encodings (nothing published); 503 ``{"error", "results"}`` when the
+        broker failed midway (``results``: the rooms published before it).
+        """
+        refused = self._admin_only(request)
+        if refused is not None:
+            return refused
+        body = await self._admin_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            msg = _broadcast_decoder.decode(body)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad body
+            return _json_error(400, f"body must be {{'rooms','payload'}} JSON: {describe_invalid(exc)}")
+        if len(set(msg.rooms)) != len(msg.rooms):
+            return _json_error(400, "rooms must be distinct")
+        payload = bytes(msg.payload)
+        problem = payload_problem(payload, Encoding.JSON)
+        if problem is not None:
+            return _json_error(400, problem)
+        results: list[dict[str, Any]] = []
+        hub = self.node.hub
+        for room in msg.rooms:
+            try:
+                result = hub.publish(room, "server", payload, Encoding.JSON)
+                pub = result if isinstance(result, Publication) else await result
+            except BrokerUnavailable as exc:
+                return web.json_response(
+                    {"error": exc.public, "results": results}, status=503, headers={"Retry-After": "1"}
+                )
+            results.append({"room": room, "seq": pub.seq})
+        return web.json_response({"results": results})
+
+    async def history(self, request: web.Request) -> web.Response:
+        """``GET /history?room=[&since=]``: what the broker keeps of a room, cluster-wide.
+
+        200 ``{"room","seq","epoch","publications":[{"seq","from","payload"}]}`` (publications after
+        ``since``, default all kept, oldest first); 400 bad room or since; 503 broker unavailable.
+        """
+        refused = self._admin_only(request)
+        if refused is not None:
+            return refused
+        room = _room_param(request)
+        if isinstance(room, web.Response):
+            return room
+        since_values = request.query.getall("since", [])
+        since = 0
+        if since_values:
+            parsed = parse_seq(since_values[0]) if len(since_values) == 1 else None
+            if parsed is None:
+                return _json_error(400, "since must be one seq (an integer from 0 to 2^63-1)")
+            since = parsed
+        try:
+            hist = self.node.hub.broker.history(room, since)
+            if inspect.isawaitable(hist):
+                hist = await hist
+        except BrokerUnavailable as exc:
+            return _json_error(503, exc.public, **{"Retry-After": "1"})
+        entries = [HistoryEntry(p.seq, p.sender, _json_payload(p)) for p in hist.publications]
+        reply = HistoryReply(room=room, seq=hist.seq, epoch=hist.epoch, publications=entries)
+        return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
+
+    async def rooms(self, request: web.Request) -> web.Response:
+        """``GET /rooms``: this node's rooms with local subscribers: ``{"node","rooms":[{"room","subscribers"}]}``.
+
+        Per node (each worker and node answers for itself), sorted by room name.
+        """
+        refused = self._admin_only(request)
+        if refused is not None:
+            return refused
+        hub = self.node.hub
+        rooms = [{"room": name, "subscribers": len(room)} for name, room in sorted(hub.rooms.items()) if room]
+        return web.json_response({"node": hub.node_id, "rooms": rooms})
 
     async def presence(self, request: web.Request) -> web.Response:
         """``GET /presence?room=``: ``{"room","presence":[{"conn","user","joined_at"}]}``."""
