@@ -341,18 +341,23 @@ def _on_quitting(environment: Environment, **_kw: Any) -> None:
         environment.process_exit_code = 0
     if RUN.summary_path is None:
         return
-    if RUN.writer is not None and RUN.csv_prefix is not None:
-        if RUN.writer_greenlet is not None:
-            RUN.writer_greenlet.kill(block=True, timeout=2)
-        RUN.writer.close_files()
+    # The final tables, for --csv PREFIX runs too: Locust's own writer rewrites PREFIX_stats.csv only
+    # every few seconds, and a short or loaded run can end before its last write (an empty table).
+    prefix = RUN.csv_prefix or getattr(environment.parsed_options, "csv_prefix", None)
+    if prefix:
+        if RUN.writer is not None:
+            if RUN.writer_greenlet is not None:
+                RUN.writer_greenlet.kill(block=True, timeout=2)
+            RUN.writer.close_files()
         final = stats.StatsCSV(environment, stats.PERCENTILES_TO_REPORT)
         for suffix, method in (
             ("_stats.csv", final.requests_csv),
             ("_failures.csv", final.failures_csv),
             ("_exceptions.csv", final.exceptions_csv),
         ):
-            with open(RUN.csv_prefix + suffix, "w", newline="") as fh:
+            with open(prefix + suffix, "w", newline="") as fh:
                 method(csv.writer(fh))
+    if RUN.writer is not None:
         # Same content as --json-file, but without stats.save_stats_json(), which resets every entry
         # (it serialises with get_stripped_report) and would zero the summary and the console table.
         serialized = [
