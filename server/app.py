@@ -376,6 +376,16 @@ def make_authenticator(settings: Settings) -> Authenticator | None:
 def make_broker(settings: Settings, node_id: str) -> Broker:
     """In-process unless a broker URL is given; the hub cannot tell the difference."""
     spaces = namespaces(settings)[0]  # already validated by config.load
+    if settings.broker.startswith("redis+cluster://"):
+        from wsfan.server.broker.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker(
+            settings.broker,
+            node_id=node_id,
+            namespaces=spaces,
+            presence_ttl=settings.presence_ttl,
+            meta_ttl=settings.history_meta_ttl,
+        )
     if settings.broker:
         from wsfan.server.broker.redis import RedisBroker
 

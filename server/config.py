@@ -150,7 +150,8 @@ HELP: dict[str, str] = {
     "tls_cert": "PEM certificate chain: --port serves wss:// and --http-port https:// (needs --tls-key); "
     "empty = plain ws:// and http:// (TLS ends at a proxy, see deploy/nginx/)",
     "tls_key": "PEM private key of --tls-cert (unencrypted)",
-    "broker": "broker URL for a cluster (redis://host:port/db); empty = single node, in-process",
+    "broker": "broker URL for a cluster (redis://host:port/db, or redis+cluster://host:port,host:port for a "
+    "Redis Cluster >= 7 with sharded pub/sub); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
     "production": "production profile: workers = CPU cores with --broker (one without it) and log-format json "
     "(unless given), /echo and the demo page off, refuses to start without a JWT key (secret, public key or JWKS) and --admin-key unless "
@@ -294,8 +295,17 @@ def validate(s: Settings) -> list[str]:
         problems.append("workers must be >= 1")
     if s.workers > 1 and not s.broker:
         problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
-    if s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
-        problems.append("broker must be a redis:// URL")
+    if s.broker.startswith("redis+cluster://"):
+        from wsfan.server.broker.redis_cluster import seeds
+
+        try:
+            seeds(s.broker)
+        except ValueError as exc:
+            problems.append(f"broker: {exc}")
+    elif s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(
+            "broker must be a redis:// URL (or rediss://, or redis+cluster://host:port,host:port)"
+        )
     if bool(s.tls_cert) != bool(s.tls_key):
         problems.append("--tls-cert and --tls-key go together: give both or neither")
     elif s.tls_cert:

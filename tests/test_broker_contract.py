@@ -19,7 +19,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers.redis_server import RedisServer, require_redis
+from helpers.redis_server import RedisCluster, RedisServer, require_redis, running_cluster
 from wsfan.server.broker import Broker, History, Publication, history_since
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.broker.publication import PresenceEntry
@@ -68,7 +68,13 @@ def shared_redis() -> Iterator[RedisServer]:
     srv.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def shared_cluster() -> Iterator[RedisCluster]:
+    """One 3-master Redis Cluster for the module (sharded pub/sub): every test uses rooms of its own."""
+    yield from running_cluster(3)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -99,10 +105,18 @@ class Node:
 async def make_node(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     started: list[Broker] = []
     srv = request.getfixturevalue("shared_redis") if kind == "redis" else None
+    cluster = request.getfixturevalue("shared_cluster") if kind == "cluster" else None
 
     async def make(history_size: int = HISTORY_SIZE, namespaces: Namespaces | None = None) -> Node:
         if kind == "memory":
             broker: Broker = MemoryBroker(history_size, namespaces=namespaces)
+        elif kind == "cluster":
+            from wsfan.server.broker.redis_cluster import RedisClusterBroker
+
+            assert cluster is not None
+            broker = RedisClusterBroker(
+                cluster.url, history_size=history_size, node_id=f"n{len(started)}", namespaces=namespaces
+            )
         else:
             from wsfan.server.broker.redis import RedisBroker
 
@@ -273,7 +287,7 @@ async def test_rooms_are_delivered_independently(node: Node, room: str) -> None:
     assert await node.deliveries.until(other, 3) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("kind", ["redis"])  # a memory broker is one node
+@pytest.mark.parametrize("kind", ["redis", "cluster"])  # a memory broker is one node
 async def test_a_node_receives_other_nodes_publications_until_it_unsubscribes(
     make_node: Any, room: str
 ) -> None:
@@ -350,7 +364,7 @@ async def test_joined_and_left_reach_a_subscribed_node_once_in_order_unnumbered(
     assert (await node.history(room, 0)).publications[-1].seq == 2
 
 
-@pytest.mark.parametrize("kind", ["redis"])  # a memory broker is one node
+@pytest.mark.parametrize("kind", ["redis", "cluster"])  # a memory broker is one node
 async def test_presence_and_events_are_shared_by_every_node(make_node: Any, room: str) -> None:
     a, b = await make_node(), await make_node()
     await b.join(room)

@@ -112,8 +112,15 @@ class RedisBroker:
         namespaces: Namespaces | None = None,
         presence_ttl: float = 60.0,
         meta_ttl: float = 86_400.0,
+        sharded: bool = False,
     ) -> None:
         self.url = url
+        # One master of a Redis Cluster (server/broker/redis_cluster.py): its rooms' envelopes go out
+        # with SPUBLISH and are read with SSUBSCRIBE (Redis >= 7), so they never cross the cluster bus.
+        self.sharded = sharded
+        self._sub, self._unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        self._message = b"smessage" if sharded else b"message"
+        self._confirms = (b"ssubscribe", b"sunsubscribe") if sharded else (b"subscribe", b"unsubscribe")
         self.namespaces = namespaces or Namespaces(Namespace(history_size=history_size))
         self.history_size = self.namespaces.default.kept_history
         self.node_id = node_id
@@ -269,7 +276,7 @@ class RedisBroker:
             return
         r = self._rooms[room] = _Room(room, self._room_args(room))
         self._channels[r.channel] = r
-        self._queue("SUBSCRIBE", r.channel)
+        self._queue(self._sub, r.channel)
 
     def unsubscribe(self, room: str) -> None:
         r = self._rooms.pop(room, None)
@@ -277,7 +284,7 @@ class RedisBroker:
             return
         if self._channels.get(r.channel) is r:
             del self._channels[r.channel]
-        self._queue("UNSUBSCRIBE", r.channel)
+        self._queue(self._unsub, r.channel)
 
     # ------------------------------------------------------------ publishing
 
@@ -355,7 +362,7 @@ class RedisBroker:
         if again:
             # Someone flushed the script cache (SCRIPT FLUSH, failover): load and run those once more.
             try:
-                self._publish_sha = await self._redis.script_load(PUBLISH_LUA)
+                self._publish_sha = await self._redis.script_load(self._lua(PUBLISH_LUA))
             except _LOST as exc:
                 self._fail(again, self._why)
                 self._lost(exc)
@@ -409,12 +416,20 @@ class RedisBroker:
 
     # ------------------------------------------------------------ presence
 
+    def _lua(self, lua: str) -> str:
+        """A script as this broker runs it: with SPUBLISH for PUBLISH on a cluster shard.
+
+        The channel ``wsfan:{room}`` hashes to the slot of the room's keys (the same tag), so a
+        script that declares them may SPUBLISH to it on the shard that owns them.
+        """
+        return lua.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if self.sharded else lua
+
     def _script(self, lua: str) -> Any:
         """A redis-py Script: EVALSHA, loading the script again if Redis lost it (also inside pipelines)."""
         script = self._scripts.get(lua)
         if script is None:
             assert self._redis is not None
-            script = self._scripts[lua] = self._redis.register_script(lua)
+            script = self._scripts[lua] = self._redis.register_script(self._lua(lua))
         return script
 
     async def join_presence(self, room: str, entry: PresenceEntry, presence: bool, announce: bool) -> None:
@@ -563,7 +578,7 @@ class RedisBroker:
         r = self._redis
         assert r is not None
         await r.ping()
-        self._publish_sha = await r.script_load(PUBLISH_LUA)
+        self._publish_sha = await r.script_load(self._lua(PUBLISH_LUA))
         self._history_sha = await r.script_load(HISTORY_LUA)
         conn = await r.connection_pool.get_connection()
         # From here on nothing awaits until the writer is woken: the full SUBSCRIBE below is
@@ -575,7 +590,7 @@ class RedisBroker:
             room.ready.clear()
             room.stale = bool(room.last or room.epoch)
             channels.append(room.channel)
-        self._ops = [("SUBSCRIBE", channels)] if channels else []
+        self._ops = [(self._sub, channels)] if channels else []
         self._ops_wake.set()
         self._up(len(channels))
         return conn
@@ -586,11 +601,12 @@ class RedisBroker:
         on_event = self._on_event
         assert deliver is not None and on_event is not None, "bind the hub before starting the broker"
         decode = decode_envelope
+        message, confirms = self._message, self._confirms
         perf, wall = time.perf_counter, time.time
         while not self._closing:
             reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False, push_request=True)
             kind = reply[0]
-            if kind == b"message":
+            if kind == message:
                 room = channels.get(reply[1])
                 if room is None:
                     continue  # unsubscribed locally, the UNSUBSCRIBE not confirmed yet
@@ -616,7 +632,7 @@ class RedisBroker:
                         perf() - max(0.0, wall() - b.ts),
                     )
                 )  # fmt: skip
-            elif kind == b"subscribe" or kind == b"unsubscribe":
+            elif kind in confirms:
                 await self._confirmed(reply[1])
 
     async def _confirmed(self, channel: bytes) -> None:
@@ -677,11 +693,13 @@ class RedisBroker:
 
     async def _send_ops(self, conn: AbstractConnection, ops: list[tuple[str, list[bytes]]]) -> None:
         inflight = self._inflight
+        # SSUBSCRIBE takes channels of one slot only (CROSSSLOT otherwise): one channel per command.
+        chunk_size = 1 if self.sharded else CHUNK
         for command, channels in ops:
-            for i in range(0, len(channels), CHUNK):
+            for i in range(0, len(channels), chunk_size):
                 if conn is not self._sub_conn:
                     return  # replaced meanwhile; the new connection subscribed every wanted room
-                chunk = channels[i : i + CHUNK]
+                chunk = channels[i : i + chunk_size]
                 for ch in chunk:
                     inflight[ch] = inflight.get(ch, 0) + 1
                 await conn.send_command(command, *chunk, check_health=False)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class RedisServer:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="wsfan-redis-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more redis-server arguments (cluster mode)
 
     @property
     def url(self) -> str:
@@ -67,6 +69,7 @@ class RedisServer:
             "yes",
             "--dir",
             tempfile.gettempdir(),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, proc=self.proc)
@@ -97,3 +100,66 @@ def running_redis() -> Iterator[RedisServer]:
     srv = RedisServer(require_redis()).start()
     yield srv
     srv.stop()
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` redis-server processes on free ports (no replicas), slots spread evenly.
+
+    Built the way an operator does: ``--cluster-enabled yes`` on each node, then
+    ``redis-cli --cluster create ... --cluster-yes``; ready once every node says ``cluster_state:ok``.
+    """
+
+    def __init__(self, binary: str, masters: int = 3) -> None:
+        self.binary = binary
+        self.folder = Path(tempfile.mkdtemp(prefix="wsfan-cluster-"))
+        self.nodes = [RedisServer(binary) for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...``, the form ``--broker`` takes."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            folder = self.folder / str(node.port)
+            folder.mkdir()
+            # The bus port is given: the default (port + 10000) may be past 65535 or taken.
+            node.extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
+                          "--cluster-port", str(free_port()), "--dir", str(folder)]  # fmt: skip
+            node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+        return self
+
+    def owner(self, key: str) -> RedisServer:
+        """The master serving ``key``'s slot."""
+        slot = self.nodes[0].command("CLUSTER", "KEYSLOT", key)
+        for start, end, master, *_ in self.nodes[0].command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(n for n in self.nodes if n.port == int(master[1]))
+        raise LookupError(key)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def running_cluster(masters: int = 3) -> Iterator[RedisCluster]:
+    """The body of a cluster fixture: a fresh Redis Cluster, stopped after the test (or module)."""
+    cluster = RedisCluster(require_redis(), masters).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

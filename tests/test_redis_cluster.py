@@ -1,0 +1,105 @@
+"""wsfan nodes over a real 3-master Redis Cluster (``--broker redis+cluster://...``, sharded pub/sub).
+
+The cluster is built like an operator builds one (``--cluster-enabled yes`` and
+``redis-cli --cluster create``, tests/helpers/redis_server.py); the nodes are real
+``python -m wsfan`` processes. Rooms are chosen so that every master owns some.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from helpers.peers import PicowsPeer
+from helpers.redis_server import RedisCluster, running_cluster
+from helpers.servers import ServerProcess
+from helpers.waiting import until
+from wsfan.server.broker.redis_layout import channel_name, meta_key
+
+ROOMS = [f"shard-room-{i}" for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    yield from running_cluster(3)
+
+
+def node(make_server: type[ServerProcess], cluster: RedisCluster, name: str) -> ServerProcess:
+    return make_server("--broker", cluster.url, "--node-id", name, "--rate-limit", "0").start()
+
+
+async def joined(url: str, room: str, **fields: Any) -> tuple[PicowsPeer, dict[str, Any]]:
+    peer = await PicowsPeer.connect(url)
+    ack = await peer.request("join", room=room, **fields)
+    assert ack["type"] == "ack", ack
+    return peer, ack["data"]
+
+
+def shard_channels(cluster: RedisCluster) -> dict[int, set[bytes]]:
+    """Per master (by port): the shard channels someone is subscribed to there."""
+    return {n.port: set(n.command("PUBSUB", "SHARDCHANNELS")) for n in cluster.nodes}
+
+
+async def test_rooms_on_every_shard_fan_out_between_nodes_with_contiguous_seq(cluster, make_server):
+    owners = {room: cluster.owner(meta_key(room)) for room in ROOMS}
+    assert {o.port for o in owners.values()} == {n.port for n in cluster.nodes}, (
+        "rooms must cover every shard"
+    )
+    # seq, history, epoch and presence of a room sit in one slot: the hash tag is the room.
+    for room in ROOMS:
+        slots = {owners[room].command("CLUSTER", "KEYSLOT", k) for k in (meta_key(room), channel_name(room))}
+        assert len(slots) == 1
+
+    a = node(make_server, cluster, "A")
+    b = node(make_server, cluster, "B")
+    subs = {room: (await joined(b.url, room))[0] for room in ROOMS}
+    pub = await PicowsPeer.connect(a.url)
+    for room in ROOMS:
+        assert (await pub.request("join", room=room))["type"] == "ack"
+
+    # Sharded pub/sub: each room's channel is subscribed on its own master only, never as a classic channel.
+    channels = shard_channels(cluster)
+    for room in ROOMS:
+        for n in cluster.nodes:
+            assert (channel_name(room).encode() in channels[n.port]) == (n.port == owners[room].port)
+    assert all(n.command("PUBSUB", "CHANNELS") == [] for n in cluster.nodes)
+
+    async def publish_all(room: str) -> list[int]:
+        return [(await pub.request("publish", room=room, payload=i))["data"]["seq"] for i in range(5)]
+
+    acked = [await publish_all(room) for room in ROOMS]
+    assert all(seqs == [1, 2, 3, 4, 5] for seqs in acked)
+    for room, sub in subs.items():
+        got = [await sub.recv_type("message") for _ in range(5)]
+        assert [(m["room"], m["seq"], m["payload"]) for m in got] == [(room, s, s - 1) for s in range(1, 6)]
+
+    # Recovery on the other node: a subscriber of B comes back on A with since and its epoch.
+    room = ROOMS[0]
+    await subs[room].close()
+    for i in range(5, 8):
+        await pub.request("publish", room=room, payload=i)
+    back, ack = await joined(a.url, room, since=5, epoch=_epoch_of(owners[room], room))
+    assert ack["recovered"] is True and ack["seq"] == 8, ack
+    replay = [await back.recv_type("message") for _ in range(3)]
+    assert [(m["seq"], m["payload"]) for m in replay] == [(6, 5), (7, 6), (8, 7)]
+    await back.no_message()
+
+    # A node drops its shard subscription once its last local subscriber of the room leaves.
+    other = ROOMS[1]
+    await subs[other].close()
+    channel = channel_name(other).encode()
+    owner = owners[other]
+
+    def b_unsubscribed() -> bool:
+        # A still has its publisher joined: one subscriber of the channel left (A's).
+        return owner.command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1
+
+    await until(b_unsubscribed, timeout=5)
+    for peer in (pub, back, *subs.values()):
+        await peer.close()
+
+
+def _epoch_of(owner: Any, room: str) -> str:
+    return owner.command("HGET", meta_key(room), "e").decode()
