@@ -369,7 +369,7 @@ async def _status_becomes(http: aiohttp.ClientSession, url: str, status: int, ti
 
 async def test_healthz_is_503_while_draining(make_server):
     http_port = free_port()
-    srv = make_server("--http-port", str(http_port), "--drain-timeout", "5").start()
+    srv = make_server("--http-port", str(http_port), "--drain-timeout", "3").start()
     wait_for_port(http_port)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{http_port}/healthz") as r:

@@ -180,6 +180,24 @@ def assert_nothing_left(port: int) -> None:
     assert not left, f"{len(left)} sockets still held by the kernel, {pinned} bytes unsent: {left[:3]}"
 
 
+HELD = ("ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT1", "CLOSING", "LAST_ACK")
+
+
+async def released(port: int, peers: list[Any], timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until the server holds no socket to ``peers`` in any state, then no orphan.
+
+    Ends as soon as the kernel let go of them instead of sleeping the whole bound; a socket still
+    held when the bound passes fails the test just as a fixed sleep would.
+    """
+    ports = {ws.sock.getsockname()[1] for ws in peers}
+    deadline = time.monotonic() + timeout
+    while any(s["peer"] in ports for s in server_side_sockets(port, HELD)):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert_nothing_left(port)
+
+
 async def test_slow_consumers_dropped_with_4008_leave_no_orphaned_socket(make_server):
     """20 clients that stopped reading are closed with 4008 and, after the grace, reset: 5 s later the
     kernel holds no orphaned FIN-WAIT-1 socket (each used to pin its unsent queue, ~3.7 MiB)."""
@@ -187,8 +205,7 @@ async def test_slow_consumers_dropped_with_4008_leave_no_orphaned_socket(make_se
     subs = [non_reading_subscriber(srv.port, "flood") for _ in range(20)]
     try:
         await _flood(srv, "flood", lambda: metric(srv.port, SLOW_CONSUMER_CLOSES) >= 20)
-        await asyncio.sleep(CLOSE_GRACE_S + 5.0)
-        assert_nothing_left(srv.port)
+        await released(srv.port, subs, CLOSE_GRACE_S + 5.0)
     finally:
         for ws in subs:
             ws.close()
@@ -207,8 +224,7 @@ async def test_heartbeat_timeout_of_a_peer_with_a_full_queue_leaves_no_orphaned_
         while metric(srv.port, HEARTBEAT_CLOSES) < 5:
             assert time.monotonic() < deadline, "the silent peers were not closed with 4000"
             await asyncio.sleep(0.1)
-        await asyncio.sleep(CLOSE_GRACE_S + 3.0)
-        assert_nothing_left(srv.port)
+        await released(srv.port, subs, CLOSE_GRACE_S + 3.0)
     finally:
         for ws in subs:
             ws.close()
@@ -225,8 +241,7 @@ async def test_drain_timeout_resets_peers_that_do_not_read_so_nothing_outlives_t
         publisher = await _flood(srv, "stuck", lambda: time.monotonic() > sent)
         assert await asyncio.to_thread(srv.stop, 10) == 0
         assert await publisher.wait_closed(1) == 1001
-        await asyncio.sleep(1.0)
-        assert_nothing_left(srv.port)
+        await released(srv.port, subs, 1.0)
     finally:
         for ws in subs:
             ws.close()
@@ -253,9 +268,8 @@ async def test_a_peer_that_closes_or_breaks_the_framing_then_stops_reading_is_re
                 ws.send_frame(
                     0x2, b"y" * 70_000
                 )  # one frame over --max-message-size: picows closes with 1009
-        await asyncio.sleep(0.5 + CLOSE_GRACE_S + 2.0)  # a sweep tick, the grace, slack
-        states = ("ESTABLISHED", "FIN_WAIT1", "CLOSING", "LAST_ACK", "CLOSE_WAIT")
-        left = [s for s in server_side_sockets(srv.port, states) if s["peer"] in ports]
+        await released(srv.port, subs, 0.5 + CLOSE_GRACE_S + 2.0)  # a sweep tick, the grace, slack
+        left = [s for s in server_side_sockets(srv.port, HELD) if s["peer"] in ports]
         assert not left, f"the server still holds {len(left)} of these connections: {left}"
     finally:
         for ws in subs:
