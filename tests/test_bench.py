@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "rooms")
+SCENARIOS = ("fanout", "echo", "heartbeat", "storm", "connect", "cluster", "compression", "rooms")
 PLOTS = (
     "fanout_cpu.png",
     "fanout_latency.png",

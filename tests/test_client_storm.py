@@ -140,13 +140,14 @@ def test_hundred_clients_reconnecting_at_once_after_a_restart_all_recover(capsys
         run(body(server), timeout=55)
 
 
-def test_twenty_quick_storms_in_a_row_every_client_comes_back_every_time(capsys):
-    """20 restarts of a node under 30 clients that retry fast (backoff 10 ms .. 250 ms): 100 % back each time.
+def test_ten_quick_storms_in_a_row_every_client_comes_back_every_time(capsys):
+    """10 restarts of a node under 30 clients that retry fast (backoff 10 ms .. 250 ms): 100 % back each time.
 
     Fast retries hit the old process in its last moments, where a handshake is cut short. picows then
     completes ``ws_connect`` with no listener; the client used to fail an assertion there, outside the
     errors its reconnect loop retries, and the session stopped for good with no further event (about
     half of these rounds lost clients on main before the fix; 1 quick bench storm in 3 lost one).
+    Ten rounds (not twenty: the suite's time budget) still miss that bug with odds of about 1 in 1000.
     """
     clients_per_round = 30
 
@@ -185,9 +186,9 @@ def test_twenty_quick_storms_in_a_row_every_client_comes_back_every_time(capsys)
             await asyncio.gather(*(c.close() for c in clients))
 
     async def body(server: ServerProcess) -> None:
-        slowest = [await one_round(server, r) for r in range(20)]
+        slowest = [await one_round(server, r) for r in range(10)]
         report(
-            capsys, f"20 quick storms: all {clients_per_round} back every time; slowest {max(slowest):.2f} s"
+            capsys, f"10 quick storms: all {clients_per_round} back every time; slowest {max(slowest):.2f} s"
         )
 
     with ServerProcess("--rate-limit", "0") as server:

@@ -77,7 +77,7 @@ class Settings(PhaseSettings):
     separate_publisher: bool = True
 
 
-QUICK: dict[str, Any] = {"sizes": (10, 100), **QUICK_PHASES}
+QUICK: dict[str, Any] = {"sizes": (100,), **QUICK_PHASES}
 
 
 def add_phase_arguments(p: argparse.ArgumentParser) -> None:
