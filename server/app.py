@@ -21,6 +21,7 @@ from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces, tls_context
+from wsfan.server.control import join_control
 from wsfan.server.deflate import POLICY, Agreement, negotiate
 from wsfan.server.demo import load_pages
 from wsfan.server.fds import FdBudget, raise_soft_limit
@@ -252,6 +253,7 @@ class Node:
         self.fds.watch()
         tls = tls_context(s)  # validated at load: the files were readable a moment ago
         await self.broker.start()
+        join_control(self.hub)  # the server API's disconnect/unsubscribe reach every node (server/control.py)
         if self.authenticator is not None:
             await self.authenticator.start()  # a JWKS is fetched before the first upgrade is accepted
         self.server = await create_server(

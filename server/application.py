@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from wsfan.server.broker import BrokerUnavailable, Publication
+from wsfan.server.control import close_problem
 from wsfan.server.logs import fields
 from wsfan.server.protocol import Encoding
 from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound
@@ -137,10 +138,9 @@ class Conn:
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with a WebSocket close frame ``code`` (1000, or 4000-4999 for your own) and ``reason``."""
-        if not 4000 <= code <= 4999 and code not in (1000, 1001, 1008, 1011):
-            raise ValueError("close code must be 1000, 1001, 1008, 1011 or 4000-4999 (RFC 6455 7.4)")
-        if len(reason.encode()) > 123:
-            raise ValueError("close reason is at most 123 bytes (RFC 6455 5.5)")
+        problem = close_problem(code, reason)
+        if problem is not None:
+            raise ValueError(problem)
         if not self._s.closed:
             self._s.peer.close(code, reason)
 

@@ -22,14 +22,16 @@ import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from wsfan.server import control
 from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
+from wsfan.server.control import close_problem
 from wsfan.server.handshake import Refusal, single
 from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
 from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid, payload_problem
-from wsfan.server.wire import RoomName, parse_seq, valid_room
+from wsfan.server.wire import CloseCode, RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -99,6 +101,25 @@ class AdminBroadcast(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _broadcast_decoder = msgspec.json.Decoder(AdminBroadcast)
+
+
+class AdminDisconnect(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /disconnect`` body: close every connection of ``user``, cluster-wide."""
+
+    user: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    code: int = CloseCode.DISCONNECTED
+    reason: str = "disconnected by the server"
+
+
+class AdminUnsubscribe(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /unsubscribe`` body: take ``user``'s connections out of ``room``, cluster-wide."""
+
+    user: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    room: RoomName
+
+
+_disconnect_decoder = msgspec.json.Decoder(AdminDisconnect)
+_unsubscribe_decoder = msgspec.json.Decoder(AdminUnsubscribe)
 
 
 class HistoryEntry(msgspec.Struct):
@@ -174,6 +195,8 @@ class HttpSide:
         app.router.add_post("/broadcast", self.broadcast)
         app.router.add_get("/history", self.history)
         app.router.add_get("/rooms", self.rooms)
+        app.router.add_post("/disconnect", self.disconnect)
+        app.router.add_post("/unsubscribe", self.unsubscribe)
         app.router.add_get("/sse", self.sse)
         app.router.add_get("/presence", self.presence)
         app.router.add_get("/presence_stats", self.presence_stats)
@@ -348,6 +371,47 @@ class HttpSide:
             results.append({"room": room, "seq": pub.seq})
         return web.json_response({"results": results})
 
+    async def disconnect(self, request: web.Request) -> web.Response:
+        """``POST /disconnect`` ``{"user", "code"?, "reason"?}``: every connection of the user, on every
+        node, gets a close frame with ``code`` (default 4003) and ``reason``; 200 ``{"user","code"}`` once
+        the broker took the command; 400 bad body or code; 503 broker unavailable."""
+        return await self._command(request, _disconnect_decoder, "{'user','code','reason'}")
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """``POST /unsubscribe`` ``{"user","room"}``: the user's connections leave ``room`` on every node
+        (no message to them; others get ``left`` where the namespace has join_leave); 200 ``{"user","room"}``."""
+        return await self._command(request, _unsubscribe_decoder, "{'user','room'}")
+
+    async def _command(
+        self, request: web.Request, decoder: msgspec.json.Decoder[Any], shape: str
+    ) -> web.Response:
+        refused = self._admin_only(request)
+        if refused is not None:
+            return refused
+        body = await self._admin_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            msg = decoder.decode(body)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad body
+            return _json_error(400, f"body must be {shape} JSON: {describe_invalid(exc)}")
+        if isinstance(msg, AdminDisconnect):
+            problem = close_problem(msg.code, msg.reason)
+            if problem is not None:
+                return _json_error(400, problem)
+            command: control.Command = control.Disconnect(msg.user, msg.code, msg.reason)
+            answer = {"user": msg.user, "code": msg.code}
+        else:
+            command = control.Unsubscribe(msg.user, msg.room)
+            answer = {"user": msg.user, "room": msg.room}
+        try:
+            result = control.send(self.node.hub, command)
+            if not isinstance(result, Publication):
+                await result
+        except BrokerUnavailable as exc:
+            return _json_error(503, exc.public, **{"Retry-After": "1"})
+        return web.json_response(answer)
+
     async def history(self, request: web.Request) -> web.Response:
         """``GET /history?room=[&since=]``: what the broker keeps of a room, cluster-wide.
 
@@ -386,7 +450,11 @@ class HttpSide:
         if refused is not None:
             return refused
         hub = self.node.hub
-        rooms = [{"room": name, "subscribers": len(room)} for name, room in sorted(hub.rooms.items()) if room]
+        rooms = [
+            {"room": name, "subscribers": len(room)}
+            for name, room in sorted(hub.rooms.items())
+            if room and name != control.CONTROL_ROOM
+        ]
         return web.json_response({"node": hub.node_id, "rooms": rooms})
 
     async def presence(self, request: web.Request) -> web.Response:

@@ -31,6 +31,7 @@ from prometheus_client.core import (
 )
 
 from wsfan.server.broker import Publication
+from wsfan.server.control import CONTROL_ROOM
 from wsfan.server.stats import PUBLISH_TO_FLUSH_BUCKETS, Histogram
 
 if TYPE_CHECKING:
@@ -97,7 +98,11 @@ class HubCollector:
         yield GaugeMetricFamily(
             "wsfan_sessions", "Open sessions (WebSocket and SSE)", value=len(self.hub.sessions)
         )
-        yield GaugeMetricFamily("wsfan_rooms", "Rooms with local subscribers", value=len(self.hub.rooms))
+        yield GaugeMetricFamily(
+            "wsfan_rooms",
+            "Rooms with local subscribers",
+            value=len(self.hub.rooms) - (CONTROL_ROOM in self.hub.rooms),
+        )
         counters = [
             ("wsfan_connections_opened", "Connections accepted", st.connections_opened),
             ("wsfan_connections_closed", "Connections closed", st.connections_closed),

@@ -95,6 +95,7 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013  # only as an SSE stream's closing `event: close` data (its join got UNAVAILABLE)
     HEARTBEAT_TIMEOUT = 4000
     TOKEN_EXPIRED = 4001
+    DISCONNECTED = 4003  # the server API's POST /disconnect (its default code)
     SLOW_CONSUMER = 4008
     RATE_LIMIT_ABUSE = 4029
 

@@ -5,11 +5,14 @@ Real server processes over real sockets; the cluster cases run two nodes on a re
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 
 from helpers.peers import WebsocketsPeer
@@ -40,7 +43,14 @@ def node(make_server: type[ServerProcess]) -> Iterator[tuple[ServerProcess, str]
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/broadcast"), ("GET", "/history?room=r"), ("GET", "/rooms"), ("POST", "/publish")],
+    [
+        ("POST", "/broadcast"),
+        ("GET", "/history?room=r"),
+        ("GET", "/rooms"),
+        ("POST", "/publish"),
+        ("POST", "/disconnect"),
+        ("POST", "/unsubscribe"),
+    ],
 )
 @pytest.mark.parametrize("key", [None, "wrong"])
 def test_every_endpoint_needs_the_admin_key(
@@ -53,7 +63,13 @@ def test_every_endpoint_needs_the_admin_key(
 def test_off_without_admin_key(make_server: type[ServerProcess]) -> None:
     http_port = free_port()
     make_server("--http-port", str(http_port)).start()
-    for method, path in [("POST", "/broadcast"), ("GET", "/history?room=r"), ("GET", "/rooms")]:
+    for method, path in [
+        ("POST", "/broadcast"),
+        ("GET", "/history?room=r"),
+        ("GET", "/rooms"),
+        ("POST", "/disconnect"),
+        ("POST", "/unsubscribe"),
+    ]:
         status, body = run(
             call(method, f"http://127.0.0.1:{http_port}{path}", {"rooms": ["r"], "payload": 1})
         )
@@ -158,5 +174,109 @@ def test_broadcast_and_history_across_nodes(redis_server, make_server: type[Serv
         status, hist = await call("GET", base_b + "/history?room=x2")
         assert status == 200 and hist["publications"] == [{"seq": 1, "from": "server", "payload": "hi"}]
         await peer.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/disconnect", b"[", "JSON"),
+        ("/disconnect", {}, "user"),
+        ("/disconnect", {"user": ""}, "user"),
+        ("/disconnect", {"user": "u", "code": 1006}, "code"),
+        ("/disconnect", {"user": "u", "code": 5000}, "code"),
+        ("/disconnect", {"user": "u", "reason": "x" * 124}, "123 bytes"),
+        ("/disconnect", {"user": "u", "other": 1}, "not in the schema"),
+        ("/unsubscribe", {"user": "u"}, "room"),
+        ("/unsubscribe", {"user": "u", "room": "bad room"}, "room"),
+    ],
+)
+def test_commands_bad_input_change_nothing(
+    node: tuple[ServerProcess, str], path: str, body: Any, needle: str
+) -> None:
+    srv, base = node
+
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(srv.url)
+        assert (await p.request("join", room="r"))["success"]
+        user = p.welcome["user"]
+        # "u" stands for this connection's user: a bad command about it must leave it alone.
+        aimed = {**body, "user": user} if isinstance(body, dict) and body.get("user") == "u" else body
+        status, reply = await call("POST", base + path, aimed)
+        assert status == 400 and needle in reply["error"], reply
+        assert (await p.request("publish", room="r", payload=1))["success"]  # still connected and in the room
+        await p.close()
+
+    run(go())
+
+
+SECRET = "server-api-jwt-secret-0123456789abcdef"
+
+
+def _token(user: str) -> str:
+    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(params=["single", "cluster"])
+def auth_nodes(
+    request: pytest.FixtureRequest, make_server: type[ServerProcess]
+) -> list[tuple[ServerProcess, str]]:
+    """One node, or two on a real redis-server; each with its server-API base URL."""
+    if request.param == "single":
+        return [start(make_server, "--jwt-secret", SECRET)]
+    redis = request.getfixturevalue("redis_server")
+    return [start(make_server, "--broker", redis.url, "--jwt-secret", SECRET) for _ in range(2)]
+
+
+def test_disconnect_closes_every_connection_of_the_user(auth_nodes: list[tuple[ServerProcess, str]]) -> None:
+    base = auth_nodes[0][1]
+
+    async def go() -> None:
+        mine = [
+            await WebsocketsPeer.connect(f"{s.url}?token={_token('ann')}")
+            for s, _ in auth_nodes
+            for _ in range(2)
+        ]
+        other = await WebsocketsPeer.connect(f"{auth_nodes[-1][0].url}?token={_token('bob')}")
+        status, reply = await call(
+            "POST", base + "/disconnect", {"user": "ann", "code": 4100, "reason": "bye"}
+        )
+        assert status == 200 and reply == {"user": "ann", "code": 4100}
+        for p in mine:
+            assert await p.wait_closed() == 4100
+        assert (await other.request("ping"))["type"] == "pong"  # someone else: untouched
+        status, reply = await call("POST", base + "/disconnect", {"user": "bob"})
+        assert status == 200 and await other.wait_closed() == 4003  # the default code
+
+    run(go())
+
+
+def test_unsubscribe_takes_the_user_out_of_one_room(auth_nodes: list[tuple[ServerProcess, str]]) -> None:
+    base = auth_nodes[0][1]
+    ann_node, ann_base = auth_nodes[-1]
+
+    async def go() -> None:
+        ann = await WebsocketsPeer.connect(f"{ann_node.url}?token={_token('ann')}")
+        pub = await WebsocketsPeer.connect(f"{auth_nodes[0][0].url}?token={_token('pub')}")
+        for p in (ann, pub):
+            for room in ("a", "b"):
+                assert (await p.request("join", room=room))["success"]
+        status, reply = await call("POST", base + "/unsubscribe", {"user": "ann", "room": "a"})
+        assert status == 200 and reply == {"user": "ann", "room": "a"}
+
+        # It takes effect on each node as the command arrives: wait until ann's node shows it.
+        still_in_a = {"room": "a", "subscribers": 2 if len(auth_nodes) == 1 else 1}
+        deadline = asyncio.get_running_loop().time() + 5
+        while still_in_a in (await call("GET", ann_base + "/rooms"))[1]["rooms"]:
+            assert asyncio.get_running_loop().time() < deadline, "unsubscribe never took effect"
+            await asyncio.sleep(0.02)
+        assert (await pub.request("publish", room="a", payload="to-a"))["success"]
+        assert (await pub.request("publish", room="b", payload="to-b"))["success"]
+        msg = await ann.recv_type("message")
+        assert (msg["room"], msg["payload"]) == ("b", "to-b")
+        assert (await ann.request("join", room="a"))["success"]  # may come back: not a ban
+        await ann.close()
+        await pub.close()
 
     run(go())
