@@ -7,6 +7,8 @@ The cluster is built like an operator builds one (``--cluster-enabled yes`` and
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,3 +105,53 @@ async def test_rooms_on_every_shard_fan_out_between_nodes_with_contiguous_seq(cl
 
 def _epoch_of(owner: Any, room: str) -> str:
     return owner.command("HGET", meta_key(room), "e").decode()
+
+
+async def publish_until_accepted(peer: PicowsPeer, room: str, payload: Any, timeout: float = 30.0) -> dict:
+    """Publish every 50 ms until the broker takes it (UNAVAILABLE while the room's shard fails over)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = await peer.request("publish", room=room, payload=payload)
+        if reply["type"] == "ack" or time.monotonic() > deadline:
+            return reply
+        assert reply["code"] == "UNAVAILABLE", reply
+        await asyncio.sleep(0.05)
+
+
+async def test_master_killed_replica_promoted_no_acked_publication_lost(make_server):
+    # Its own cluster: 3 masters with a replica each; a silent master is replaced after 1 s.
+    gen = running_cluster(3, replicas=1, node_timeout_ms=1000)
+    cluster = next(gen)
+    try:
+        room = ROOMS[0]
+        doomed = cluster.owner(meta_key(room))
+        other = next(r for r in ROOMS if cluster.owner(meta_key(r)).port != doomed.port)
+        a = node(make_server, cluster, "A")
+        b = node(make_server, cluster, "B")
+        sub, first = await joined(b.url, room)
+        pub, _ = await joined(a.url, room)
+        assert (await pub.request("join", room=other))["type"] == "ack"
+        acked = [(await pub.request("publish", room=room, payload=i))["data"]["seq"] for i in range(5)]
+        assert acked == [1, 2, 3, 4, 5]
+
+        doomed.stop()  # SIGKILL: no goodbye to the cluster or the nodes
+        # Only the dead master's rooms are affected: a room on another shard still publishes.
+        assert (await pub.request("publish", room=other, payload="elsewhere"))["type"] == "ack"
+        for i in range(5, 10):
+            reply = await publish_until_accepted(pub, room, i)
+            assert reply["type"] == "ack", reply
+            acked.append(reply["data"]["seq"])
+        assert cluster.owner(meta_key(room)).port != doomed.port  # a replica serves the room now
+        assert acked == list(range(1, 11)), acked  # no seq reused or skipped across the failover
+
+        got = [await sub.recv_type("message", timeout=20) for _ in range(10)]
+        assert [(m["seq"], m["payload"]) for m in got] == [(s, s - 1) for s in range(1, 11)]
+        # A client that missed it all recovers every acked publication from the promoted replica.
+        late, ack = await joined(a.url, room, since=0, epoch=first["epoch"])
+        assert ack["recovered"] is True and ack["seq"] == 10 and ack["epoch"] == first["epoch"], ack
+        replay = [await late.recv_type("message") for _ in range(10)]
+        assert [m["seq"] for m in replay] == acked
+        for peer in (sub, pub, late):
+            await peer.close()
+    finally:
+        gen.close()

@@ -113,11 +113,15 @@ class RedisBroker:
         presence_ttl: float = 60.0,
         meta_ttl: float = 86_400.0,
         sharded: bool = False,
+        wait_replicas: int = 0,
     ) -> None:
         self.url = url
         # One master of a Redis Cluster (server/broker/redis_cluster.py): its rooms' envelopes go out
         # with SPUBLISH and are read with SSUBSCRIBE (Redis >= 7), so they never cross the cluster bus.
         self.sharded = sharded
+        # With replicas: a publish is acked only once this many replicas have it (WAIT after the
+        # batch), so a replica promoted after the master dies holds every acked publication.
+        self.wait_replicas = wait_replicas
         self._sub, self._unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         self._message = b"smessage" if sharded else b"message"
         self._confirms = (b"ssubscribe", b"sunsubscribe") if sharded else (b"subscribe", b"unsubscribe")
@@ -174,6 +178,17 @@ class RedisBroker:
         # must never be sent twice; reconnecting is this class's job, with its own backoff.
         # A blocking pool: a burst of joins (a reconnection storm) waits for a free connection
         # instead of failing with "Too many connections" once redis-py's default cap is reached.
+        self._redis = self._client()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._connect_forever(), name="redis-connect"),
+            loop.create_task(self._write_ops_forever(), name="redis-ops-writer"),
+            loop.create_task(self._publish_forever(), name="redis-publisher"),
+            loop.create_task(self._refresh_presence_forever(), name="redis-presence"),
+        ]
+        await self._first_attempt.wait()
+
+    def _client(self) -> Redis:
         pool = BlockingConnectionPool.from_url(
             self.url,
             max_connections=POOL_SIZE,
@@ -186,15 +201,20 @@ class RedisBroker:
             socket_timeout=5.0,
             client_name=f"wsfan-{self.node_id}" if self.node_id else None,
         )
-        self._redis = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._connect_forever(), name="redis-connect"),
-            loop.create_task(self._write_ops_forever(), name="redis-ops-writer"),
-            loop.create_task(self._publish_forever(), name="redis-publisher"),
-            loop.create_task(self._refresh_presence_forever(), name="redis-presence"),
-        ]
-        await self._first_attempt.wait()
+        return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+    def retarget(self, url: str) -> None:
+        """Talk to ``url`` from the next reconnect on (a Redis Cluster replica promoted in place of this master).
+
+        The reconnect loop then resubscribes every room there and catches up from its history,
+        which the replica holds. Called only while the broker is down.
+        """
+        old, self.url = self._redis, url
+        self._redis = self._client()
+        self._scripts = {}  # redis-py Scripts are bound to their client
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.aclose(), name="redis-close-old")
+            self._tasks.append(task)
 
     async def close(self) -> list[str]:
         """Stop every task and close the connections, within ``2 * CLOSE_TIMEOUT_S`` whatever redis-py does.
@@ -318,6 +338,9 @@ class RedisBroker:
             r = rooms.get(room)
             keys, channel, size, ttls = r.args if r is not None else self._room_args(room)
             commands.append(b"".join((head, keys, resp_arg(body), channel, size, epoch, ttls)))
+        if self.wait_replicas:
+            n, ms = str(self.wait_replicas).encode(), str(int(REPLY_TIMEOUT_S * 500)).encode()
+            commands.append(b"*3\r\n$4\r\nWAIT\r\n" + resp_arg(n) + resp_arg(ms))
         pool = self._redis.connection_pool
         results: list[Any] = []
         try:
@@ -344,6 +367,12 @@ class RedisBroker:
         finally:
             await pool.release(conn)
         self.publish_rtt.observe(time.perf_counter() - sent_at)
+        if self.wait_replicas:
+            copies = results.pop()
+            if isinstance(copies, Exception) or copies < self.wait_replicas:
+                # Published on the master, but not known to survive its loss: not acked.
+                self._fail(batch, "broker replica did not confirm; the message may not have been published")
+                return
         again = []
         for item, res in zip(batch, results, strict=True):
             fut, pub = item[2], item[3]

@@ -9,10 +9,12 @@ and a node ``SSUBSCRIBE``s on the owning master only, for rooms it has local sub
 (Redis >= 7). A publication therefore travels to one shard and the nodes listening there,
 never over the cluster bus to every node.
 
-Not handled here (yet): a slot map that changes while running (resharding, a replica promoted
-after a master dies). A master that goes away makes its rooms ``UNAVAILABLE`` (its
-:class:`RedisBroker` is down and reconnects to the same address); the other shards' rooms are
-unaffected.
+Failover: a master that goes away makes only its rooms ``UNAVAILABLE`` (its :class:`RedisBroker`
+is down); while any shard is down the slot map is read again every ``REMAP_S`` from any node
+that answers, and once a replica has been promoted for the shard's slots the shard's broker is
+pointed at it (:meth:`RedisBroker.retarget`): it resubscribes there and catches its
+subscribers up from the replica's copy of the history. Not handled: resharding (slots moving
+between masters that both stay up) while running; restart the nodes after a resharding.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger("wsfan.broker")
 
 SCHEME = "redis+cluster://"
 SLOT_MAP_TIMEOUT_S = 5.0
+REMAP_S = 0.5  # slot map re-read period while a shard is down
 
 
 def seeds(url: str) -> list[tuple[str, int]]:
@@ -77,6 +80,9 @@ class RedisClusterBroker:
         self._options = {"history_size": history_size, "node_id": node_id, "namespaces": namespaces, "presence_ttl": presence_ttl,
                          "meta_ttl": meta_ttl}  # fmt: skip
         self.shards: list[RedisBroker] = []
+        self._first_slot: dict[RedisBroker, int] = {}  # a slot each shard serves: finds its new master
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
         self._starts: list[int] = []  # first slot of each range, sorted
         self._owners: list[RedisBroker] = []  # the shard serving the range that starts there
         self._deliver: DeliverFn | None = None
@@ -96,28 +102,64 @@ class RedisClusterBroker:
         """Read the slot map from the first seed that answers, then start one broker per master."""
         ranges = await self._slot_map()
         by_address: dict[tuple[str, int], RedisBroker] = {}
-        for start, _end, host, port in sorted(ranges):
+        for start, _end, host, port, replicas in sorted(ranges):
             shard = by_address.get((host, port))
             if shard is None:
+                # A master with a replica acks a publish once the replica has it (WAIT 1): a failover
+                # then loses no acked publication.
                 shard = by_address[(host, port)] = RedisBroker(
-                    f"redis://{host}:{port}", sharded=True, **self._options
+                    f"redis://{host}:{port}", sharded=True, wait_replicas=min(replicas, 1), **self._options
                 )
                 assert self._deliver is not None and self._on_event is not None, "bind the hub first"
                 shard.bind(self._deliver)
                 shard.bind_events(self._on_event)
                 shard.on_fd_exhausted = self.on_fd_exhausted
                 shard.publish_rtt = self.publish_rtt
+            self._first_slot.setdefault(shard, start)
             self._starts.append(start)
             self._owners.append(shard)
         self.shards = list(by_address.values())
         await asyncio.gather(*(s.start() for s in self.shards))
+        self._watch = asyncio.get_running_loop().create_task(
+            self._follow_failovers(), name="redis-cluster-map"
+        )
         log.info("redis cluster: %d masters, %d slot ranges", len(self.shards), len(self._starts))
 
-    async def _slot_map(self) -> list[tuple[int, int, str, int]]:
+    async def _follow_failovers(self) -> None:
+        """While a shard is down, re-read the slot map and point the shard at its slots' new master."""
+        while not self._closing:
+            await asyncio.sleep(REMAP_S)
+            down = [s for s in self.shards if not s.available]
+            if not down:
+                continue
+            try:
+                ranges = await self._slot_map()
+            except BrokerUnavailable:
+                continue
+            except Exception:  # a bug must not end failover handling for the life of the process
+                log.exception("reading the redis cluster slot map failed")
+                continue
+            for shard in down:
+                slot = self._first_slot[shard]
+                for start, end, host, port, _ in ranges:
+                    url = f"redis://{host}:{port}"
+                    if start <= slot <= end and url != shard.url:
+                        log.warning(
+                            "redis cluster: slots from %d moved to %s:%d (failover)", slot, host, port
+                        )
+                        shard.retarget(url)
+
+    def _addresses(self) -> list[tuple[str, int]]:
+        """Where to ask for the slot map: the seeds, then every master known so far."""
+        known = [(urlsplit(s.url).hostname or "", urlsplit(s.url).port or 6379) for s in self.shards]
+        return list(dict.fromkeys([*self.seeds, *known]))
+
+    async def _slot_map(self) -> list[tuple[int, int, str, int, int]]:
+        """``CLUSTER SLOTS`` as (first slot, last slot, master host, master port, replica count)."""
         why = "no seed answered"
-        for host, port in self.seeds:
+        for host, port in self._addresses():
             client = Redis(
-                host=host, port=port, socket_connect_timeout=2.0, socket_timeout=SLOT_MAP_TIMEOUT_S
+                host=host, port=port, socket_connect_timeout=1.0, socket_timeout=SLOT_MAP_TIMEOUT_S
             )
             try:
                 reply = await client.execute_command("CLUSTER SLOTS")
@@ -126,10 +168,13 @@ class RedisClusterBroker:
                 continue
             finally:
                 await client.aclose()
-            return [(int(r[0]), int(r[1]), _text(r[2][0]) or host, int(r[2][1])) for r in reply]
+            return [(int(r[0]), int(r[1]), _text(r[2][0]) or host, int(r[2][1]), len(r) - 3) for r in reply]
         raise BrokerUnavailable(f"redis cluster slot map unavailable ({why})")
 
     async def close(self) -> list[str]:
+        self._closing = True
+        if self._watch is not None:
+            self._watch.cancel()
         results = await asyncio.gather(*(s.close() for s in self.shards))
         return [name for r in results for name in r]
 

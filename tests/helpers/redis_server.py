@@ -80,6 +80,9 @@ class RedisServer:
             self.proc.kill()  # a crash, not a shutdown: nothing is saved, clients see a reset
             self.proc.wait(5)
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -109,10 +112,16 @@ class RedisCluster:
     ``redis-cli --cluster create ... --cluster-yes``; ready once every node says ``cluster_state:ok``.
     """
 
-    def __init__(self, binary: str, masters: int = 3) -> None:
+    def __init__(
+        self, binary: str, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 15000
+    ) -> None:
         self.binary = binary
         self.folder = Path(tempfile.mkdtemp(prefix="wsfan-cluster-"))
-        self.nodes = [RedisServer(binary) for _ in range(masters)]
+        self.masters, self.replicas = masters, replicas
+        self.node_timeout_ms = (
+            node_timeout_ms  # how long a master may be silent before its replica takes over
+        )
+        self.nodes = [RedisServer(binary) for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -125,12 +134,21 @@ class RedisCluster:
             folder.mkdir()
             # The bus port is given: the default (port + 10000) may be past 65535 or taken.
             node.extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
-                          "--cluster-port", str(free_port()), "--dir", str(folder)]  # fmt: skip
+                          "--cluster-port", str(free_port()), "--dir", str(folder),
+                          "--cluster-node-timeout", str(self.node_timeout_ms), "--repl-diskless-sync-delay", "0"]  # fmt: skip
             node.start()
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [
+                cli,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
             check=True,
             capture_output=True,
             timeout=60,
@@ -140,12 +158,27 @@ class RedisCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError("redis cluster did not reach cluster_state:ok")
             time.sleep(0.05)
+        while self.replicas and not all(
+            n.command("INFO", "replication").get("master_link_status") == "up"
+            for n in self.nodes
+            if n not in self.primaries()
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis cluster replicas did not connect")
+            time.sleep(0.05)
         return self
+
+    def primaries(self) -> list[RedisServer]:
+        """The nodes serving slots now (after a failover: the promoted replicas, not the dead masters)."""
+        live = next(n for n in self.nodes if n.alive())
+        ports = {int(r[2][1]) for r in live.command("CLUSTER", "SLOTS")}
+        return [n for n in self.nodes if n.port in ports]
 
     def owner(self, key: str) -> RedisServer:
         """The master serving ``key``'s slot."""
-        slot = self.nodes[0].command("CLUSTER", "KEYSLOT", key)
-        for start, end, master, *_ in self.nodes[0].command("CLUSTER", "SLOTS"):
+        live = next(n for n in self.nodes if n.alive())
+        slot = live.command("CLUSTER", "KEYSLOT", key)
+        for start, end, master, *_ in live.command("CLUSTER", "SLOTS"):
             if start <= slot <= end:
                 return next(n for n in self.nodes if n.port == int(master[1]))
         raise LookupError(key)
@@ -156,9 +189,11 @@ class RedisCluster:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def running_cluster(masters: int = 3) -> Iterator[RedisCluster]:
+def running_cluster(
+    masters: int = 3, replicas: int = 0, node_timeout_ms: int = 15000
+) -> Iterator[RedisCluster]:
     """The body of a cluster fixture: a fresh Redis Cluster, stopped after the test (or module)."""
-    cluster = RedisCluster(require_redis(), masters).start()
+    cluster = RedisCluster(require_redis(), masters, replicas, node_timeout_ms).start()
     try:
         yield cluster
     finally:
