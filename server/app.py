@@ -378,6 +378,16 @@ def make_authenticator(settings: Settings) -> Authenticator | None:
 def make_broker(settings: Settings, node_id: str) -> Broker:
     """In-process unless a broker URL is given; the hub cannot tell the difference."""
     spaces = namespaces(settings)[0]  # already validated by config.load
+    if settings.broker.startswith("redis+sentinel://"):
+        from wsfan.server.broker.redis_sentinel import RedisSentinelBroker
+
+        return RedisSentinelBroker(
+            settings.broker,
+            node_id=node_id,
+            namespaces=spaces,
+            presence_ttl=settings.presence_ttl,
+            meta_ttl=settings.history_meta_ttl,
+        )
     if settings.broker.startswith("redis+cluster://"):
         from wsfan.server.broker.redis_cluster import RedisClusterBroker
 

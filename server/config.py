@@ -151,7 +151,7 @@ HELP: dict[str, str] = {
     "empty = plain ws:// and http:// (TLS ends at a proxy, see deploy/nginx/)",
     "tls_key": "PEM private key of --tls-cert (unencrypted)",
     "broker": "broker URL for a cluster (redis://host:port/db, or redis+cluster://host:port,host:port for a "
-    "Redis Cluster >= 7 with sharded pub/sub); empty = single node, in-process",
+    "Redis Cluster >= 7 with sharded pub/sub, or redis+sentinel://host:port,host:port/master-name); empty = single node, in-process",
     "workers": "worker processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
     "production": "production profile: workers = CPU cores with --broker (one without it) and log-format json "
     "(unless given), /echo and the demo page off, refuses to start without a JWT key (secret, public key or JWKS) and --admin-key unless "
@@ -295,16 +295,18 @@ def validate(s: Settings) -> list[str]:
         problems.append("workers must be >= 1")
     if s.workers > 1 and not s.broker:
         problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
-    if s.broker.startswith("redis+cluster://"):
+    if s.broker.startswith(("redis+cluster://", "redis+sentinel://")):
         from wsfan.server.broker.redis_cluster import seeds
+        from wsfan.server.broker.redis_sentinel import parse
 
         try:
-            seeds(s.broker)
+            (seeds if s.broker.startswith("redis+cluster://") else parse)(s.broker)
         except ValueError as exc:
             problems.append(f"broker: {exc}")
     elif s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
         problems.append(
-            "broker must be a redis:// URL (or rediss://, or redis+cluster://host:port,host:port)"
+            "broker must be a redis:// URL (or rediss://, redis+cluster://host:port,host:port, "
+            "redis+sentinel://host:port,host:port/master-name)"
         )
     if bool(s.tls_cert) != bool(s.tls_key):
         problems.append("--tls-cert and --tls-key go together: give both or neither")

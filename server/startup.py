@@ -51,9 +51,10 @@ def check_broker(url: str) -> None:
         from redis.asyncio.connection import parse_url
     except ImportError:
         raise StartupError("--broker needs the redis extra: pip install 'wsfan[redis]'") from None
-    if url.startswith("redis+cluster://"):
-        # Each seed is a plain Redis address; config.validate has checked the host:port list.
-        url = "redis://" + url[len("redis+cluster://") :].split(",", 1)[0].split("/", 1)[0]
+    for scheme in ("redis+cluster://", "redis+sentinel://"):
+        if url.startswith(scheme):
+            # Each seed or sentinel is a plain Redis address; config.validate has checked the list.
+            url = "redis://" + url[len(scheme) :].split(",", 1)[0].split("/", 1)[0]
     try:
         parse_url(url)
     except ValueError as exc:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from helpers.peers import PicowsPeer
-from helpers.redis_server import RedisCluster, running_cluster
+from helpers.redis_server import RedisCluster, running_cluster, running_sentinel
 from helpers.servers import ServerProcess
 from helpers.waiting import until
 from wsfan.server.broker.redis_layout import channel_name, meta_key
@@ -139,7 +139,7 @@ async def test_master_killed_replica_promoted_no_acked_publication_lost(make_ser
         assert (await pub.request("publish", room=other, payload="elsewhere"))["type"] == "ack"
         for i in range(5, 10):
             reply = await publish_until_accepted(pub, room, i)
-            assert reply["type"] == "ack", reply
+            assert reply["type"] == "ack", (reply, a.output()[-1500:])
             acked.append(reply["data"]["seq"])
         assert cluster.owner(meta_key(room)).port != doomed.port  # a replica serves the room now
         assert acked == list(range(1, 11)), acked  # no seq reused or skipped across the failover
@@ -151,6 +151,35 @@ async def test_master_killed_replica_promoted_no_acked_publication_lost(make_ser
         assert ack["recovered"] is True and ack["seq"] == 10 and ack["epoch"] == first["epoch"], ack
         replay = [await late.recv_type("message") for _ in range(10)]
         assert [m["seq"] for m in replay] == acked
+        for peer in (sub, pub, late):
+            await peer.close()
+    finally:
+        gen.close()
+
+
+async def test_sentinel_failover_keeps_every_acked_publication(make_server):
+    gen = running_sentinel()
+    setup = next(gen)
+    try:
+        room = "sentinel-room"
+        a = make_server("--broker", setup.url, "--node-id", "A", "--rate-limit", "0").start()
+        b = make_server("--broker", setup.url, "--node-id", "B", "--rate-limit", "0").start()
+        sub, first = await joined(b.url, room)
+        pub, _ = await joined(a.url, room)
+        acked = [(await pub.request("publish", room=room, payload=i))["data"]["seq"] for i in range(5)]
+        setup.master.stop()  # SIGKILL; the sentinel promotes the replica
+        for i in range(5, 10):
+            reply = await publish_until_accepted(pub, room, i)
+            assert reply["type"] == "ack", (reply, a.output()[-1500:])
+            acked.append(reply["data"]["seq"])
+        assert acked == list(range(1, 11)), acked
+        addr = setup.sentinel("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "wsfan")
+        assert int(addr[1]) == setup.replica.port
+        got = [await sub.recv_type("message", timeout=20) for _ in range(10)]
+        assert [(m["seq"], m["payload"]) for m in got] == [(s, s - 1) for s in range(1, 11)]
+        late, ack = await joined(b.url, room, since=0, epoch=first["epoch"])
+        assert ack["recovered"] is True and ack["seq"] == 10, ack
+        assert [(await late.recv_type("message"))["seq"] for _ in range(10)] == acked
         for peer in (sub, pub, late):
             await peer.close()
     finally:

@@ -121,7 +121,9 @@ class RedisBroker:
         self.sharded = sharded
         # With replicas: a publish is acked only once this many replicas have it (WAIT after the
         # batch), so a replica promoted after the master dies holds every acked publication.
-        self.wait_replicas = wait_replicas
+        # ``want_replicas`` is asked for; ``wait_replicas`` is what the master has now (a promoted
+        # replica has none until the old master comes back as its replica).
+        self.want_replicas = self.wait_replicas = wait_replicas
         self._sub, self._unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         self._message = b"smessage" if sharded else b"message"
         self._confirms = (b"ssubscribe", b"sunsubscribe") if sharded else (b"subscribe", b"unsubscribe")
@@ -372,6 +374,7 @@ class RedisBroker:
             if isinstance(copies, Exception) or copies < self.wait_replicas:
                 # Published on the master, but not known to survive its loss: not acked.
                 self._fail(batch, "broker replica did not confirm; the message may not have been published")
+                await self._count_replicas()
                 return
         again = []
         for item, res in zip(batch, results, strict=True):
@@ -607,6 +610,7 @@ class RedisBroker:
         r = self._redis
         assert r is not None
         await r.ping()
+        await self._count_replicas()
         self._publish_sha = await r.script_load(self._lua(PUBLISH_LUA))
         self._history_sha = await r.script_load(HISTORY_LUA)
         conn = await r.connection_pool.get_connection()
@@ -623,6 +627,19 @@ class RedisBroker:
         self._ops_wake.set()
         self._up(len(channels))
         return conn
+
+    async def _count_replicas(self) -> None:
+        """Wait for as many replicas as asked for, but no more than the master has connected now."""
+        if not self.want_replicas or self._redis is None:
+            return
+        try:
+            have = int((await self._redis.info("replication")).get("connected_slaves", 0))
+        except (*_LOST, ResponseError):
+            return
+        wait = min(self.want_replicas, have)
+        if wait != self.wait_replicas:
+            log.warning("redis at %s has %d replica(s): publishes wait for %d", redact(self.url), have, wait)
+            self.wait_replicas = wait
 
     async def _read(self, conn: AbstractConnection) -> None:
         channels = self._channels

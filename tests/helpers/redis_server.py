@@ -198,3 +198,75 @@ def running_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+class RedisSentinelSetup:
+    """A master, one replica and one sentinel (quorum 1) watching them as ``wsfan``; a dead master is
+    replaced after ``down_after_ms``."""
+
+    def __init__(self, binary: str, down_after_ms: int = 1000) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="wsfan-sentinel-"))
+        self.master, self.replica = RedisServer(binary), RedisServer(binary)
+        self.master.extra = ["--repl-diskless-sync-delay", "0"]
+        self.replica.extra = [
+            "--replicaof",
+            "127.0.0.1",
+            str(self.master.port),
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        self.port = free_port()
+        self.binary, self.down_after_ms = binary, down_after_ms
+        self.log = self.folder / "sentinel.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/wsfan"
+
+    def sentinel(self, *args: Any) -> Any:
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2) as r:
+            return r.execute_command(*args)
+
+    def start(self) -> RedisSentinelSetup:
+        self.master.start()
+        self.replica.start()
+        conf = self.folder / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.folder}\n"
+            f"sentinel monitor wsfan 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds wsfan {self.down_after_ms}\n"
+            "sentinel failover-timeout wsfan 10000\n"
+        )
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(self.port, proc=self.proc)
+        deadline = time.monotonic() + 30
+        while not (
+            self.replica.command("INFO", "replication").get("master_link_status") == "up"
+            and len(self.sentinel("SENTINEL", "REPLICAS", "wsfan")) == 1
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("replica or sentinel not ready")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.master.stop()
+        self.replica.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def running_sentinel() -> Iterator[RedisSentinelSetup]:
+    setup = RedisSentinelSetup(require_redis()).start()
+    try:
+        yield setup
+    finally:
+        setup.stop()
