@@ -665,13 +665,15 @@ class Connection(Assembler):
         self._check_backlog(session)
 
     def _check_backlog(self, session: Session) -> None:
-        """Close with 4008 once what waits for this socket (uvloop's buffer + our queue) passes the limit.
+        """Close with 4008 once what waits for this socket beyond uvloop's high-water mark passes the limit.
 
-        uvloop's buffer counts too: a burst fanned out in one loop iteration is written (and
-        buffered by uvloop) before ``pause_writing`` can stop anything, and no later write
-        may come to notice it.
+        What uvloop buffers past its high-water mark counts with our own queue: a burst fanned
+        out in one loop iteration is written (and buffered by uvloop) before ``pause_writing``
+        can stop anything, and no later write may come to notice it. Up to the mark it is the
+        normal in-flight window of a healthy reader, as it always was.
         """
-        if self.backlog + self.raw.get_write_buffer_size() > self.limits.slow_consumer_limit:
+        over_mark = self.raw.get_write_buffer_size() - WRITE_HIGH_WATER
+        if self.backlog + max(0, over_mark) > self.limits.slow_consumer_limit:
             self.hub.stats.slow_consumer_closes += 1
             session.out.clear()
             self.backlog = self.counted = 0
