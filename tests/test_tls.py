@@ -330,3 +330,35 @@ def test_sample_timeouts_outlast_the_heartbeat():
         found = re.findall(rf"^\s*{directive}\s+(\d+)s;", text, re.M)
         assert found, f"{directive} missing from deploy/nginx/wsfan.conf"
         assert all(int(v) > idle_s for v in found), (directive, found, idle_s)
+
+
+# ---------------------------------------------------------------- rediss:// to Redis
+
+
+async def test_nodes_reach_redis_over_tls(make_server, cert):
+    """``--broker rediss://...?ssl_ca_certs=FILE``: redis-server with TLS only, its certificate verified."""
+    from helpers.redis_server import RedisServer, require_redis
+
+    redis = RedisServer(require_redis())
+    # The TLS port is the server's only port (--port 0 turns plain TCP off).
+    redis.extra = ["--tls-port", str(redis.port), "--port", "0", "--tls-cert-file", str(cert[0]),
+                   "--tls-key-file", str(cert[1]), "--tls-ca-cert-file", str(cert[0]),
+                   "--tls-auth-clients", "no"]  # fmt: skip
+    redis.start()
+    try:
+        url = f"rediss://localhost:{redis.port}/0?ssl_ca_certs={cert[0]}"
+        a = make_server("--broker", url, "--node-id", "A", "--rate-limit", "0").start()
+        b = make_server("--broker", url, "--node-id", "B", "--rate-limit", "0").start()
+        sub = await PicowsPeer.connect(b.url)
+        pub = await PicowsPeer.connect(a.url)
+        for peer in (sub, pub):
+            assert (await peer.request("join", room="over-tls"))["type"] == "ack"
+        acks = [(await pub.request("publish", room="over-tls", payload=i))["data"]["seq"] for i in range(3)]
+        assert acks == [1, 2, 3]
+        got = [await sub.recv_type("message") for _ in range(3)]
+        assert [(m["seq"], m["payload"]) for m in got] == [(1, 0), (2, 1), (3, 2)]
+        assert "connected to redis at rediss://" in a.output()
+        await sub.close()
+        await pub.close()
+    finally:
+        redis.stop()
