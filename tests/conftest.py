@@ -7,11 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # tests/ on sys.path: test files import the helpers package as ``helpers``.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers.servers import ServerProcess  # noqa: E402
+
+# No per-example deadline anywhere: on a loaded 2-core CI machine a slow example is not a bug, and
+# Hypothesis's default 200 ms deadline turned load into flaky failures. Example counts stay per test.
+settings.register_profile("wsfan", deadline=None)
+settings.load_profile("wsfan")
 
 
 @pytest.fixture(scope="module")
