@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import msgspec
 import pytest
 import websockets
 from apps import probe as probe_app
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.peers import WebsocketsPeer
 from helpers.ports import free_port, wait_for_port
@@ -25,6 +29,7 @@ from helpers.servers import ROOT, ServerProcess
 from helpers.waiting import run
 from wsfan.client import connect
 from wsfan.client.errors import InternalError, InvalidMessage, ProtocolError
+from wsfan.server.protocol import FIELD_RULES, describe_invalid
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
@@ -321,3 +326,26 @@ def test_declaring_mistakes_are_refused() -> None:
         app.message(probe_app.Add)(lambda conn, msg: None)
     with pytest.raises(RuntimeError):
         asyncio.run(app.publish("r", 1))  # not served
+
+
+_SAFE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(?:\[[0-9]{1,9}\]|\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,16}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=120))
+def test_field_path_in_errors_is_only_schema_names_and_indexes(tail: str) -> None:
+    """Whatever follows ``- at `$.`` in msgspec's text (a dict key a client chose, say), the reply
+    repeats only a path of field names and list indexes, never the rest."""
+    text = describe_invalid(msgspec.ValidationError(f"Expected `int`, got `str` - at `$.{tail}`"))
+    m = re.fullmatch(r"invalid value for '(.*)'", text)
+    if m is not None:
+        assert _SAFE_PATH.fullmatch(m.group(1)) and tail.startswith(m.group(1))
+    else:
+        assert text in FIELD_RULES.values() or text.startswith("the message must be")
+
+
+def test_nested_path_from_a_real_schema() -> None:
+    decoder = msgspec.json.Decoder(probe_app.Order)
+    with pytest.raises(msgspec.ValidationError) as err:
+        decoder.decode(b'{"type":"order","items":[{"name":"a","qty":1},{"name":"b","qty":0}]}')
+    assert describe_invalid(err.value) == "invalid value for 'items[1].qty'"
