@@ -513,7 +513,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _proc_us(r: dict[str, Any], name: str) -> str:
-    p = (r.get("processes") or {}).get(name)
+    procs = r.get("processes") or {}
+    p = procs.get(name)
+    if p is None and name == "redis":
+        # shards mode: the busiest master, the one that owns the room (the per-shard cost)
+        shards = [v for k, v in procs.items() if k.startswith("redis-") and v.get("cpu_s") is not None]
+        p = max(shards, key=lambda v: v["cpu_s"], default=None)
     return "—" if not p else _num(p["us_per_delivery"], "{:.2f}") + f" ({(p['util'] or 0) * 100:.0f}%)"
 
 

@@ -205,14 +205,19 @@ def test_cluster_counts_every_delivery_across_two_nodes_and_splits_cpu_per_proce
     rows = _rows(run, "cluster")
     if not rows:
         pytest.skip(run["docs"]["cluster"]["data"].get("skipped") or "cluster scenario wrote no rows")
-    assert {r["variant"] for r in rows} == {"single", "cluster"}
+    assert {r["variant"] for r in rows} == {"single", "cluster", "shards"}
     for r in rows:
         tag = f"cluster {r['variant']} {r['size']} {r['phase']}"
         assert r["count_ok"] and r["gaps"] == 0 and r["errors"] == 0, tag
         assert r["deliveries"] == r["publishes"] * r["size"] > 0, tag
-        expected = {"A", "B", "redis"} if r["variant"] == "cluster" else {"A"}
+        expected = {
+            "single": {"A"},
+            "cluster": {"A", "B", "redis"},
+            "shards": {"A", "B", "redis-1", "redis-2", "redis-3"},  # 3-master Redis Cluster
+        }[r["variant"]]
         assert set(r["processes"]) == expected, tag
-        assert sum(p["deliveries"] for n, p in r["processes"].items() if n != "redis") == r["deliveries"], tag
+        nodes = (p for n, p in r["processes"].items() if not n.startswith("redis"))
+        assert sum(p["deliveries"] for p in nodes) == r["deliveries"], tag
         assert all(code == 0 for code in r["exit_codes"].values()), f"{tag}: {r['exit_codes']}"
         if r["phase"] == "latency":
             _assert_latency(r["latency"], r["deliveries"], tag)

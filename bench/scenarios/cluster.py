@@ -12,6 +12,10 @@ same load-generator role ``fanout_lat``, same seq checks): closed-loop
 throughput (deliveries/s, server CPU per delivery) and open-loop latency at a
 fixed offered load (p50/p99 from the publish's intended send time). The report
 gives the Redis overhead as ratios cluster ÷ single node.
+Shards mode: the two nodes over a 3-master Redis Cluster (``--broker redis+cluster://…``,
+sharded pub/sub); each room lives on one master, so the ``redis-*`` rows give the cost per
+delivery on the shard that owns the room (the per-shard input of the README's scale-out
+path) and the node rows the per-node cost, same run as the other modes.
 
 Pinning on 2 cores: node A, node B and redis-server all on the server core
 (``--server-cpu``, 0), the load generators on the client core (1). The server
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,7 +45,7 @@ from wsfan.bench.suite import Context, add_common, csv_ints, measure_each, run_s
 NAME = "cluster"
 HELP = "fan-out across two nodes behind one Redis vs one node: deliveries/s, CPU per delivery, latency"
 INSTALL_HINT = "redis-server is not installed: `apt-get install redis-server`"
-MODES = ("single", "cluster")
+MODES = ("single", "cluster", "shards")
 
 
 @dataclass
@@ -70,6 +75,35 @@ def start_redis(ctx: Context, binary: str) -> ServerProcess:
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     argv += ["--protected-mode", "yes", "--dir", tempfile.gettempdir()]
     return ServerProcess(f"redis-{port}", argv, port, cpu=ctx.server_cpu).start()
+
+
+def start_redis_cluster(ctx: Context, binary: str, masters: int = 3) -> dict[str, ServerProcess]:
+    """``masters`` redis-servers in cluster mode (bus ports given), joined by ``redis-cli --cluster create``."""
+    folder = tempfile.mkdtemp(prefix="wsfan-bench-cluster-")
+    procs = {}
+    for i in range(masters):
+        port = free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--cluster-enabled", "yes", "--cluster-port", str(free_port()), "--dir", folder]
+        argv += ["--cluster-config-file", f"{folder}/nodes-{port}.conf"]
+        procs[f"redis-{i + 1}"] = ServerProcess(f"redis-{port}", argv, port, cpu=ctx.server_cpu).start()
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    addresses = [f"127.0.0.1:{p.port}" for p in procs.values()]
+    subprocess.run(
+        [cli, "--cluster", "create", *addresses, "--cluster-yes"], check=True, capture_output=True, timeout=60
+    )
+    deadline = time.monotonic() + 30
+    for p in procs.values():
+        while (
+            b"cluster_state:ok"
+            not in subprocess.run(
+                [cli, "-p", str(p.port), "cluster", "info"], capture_output=True, timeout=10
+            ).stdout
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+    return procs
 
 
 class ProcessGroup:
@@ -166,6 +200,13 @@ def measure_mode(ctx: Context, s: Settings, mode: str, binary: str) -> list[dict
             for node in ("A", "B"):
                 procs[node] = ctx.servers.start(
                     WSFAN, extra=("--broker", broker, "--node-id", node), name=f"cluster-{node}"
+                )
+        elif mode == "shards":
+            procs.update(start_redis_cluster(ctx, binary))
+            broker = "redis+cluster://" + ",".join(f"127.0.0.1:{p.port}" for p in procs.values())
+            for node in ("A", "B"):
+                procs[node] = ctx.servers.start(
+                    WSFAN, extra=("--broker", broker, "--node-id", node), name=f"shards-{node}"
                 )
         else:
             procs["A"] = ctx.servers.start(WSFAN, extra=("--node-id", "A"), name="single-A")
