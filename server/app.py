@@ -18,7 +18,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLis
 from wsfan.server.application import App, ConnectRequest
 from wsfan.server.application import Error as AppError
 from wsfan.server.auth import Authenticator, AuthError, token_from_request
-from wsfan.server.broker import Broker
+from wsfan.server.broker import Broker, BrokerUnavailable
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces, tls_context
 from wsfan.server.control import join_control
@@ -489,6 +489,10 @@ async def serve(settings: Settings, attach: Callable[[Node, asyncio.Event], None
         log.error(
             "cannot listen on %s: %s; check --host, --port and --http-port", settings.host, exc.strerror
         )
+        await node.broker.close()
+        return EXIT_USAGE
+    except BrokerUnavailable as exc:  # a cluster's slot map or a sentinel's master is needed to start
+        log.error("cannot start: %s; check --broker", exc)
         await node.broker.close()
         return EXIT_USAGE
     # Everything built so far (modules, settings, the hub) lives as long as the process: out of the

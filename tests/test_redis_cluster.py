@@ -8,6 +8,8 @@ The cluster is built like an operator builds one (``--cluster-enabled yes`` and
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +17,9 @@ from typing import Any
 import pytest
 
 from helpers.peers import PicowsPeer
+from helpers.ports import free_port
 from helpers.redis_server import RedisCluster, running_cluster, running_sentinel
-from helpers.servers import ServerProcess
+from helpers.servers import ROOT, ServerProcess
 from helpers.waiting import until
 from wsfan.server.broker.redis_layout import channel_name, meta_key
 
@@ -184,3 +187,29 @@ async def test_sentinel_failover_keeps_every_acked_publication(make_server):
             await peer.close()
     finally:
         gen.close()
+
+
+@pytest.mark.parametrize(
+    "scheme", ["redis+cluster://127.0.0.1:{port}", "redis+sentinel://127.0.0.1:{port}/wsfan"]
+)
+def test_no_cluster_or_sentinel_to_ask_is_one_line_at_start(scheme):
+    """Where no seed node (or sentinel) answers, the node cannot know where rooms live: exit 2, no traceback."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsfan",
+            "--port",
+            str(free_port()),
+            "--broker",
+            scheme.format(port=free_port()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        "Traceback" not in done.stderr and "cannot start:" in done.stderr and "check --broker" in done.stderr
+    )
