@@ -530,6 +530,12 @@ class Assembler(WSListener):
 
     def paused(self, on: bool) -> None: ...
 
+    def stalled(self) -> bool:
+        """Whether a sweep should close this connection as a slow consumer (``Connection`` says)."""
+        return False
+
+    def slow_consumer(self) -> None: ...
+
 
 class Connection(Assembler):
     """A ``/ws`` connection: whole messages go to the hub, the hub's queued frames come back here."""
@@ -662,30 +668,32 @@ class Connection(Assembler):
         for i in range(self.counted, len(out)):
             self.backlog += len(out[i])
         self.counted = len(out)
-        self._check_backlog(session)
+        if self.backlog > self.limits.slow_consumer_limit:
+            self.slow_consumer()
 
-    def _check_backlog(self, session: Session) -> None:
-        """Close with 4008 once what waits for this socket beyond uvloop's high-water mark passes the limit.
+    def stalled(self) -> bool:
+        """Still paused at a sweep, with more than the limit waiting beyond uvloop's high-water mark.
 
-        What uvloop buffers past its high-water mark counts with our own queue: a burst fanned
-        out in one loop iteration is written (and buffered by uvloop) before ``pause_writing``
-        can stop anything, and no later write may come to notice it. Up to the mark it is the
-        normal in-flight window of a healthy reader, as it always was.
+        Asked once per registry sweep (at most a second apart): a burst fanned out in one loop
+        iteration is written, and buffered by uvloop, before ``pause_writing`` can stop
+        anything, and no later write may come to notice it. A healthy reader has drained it
+        (and resumed) by the next sweep; a reader that stopped has not.
         """
+        if not self.is_paused or self.closing:
+            return False
         over_mark = self.raw.get_write_buffer_size() - WRITE_HIGH_WATER
-        if self.backlog + max(0, over_mark) > self.limits.slow_consumer_limit:
-            self.hub.stats.slow_consumer_closes += 1
-            session.out.clear()
-            self.backlog = self.counted = 0
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer over the limit")
+        return self.backlog + max(0, over_mark) > self.limits.slow_consumer_limit
+
+    def slow_consumer(self) -> None:
+        """Close with 4008 and free our queue (what uvloop holds goes with the socket)."""
+        self.hub.stats.slow_consumer_closes += 1
+        if self.session is not None:
+            self.session.out.clear()
+        self.backlog = self.counted = 0
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer over the limit")
 
     def paused(self, on: bool) -> None:
         self.is_paused = on
-        if on:
-            s = self.session
-            if s is not None:
-                self._check_backlog(s)
-            return
         if not on:
             self.backlog = self.counted = 0
             s = self.session
@@ -735,8 +743,8 @@ class ConnectionRegistry:
         self.connections.discard(c)
 
     def start(self) -> None:
-        if self.heartbeat > 0:
-            self._task = self._loop.create_task(self._sweep_forever())
+        # Always: besides heartbeats the sweep finds stalled slow consumers (Connection.stalled).
+        self._task = self._loop.create_task(self._sweep_forever())
 
     def stop(self) -> None:
         if self._task is not None:
@@ -745,7 +753,7 @@ class ConnectionRegistry:
     async def _sweep_forever(self) -> None:
         # A tick of a quarter of the shorter interval keeps pings and timeouts
         # within 25% of their settings while costing one pass per tick.
-        tick = max(0.02, min(1.0, min(self.heartbeat, self.timeout) / 4))
+        tick = max(0.02, min(1.0, min(self.heartbeat or 4.0, self.timeout) / 4))
         while True:
             await asyncio.sleep(tick)
             self.sweep(self._loop.time())
@@ -753,6 +761,11 @@ class ConnectionRegistry:
     def sweep(self, now: float) -> None:
         hb, timeout = self.heartbeat, self.timeout
         for c in list(self.connections):
+            if c.stalled():
+                c.slow_consumer()
+                continue
+            if not hb:
+                continue
             if c.rx != c.rx_seen:
                 c.rx_seen = c.rx
                 c.idle_since = now
