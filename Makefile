@@ -23,7 +23,7 @@ help:
 	@echo "make bench-micro   pytest-benchmark micro benchmarks, compared with the last local run (results/local/micro/)"
 	@echo "make bench-publish bench-core + bench on a quiet machine, written to the committed results/ (latest.md, core-latest.md)"
 	@echo "make swarm         a short headless Locust chat run against a local server"
-	@echo "make token         print a JWT (ARGS='--sub alice --secret S')"
+	@echo "make token         print a JWT (ARGS='--sub alice --secret <32+ random bytes>')"
 	@echo "make venv-check    fail with advice if $(VENV) was made by a Python older than 3.11"
 	@echo "make clean         remove $(VENV) and the caches"
 

@@ -226,6 +226,16 @@ def _from_toml(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in section.items()}
 
 
+def _invalid(text: str) -> str:
+    """A settings validation error in the words of the flag and env variable the user set, not msgspec's."""
+    expected, _, where = text.partition(" - at `$.")
+    field = where.split(".")[0].split("[")[0].rstrip("`")
+    if not field or field not in HELP:
+        return "invalid setting; see --help"
+    kind = expected.split("`")[1] if expected.count("`") >= 2 else "a valid value"
+    return f"--{field.replace('_', '-')} (or {ENV_PREFIX}{field.upper()}, or {field} in --config): expected {kind}"
+
+
 def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Merge all sources into one validated ``Settings``; raises ``SystemExit`` with a clear message on bad input."""
     parser = build_parser()
@@ -258,7 +268,7 @@ def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         # strict=False lets env strings like "9000" or "true" convert to their field types.
         settings = msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        parser.error(f"invalid setting: {exc}")
+        parser.error(_invalid(str(exc)))
     if settings.production:
         settings = production_profile(settings, given=set(merged))
     problems = validate(settings)

@@ -218,12 +218,8 @@ class HttpSide:
             self.runner, host, port, reuse_port=self.node.settings.workers > 1, ssl_context=tls
         )
         await site.start()
-        log.info(
-            "HTTP endpoints on %s://%s:%d (/healthz /metrics /publish /sse /presence /presence_stats)",
-            "http" if tls is None else "https",
-            host,
-            port,
-        )
+        paths = " ".join(sorted({r.resource.canonical for r in self.runner.app.router.routes()}))
+        log.info("HTTP endpoints on %s://%s:%d (%s)", "http" if tls is None else "https", host, port, paths)
 
     async def stop(self) -> None:
         for task in list(self.streams):

@@ -141,3 +141,29 @@ def test_production_with_broker_runs_a_worker_per_core(make_server):
     if cores > 1:
         assert f"{cores} workers" in out, out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "needle"),
+    [
+        ({"WSFAN_PORT": "abc"}, None, "WSFAN_PORT"),
+        ({"WSFAN_HEARTBEAT": "soon"}, None, "--heartbeat"),
+        ({}, 'rate_limit = "fast"\n', "rate_limit in --config"),
+    ],
+)
+def test_bad_env_or_config_value_names_the_setting_not_the_validator(tmp_path, env, toml, needle):
+    """One line in the words of the flag, the variable and the TOML key, never msgspec's ``$.port`` path."""
+    argv = []
+    if toml is not None:
+        (tmp_path / "c.toml").write_text(toml)
+        argv = ["--config", str(tmp_path / "c.toml")]
+    r = subprocess.run(
+        [sys.executable, "-m", "wsfan", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, **env},
+    )
+    assert_one_line_usage_error(r, needle, "expected")
+    assert "$." not in r.stderr and "`" not in r.stderr
