@@ -228,6 +228,9 @@ def _from_toml(path: str) -> dict[str, Any]:
 
 def _invalid(text: str) -> str:
     """A settings validation error in the words of the flag and env variable the user set, not msgspec's."""
+    if text.startswith("Object contains unknown field"):
+        name = text.split("`")[1] if text.count("`") >= 2 else "?"
+        return f"unknown setting {name!r}: not a flag, {ENV_PREFIX} variable or --config key"
     expected, _, where = text.partition(" - at `$.")
     field = where.split(".")[0].split("[")[0].rstrip("`")
     if not field or field not in HELP:
