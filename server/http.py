@@ -311,7 +311,13 @@ class HttpSide:
         except web.HTTPRequestEntityTooLarge:
             return _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
 
-    async def publish(self, request: web.Request) -> web.Response:
+    async def _admin_request(
+        self, request: web.Request, decoder: msgspec.json.Decoder[Any], shape: str
+    ) -> Any:
+        """The admin key, the bounded body, then the decoded body: the message, or the refusal to send.
+
+        Any decoder failure (RecursionError too) is a 400 naming ``shape`` in our words.
+        """
         refused = self._admin_only(request)
         if refused is not None:
             return refused
@@ -319,9 +325,14 @@ class HttpSide:
         if isinstance(body, web.Response):
             return body
         try:
-            msg = _admin_decoder.decode(body)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure (RecursionError too) is a bad body
-            return _json_error(400, f"body must be {{'room','payload'}} JSON: {describe_invalid(exc)}")
+            return decoder.decode(body)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad body
+            return _json_error(400, f"body must be {shape} JSON: {describe_invalid(exc)}")
+
+    async def publish(self, request: web.Request) -> web.Response:
+        msg = await self._admin_request(request, _admin_decoder, "{'room','payload'}")
+        if isinstance(msg, web.Response):
+            return msg
         try:
             result = self.node.hub.publish(msg.room, "server", bytes(msg.payload), Encoding.JSON)
             pub = result if isinstance(result, Publication) else await result
@@ -338,16 +349,9 @@ class HttpSide:
         deliverable in both encodings (nothing published); 503 ``{"error", "results"}`` when the
         broker failed midway (``results``: the rooms published before it).
         """
-        refused = self._admin_only(request)
-        if refused is not None:
-            return refused
-        body = await self._admin_body(request)
-        if isinstance(body, web.Response):
-            return body
-        try:
-            msg = _broadcast_decoder.decode(body)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad body
-            return _json_error(400, f"body must be {{'rooms','payload'}} JSON: {describe_invalid(exc)}")
+        msg = await self._admin_request(request, _broadcast_decoder, "{'rooms','payload'}")
+        if isinstance(msg, web.Response):
+            return msg
         if len(set(msg.rooms)) != len(msg.rooms):
             return _json_error(400, "rooms must be distinct")
         payload = bytes(msg.payload)
@@ -381,16 +385,9 @@ class HttpSide:
     async def _command(
         self, request: web.Request, decoder: msgspec.json.Decoder[Any], shape: str
     ) -> web.Response:
-        refused = self._admin_only(request)
-        if refused is not None:
-            return refused
-        body = await self._admin_body(request)
-        if isinstance(body, web.Response):
-            return body
-        try:
-            msg = decoder.decode(body)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad body
-            return _json_error(400, f"body must be {shape} JSON: {describe_invalid(exc)}")
+        msg = await self._admin_request(request, decoder, shape)
+        if isinstance(msg, web.Response):
+            return msg
         if isinstance(msg, AdminDisconnect):
             problem = close_problem(msg.code, msg.reason)
             if problem is not None:
