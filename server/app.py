@@ -378,20 +378,13 @@ def make_authenticator(settings: Settings) -> Authenticator | None:
 def make_broker(settings: Settings, node_id: str) -> Broker:
     """In-process unless a broker URL is given; the hub cannot tell the difference."""
     spaces = namespaces(settings)[0]  # already validated by config.load
+    many: type | None = None  # a broker over several Redis servers, found by the URL's scheme
     if settings.broker.startswith("redis+sentinel://"):
-        from wsfan.server.broker.redis_sentinel import RedisSentinelBroker
-
-        return RedisSentinelBroker(
-            settings.broker,
-            node_id=node_id,
-            namespaces=spaces,
-            presence_ttl=settings.presence_ttl,
-            meta_ttl=settings.history_meta_ttl,
-        )
-    if settings.broker.startswith("redis+cluster://"):
-        from wsfan.server.broker.redis_cluster import RedisClusterBroker
-
-        return RedisClusterBroker(
+        from wsfan.server.broker.redis_sentinel import RedisSentinelBroker as many
+    elif settings.broker.startswith("redis+cluster://"):
+        from wsfan.server.broker.redis_cluster import RedisClusterBroker as many
+    if many is not None:
+        return many(
             settings.broker,
             node_id=node_id,
             namespaces=spaces,

@@ -47,16 +47,20 @@ def seeds(url: str) -> list[tuple[str, int]]:
     """``redis+cluster://h1:p1,h2:p2[/]`` -> ``[(h1, p1), (h2, p2)]``; ``ValueError`` saying what is wrong."""
     if not url.startswith(SCHEME):
         raise ValueError(f"a cluster broker URL starts with {SCHEME}")
-    rest = url[len(SCHEME) :].split("/", 1)[0]
+    return host_ports(url[len(SCHEME) :].split("/", 1)[0], SCHEME, 6379)
+
+
+def host_ports(hosts: str, scheme: str, default_port: int) -> list[tuple[str, int]]:
+    """``h1:p1,h2`` -> ``[(h1, p1), (h2, default_port)]``; ``ValueError`` naming the bad entry and ``scheme``."""
     out = []
-    for part in rest.split(","):
+    for part in hosts.split(","):
         parsed = urlsplit(f"//{part}")
         try:
-            port = parsed.port or 6379
+            port = parsed.port or default_port
         except ValueError:
             port = 0
         if not parsed.hostname or not 0 < port < 65536:
-            raise ValueError(f"{SCHEME}: {part!r} is not host:port")
+            raise ValueError(f"{scheme}: {part!r} is not host:port")
         out.append((parsed.hostname, port))
     return out
 

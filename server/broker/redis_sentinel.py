@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
 from wsfan.server.broker import BrokerUnavailable
 from wsfan.server.broker.redis import RedisBroker
+from wsfan.server.broker.redis_cluster import host_ports
 
 log = logging.getLogger("wsfan.broker")
 
@@ -35,17 +35,7 @@ def parse(url: str) -> tuple[list[tuple[str, int]], str]:
     name = name.strip("/")
     if not name:
         raise ValueError(f"{SCHEME}host:port,.../<master name>: the master name is missing")
-    out = []
-    for part in hosts.split(","):
-        parsed = urlsplit(f"//{part}")
-        try:
-            port = parsed.port or 26379
-        except ValueError:
-            port = 0
-        if not parsed.hostname or not 0 < port < 65536:
-            raise ValueError(f"{SCHEME}: {part!r} is not host:port")
-        out.append((parsed.hostname, port))
-    return out, name
+    return host_ports(hosts, SCHEME, 26379), name
 
 
 class RedisSentinelBroker(RedisBroker):
