@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from wsfan.server import control
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
 from wsfan.server.logs import fields
@@ -240,6 +241,19 @@ class App:
             return result.seq
         pub = await result  # type: ignore[misc]
         return pub.seq
+
+    async def broadcast(self, payload: Any) -> None:
+        """Push ``payload`` (any JSON value) to every WebSocket connection on every node (through the
+        broker): each gets ``{"type":"broadcast","payload":payload}`` once, in its own encoding
+        (and compression). No room, no seq, no history: a connection that is not open at that
+        moment never sees it; SSE streams get none. Returns once the broker took it (delivery on
+        each node follows within the broker's delivery time). Raises ``ValueError`` for a
+        payload not deliverable in both encodings and ``BrokerUnavailable`` when the broker
+        cannot be reached."""
+        hub = self._attached()
+        result = control.broadcast(hub, msgspec.json.encode(payload))
+        if not isinstance(result, Publication):
+            await result
 
     @property
     def node_id(self) -> str:

@@ -1,4 +1,4 @@
-"""Cluster-wide commands of the server API (disconnect a user, unsubscribe a user from a room).
+"""Cluster-wide commands: disconnect a user, unsubscribe a user from a room, broadcast to everyone.
 
 They travel as publications to one reserved room, ``CONTROL_ROOM``, which every node joins at
 start with a member of its own: a ``Session`` whose peer, instead of writing frames to a
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from wsfan.server.broker import Publication
-from wsfan.server.protocol import Codec, Encoding, frame_payload
+from wsfan.server.broker import BroadcastPush, Publication
+from wsfan.server.protocol import Codec, Encoding, PayloadRefused, frame_payload, payload_problem
 
 if TYPE_CHECKING:
     from wsfan.server.hub import Hub, Session
@@ -38,8 +38,20 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe"):
     room: str
 
 
-Command = Disconnect | Unsubscribe
-_decode_delivery = msgspec.json.Decoder(dict[str, Any]).decode
+class Broadcast(msgspec.Struct, tag="broadcast"):
+    """A room-less push: every WebSocket connection of every node gets ``{"type":"broadcast","payload"}``."""
+
+    payload: msgspec.Raw
+
+
+class _Delivery(msgspec.Struct):
+    """The part of a control-room delivery that matters: its payload, kept as sent (a command)."""
+
+    payload: msgspec.Raw
+
+
+Command = Disconnect | Unsubscribe | Broadcast
+_decode_delivery = msgspec.json.Decoder(_Delivery).decode
 _to_command = msgspec.json.Decoder(Command).decode
 
 
@@ -55,15 +67,19 @@ class ControlPeer:
         loop = asyncio.get_running_loop()
         for frame in frames:
             try:
-                delivery = _decode_delivery(frame_payload(frame))
-                command = _to_command(msgspec.json.encode(delivery["payload"]))
-            except (msgspec.DecodeError, KeyError, TypeError):
+                command = _to_command(_decode_delivery(frame_payload(frame)).payload)
+            except msgspec.DecodeError:
                 log.error("unreadable control message in %s; ignored", CONTROL_ROOM)
                 continue
             loop.call_soon(self.run, command)  # not while the hub is flushing
 
     def run(self, command: Command) -> None:
         hub = self.hub
+        if isinstance(command, Broadcast):
+            # bytes(): the Raw points into the control frame, which this push must not keep alive
+            n = hub.broadcast(BroadcastPush(bytes(command.payload)))
+            log.debug("broadcast to %d connection(s) on this node", n)
+            return
         sessions = [s for s in hub.sessions.values() if s.user == command.user and s.peer is not self]
         if isinstance(command, Disconnect):
             for s in sessions:
@@ -107,6 +123,19 @@ def close_problem(code: int, reason: str) -> str | None:
     if len(reason.encode("utf-8", "surrogatepass")) > 123:
         return "reason is at most 123 bytes of UTF-8 (RFC 6455 5.5)"
     return None
+
+
+def broadcast(hub: Hub, payload: bytes) -> Publication | Any:
+    """Push JSON ``payload`` to every WebSocket connection of every node; the publication or its awaitable.
+
+    Rides the control room like the other commands (its seq and the broker's copy are the
+    control room's, never shown to clients). ``PayloadRefused`` when the payload is not a
+    value both encodings carry (PROTOCOL.md, payload rule); ``BrokerUnavailable`` as for a publish.
+    """
+    problem = payload_problem(payload, Encoding.JSON)
+    if problem is not None:
+        raise PayloadRefused(problem)
+    return send(hub, Broadcast(msgspec.Raw(payload)))
 
 
 def send(hub: Hub, command: Command) -> Publication | Any:

@@ -94,10 +94,10 @@ MAX_BROADCAST_ROOMS = 1000
 
 
 class AdminBroadcast(msgspec.Struct, forbid_unknown_fields=True):
-    """``POST /broadcast`` body: one payload to 1-1000 distinct rooms."""
+    """``POST /broadcast`` body: one payload to 1-1000 distinct rooms, or (no ``rooms``) to every connection."""
 
-    rooms: Annotated[list[RoomName], msgspec.Meta(min_length=1, max_length=MAX_BROADCAST_ROOMS)]
     payload: msgspec.Raw
+    rooms: Annotated[list[RoomName], msgspec.Meta(min_length=1, max_length=MAX_BROADCAST_ROOMS)] | None = None
 
 
 _broadcast_decoder = msgspec.json.Decoder(AdminBroadcast)
@@ -348,10 +348,24 @@ class HttpSide:
         200 ``{"results": [{"room","seq"}]}``; 400 bad body, duplicate rooms or a payload not
         deliverable in both encodings (nothing published); 503 ``{"error", "results"}`` when the
         broker failed midway (``results``: the rooms published before it).
+
+        Without ``rooms`` (``{"payload": any}``): every WebSocket connection on every node gets
+        ``{"type":"broadcast","payload"}`` (no room, no seq: ``control.broadcast``); 200
+        ``{"to": "all"}`` once the broker took it; 400 payload refused; 503 broker unavailable.
         """
-        msg = await self._admin_request(request, _broadcast_decoder, "{'rooms','payload'}")
+        msg = await self._admin_request(request, _broadcast_decoder, "{'rooms'?,'payload'}")
         if isinstance(msg, web.Response):
             return msg
+        if msg.rooms is None:
+            try:
+                result = control.broadcast(self.node.hub, bytes(msg.payload))
+                if not isinstance(result, Publication):
+                    await result
+            except PayloadRefused as exc:
+                return _json_error(400, str(exc))
+            except BrokerUnavailable as exc:
+                return _json_error(503, exc.public, **{"Retry-After": "1"})
+            return web.json_response({"to": "all"})
         if len(set(msg.rooms)) != len(msg.rooms):
             return _json_error(400, "rooms must be distinct")
         payload = bytes(msg.payload)

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from wsfan.server.broker import (
+    BroadcastPush,
     Broker,
     BrokerUnavailable,
     History,
@@ -815,6 +816,45 @@ class Hub:
             self._flushed.append(pub)
             if not self._flush_pending:
                 self._request_flush()
+
+    def broadcast(self, push: BroadcastPush) -> int:
+        """Queue a room-less push for every WebSocket connection of this node; how many got it.
+
+        The fan-out of ``deliver`` over ``sessions`` instead of a room: one frame per delivery
+        kind in use (``push.frame`` builds and shares it), appended to each connection's queue
+        and written at the next flush, so the slow-consumer and pause rules of the transport
+        apply as to any delivery. SSE streams (one room's deliveries only) get none. Reached
+        through the control room (``server/control.py``), once per node per broadcast.
+        """
+        dirty = self._dirty
+        n = 0
+        size = 0
+        last = -1
+        frame = b""
+        for s in self.sessions.values():
+            kind = s.kind
+            if kind != last:  # connections of one kind mostly follow each other: one lookup per run
+                last = kind
+                frame = b""
+                if kind != Encoding.SSE:
+                    try:
+                        frame = push.frame(kind)
+                    except Exception:  # noqa: BLE001 - as in deliver: one bad kind must not stop the rest
+                        log.exception("broadcast cannot be delivered as kind %#x", kind)
+            if not frame:
+                continue
+            s.out.append(frame)
+            if not s.scheduled:
+                s.scheduled = True
+                dirty.append(s)
+            n += 1
+            size += len(frame)
+        stats = self.stats
+        stats.broadcasts += n
+        stats.bytes_out += size
+        if n and not self._flush_pending:
+            self._request_flush()
+        return n
 
     def deliver_event(self, event: PresenceEvent) -> None:
         """Fan a ``joined``/``left`` event out to this node's WebSocket subscribers, its subject excluded.

@@ -117,6 +117,7 @@ class HubCollector:
             ),
             ("wsfan_delivered_bytes", "Delivery bytes queued to subscribers", st.bytes_out),
             ("wsfan_presence_events", "joined/left events queued to subscribers", st.presence_events),
+            ("wsfan_broadcasts", "Room-less broadcast pushes queued to connections", st.broadcasts),
             ("wsfan_replies", "Acks sent", st.replies),
             ("wsfan_rate_limited_messages", "Messages refused by the rate limit", st.rate_limited),
             ("wsfan_rooms_created", "Rooms that got their first local subscriber", st.rooms_created),

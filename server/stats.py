@@ -27,6 +27,7 @@ class Stats:
         "deliveries",
         "compressed_deliveries",
         "presence_events",
+        "broadcasts",
         "bytes_out",
         "replies",
         "errors",
@@ -51,6 +52,7 @@ class Stats:
             0  # of which to permessage-deflate subscribers (compressed or under threshold)
         )
         self.presence_events = 0  # joined/left events written to subscribers
+        self.broadcasts = 0  # room-less broadcast pushes queued to connections
         self.bytes_out = 0
         self.replies = 0
         self.errors: dict[str, int] = {}

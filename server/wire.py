@@ -203,6 +203,16 @@ class LeftEvent(Outbound, tag="left", kw_only=True, frozen=True):
     conn: str
 
 
+class BroadcastDelivery(Outbound, tag="broadcast", kw_only=True):
+    """A room-less push to every connection (``App.broadcast``, ``POST /broadcast`` without rooms).
+
+    ``{"type":"broadcast","payload":<value>}``: no room, no ``seq``, no ``from``; not in any
+    history and never replayed (docs/protocol-choices.md, "Broadcast to every connection").
+    """
+
+    payload: Raw
+
+
 # ``success`` has no default on purpose: omit_defaults would otherwise drop it from the wire.
 class Ack(Outbound, tag="ack", kw_only=True):
     requestId: str | None = None  # noqa: N815 - wire name
@@ -321,6 +331,22 @@ class Message(Delivery, tag="message", kw_only=True):
 
 class RawMessage(Message, tag="message", kw_only=True):
     """A ``Message`` whose payload was left encoded (``raw_payloads=True``): decode only what you need."""
+
+    payload: Raw = Raw(b"")
+
+
+class Broadcast(BroadcastDelivery, tag="broadcast", kw_only=True):
+    """A ``BroadcastDelivery`` as the client hands it to the application, payload decoded.
+
+    ``received_at`` is not on the wire: ``time.perf_counter()`` when the frame was read.
+    """
+
+    payload: Any = None
+    received_at: float = 0.0
+
+
+class RawBroadcast(Broadcast, tag="broadcast", kw_only=True):
+    """A ``Broadcast`` whose payload was left encoded (``raw_payloads=True``)."""
 
     payload: Raw = Raw(b"")
 

@@ -57,7 +57,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from wsfan.server.broker.history import History, history_since
-from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
+from wsfan.server.broker.publication import BroadcastPush, PresenceEntry, PresenceEvent, Publication
 
 DeliverFn = Callable[[Publication], None]
 EventFn = Callable[[PresenceEvent], None]
@@ -130,6 +130,7 @@ class Broker(Protocol):
 
 __all__ = [
     "UNAVAILABLE_TEXT",
+    "BroadcastPush",
     "Broker",
     "BrokerUnavailable",
     "DeliverFn",

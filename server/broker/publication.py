@@ -8,7 +8,7 @@ from msgspec import Raw
 
 from wsfan.server.deflate import compressed_frame
 from wsfan.server.protocol import CODECS, Encoding, build_frame
-from wsfan.server.wire import Delivery, JoinedEvent, LeftEvent
+from wsfan.server.wire import BroadcastDelivery, Delivery, JoinedEvent, LeftEvent
 
 
 class Publication:
@@ -104,6 +104,40 @@ class Publication:
         """The delivery as JSON text without a frame header (SSE and logs)."""
         frame = self.frame(Encoding.JSON)
         return frame[2:] if frame[1] < 126 else frame[4:] if frame[1] == 126 else frame[10:]
+
+
+class BroadcastPush:
+    """One room-less push to every connection of this node, its frames built lazily, once per kind.
+
+    The same sharing as ``Publication``: the first connection of a delivery kind (an encoding,
+    or a compressed kind, ``server/deflate.py``) builds the frame, every other one of that kind
+    gets the same bytes. ``payload`` is JSON or MessagePack as ``encoding`` says; it is copied
+    byte for byte into frames of that encoding and transcoded once for the other. No seq: a
+    broadcast is not numbered and not kept for replay.
+    """
+
+    __slots__ = ("payload", "encoding", "_frames")
+
+    def __init__(self, payload: bytes, encoding: int = Encoding.JSON) -> None:
+        self.payload = payload
+        self.encoding = encoding
+        self._frames: dict[int, bytes] = {}
+
+    def frame(self, kind: int) -> bytes:
+        """The ``{"type":"broadcast","payload"}`` frame for a connection of delivery ``kind``."""
+        f = self._frames.get(kind)
+        if f is None:
+            plain = kind & 0xFF
+            if plain != kind:
+                f = compressed_frame(self.frame(plain), kind)
+            else:
+                codec = CODECS[Encoding(plain)]
+                payload = self.payload
+                if plain != self.encoding:
+                    payload = codec.encode_value(CODECS[Encoding(self.encoding)].decode_payload(payload))
+                f = build_frame(codec.opcode, codec.encode(BroadcastDelivery(payload=Raw(payload))))
+            self._frames[kind] = f
+        return f
 
 
 def sse_data(text: bytes) -> bytes:

@@ -139,3 +139,12 @@ def enlist(conn: wsfan.Conn, msg: Enlist) -> list[str]:
 @app.message(Kick)
 def kick(conn: wsfan.Conn, msg: Kick) -> None:
     conn.close(msg.code, msg.reason)
+
+
+class Shout(wsfan.Message, tag="shout"):
+    payload: Any
+
+
+@app.message(Shout)
+async def shout(conn: wsfan.Conn, msg: Shout) -> None:
+    await app.broadcast(msg.payload)
