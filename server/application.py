@@ -13,7 +13,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
@@ -21,12 +21,12 @@ from wsfan.server import control
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
 from wsfan.server.logs import fields
-from wsfan.server.protocol import Encoding
-from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound
+from wsfan.server.protocol import Encoding, payload_problem
+from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
-    from wsfan.server.hub import Hub, Session
+    from wsfan.server.hub import Hub, Session, Verdict
 
 log = logging.getLogger("wsfan.app")
 
@@ -59,6 +59,41 @@ class Error(Exception):
         self.code = code
         self.message = message or code
         self.status = status
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Final[Any] = _Keep()  # ``Publish(payload=KEEP)``: the payload as the client sent it (the default)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """What a ``before_join`` hook returns to move the request to another room: ``Join(room="chat:lobby:eu")``.
+
+    The client is joined to (or, for a ``presence`` query, shown) ``room`` instead of the one it
+    asked for; the ack's ``data.room`` names it, and its deliveries carry it. ``room`` must be a
+    room name (1-128 characters of ``A-Z a-z 0-9 _ . : -``) that the token's ``rooms`` claim
+    allows; otherwise the client gets ``INTERNAL`` or ``FORBIDDEN`` (docs/app-api.md).
+    """
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """What a ``before_publish`` hook returns to change a publication: a new ``room``, a new ``payload``, or both.
+
+    ``room`` None keeps the client's room; ``payload`` left out (``KEEP``) keeps the client's
+    bytes untouched. A new payload is any msgspec-encodable value (``None`` is JSON ``null``);
+    it is encoded once, in the publisher's encoding, and must be deliverable in both encodings
+    (PROTOCOL.md, payload rule). The same room rules as ``Join`` apply.
+    """
+
+    room: str | None = None
+    payload: Any = KEEP
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +192,9 @@ class App:
         self.handlers: dict[type[Inbound], Callable[[Conn, Any], Any]] = {}
         self.connect_hooks: list[Callable[[ConnectRequest], Any]] = []
         self.disconnect_hooks: list[Callable[[Conn, int], Any]] = []
-        self.join_hooks: list[Callable[[Conn, str], Any]] = []
-        self.publish_hooks: list[Callable[[Conn, str], Any]] = []
+        # (hook, whether it takes the payload as a third argument)
+        self.join_hooks: list[tuple[Callable[..., Any], bool]] = []
+        self.publish_hooks: list[tuple[Callable[..., Any], bool]] = []
         self.startup_hooks: list[Callable[[], Any]] = []
         self.hub: Hub | None = None
 
@@ -211,15 +247,29 @@ class App:
         return fn
 
     def before_join(self, fn: F) -> F:
-        """``@app.before_join``: ``fn(conn, room) -> bool`` (sync) before a client's ``join`` and
-        ``presence`` queries; False answers ``FORBIDDEN``. Runs after the token's ``rooms`` check."""
-        self.join_hooks.append(fn)
+        """``@app.before_join``: ``fn(conn, room)`` (sync or async) before a client's ``join``,
+        ``presence`` and ``presence_stats`` (and an SSE stream's join): allow, refuse or rewrite.
+
+        Returns None or True (go on), False (``FORBIDDEN``), or ``Join(room=...)`` (go on in that
+        room); ``raise Error(code, message)`` answers that error. Any other exception or result is
+        logged and answered ``INTERNAL``. Hooks run in the order declared, each seeing the room
+        the previous one chose, after the token's ``rooms`` check, which runs again on a room a
+        hook chose. Nothing else happens to a refused request (docs/app-api.md, "Hooks").
+        """
+        self.join_hooks.append((fn, False))
         return fn
 
     def before_publish(self, fn: F) -> F:
-        """``@app.before_publish``: ``fn(conn, room) -> bool`` (sync) before a client's ``publish``;
-        False answers ``FORBIDDEN``. Runs after the token's ``rooms`` check."""
-        self.publish_hooks.append(fn)
+        """``@app.before_publish``: ``fn(conn, room)`` or ``fn(conn, room, payload)`` (sync or async)
+        before a client's ``publish``: allow, refuse or rewrite.
+
+        ``payload`` (only for a hook that takes a third argument: decoding costs) is the client's
+        payload as Python values. Returns None or True (go on), False (``FORBIDDEN``), or
+        ``Publish(room=..., payload=...)`` (go on with those); errors as for ``before_join``.
+        The namespace's ``allow_publish`` and the membership (``NOT_JOINED``) are checked on the
+        room finally chosen.
+        """
+        self.publish_hooks.append((fn, _takes_payload(fn)))
         return fn
 
     def on_startup(self, fn: F) -> F:
@@ -304,10 +354,9 @@ class App:
         if self.disconnect_hooks:
             hub.on_close = self._closed
         if self.join_hooks or self.publish_hooks:
-            builtin = hub.authorize  # the token's rooms claim: the first hook
-            hub.authorize = lambda s, action, room: (
-                (builtin is None or builtin(s, action, room)) and self._allow(s, action, room)
-            )
+            # After hub.authorize (the token's rooms claim, the first hook), which the hub runs
+            # again on any room these hooks choose.
+            hub.gate = self._gate
 
     def _handler(self, hub: Hub, fn: Callable[[Conn, Any], Any]) -> Callable[[Session, Any], None]:
         def handle(s: Session, msg: Any) -> None:
@@ -338,16 +387,14 @@ class App:
         if msg.id is not None and not s.closed:
             hub.ack(s, msg.id, result)
 
-    def _allow(self, s: Session, action: str, room: str) -> bool:
+    def _gate(
+        self, s: Session, action: str, room: str, payload: bytes | None, request_id: str | None
+    ) -> Verdict | Awaitable[Verdict]:
+        """The hub's gate: the before_* hooks on one request; ``(room, payload)`` to go on with, or None."""
         hooks = self.publish_hooks if action == "publish" else self.join_hooks
         if not hooks:
-            return True
-        conn = Conn(self._attached(), s)
-        try:
-            return all(hook(conn, room) is not False for hook in hooks)
-        except Exception:
-            log.exception("before_%s hook failed; refused", action, extra=fields(conn=s.conn_id, room=room))
-            return False
+            return room, payload
+        return _HookRun(self._attached(), s, action, room, payload, request_id, hooks).run(0)
 
     def _closed(self, s: Session) -> None:
         conn = Conn(self._attached(), s, frozenset(s.rooms))
@@ -375,6 +422,160 @@ class App:
                 await result
 
 
+_VERBS = {"join": "join", "publish": "publish to", "presence": "see who is in"}
+
+
+class _HookRun:
+    """One request through the before_* hooks, in order; switches to awaiting at the first async hook.
+
+    Every refusal is answered here (the hub only goes on with a verdict): ``Error`` with its
+    code, False with ``FORBIDDEN``, a failure or a result that is not allowed with ``INTERNAL``
+    (logged with the hook's name; the client never sees an exception's text).
+    """
+
+    __slots__ = ("hub", "s", "action", "asked", "room", "raw", "value", "request_id", "hooks")
+
+    def __init__(
+        self,
+        hub: Hub,
+        s: Session,
+        action: str,
+        room: str,
+        raw: bytes | None,
+        request_id: str | None,
+        hooks: list[tuple[Callable[..., Any], bool]],
+    ) -> None:
+        self.hub = hub
+        self.s = s
+        self.action = action
+        self.asked = self.room = room
+        self.raw = raw  # the client's payload bytes, None for a join
+        self.value: Any = KEEP  # the payload as Python values, once a hook asked for it or rewrote it
+        self.request_id = request_id
+        self.hooks = hooks
+
+    def run(self, start: int) -> Verdict | Awaitable[Verdict]:
+        conn = Conn(self.hub, self.s)
+        for i in range(start, len(self.hooks)):
+            fn, takes_payload = self.hooks[i]
+            try:
+                if takes_payload:
+                    if self.value is KEEP and not self._decode():
+                        return None
+                    result = fn(conn, self.room, self.value)
+                else:
+                    result = fn(conn, self.room)
+            except Exception as exc:  # noqa: BLE001 - answered: Error as is, anything else INTERNAL
+                return self._failed(fn, exc)
+            if inspect.isawaitable(result):
+                return self._rest(i, fn, result)
+            if not self._apply(fn, result):
+                return None
+        return self._verdict()
+
+    async def _rest(self, i: int, fn: Callable[..., Any], pending: Awaitable[Any]) -> Verdict:
+        try:
+            result = await pending
+        except Exception as exc:  # noqa: BLE001
+            return self._failed(fn, exc)
+        if self.s.closed or not self._apply(fn, result):
+            return None
+        more = self.run(i + 1)
+        return await more if inspect.isawaitable(more) else more  # type: ignore[misc]
+
+    def _decode(self) -> bool:
+        """The client's payload as Python values for a hook that takes it; False once refused."""
+        assert self.raw is not None
+        problem = payload_problem(self.raw, self.s.encoding)
+        if problem is not None:  # what the publish would have answered, before any hook sees it
+            self.hub.error(self.s, self.request_id, ErrorCode.INVALID_MESSAGE, problem)
+            return False
+        self.value = self.s.codec.decode_payload(self.raw)
+        return True
+
+    def _apply(self, fn: Callable[..., Any], result: Any) -> bool:
+        """Take one hook's result: True to go on (room/payload possibly changed), False once answered."""
+        if result is None or result is True:
+            return True
+        if result is False:
+            verb = _VERBS[self.action]
+            self.hub.error(
+                self.s, self.request_id, ErrorCode.FORBIDDEN, f"not allowed to {verb} {self.asked!r}"
+            )
+            return False
+        publish = self.action == "publish"
+        if isinstance(result, Publish if publish else Join):
+            room = result.room
+            if room is not None:
+                if not (isinstance(room, str) and valid_room(room)):
+                    return self._bad(fn, f"moved the request to {room!r}, not a room name", "an invalid room")
+                self.room = room
+            if publish and result.payload is not KEEP:  # type: ignore[union-attr]
+                self.value = result.payload  # type: ignore[union-attr]
+                self.raw = None  # encoded once, after the last hook
+            return True
+        expected = "Publish(...)" if publish else "Join(room=...)"
+        return self._bad(fn, f"returned {result!r}, not None, True, False or {expected}", "an invalid result")
+
+    def _verdict(self) -> Verdict:
+        if self.raw is not None or self.value is KEEP:
+            return self.room, self.raw
+        fn = self.hooks[-1][0]
+        try:
+            payload = self.s.codec.encode_value(self.value)
+        except Exception as exc:  # noqa: BLE001 - msgspec.EncodeError, TypeError, OverflowError...
+            self._bad(fn, f"chose a payload that cannot be encoded ({exc})", "a payload it cannot send")
+            return None
+        problem = payload_problem(payload, self.s.encoding)
+        if problem is not None:
+            self._bad(fn, f"chose a payload that is not deliverable: {problem}", "a payload it cannot send")
+            return None
+        return self.room, payload
+
+    def _failed(self, fn: Callable[..., Any], exc: Exception) -> None:
+        if isinstance(exc, Error):
+            self.hub.error(self.s, self.request_id, exc.code, exc.message)  # type: ignore[arg-type]
+            return None
+        log.error(
+            "before_%s hook %s failed on %r", self._hook_kind(), _name(fn), self.asked, exc_info=exc,
+            extra=fields(conn=self.s.conn_id, user=self.s.user, room=self.asked),
+        )  # fmt: skip
+        self.hub.error(self.s, self.request_id, ErrorCode.INTERNAL, "internal error")
+        return None
+
+    def _bad(self, fn: Callable[..., Any], why: str, public: str) -> bool:
+        kind = self._hook_kind()
+        log.error(
+            "before_%s hook %s %s; %s of %r answered INTERNAL", kind, _name(fn), why, self.action, self.asked,
+            extra=fields(conn=self.s.conn_id, user=self.s.user, room=self.asked),
+        )  # fmt: skip
+        message = f"the server's before_{kind} hook gave {public}"
+        self.hub.error(self.s, self.request_id, ErrorCode.INTERNAL, message)
+        return False
+
+    def _hook_kind(self) -> str:
+        return "publish" if self.action == "publish" else "join"
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _takes_payload(fn: Callable[..., Any]) -> bool:
+    """Whether a before_publish hook takes a third positional argument (the payload)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or a callable without a signature: (conn, room)
+        return False
+    positional = 0
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return True
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 3
+
+
 async def _logged(aw: Awaitable[Any], what: str) -> None:
     try:
         await aw
@@ -399,4 +600,15 @@ def load(spec: str) -> App:
     return app
 
 
-__all__ = ["App", "BrokerUnavailable", "ConnectRequest", "Conn", "Error", "Message", "load"]
+__all__ = [
+    "KEEP",
+    "App",
+    "BrokerUnavailable",
+    "ConnectRequest",
+    "Conn",
+    "Error",
+    "Join",
+    "Message",
+    "Publish",
+    "load",
+]

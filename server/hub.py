@@ -89,6 +89,12 @@ Handler = Callable[["Session", Any], None]
 _NO_ROOMS: frozenset[str] = frozenset()
 _PLAIN_KINDS = int(max(Encoding))  # delivery kinds above this are compressed (server/deflate.py)
 Authorizer = Callable[["Session", str, str], bool]
+# What a gate (``wsfan.App``'s before_join/before_publish hooks) lets a request go on with:
+# ``(room, payload)`` (payload None for a join or a presence query), or None: refused, and
+# the gate has answered the client itself.
+Verdict = tuple[str, bytes | None] | None
+Gate = Callable[["Session", str, str, "bytes | None", "str | None"], "Verdict | Awaitable[Verdict]"]
+_VERBS = {"join": "join", "publish": "publish to", "presence": "see who is in"}  # FORBIDDEN texts
 NO_CLOSE_FRAME = 1006  # RFC 6455 7.1.5: the connection closed with no close frame either way
 
 
@@ -228,7 +234,10 @@ class Hub:
         self.stats = Stats()
         self.sessions: dict[str, Session] = {}
         self.rooms: dict[str, Room] = {}
+        # The token's rooms claim (server/app.py): the first check of a join, publish or presence query.
         self.authorize: Authorizer | None = None
+        # The application's hooks (``wsfan.App``): after ``authorize``; may refuse, rewrite or await.
+        self.gate: Gate | None = None
         self._schedule = schedule
         if cork_delay and schedule_later is None:
             raise ValueError("cork_delay needs schedule_later")
@@ -475,7 +484,75 @@ class Hub:
         if not self._allowed(s, "join", room):
             self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
             return
+        if self.gate is not None:
+            self._gated(s, "join", room, None, m.id, functools.partial(self._join_as, s, m))
+            return
         self._join(s, m)
+
+    def _join_as(self, s: Session, m: Join, room: str, payload: bytes | None) -> None:
+        self._join(s, m if room == m.room else Join(room=room, since=m.since, epoch=m.epoch, id=m.id))
+
+    def _gated(
+        self,
+        s: Session,
+        action: str,
+        room: str,
+        payload: bytes | None,
+        request_id: str | None,
+        go: Callable[[str, bytes | None], None],
+    ) -> None:
+        """Run the application's gate on a request that passed ``authorize``, then ``go(room, payload)``.
+
+        The gate answers its refusals itself. A gate that awaits holds the connection
+        (``Pending``): its later requests wait, so they still take effect in the order sent.
+        A room the gate changed is checked against ``authorize`` again: a hook cannot take a
+        connection into a room its token does not allow.
+        """
+        assert self.gate is not None
+        verdict = self.gate(s, action, room, payload, request_id)
+        if verdict is None or isinstance(verdict, tuple):
+            self._go(s, action, room, request_id, verdict, go)
+        else:
+            self._spawn_held(s, self._gated_async(s, action, room, request_id, verdict, go))
+
+    async def _gated_async(
+        self,
+        s: Session,
+        action: str,
+        room: str,
+        request_id: str | None,
+        pending: Awaitable[Verdict],
+        go: Callable[[str, bytes | None], None],
+    ) -> None:
+        try:
+            verdict = await pending
+        except Exception:  # the gate answers its hooks' failures; this would be a bug of its own
+            log.exception("%s gate failed", action, extra=fields(conn=s.conn_id, user=s.user, room=room))
+            self.error(s, request_id, ErrorCode.INTERNAL, "internal error")
+            return
+        if not s.closed:
+            self._go(s, action, room, request_id, verdict, go)
+
+    def _go(
+        self,
+        s: Session,
+        action: str,
+        asked: str,
+        request_id: str | None,
+        verdict: Verdict,
+        go: Callable[[str, bytes | None], None],
+    ) -> None:
+        if verdict is None:
+            return
+        room, payload = verdict
+        if room != asked and not self._allowed(s, action, room):
+            log.warning(
+                "an application hook moved a %s of %r to %r, which the token does not allow; refused",
+                action, asked, room, extra=fields(conn=s.conn_id, user=s.user, room=room),
+            )  # fmt: skip
+            self.error(s, request_id, ErrorCode.FORBIDDEN, f"not allowed to {_VERBS[action]} {asked!r}")
+            return
+        go(room, payload)
 
     def _join(self, s: Session, m: Join) -> None:
         room = m.room
@@ -574,17 +651,25 @@ class Hub:
         if not self._allowed(s, "publish", room):
             self.error(s, m.id, ErrorCode.FORBIDDEN, f"not allowed to publish to {room!r}")
             return
+        if self.gate is not None:
+            go = functools.partial(self._publish_checked, s, m.id)
+            self._gated(s, "publish", room, bytes(m.payload), m.id, go)
+            return
+        self._publish_checked(s, m.id, room, m.payload)
+
+    def _publish_checked(self, s: Session, request_id: str | None, room: str, payload: Any) -> None:
+        """A client's publish past the permission checks: namespace rule, membership, then the broker."""
         if self.namespaces.publish_restricted and not self.namespaces.of(room).allow_publish:
             self.error(
-                s, m.id, ErrorCode.FORBIDDEN, f"clients may not publish to {room!r}: its namespace takes "
-                "publications from the server API (POST /publish) only",
+                s, request_id, ErrorCode.FORBIDDEN, f"clients may not publish to {room!r}: its namespace "
+                "takes publications from the server API (POST /publish) only",
             )  # fmt: skip
             return
         if room not in s.rooms:
-            self.error(s, m.id, ErrorCode.NOT_JOINED, f"join {room!r} before publishing to it")
+            self.error(s, request_id, ErrorCode.NOT_JOINED, f"join {room!r} before publishing to it")
             return
         self.publish(
-            room, s.user, bytes(m.payload), s.encoding, origin=s.conn_id, reply_to=s, request_id=m.id
+            room, s.user, bytes(payload), s.encoding, origin=s.conn_id, reply_to=s, request_id=request_id
         )
 
     def publish(
@@ -699,9 +784,18 @@ class Hub:
 
     def _presence_query(self, s: Session, request_id: str | None, room: str, stats: bool) -> None:
         """``presence`` and ``presence_stats`` always reply (like ``echo``): the ack is their effect."""
-        if not self._allowed(s, "join", room):
+        if not self._allowed(s, "presence", room):
             self.error(s, request_id, ErrorCode.FORBIDDEN, f"not allowed to see who is in {room!r}")
             return
+        if self.gate is not None:
+            go = functools.partial(self._presence_answer, s, request_id, stats)
+            self._gated(s, "presence", room, None, request_id, go)
+            return
+        self._presence_answer(s, request_id, stats, room)
+
+    def _presence_answer(
+        self, s: Session, request_id: str | None, stats: bool, room: str, _: bytes | None = None
+    ) -> None:
         if not self.namespaces.of(room).presence:
             self.error(
                 s, request_id, ErrorCode.NOT_AVAILABLE, f"presence is off for {room!r} (its namespace)"

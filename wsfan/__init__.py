@@ -9,7 +9,8 @@ One importable name over the repository's folders (``pyproject.toml`` maps them)
 
 and the application API (docs/app-api.md), imported on first use of the name:
 ``wsfan.App``, ``wsfan.Message``, ``wsfan.Error``, ``wsfan.Conn``, ``wsfan.ConnectRequest``,
-``wsfan.BrokerUnavailable``.
+``wsfan.BrokerUnavailable``, and what ``before_join``/``before_publish`` hooks return:
+``wsfan.Join``, ``wsfan.Publish`` (``wsfan.KEEP``: the payload unchanged).
 
 Importing ``wsfan`` itself is cheap: nothing below is imported until it is used.
 """
@@ -25,7 +26,9 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 
 from typing import Any
 
-_APP_NAMES = frozenset({"App", "Message", "Error", "Conn", "ConnectRequest", "BrokerUnavailable"})
+_APP_NAMES = frozenset(
+    {"App", "Message", "Error", "Conn", "ConnectRequest", "BrokerUnavailable", "Join", "Publish", "KEEP"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -36,4 +39,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'wsfan' has no attribute {name!r}")
 
 
-__all__ = ["App", "BrokerUnavailable", "Conn", "ConnectRequest", "Error", "Message", "__version__"]
+__all__ = [
+    "KEEP",
+    "App",
+    "BrokerUnavailable",
+    "Conn",
+    "ConnectRequest",
+    "Error",
+    "Join",
+    "Message",
+    "Publish",
+    "__version__",
+]

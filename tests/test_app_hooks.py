@@ -1,0 +1,316 @@
+"""before_join / before_publish hooks that allow, refuse, rewrite or fail (docs/app-api.md, "Hooks").
+
+Real server processes serving tests/apps/hooks.py, with a JWT whose ``rooms`` claim is
+``s-*`` and ``a-*``: every outcome for a join and a publish, by a sync hook (``s-`` rooms)
+and an async one (``a-`` rooms). A property test drives the hub alone with generated rooms
+and payloads through a rewriting hook.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import jwt
+import msgspec
+import pytest
+import websockets
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_app_api import ENV
+from test_hub import RecordingPeer, make_hub, send
+from test_hub import run as run_hub
+
+import wsfan
+from helpers.peers import WebsocketsPeer
+from helpers.servers import ServerProcess
+from helpers.waiting import run
+from wsfan.server.protocol import Encoding, payload_problem
+from wsfan.server.wire import valid_room
+
+SECRET = "app-hooks-test-secret-0123456789abcdef"
+CLAIM = ["s-*", "a-*"]
+
+
+def token(user: str = "ann", rooms: list[str] | None = CLAIM) -> str:
+    claims: dict[str, Any] = {"sub": user, "exp": int(time.time()) + 600}
+    if rooms is not None:
+        claims["rooms"] = rooms
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[ServerProcess]:
+    srv = ServerProcess(
+        "--app", "apps.hooks:app", "--jwt-secret", SECRET, "--rate-limit", "0", env=ENV
+    ).start()
+    yield srv
+    srv.kill()
+
+
+async def peer(srv: ServerProcess, user: str = "ann", msgpack: bool = False) -> WebsocketsPeer:
+    return await WebsocketsPeer.connect(f"{srv.url}?token={token(user)}", msgpack=msgpack)
+
+
+def error(reply: dict[str, Any]) -> tuple[str, str]:
+    assert reply["type"] == "error" and reply["success"] is False, reply
+    return reply["code"], reply["message"]
+
+
+@pytest.mark.parametrize("p", ["s", "a"], ids=["sync", "async"])
+def test_join_outcomes(hooks: ServerProcess, p: str) -> None:
+    async def go() -> None:
+        c = await peer(hooks)
+        allowed = await c.request("join", room=f"{p}-allow")
+        assert allowed["success"] and allowed["data"]["room"] == f"{p}-allow"
+        assert error(await c.request("join", room=f"{p}-deny")) == (
+            "FORBIDDEN",
+            f"not allowed to join '{p}-deny'",
+        )
+        assert error(await c.request("join", room=f"{p}-refuse")) == ("ROOM_FULL", "the room is full")
+        moved = await c.request("join", room=f"{p}-lobby")
+        assert moved["success"] and moved["data"]["room"] == f"{p}-lobby.eu", moved
+        assert error(await c.request("join", room=f"{p}-bad")) == (
+            "INTERNAL", "the server's before_join hook gave an invalid room",
+        )  # fmt: skip
+        # Rewritten into a room the token's claim does not allow: refused, the claim is checked again.
+        assert error(await c.request("join", room=f"{p}-escape")) == (
+            "FORBIDDEN", f"not allowed to join '{p}-escape'",
+        )  # fmt: skip
+        assert error(await c.request("join", room=f"{p}-crash")) == ("INTERNAL", "internal error")
+        assert error(await c.request("join", room=f"{p}-weird")) == (
+            "INTERNAL", "the server's before_join hook gave an invalid result",
+        )  # fmt: skip
+        # The hooks run for presence queries too (after the claim), with the same answers.
+        assert error(await c.request("presence", room=f"{p}-refuse"))[0] == "ROOM_FULL"
+        assert error(await c.request("presence_stats", room=f"{p}-deny")) == (
+            "FORBIDDEN", f"not allowed to see who is in '{p}-deny'",
+        )  # fmt: skip
+        # Nothing but the two accepted joins changed the connection, and it keeps working.
+        assert (await c.request("mine"))["data"] == [f"{p}-allow", f"{p}-lobby.eu"]
+        assert (await c.request("ping"))["type"] == "pong"
+
+        # Deliveries of the rewritten room reach the connection that asked for the original.
+        other = await peer(hooks, "bob")
+        assert (await other.request("join", room=f"{p}-lobby.eu"))["success"]
+        assert (await other.request("publish", room=f"{p}-lobby.eu", payload="hi"))["success"]
+        msg = await c.recv_type("message")
+        assert (msg["room"], msg["payload"]) == (f"{p}-lobby.eu", "hi")
+        await c.close()
+        await other.close()
+
+    run(go())
+    out = hooks.output()
+    assert f"secret detail join-crash {p}-crash" in out and "Traceback" in out
+    assert f"moved a join of '{p}-escape' to 'secret.vault'" in out
+    assert "'bad room!', not a room name" in out
+
+
+def test_the_claim_is_checked_before_any_hook(hooks: ServerProcess) -> None:
+    async def go() -> None:
+        c = await peer(hooks)
+        assert error(await c.request("join", room="secret.vault")) == (
+            "FORBIDDEN", "not allowed to join 'secret.vault'",
+        )  # fmt: skip
+        # A token without the claim lets a hook's rewrite through: the hooks alone decide.
+        free = await WebsocketsPeer.connect(f"{hooks.url}?token={token('cy', rooms=None)}")
+        moved = await free.request("join", room="s-escape")
+        assert moved["success"] and moved["data"]["room"] == "secret.vault"
+        await c.close()
+        await free.close()
+
+    run(go())
+
+
+def _publish_raw(rid: str, room: str, payload: str) -> str:
+    return f'{{"type":"publish","id":"{rid}","room":"{room}","payload":{payload}}}'
+
+
+@pytest.mark.parametrize("p", ["s", "a"], ids=["sync", "async"])
+def test_publish_outcomes(hooks: ServerProcess, p: str) -> None:
+    rooms = [f"{p}-allow", f"{p}-lobby", f"{p}-censor"]  # joined; lobby is moved to lobby.eu
+
+    async def go() -> None:
+        pub = await peer(hooks, "pub")
+        # The subscriber reads raw text frames: the payload bytes themselves are checked.
+        async with websockets.connect(f"{hooks.url}?token={token('sub')}") as sub:
+            json.loads(await sub.recv())  # welcome
+            for i, room in enumerate(rooms):
+                assert (await pub.request("join", room=room))["success"]
+                await sub.send(json.dumps({"type": "join", "id": f"j{i}", "room": room}))
+                assert json.loads(await sub.recv())["success"]
+
+            odd = '{"b":1,  "a":[1.50,2e0]}'  # not how msgspec would write it: it must arrive as sent
+            await pub.send_raw(_publish_raw("p1", f"{p}-allow", odd))
+            assert (await pub.recv_type("ack"))["data"] == {"room": f"{p}-allow", "seq": 1}
+            moved = await pub.request("publish", room=f"{p}-lobby", payload="x")
+            assert moved["success"] and moved["data"]["room"] == f"{p}-lobby.eu", moved
+            assert (await pub.request("publish", room=f"{p}-censor", payload={"text": "shout"}))["success"]
+
+            refused = {
+                "deny": ("FORBIDDEN", f"not allowed to publish to '{p}-deny'"),
+                "refuse": ("TOO_LOUD", "keep it down"),
+                "bad": ("INTERNAL", "the server's before_publish hook gave an invalid room"),
+                "escape": ("FORBIDDEN", f"not allowed to publish to '{p}-escape'"),
+                "crash": ("INTERNAL", "internal error"),
+                "weird": ("INTERNAL", "the server's before_publish hook gave an invalid result"),
+                "huge": ("INTERNAL", "the server's before_publish hook gave a payload it cannot send"),
+                "unsendable": ("INTERNAL", "the server's before_publish hook gave a payload it cannot send"),
+            }
+            for what, expected in refused.items():
+                assert (
+                    error(await pub.request("publish", room=f"{p}-{what}", payload={"text": what}))
+                    == expected
+                )
+            assert (await pub.request("publish", room=f"{p}-allow", payload="end"))["data"]["seq"] == 2
+
+            frames = []
+            while not frames or '"payload":"end"' not in frames[-1]:
+                frames.append(await sub.recv())
+            assert [json.loads(f)["room"] for f in frames] == [
+                f"{p}-allow",
+                f"{p}-lobby.eu",
+                f"{p}-censor",
+                f"{p}-allow",
+            ]
+            assert f'"payload":{odd}' in frames[0]  # allowed unchanged: not re-encoded
+            assert frames[2].endswith(
+                '"payload":{"text":"***","was":5}}'
+            )  # rewritten: encoded once, by msgspec
+        assert (await pub.request("ping"))["type"] == "pong"
+        await pub.close()
+
+    run(go())
+    out = hooks.output()
+    assert f"secret detail publish-crash {p}-crash" in out
+    assert f"moved a publish of '{p}-escape' to 'secret.vault'" in out
+
+
+def test_rewritten_payload_of_a_msgpack_publisher_reaches_json(hooks: ServerProcess) -> None:
+    async def go() -> None:
+        pub = await peer(hooks, "mp", msgpack=True)
+        sub = await peer(hooks, "js")
+        for c in (pub, sub):
+            assert (await c.request("join", room="s-censor"))["success"]
+        assert (await pub.request("publish", room="s-censor", payload={"text": "héllo"}))["success"]
+        msg = await sub.recv_type("message")
+        assert msg["payload"] == {"text": "***", "was": 5}
+        await pub.close()
+        await sub.close()
+
+    run(go())
+
+
+def test_async_hooks_keep_the_connections_order(hooks: ServerProcess) -> None:
+    """A publish sent right behind a join whose async hook is still running waits for that join."""
+
+    async def go() -> None:
+        c = await peer(hooks)
+        await c.send({"type": "join", "id": "1", "room": "a-lobby"})
+        await c.send({"type": "publish", "id": "2", "room": "a-lobby", "payload": 1})
+        await c.send({"type": "join", "id": "3", "room": "a-refuse"})
+        await c.send({"type": "ping", "id": "4"})
+        got = [await c.recv() for _ in range(4)]
+        assert [m["requestId"] for m in got] == ["1", "2", "3", "4"]
+        assert got[0]["data"]["room"] == got[1]["data"]["room"] == "a-lobby.eu"
+        assert got[2]["code"] == "ROOM_FULL" and got[3]["type"] == "pong"
+        await c.close()
+
+    run(go())
+
+
+def test_hook_signatures() -> None:
+    app = wsfan.App()
+
+    @app.before_publish
+    def two(conn: Any, room: str) -> None: ...
+
+    @app.before_publish
+    def three(conn: Any, room: str, payload: Any) -> None: ...
+
+    @app.before_publish
+    def star(*args: Any) -> None: ...
+
+    assert [takes for _, takes in app.publish_hooks] == [False, True, True]
+    assert repr(wsfan.Publish()) == "Publish(room=None, payload=KEEP)"
+
+
+# ---------------------------------------------------------------- property: any rewrite, the hub alone
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+def _hub_with(hook: Any, kind: str) -> tuple[Any, Any]:
+    hub, scheduled = make_hub()
+    hub.authorize = lambda s, action, room: not room.startswith("no")  # the claim: anything but no*
+    app = wsfan.App()
+    (app.before_publish if kind == "publish" else app.before_join)(hook)
+    app.attach(SimpleNamespace(hub=hub))  # type: ignore[arg-type]
+    return hub, scheduled
+
+
+rooms_a_hook_may_choose = st.builds(
+    str.__add__,
+    st.sampled_from(["", "no"]),  # "no...": outside the claim of _hub_with
+    st.one_of(st.text(max_size=140), st.from_regex(r"[A-Za-z0-9_.:-]{1,130}", fullmatch=True)),
+)
+
+
+@settings(max_examples=300)
+@given(rooms_a_hook_may_choose)
+def test_any_room_a_hook_chooses_is_joined_only_if_valid_and_allowed(target: str) -> None:
+    hub, scheduled = _hub_with(lambda conn, room: wsfan.Join(room=target), "join")
+    peer = RecordingPeer()
+    s = hub.open(peer, Encoding.JSON)
+    send(hub, s, {"type": "join", "id": "j", "room": "asked"})
+    run_hub(scheduled)
+    reply = peer.messages()[-1]
+    if not valid_room(target):
+        assert reply["code"] == "INTERNAL" and s.rooms == frozenset()
+    elif target.startswith("no"):
+        assert reply["code"] == "FORBIDDEN" and reply["message"] == "not allowed to join 'asked'"
+        assert s.rooms == frozenset()
+    else:
+        assert reply["data"]["room"] == target and s.rooms == {target} and set(hub.rooms) == {target}
+
+
+def _send(hub: Any, s: Any, obj: dict[str, Any]) -> None:
+    if s.encoding is Encoding.MSGPACK:
+        hub.receive(s, msgspec.msgpack.encode(obj), 0x2)
+    else:
+        hub.receive(s, msgspec.json.encode(obj), 0x1)
+
+
+def _deliverable(value: Any, encoding: Encoding) -> bool:
+    try:
+        encoded = (msgspec.msgpack if encoding is Encoding.MSGPACK else msgspec.json).encode(value)
+    except (OverflowError, msgspec.EncodeError):
+        return False
+    return payload_problem(encoded, encoding) is None
+
+
+@settings(max_examples=300)
+@given(json_values, st.sampled_from([Encoding.JSON, Encoding.MSGPACK]))
+def test_any_payload_a_hook_chooses_is_delivered_as_chosen_or_refused(value: Any, encoding: Encoding) -> None:
+    hub, scheduled = _hub_with(lambda conn, room, payload: wsfan.Publish(payload=value), "publish")
+    pub = hub.open(RecordingPeer(), encoding)
+    sub_peer = RecordingPeer()
+    sub = hub.open(sub_peer, Encoding.JSON)
+    for s in (pub, sub):
+        _send(hub, s, {"type": "join", "room": "r"})
+    _send(hub, pub, {"type": "publish", "id": "p", "room": "r", "payload": 0})
+    run_hub(scheduled)
+    delivered = [m["payload"] for m in sub_peer.messages() if m["type"] == "message"]
+    if _deliverable(value, encoding):
+        assert delivered == [msgspec.json.decode(msgspec.json.encode(value))]
+    else:
+        assert delivered == [] and hub.stats.errors.get("INTERNAL") == 1
