@@ -22,7 +22,7 @@ from wsfan.server.broker import Broker, BrokerUnavailable
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces, tls_context
 from wsfan.server.control import join_control
-from wsfan.server.deflate import POLICY, Agreement, negotiate
+from wsfan.server.deflate import POLICY, Agreement, compressed_limit, negotiate
 from wsfan.server.demo import load_pages
 from wsfan.server.fds import FdBudget, raise_soft_limit
 from wsfan.server.handshake import (
@@ -260,7 +260,9 @@ class Node:
             self.route,
             s.host,
             s.port,
-            max_frame_size=s.max_message_size,
+            # A compressed message at the limit may be a few bytes over it on the wire (deflate.py).
+            max_frame_size=compressed_limit(s.max_message_size) if s.compression else s.max_message_size,
+            max_message_size=s.max_message_size,
             read_buffer_size=s.read_buffer_size,
             handshake_timeout=s.request_timeout,
             use_aiofastnet=s.aiofastnet and _HAS_AIOFASTNET,

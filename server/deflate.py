@@ -138,6 +138,16 @@ class CorruptData(Exception):
     """The data is not a valid deflate stream (the caller fails the connection with 1002, as python-websockets does)."""
 
 
+def compressed_limit(limit: int) -> int:
+    """The most bytes a compressed message may take on the wire when it inflates to at most ``limit``.
+
+    Deflate may grow incompressible data a little (stored blocks: 5 bytes per 65535, RFC 1951
+    §3.2.4), so a message at the limit can be a few bytes over it compressed; ``limit // 64 +
+    1024`` covers that at any level. The real limit is :func:`inflate`'s, on the inflated size.
+    """
+    return limit + limit // 64 + 1024
+
+
 def inflate(data: bytes | bytearray | memoryview, limit: int) -> bytes:
     """Inflate one whole message sent without context; at most ``limit`` bytes of output.
 

@@ -26,7 +26,7 @@ from wsfan.server import control
 from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
-from wsfan.server.handshake import Refusal, single
+from wsfan.server.handshake import BARE_LF, Refusal, single
 from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
@@ -65,9 +65,26 @@ class _QuietHandler(RequestHandler):
         log.debug("malformed request from %s: %s", request.remote, message)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started: cannot send the error")
-        resp = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n")
+        resp = web.Response(status=status, text=_parser_sentence(status, message))
         resp.force_close()
         return resp
+
+
+# llhttp's fixed openings for a line ended by a bare LF (request line, header line).
+_BARE_LF_ERRORS = (
+    "Bad status line:\n  Expected CRLF after version",
+    "Missing expected CR after header value",
+)
+
+
+def _parser_sentence(status: int, message: str | None) -> str:
+    """The body for a request aiohttp's parser refused: our sentence where we have one, else the phrase.
+
+    Never the parser's own text, which quotes the request back.
+    """
+    if message is not None and message.startswith(_BARE_LF_ERRORS):
+        return BARE_LF + "\n"
+    return f"{status} {HTTPStatus(status).phrase}\n"
 
 
 class _QuietServer(web.Server):

@@ -22,11 +22,13 @@ from typing import Any
 
 from multidict import CIMultiDict
 from picows import WSAutoPingStrategy, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
+from picows import picows as _picows_module
+from picows.common import WSProtocolError
 from picows.picows import WSProtocol
 
 from wsfan.server.auth import Identity
-from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, inflate
-from wsfan.server.handshake import MAX_HEAD_BYTES, Refusal, check_request_head
+from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, compressed_limit, inflate
+from wsfan.server.handshake import BARE_LF, MAX_HEAD_BYTES, Refusal, check_request_head
 from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
 from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import Encoding
@@ -59,12 +61,53 @@ _SERVER_FAULT = frozenset((CloseCode.INTERNAL_ERROR,))
 Router = Callable[[WSUpgradeRequest, Callable[[], "str | None"]], Any]
 
 
+def too_big(limit: int) -> str:
+    """The reason of every 1009 close: the limit is the client's to know (docs/PROTOCOL.md)."""
+    return f"message larger than {limit} bytes"
+
+
+# picows' parser closes the connection itself for what it finds wrong in a frame header, with its
+# exception's text as the close reason (quoting sizes, opcodes, even the peer's close payload).
+# Ours are fixed sentences: the same rule says the same thing whoever finds it broken.
+_FRAMING_REASONS = (
+    ("Received frame with invalid opcode", "reserved opcode"),
+    ("Received fragmented control frame", "fragmented control frame"),
+    ("Received un-masked frame", "client frames must be masked"),
+    ("Received control frame with payload size", "control frame payload over 125 bytes"),
+    ("Received frame with invalid", "invalid payload length: not in its shortest form, or 2^63 and up"),
+    ("Received CLOSE with invalid close code size", "close frame payload of 1 byte"),
+    ("Received CLOSE with invalid close code", "invalid close code"),
+    ("Received CLOSE with invalid UTF-8", "invalid UTF-8 in the close reason"),
+    ("Received CLOSE for the second time", "second close frame"),
+)
+_message_limit = 0  # the process's --max-message-size, for picows' own 1009 (set by create_server)
+
+
+class _FramingError(WSProtocolError):
+    """Put in place of picows' ``WSProtocolError`` (its parser raises the module global): same code,
+    our reason. ``except WSProtocolError`` anywhere still catches it: it is a subclass."""
+
+    def __init__(self, code: Any, message: Any) -> None:
+        super().__init__(code, framing_reason(int(code), str(message)))
+
+
+def framing_reason(code: int, picows_text: str) -> str:
+    """Our close reason for a frame picows refused with ``code`` and ``picows_text``."""
+    if code == CloseCode.MESSAGE_TOO_BIG:
+        return too_big(_message_limit)
+    for opening, reason in _FRAMING_REASONS:
+        if picows_text.startswith(opening):
+            return reason
+    return "invalid UTF-8" if code == CloseCode.INVALID_UTF8 else "protocol error"
+
+
 async def create_server(
     route: Router,
     host: str,
     port: int,
     *,
     max_frame_size: int,
+    max_message_size: int | None = None,
     read_buffer_size: int,
     handshake_timeout: float,
     use_aiofastnet: bool,
@@ -76,7 +119,13 @@ async def create_server(
     be logged with the address it came from, so each connection gets its own small factory
     that knows its protocol (and so its socket). picows drops the factory after the handshake.
     Auto-pong and auto-ping are off: transport.py answers pings and sends its own (heartbeats).
+    ``max_frame_size`` is picows' limit on one frame's payload (above it picows closes 1009 as soon
+    as the header announces it); ``max_message_size`` (default: the same) is the limit its 1009
+    reason names.
     """
+    global _message_limit
+    _message_limit = max_message_size if max_message_size is not None else max_frame_size
+    _picows_module.WSProtocolError = _FramingError  # type: ignore[attr-defined]
     loop = asyncio.get_running_loop()
     # picows gives each connection its own ``logging.Logger`` (named after the fd; about 340 B and
     # a Logger construction per connect, picows.pyx WSProtocol.connection_made) unless the logger
@@ -146,7 +195,9 @@ class GatedProtocol(WSProtocol):
         head += _HEAD_SCRATCH[:nbytes]
         end = head.find(b"\r\n\r\n")
         if end < 0:
-            if len(head) >= MAX_HEAD_BYTES:
+            if b"\n\n" in head or b"\n\r\n" in head:  # a head ended with bare LFs: never a CRLF CRLF
+                self._refuse(Refusal(400, BARE_LF))
+            elif len(head) >= MAX_HEAD_BYTES:
                 self._refuse(Refusal(431, "request head larger than 16 KiB"))
             return
         refusal = check_request_head(bytes(head[:end]))
@@ -327,6 +378,10 @@ class Assembler(WSListener):
                     self._inflate = False
                     self._inflated(data, op)
                     return
+                if frame.payload_size > self.limits.max_message_size:
+                    # picows' own limit is compressed_limit() with --compression: over ours, under its
+                    self.close(CloseCode.MESSAGE_TOO_BIG, too_big(self.limits.max_message_size))
+                    return
                 if op is TEXT:
                     try:
                         str(data, "utf-8")
@@ -359,7 +414,7 @@ class Assembler(WSListener):
         try:
             plain = inflate(data, self.limits.max_message_size)
         except TooLarge:
-            self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.limits.max_message_size} bytes")
+            self.close(CloseCode.MESSAGE_TOO_BIG, too_big(self.limits.max_message_size))
             return
         except CorruptData:
             self.close(CloseCode.PROTOCOL_ERROR, "invalid permessage-deflate data")
@@ -407,12 +462,10 @@ class Assembler(WSListener):
         buf = self._frag
         limit = self.limits.max_message_size
         if self._inflate:
-            limit += (
-                limit // 64 + 1024
-            )  # deflate may grow incompressible data a little; inflate() has the real limit
+            limit = compressed_limit(limit)  # inflate() has the real limit, on the inflated size
         if buf is not None and len(buf) > limit:
             self._frag = None
-            self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.limits.max_message_size} bytes")
+            self.close(CloseCode.MESSAGE_TOO_BIG, too_big(self.limits.max_message_size))
             return False
         return True
 

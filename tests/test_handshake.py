@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from picows import WSUpgradeRequest
 
 from helpers.rawws import RawWS, accept_key, send_head, upgrade_head
 from helpers.servers import ServerProcess
 from wsfan.server.app import Node
 from wsfan.server.config import Settings
+from wsfan.server.handshake import BARE_LF, Refusal, check_request_head
 
 HOST = "127.0.0.1"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample: the base64 of 16 bytes
@@ -143,6 +146,8 @@ def test_plain_gets_need_a_host_too(srv):
 
 # ---------------------------------------------------------------- what picows' parser would refuse
 
+BARE_LF_BODY = BARE_LF.encode() + b"\n"
+
 HEAD_REFUSALS = [
     ("POST", b"POST /ws HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"only GET is served on this port\n"),
     ("HTTP/1.0", b"GET /ws HTTP/1.0\r\nHost: x\r\n\r\n", 400, b"HTTP/1.1 is required\n"),
@@ -155,6 +160,13 @@ HEAD_REFUSALS = [
     ("a body", b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 400, b"a request body is not accepted here\n"),
     ("129 header lines", b"GET /ws HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 128 + b"\r\n", 431, b"more than 128 header fields\n"),
     ("head past 16 KiB", b"GET /ws HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 17000, 431, b"request head larger than 16 KiB\n"),
+    # RFC 9112 §2.2: a bare LF as a line end is refused with a sentence, never a silent close.
+    ("bare LF everywhere", upgrade_head(key=KEY).replace(b"\r\n", b"\n"), 400, BARE_LF_BODY),
+    ("bare LF, plain GET", b"GET /healthz HTTP/1.1\nHost: x\n\n", 400, BARE_LF_BODY),
+    ("bare LF after the request line", b"GET /ws HTTP/1.1\nHost: x\r\n\r\n", 400, BARE_LF_BODY),
+    ("bare LF after a header line", b"GET /ws HTTP/1.1\r\nHost: x\nX: 1\r\n\r\n", 400, BARE_LF_BODY),
+    ("head ended by LF CRLF", b"GET /ws HTTP/1.1\r\nHost: x\n\r\n", 400, BARE_LF_BODY),
+    ("head ended by CRLF LF", b"GET /ws HTTP/1.1\r\nHost: x\r\n\n", 400, BARE_LF_BODY),
 ]  # fmt: skip
 
 
@@ -165,6 +177,31 @@ def test_unparseable_requests_get_a_fixed_sentence_not_the_parsers_text(srv, cas
     assert (got, reply) == (status, body)
     if status == 405:
         assert headers["allow"] == "GET"
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_any_bare_lf_in_a_good_head_is_refused_by_name(data):
+    """Any valid head, with any of its CRLFs (one or more, request line or header lines) cut to LF:
+    400 with BARE_LF, whatever else the head holds (before: a silent close, or another sentence)."""
+    fields = st.tuples(st.sampled_from(["X-A", "Origin", "Cookie"]), st.text("abc ,;=", max_size=8))
+    head = upgrade_head(key=KEY, extra=data.draw(st.lists(fields, max_size=4)))
+    head = head[: -len(b"\r\n\r\n")]  # check_request_head takes the head without the blank line
+    assert check_request_head(head) is None
+    ends = [i for i in range(len(head)) if head.startswith(b"\r\n", i)]
+    cut = sorted(data.draw(st.sets(st.sampled_from(ends), min_size=1)))
+    bad = b"".join(head[i:j] for i, j in _pieces(len(head), cut))
+    assert check_request_head(bad) == Refusal(400, BARE_LF)
+
+
+def _pieces(n: int, cuts: list[int]) -> list[tuple[int, int]]:
+    """Spans of a head of ``n`` bytes that skip the CR at each of ``cuts``."""
+    spans, start = [], 0
+    for c in cuts:
+        spans.append((start, c))
+        start = c + 1
+    spans.append((start, n))
+    return spans
 
 
 def test_a_first_frame_in_the_same_packet_as_the_head_is_not_lost(srv):

@@ -22,6 +22,7 @@ import pytest
 from helpers.ports import free_port, wait_for_port
 from helpers.rawws import RawWS, send_head, upgrade_head
 from helpers.servers import ServerProcess
+from wsfan.server.handshake import BARE_LF
 
 HOST = "127.0.0.1"
 SECRET = "edge-secret-that-is-long-enough-for-hs256!!"
@@ -343,3 +344,19 @@ def test_http_port_parse_errors_are_a_fixed_400_without_a_traceback(edge, head):
     status, _, body = send_head(HOST, edge.http_port, head)
     assert (status, body) == (400, b"400 Bad Request\n")
     assert "Traceback" not in edge.output()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\nHost: x\n\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\n\r\n",
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: 2\n\r\n{}",
+    ],
+    ids=["all bare LF", "bare LF after a header", "bare LF on an admin POST"],
+)
+def test_http_port_bare_lf_is_400_with_the_reason(edge, head):
+    """RFC 9112 §2.2: a bare LF line end is refused on the --http-port as on the WebSocket port,
+    with the same sentence (test_handshake), not a bare "400 Bad Request" or the parser's text."""
+    status, _, body = send_head(HOST, edge.http_port, head)
+    assert (status, body) == (400, BARE_LF.encode() + b"\n")
