@@ -8,6 +8,10 @@
         async for msg in c.messages("news"):
             print(msg.room, msg.seq, msg.sender, msg.payload)
 
+Room-less pushes (a server ``broadcast``, an application's own message types sent with
+``conn.send``) come from ``c.pushes()`` (or ``on_push=``); rooms the server joined the
+connection to deliver through ``messages()`` like joined ones.
+
 The same client serves tests, benchmarks (``on_message=``, ``publish_nowait``,
 ``encode_payload``, ``raw_payloads=True``) and applications (reconnect with
 backoff, rejoin with recovery, typed errors). See ``client.client.Client``.
@@ -50,10 +54,11 @@ from wsfan.client.events import (
 )
 from wsfan.client.inbox import MessageStream
 from wsfan.client.session import Stats
-from wsfan.server.wire import Message, RawMessage, Welcome
+from wsfan.server.wire import Broadcast, Message, RawBroadcast, RawMessage, Welcome
 
 __all__ = [
     "Backoff",
+    "Broadcast",
     "Client",
     "ClientError",
     "Connected",
@@ -76,6 +81,7 @@ __all__ = [
     "Overflow",
     "ProtocolError",
     "RateLimited",
+    "RawBroadcast",
     "RawMessage",
     "Reconnecting",
     "Recovered",

@@ -42,7 +42,12 @@ class Client(Session):
     * ``on_message``: called with every delivery instead of buffering it (the
       cheapest path, for benchmarks); ``messages()`` is then unavailable.
     * ``on_event``: called with ``client.events`` records (connected, disconnected,
-      reconnecting, recovered, gap, ...). Both callbacks may be ``async``.
+      reconnecting, recovered, gap, ...).
+    * ``on_push``: called with every room-less push instead of buffering it for
+      ``pushes()``. All three callbacks may be ``async``.
+    * ``push_types``: msgspec Structs with a ``tag`` (e.g. the server's own
+      ``wsfan.Message`` classes) that pushes of those ``type`` values decode into;
+      pushes of other application types arrive as dicts.
     * ``max_buffered`` (10000): bound of each message buffer; overflow drops the
       oldest and the next read raises ``MessagesDropped`` (see ``client.inbox``).
     * ``raw_payloads`` (False): deliver payloads as ``msgspec.Raw`` (undecoded).
@@ -111,8 +116,15 @@ class Client(Session):
 
     @property
     def rooms(self) -> list[str]:
-        """Rooms joined (acked); they are rejoined automatically after a reconnect."""
-        return self._rooms.joined()
+        """Rooms whose deliveries this client hands over.
+
+        The rooms joined (acked), rejoined automatically after a reconnect, and the rooms the
+        server joined this connection to (``conn.join`` in an application, docs/app-api.md),
+        from their first delivery until the connection ends: they are the connection's, so
+        they are not rejoined (the server decides again on the new connection) and what was
+        published meanwhile is not recovered. ``join()`` one of them to make it the client's.
+        """
+        return self._rooms.subscribed()
 
     def last_seq(self, room: str) -> int | None:
         """The last seq handed to the application for ``room``: what a rejoin sends as ``since``."""
@@ -148,12 +160,19 @@ class Client(Session):
         return await self._bounded("join", timeout, self._join(room, since, epoch))
 
     async def leave(self, room: str, *, timeout: float | None = DEFAULT) -> dict[str, Any]:
-        """Unsubscribe. The room is forgotten at once (no rejoin; its stream ends) even if the reply is lost."""
-        self._rooms.leave(room)
+        """Unsubscribe. The room is forgotten at once (no rejoin; its stream ends) even if the reply is lost.
+
+        Also leaves a room the server joined this connection to. Deliveries already in flight
+        until the server's ack are dropped.
+        """
+        connected = self.connected
+        self._rooms.leave(room, sent=connected)
         self._router.end_room(room)
-        if not self.connected:  # the next connection will not have it: nothing to tell the server
+        if not connected:  # the next connection will not have it: nothing to tell the server
             return {"room": room}
-        return await self._bounded("leave", timeout, self._request("leave", room=room))
+        data = await self._bounded("leave", timeout, self._request("leave", room=room))
+        self._rooms.left(room)
+        return data
 
     async def publish(self, room: str, payload: Any, *, timeout: float | None = DEFAULT) -> dict[str, Any]:
         """Publish to a joined room; returns ``{"room", "seq"}``. ``payload`` may be pre-encoded ``msgspec.Raw``."""
@@ -237,6 +256,8 @@ class Client(Session):
     def messages(self, room: str | None = None) -> MessageStream:
         """Deliveries of every room, or of one: ``async for msg in client.messages("r")``.
 
+        Rooms the server joined this connection to are included (see ``rooms``).
+
         Each message is read once, by the most specific stream; buffering starts
         when the client connects, so nothing is lost between ``join()`` and the
         first read (see ``client.inbox``). Unavailable with ``on_message``.
@@ -244,6 +265,21 @@ class Client(Session):
         if self._on_message is not None:
             raise ClientError("messages() is not available when the client was created with on_message")
         return self._router.stream(room)
+
+    def pushes(self) -> MessageStream:
+        """Room-less pushes from the server, in order: ``async for push in client.pushes()``.
+
+        Each is a ``Broadcast`` (``{"type":"broadcast","payload"}``: ``App.broadcast`` or
+        ``POST /broadcast`` without rooms; ``.payload`` decoded) or a message of the
+        application's own type sent with ``conn.send`` (docs/app-api.md): an instance of
+        its ``push_types`` class, else a dict such as ``{"type": "notice", "text": "hi"}``.
+        One buffer, bounded like ``messages()`` (``Overflow(pushes=True)``), filled from
+        the first connection on; every ``pushes()`` stream reads from it (each push is
+        read once). Unavailable with ``on_push``.
+        """
+        if self._on_push is not None:
+            raise ClientError("pushes() is not available when the client was created with on_push")
+        return MessageStream(self._router.pushes)
 
     def encode_payload(self, value: Any) -> Raw:
         """Encode a payload once in this client's encoding, to publish it many times for free."""

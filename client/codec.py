@@ -11,6 +11,7 @@ unless the caller already holds a ``Raw``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 import msgspec
@@ -20,6 +21,7 @@ from picows import WSMsgType
 from wsfan.server.wire import (
     BUILTIN_TYPES,
     Ack,
+    Broadcast,
     EchoReply,
     Error,
     Inbound,
@@ -28,6 +30,7 @@ from wsfan.server.wire import (
     Message,
     Outbound,
     Pong,
+    RawBroadcast,
     RawMessage,
     Welcome,
 )
@@ -42,15 +45,42 @@ _MSGPACK_DECODERS: dict[bool, Any] = {}
 
 def _union(raw_payloads: bool) -> Any:
     delivery = RawMessage if raw_payloads else Message
-    return Welcome | delivery | JoinedEvent | LeftEvent | Ack | Error | EchoReply | Pong
+    broadcast = RawBroadcast if raw_payloads else Broadcast
+    return Welcome | delivery | broadcast | JoinedEvent | LeftEvent | Ack | Error | EchoReply | Pong
+
+
+# The ``type`` of every message the protocol defines from server to client (PROTOCOL.md).
+SERVER_TYPES: Final = frozenset(
+    t.__struct_config__.tag  # type: ignore[misc]
+    for t in (Welcome, Message, Broadcast, JoinedEvent, LeftEvent, Ack, Error, EchoReply, Pong)
+)
+
+
+class _Head(msgspec.Struct):
+    type: Any = None
+
+
+class NotAPush(ValueError):
+    """A server message that is not an application push: one of the protocol's types that failed its schema."""
 
 
 class Codec:
     """Encoder, decoder and frame opcode for one connection's encoding, built once and reused."""
 
-    __slots__ = ("encoding", "opcode", "raw_payloads", "_encode", "_decode", "_decode_value")
+    __slots__ = (
+        "encoding",
+        "opcode",
+        "raw_payloads",
+        "_encode",
+        "_decode",
+        "_decode_value",
+        "_decode_head",
+        "_push_decoders",
+    )
 
-    def __init__(self, encoding: Encoding = "json", raw_payloads: bool = False) -> None:
+    def __init__(
+        self, encoding: Encoding = "json", raw_payloads: bool = False, push_types: Iterable[type] = ()
+    ) -> None:
         self.encoding: Encoding = encoding
         self.raw_payloads = raw_payloads
         if encoding == "json":
@@ -65,6 +95,17 @@ class Codec:
         self._encode = mod.Encoder().encode
         self._decode = decoder.decode
         self._decode_value = mod.Decoder().decode
+        self._decode_head = mod.Decoder(_Head).decode
+        self._push_decoders: dict[str, Any] = {}
+        for t in push_types:
+            tag = getattr(getattr(t, "__struct_config__", None), "tag", None)
+            if not isinstance(tag, str):
+                raise TypeError(
+                    f"push type {t!r} must be a msgspec Struct with a tag (its 'type' on the wire)"
+                )
+            if tag in SERVER_TYPES:
+                raise ValueError(f"push type {t.__name__}: {tag!r} is a message type of the protocol")
+            self._push_decoders[tag] = mod.Decoder(t).decode
 
     def request(self, kind: str, request_id: str | None = None, **fields: Any) -> bytes:
         """Encode one client message of a built-in ``kind`` (``join``, ``publish``...); absent fields are omitted.
@@ -89,6 +130,19 @@ class Codec:
         ``RecursionError`` for values nested deeper than the interpreter's recursion limit.
         """
         return self._decode(data)
+
+    def decode_push(self, data: bytes | memoryview) -> Any:
+        """A server message of a type the protocol does not define: an application's push (``conn.send``).
+
+        Decoded into its push type when one was declared for its ``type`` (``push_types``),
+        else into a dict. Raises ``NotAPush`` for a protocol type (it failed ``decode``) or a
+        message without a string ``type``, and ``msgspec.DecodeError`` for bad input.
+        """
+        kind = self._decode_head(data).type
+        if not isinstance(kind, str) or kind in SERVER_TYPES:
+            raise NotAPush(kind)
+        decode = self._push_decoders.get(kind)
+        return decode(data) if decode is not None else self._decode_value(data)
 
     def encode_payload(self, value: Any) -> Raw:
         """Pre-encode a payload once and publish it many times without paying for encoding again."""

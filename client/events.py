@@ -99,10 +99,15 @@ class ServerError:
 
 @dataclass(frozen=True, slots=True)
 class Overflow:
-    """A message buffer dropped its oldest messages; reported once per burst (until the next read)."""
+    """A message buffer dropped its oldest messages; reported once per burst (until the next read).
+
+    ``room``: the room stream's, None for the all-rooms stream and for ``pushes()``
+    (``pushes`` True: the buffer of room-less pushes).
+    """
 
     room: str | None
     dropped: int
+    pushes: bool = False
 
 
 Event = (

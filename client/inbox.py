@@ -156,12 +156,16 @@ class MessageStream:
 class Router:
     """Decides which buffer a delivery goes to; see the module docstring for the rules."""
 
-    __slots__ = ("main", "_rooms", "_maxsize", "_on_overflow")
+    __slots__ = ("main", "pushes", "_rooms", "_maxsize", "_on_overflow")
 
-    def __init__(self, maxsize: int, on_overflow: OverflowFn | None = None) -> None:
+    def __init__(
+        self, maxsize: int, on_overflow: OverflowFn | None = None, on_push_overflow: OverflowFn | None = None
+    ) -> None:
         self._maxsize = maxsize
         self._on_overflow = on_overflow
         self.main = Inbox(None, maxsize, on_overflow)
+        # Room-less pushes (broadcasts, application types): one buffer of their own, same policy.
+        self.pushes = Inbox(None, maxsize, on_push_overflow)
         self._rooms: weakref.WeakValueDictionary[str, Inbox] = weakref.WeakValueDictionary()
 
     def route(self, msg: Message) -> None:
@@ -197,5 +201,6 @@ class Router:
 
     def end(self, exc: BaseException | None) -> None:
         self.main.end(exc)
+        self.pushes.end(exc)
         for inbox in list(self._rooms.values()):
             inbox.end(exc)

@@ -39,6 +39,15 @@ history after ``since`` before live messages):
   them as soon as everything before them was seen, so the set stays as small as
   the window of messages still in flight. (``publish_nowait`` gets no ack, so
   its messages can come back once after a reconnect.)
+* A delivery of a room the application never joined comes from a room the server
+  joined this connection to (``Conn.join``, docs/app-api.md): the room is tracked
+  from that delivery on (``by_server``), its deliveries handed over under the rules
+  above, and it is listed by ``subscribed()``. It belongs to the connection: it is
+  not rejoined after a reconnect (the server decides again) and is forgotten when
+  the connection is lost. An explicit ``join()`` of it makes it the application's.
+  Deliveries of a room the application is leaving (``leave`` sent, not yet acked)
+  are still in flight from before the leave: they are dropped (``unknown``), not
+  mistaken for a server join.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from wsfan.server.wire import Message, rejoin_outcome
 
 
 class RoomState:
-    __slots__ = ("last_seq", "joined", "held", "since", "own", "epoch", "replay")
+    __slots__ = ("last_seq", "joined", "held", "since", "own", "epoch", "replay", "by_server")
 
     def __init__(self) -> None:
         self.last_seq: int | None = None
@@ -63,13 +72,15 @@ class RoomState:
         # After a join with since: (since, ack seq, ends at ack seq) bounds the seqs its replay
         # may repeat, which are duplicates, not a restarted room. Cleared once the replay is past.
         self.replay: tuple[int, int, bool] | None = None
+        self.by_server = False  # the server joined this connection to it (first seen in a delivery)
 
 
 class RoomTracker:
-    __slots__ = ("rooms", "duplicates", "unknown", "resets", "on_reset")
+    __slots__ = ("rooms", "leaving", "duplicates", "unknown", "resets", "on_reset")
 
     def __init__(self, on_reset: Callable[[Gap], None] | None = None) -> None:
         self.rooms: dict[str, RoomState] = {}
+        self.leaving: set[str] = set()  # left by the application, the server's ack not in yet
         self.duplicates = 0
         self.unknown = 0
         self.resets = 0  # rooms seen starting over on a live connection
@@ -86,7 +97,8 @@ class RoomTracker:
         if state is None:
             state = self.rooms[room] = RoomState()
         if since is None:
-            since = state.last_seq
+            # A room only the server joined us to is the connection's: nothing of it to recover.
+            since = state.last_seq if state.joined else None
         else:
             state.last_seq = since
             if epoch:
@@ -143,15 +155,21 @@ class RoomTracker:
             state.held = None
             state.since = None
 
-    def leave(self, room: str) -> None:
+    def leave(self, room: str, sent: bool = True) -> None:
+        """The application left ``room``; ``sent``: a ``leave`` went to the server (``left`` follows)."""
         self.rooms.pop(room, None)
+        if sent:
+            self.leaving.add(room)
+
+    def left(self, room: str) -> None:
+        """The server acked our ``leave``: a later delivery of ``room`` is a server join again."""
+        self.leaving.discard(room)
 
     def accept(self, msg: Message) -> bool:
         """Whether a delivery goes to the application now (hot path: one dict lookup, one compare)."""
         state = self.rooms.get(msg.room)
         if state is None:
-            self.unknown += 1
-            return False
+            return self._server_joined(msg)
         held = state.held
         if held is not None:
             held.append(msg)
@@ -177,6 +195,17 @@ class RoomTracker:
                 _pass_own(state)
                 return False
             _pass_own(state)
+        return True
+
+    def _server_joined(self, msg: Message) -> bool:
+        """A delivery of a room we are not in: a server join (tracked from here), or in flight from before our leave."""
+        room = msg.room
+        if room in self.leaving:
+            self.unknown += 1
+            return False
+        state = self.rooms[room] = RoomState()
+        state.by_server = True
+        state.last_seq = msg.seq
         return True
 
     def _restarted(self, state: RoomState, msg: Message, last: int) -> bool:
@@ -212,15 +241,21 @@ class RoomTracker:
         """Rooms to rejoin after a reconnect."""
         return [room for room, state in self.rooms.items() if state.joined]
 
+    def subscribed(self) -> list[str]:
+        """Rooms whose deliveries reach the application: joined, and the ones the server joined us to."""
+        return [room for room, state in self.rooms.items() if state.joined or state.by_server]
+
     def connection_lost(self) -> None:
         """Joins in flight died with the connection: their held deliveries are dropped, not released.
 
         Dropping is safe because their seqs are above ``last_seq``, so the rejoin
         with ``since = last_seq`` replays them. Rooms never acked are forgotten
-        (their ``join`` call fails with ``ConnectionClosed``).
+        (their ``join`` call fails with ``ConnectionClosed``), and so are the rooms
+        the server had joined that connection to.
         """
         for room in [r for r, s in self.rooms.items() if not s.joined]:
-            del self.rooms[room]
+            del self.rooms[room]  # joins in flight, and the rooms the server had joined that connection to
+        self.leaving.clear()  # the new connection is in none of them
         for state in self.rooms.values():
             state.held = None
             state.since = None

@@ -44,23 +44,37 @@ from wsfan.client.inbox import Router
 from wsfan.client.reconnect import Reconnector, TokenFn
 from wsfan.client.rooms import RoomTracker
 from wsfan.client.transport import Connection, open_connection
-from wsfan.server.wire import Ack, EchoReply, Error, JoinedEvent, LeftEvent, Message, Outbound, Pong, Welcome
+from wsfan.server.wire import (
+    Ack,
+    EchoReply,
+    Error,
+    JoinedEvent,
+    LeftEvent,
+    Message,
+    Outbound,
+    Pong,
+    Welcome,
+)
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[Event], Any]
 MessageFn = Callable[[Message], Any]
+PushFn = Callable[[Any], Any]
+# Everything else handed to ``_on_reply`` is a push: ``Broadcast`` or an application's own type.
+_REPLY_KINDS: frozenset[type] = frozenset((JoinedEvent, LeftEvent, Ack, Error, EchoReply, Pong))
 DEFAULT: Any = object()  # "use the client's request_timeout"; None means "no timeout"
 
 
 class Stats:
     """Counters cheap enough to keep on the hot path; read them in benchmarks and tests."""
 
-    __slots__ = ("messages", "presence_events", "sent", "reconnects", "errors")
+    __slots__ = ("messages", "presence_events", "pushes", "sent", "reconnects", "errors")
 
     def __init__(self) -> None:
         self.messages = 0  # deliveries handed to the application
         self.presence_events = 0  # joined/left events received
+        self.pushes = 0  # room-less pushes (broadcasts, application types) handed to the application
         self.sent = 0  # messages written to the socket
         self.reconnects = 0
         self.errors: dict[str, int] = {}  # error replies by code, including fire-and-forget ones
@@ -86,6 +100,8 @@ class Session:
         refresh_token: TokenFn | None = None,
         on_message: MessageFn | None = None,
         on_event: EventFn | None = None,
+        on_push: PushFn | None = None,
+        push_types: Iterable[type] = (),
         max_buffered: int = 10_000,
         raw_payloads: bool = False,
         headers: Iterable[tuple[str, str]] = (),
@@ -107,11 +123,12 @@ class Session:
         )
         self.stats = Stats()
         self.welcome: Welcome | None = None
-        self._codec = Codec(encoding, raw_payloads)
+        self._codec = Codec(encoding, raw_payloads, push_types)
         self._encode = self._codec.request
         self._on_message = on_message
         self._on_event = on_event
-        self._router = Router(max_buffered, self._overflowed)
+        self._on_push = on_push
+        self._router = Router(max_buffered, self._overflowed, self._pushes_overflowed)
         self._rooms = RoomTracker(on_reset=self._emit)
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -299,8 +316,11 @@ class Session:
         except Exception:
             log.exception("on_message callback failed")
 
-    def _on_reply(self, msg: Outbound) -> None:
+    def _on_reply(self, msg: Outbound | Any) -> None:
         kind = type(msg)
+        if kind not in _REPLY_KINDS:
+            self._push(msg)  # a broadcast, or an application's own type (Codec.decode_push)
+            return
         if kind is JoinedEvent or kind is LeftEvent:
             self.stats.presence_events += 1
             self._emit(msg)  # type: ignore[arg-type]
@@ -326,6 +346,19 @@ class Session:
         elif kind is Pong:
             fut.set_result(msg.ts)
 
+    def _push(self, msg: Any) -> None:
+        self.stats.pushes += 1
+        callback = self._on_push
+        if callback is None:
+            self._router.pushes.put(msg)
+            return
+        try:
+            result = callback(msg)
+            if result is not None and inspect.isawaitable(result):
+                self._spawn(result)
+        except Exception:
+            log.exception("on_push callback failed")
+
     def _emit(self, event: Event) -> None:
         handler = self._on_event
         if handler is None:
@@ -339,6 +372,9 @@ class Session:
 
     def _overflowed(self, room: str | None, dropped: int) -> None:
         self._emit(Overflow(room, dropped))
+
+    def _pushes_overflowed(self, room: str | None, dropped: int) -> None:
+        self._emit(Overflow(None, dropped, pushes=True))
 
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(awaitable)

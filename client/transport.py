@@ -32,13 +32,13 @@ from picows import (
 from wsfan.client.backoff import parse_retry_after
 from wsfan.client.codec import Codec
 from wsfan.client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
-from wsfan.server.wire import MSGPACK_SUBPROTOCOL, Message, Outbound, Welcome
+from wsfan.server.wire import MSGPACK_SUBPROTOCOL, Broadcast, Message, Outbound, Welcome
 
 log = logging.getLogger(__name__)
 
 ABNORMAL_CLOSURE = 1006  # RFC 6455: no close frame was received (socket died, or we aborted it)
 DeliveryFn = Callable[[Message], None]
-ReplyFn = Callable[[Outbound], None]
+ReplyFn = Callable[[Outbound | Any], None]  # replies, events, and pushes (any application type)
 LostFn = Callable[["Connection", int, str], None]
 
 _TEXT, _BINARY, _CLOSE, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.CONTINUATION
@@ -105,8 +105,8 @@ class _Listener(WSListener):
                 return
         try:
             msg = self.codec.decode(data)
-        except Exception as exc:  # noqa: BLE001 - a hostile server's nesting raises RecursionError
-            log.warning("ignoring undecodable server message: %s", type(exc).__name__)
+        except Exception:  # noqa: BLE001 - a hostile server's nesting raises RecursionError
+            self._push(data)  # the cold path: an application's own message type, or garbage
             return
         try:
             if isinstance(msg, Message):
@@ -116,9 +116,23 @@ class _Listener(WSListener):
                 if not self.welcome.done():
                     self.welcome.set_result(msg)
             else:
+                if isinstance(msg, Broadcast):
+                    msg.received_at = received_at
                 self.on_reply(msg)
         except Exception:
             log.exception("client callback failed while handling %s", type(msg).__name__)
+
+    def _push(self, data: bytes | memoryview) -> None:
+        """A message the protocol's union could not decode: hand it over as an application push, or log it."""
+        try:
+            push = self.codec.decode_push(data)
+        except Exception as exc:  # noqa: BLE001 - NotAPush, DecodeError, RecursionError alike
+            log.warning("ignoring undecodable server message: %s", type(exc).__name__)
+            return
+        try:
+            self.on_reply(push)
+        except Exception:
+            log.exception("client callback failed while handling a %s push", type(push).__name__)
 
     def _inflate(self, data: bytes | memoryview) -> bytes:
         """One compressed message (RFC 7692 §7.2.2): append the stripped tail and inflate."""

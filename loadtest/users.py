@@ -493,10 +493,24 @@ class WebSocketUser(User):
                 self._join_done(p.room)
         elif kind == "joined" or kind == "left":
             self._on_presence_event(kind, msg, size)
+        elif kind == "broadcast":
+            self._on_broadcast(msg, size)
         elif kind == "welcome":
             self.welcome = msg
         else:
             self._fire_event(f"unexpected:{kind}"[:60], 0, size, f"unexpected message type {kind!r}")
+
+    def _on_broadcast(self, msg: FlatMessage, size: int) -> None:
+        """A room-less push to every connection (``POST /broadcast`` without rooms): row ``broadcast``.
+
+        Timed like a delivery when its payload carries our ``ts`` (a load run that broadcasts),
+        else counted as ``broadcast (no ts)``. No seq: nothing to track.
+        """
+        p = self.codec.decode_payload(msg.payload)
+        if p is None:
+            self._fire_event("broadcast (no ts)", 0, size, None, timed=False)
+            return
+        self._fire_event("broadcast", max((time.time() - p.ts) * 1000, 0.0), size, None)
 
     def _on_presence_event(self, kind: str, msg: FlatMessage, size: int) -> None:
         sent = PRESENCE_SENT.get((kind, msg.room or "", msg.conn or ""))

@@ -14,6 +14,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -567,3 +568,31 @@ def test_chat_with_compression_inflates_compressed_deliveries(tmp_path: Path) ->
     _assert_clean(run, "connect", "join", "publish", "delivery")
     assert compressed >= run.count("delivery") > 0, (compressed, run.explain())
     assert run.summary["counters"].get("messages_missing", 0) == 0
+
+
+def test_broadcasts_are_received_and_timed(tmp_path: Path) -> None:
+    """Room-less ``broadcast`` pushes (POST /broadcast without rooms) are a ``broadcast`` row, not a failure."""
+    http_port = free_port()
+    key = "loadtest-admin-key-0123456789abcdef"
+    srv = ServerProcess("--admin-key", key, "--http-port", str(http_port)).start()
+    stop = threading.Event()
+
+    def broadcaster() -> None:
+        while not stop.wait(0.2):
+            body = json.dumps({"payload": {"ts": time.time(), "pub": "test"}}).encode()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/broadcast", data=body, method="POST",
+                headers={"Authorization": f"Bearer {key}"},
+            )  # fmt: skip
+            urllib.request.urlopen(req, timeout=5).close()
+
+    thread = threading.Thread(target=broadcaster, daemon=True)
+    thread.start()
+    try:
+        run = locust(tmp_path, "idle", srv.host, "-u", "4", "-r", "4", "-t", "6s")
+    finally:
+        stop.set()
+        thread.join(10)
+        srv.stop()
+    _assert_clean(run, "connect", "broadcast")
+    assert not any(n.startswith("unexpected") for n in run.rows), run.explain()

@@ -55,6 +55,8 @@ def run_step(rooms: RoomTracker, resets: list[Gap], step: dict[str, Any], where:
         rooms.abort_join(step["abort"])
     elif "leave" in step:
         rooms.leave(step["leave"])
+    elif "left" in step:
+        rooms.left(step["left"])
     elif "expect" in step:
         want = step["expect"]
         for counter in ("duplicates", "resets", "unknown"):
@@ -66,6 +68,8 @@ def run_step(rooms: RoomTracker, resets: list[Gap], step: dict[str, Any], where:
             assert rooms.epoch(room) == epoch, f"{where}: epoch of {room}"
         if "joined" in want:
             assert rooms.joined() == want["joined"], where
+        if "subscribed" in want:
+            assert rooms.subscribed() == want["subscribed"], where
         if "reset_events" in want:
             assert [event_dict(g) for g in resets] == want["reset_events"], where
     else:

@@ -33,6 +33,9 @@
  *   and an expired token is detected by reading the JWT's `exp` before each attempt.
  * - Join/leave events of rooms whose namespace has `join_leave` arrive as `joined` and
  *   `left` events (`{room, user, conn}`), through `onEvent` and the EventTarget alike.
+ * - Room-less pushes (a server `broadcast`, an application's own message types) arrive as
+ *   `push` events and through `onPush`; deliveries of rooms the server joined the connection
+ *   to arrive like those of joined rooms.
  * - The token travels as `?token=` because browsers cannot set upgrade headers.
  * - JSON only (text frames): a MessagePack decoder is not worth shipping to browsers.
  *
@@ -164,12 +167,23 @@ export class Backoff {
  *   one a rejoin's replay may repeat (`since` < seq <= the ack's seq, until the replay is
  *   past): it is handed over as the first message of the new numbering and reported to
  *   `onReset` as a `gap` with `reset: true`; the room's epoch becomes unknown.
+ * - A delivery of a room the application never joined comes from a room the server joined
+ *   this connection to (`conn.join`, docs/app-api.md): it is tracked from that delivery on
+ *   (`byServer`), handed over under the rules above and listed by `subscribed()`. It belongs
+ *   to the connection: not rejoined after a reconnect, forgotten when the connection is lost;
+ *   an explicit `join()` makes it the application's. Deliveries of a room being left (leave
+ *   sent, not acked yet) are in flight from before the leave: dropped (`unknown`).
  *
  * The rules are shared with client/rooms.py as test vectors (tests/vectors/numbering.json).
  */
+function newState() {
+  return { lastSeq: null, own: null, joined: false, held: null, since: null, epoch: null, replay: null, byServer: false };
+}
+
 export class RoomTracker {
   constructor(onReset = null) {
     this.rooms = new Map();
+    this.leaving = new Set(); // left by the application, the server's ack not in yet
     this.duplicates = 0;
     this.unknown = 0;
     this.resets = 0; // rooms seen starting over on a live connection
@@ -183,10 +197,11 @@ export class RoomTracker {
   beginJoin(room, since = null, epoch = null) {
     let state = this.rooms.get(room);
     if (!state) {
-      state = { lastSeq: null, own: null, joined: false, held: null, since: null, epoch: null, replay: null };
+      state = newState();
       this.rooms.set(room, state);
     }
-    if (since == null) since = state.lastSeq;
+    // A room only the server joined us to is the connection's: nothing of it to recover.
+    if (since == null) since = state.joined ? state.lastSeq : null;
     else {
       state.lastSeq = since;
       if (epoch) state.epoch = epoch;
@@ -247,16 +262,30 @@ export class RoomTracker {
     }
   }
 
-  leave(room) {
+  /** The application left `room`; `sent`: a leave went to the server (`left` follows). */
+  leave(room, sent = true) {
     this.rooms.delete(room);
+    if (sent) this.leaving.add(room);
+  }
+
+  /** The server acked our leave: a later delivery of `room` is a server join again. */
+  left(room) {
+    this.leaving.delete(room);
   }
 
   /** Whether a delivery goes to the application now. */
   accept(msg) {
     const state = this.rooms.get(msg.room);
     if (!state) {
-      this.unknown += 1;
-      return false;
+      if (this.leaving.has(msg.room)) {
+        this.unknown += 1; // in flight from before our leave
+        return false;
+      }
+      const joined = newState(); // the server joined this connection to the room
+      joined.byServer = true;
+      joined.lastSeq = msg.seq;
+      this.rooms.set(msg.room, joined);
+      return true;
     }
     if (state.held) {
       state.held.push(msg);
@@ -313,8 +342,14 @@ export class RoomTracker {
     return [...this.rooms].filter(([, s]) => s.joined).map(([room]) => room);
   }
 
+  /** Rooms whose deliveries reach the application: joined, and the ones the server joined us to. */
+  subscribed() {
+    return [...this.rooms].filter(([, s]) => s.joined || s.byServer).map(([room]) => room);
+  }
+
   /** Joins in flight died with the connection: held deliveries are dropped (the rejoin replays them). */
   connectionLost() {
+    this.leaving.clear(); // the new connection is in none of them
     for (const [room, state] of [...this.rooms]) {
       if (!state.joined) this.rooms.delete(room);
       else {
@@ -611,12 +646,15 @@ function resolveUrl(url, token) {
  *   `random` (Math.random), `stableAfter` (10000): see `Backoff` and the module docs.
  * - `refreshToken(why)`: called with 1000/4001 (close code) or 4001 (token expired before a
  *   reconnect); returns (or resolves to) a new token, or null to stop.
- * - `onMessage(msg)`: every delivery `{type, room, seq, from, payload}`.
+ * - `onMessage(msg)`: every delivery `{type, room, seq, from, payload}`, of the rooms joined
+ *   and of the rooms the server joined this connection to (`rooms` lists both).
+ * - `onPush(msg)`: every room-less push, as it came: a broadcast `{type: "broadcast", payload}`
+ *   or a message of the application's own type (`conn.send`, e.g. `{type: "notice", text}`).
  * - `onEvent(event)`: every lifecycle event as `{type, ...detail}`.
  * - `maxBuffered` (10000): bound of each `messages()` stream.
  * - `WebSocket`: constructor to use instead of the global one (tests, old Node).
  *
- * Events (EventTarget; `event.detail` holds the fields): `message`, `connected`
+ * Events (EventTarget; `event.detail` holds the fields): `message`, `push` (the pushed message), `connected`
  * {welcome, reconnect}, `disconnected` {code, reason, willReconnect}, `reconnecting`
  * {attempt, delay, error}, `recovered` {room, since, seq}, `gap` {room, since, seq,
  * reset}, `rejoinfailed` {room, error}, `servererror` {code, message}, `overflow`
@@ -642,12 +680,13 @@ export class Client extends EventTarget {
     this.stableAfter = o.stableAfter ?? 10000;
     this.refreshToken = o.refreshToken ?? null;
     this.onMessage = o.onMessage ?? null;
+    this.onPush = o.onPush ?? null;
     this.onEvent = o.onEvent ?? null;
     this.maxBuffered = o.maxBuffered ?? 10000;
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") throw new TypeError("no WebSocket implementation: pass options.WebSocket");
     this.welcome = null;
-    this.stats = { messages: 0, presenceEvents: 0, sent: 0, reconnects: 0, errors: {} };
+    this.stats = { messages: 0, presenceEvents: 0, pushes: 0, sent: 0, reconnects: 0, errors: {} };
     this._rooms = new RoomTracker(({ type, ...detail }) => this._emit(type, detail));
     this._pending = new Map();
     this._nextId = 1;
@@ -707,9 +746,13 @@ export class Client extends EventTarget {
     return this._stopped;
   }
 
-  /** Rooms joined (acked); they are rejoined after a reconnect. */
+  /**
+   * Rooms whose deliveries reach the application: the ones joined (acked; rejoined after a
+   * reconnect) and the ones the server joined this connection to (from their first delivery
+   * until the connection ends; the server decides again on the next one).
+   */
   get rooms() {
-    return this._rooms.joined();
+    return this._rooms.subscribed();
   }
 
   /** The last seq handed to the application for `room`: what a rejoin sends as `since`. */
@@ -731,10 +774,13 @@ export class Client extends EventTarget {
 
   /** Unsubscribe. The room is forgotten at once (no rejoin; its streams end) even if the reply is lost. */
   async leave(room, { timeout } = {}) {
-    this._rooms.leave(room);
+    const connected = this.connected;
+    this._rooms.leave(room, connected); // deliveries still in flight until the ack are dropped
     this._endStreams(room);
-    if (!this.connected) return { room };
-    return this._request("leave", { room }, timeout);
+    if (!connected) return { room };
+    const data = await this._request("leave", { room }, timeout);
+    this._rooms.left(room);
+    return data;
   }
 
   /** Publish to a joined room; resolves `{room, seq}`. */
@@ -901,7 +947,12 @@ export class Client extends EventTarget {
       this._emit(type, { room: msg.room, user: msg.user, conn: msg.conn });
       return;
     }
-    if (type !== "ack" && type !== "error" && type !== "echo" && type !== "pong") return;
+    if (type !== "ack" && type !== "error" && type !== "echo" && type !== "pong") {
+      // A room-less push: a broadcast ({type: "broadcast", payload}) or an application's own
+      // message type (conn.send on the server, docs/app-api.md), handed over as it came.
+      if (type !== "welcome" && typeof type === "string") this._push(msg);
+      return;
+    }
     if (type === "error") this.stats.errors[msg.code] = (this.stats.errors[msg.code] || 0) + 1;
     const id = msg.requestId;
     if (id == null) {
@@ -915,6 +966,18 @@ export class Client extends EventTarget {
     else if (type === "error") entry.reject(new ProtocolError(msg.code, msg.message));
     else if (type === "echo") entry.resolve(msg.payload);
     else entry.resolve(msg.ts);
+  }
+
+  _push(msg) {
+    this.stats.pushes += 1;
+    if (this.onPush) {
+      try {
+        this.onPush(msg);
+      } catch (e) {
+        console.error("wsfan: onPush failed", e);
+      }
+    }
+    this.dispatchEvent(new CustomEvent("push", { detail: msg }));
   }
 
   _handOver(msg) {

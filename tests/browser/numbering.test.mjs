@@ -31,6 +31,8 @@ function runStep(rooms, resets, step, where) {
     rooms.abortJoin(step.abort);
   } else if ("leave" in step) {
     rooms.leave(step.leave);
+  } else if ("left" in step) {
+    rooms.left(step.left);
   } else if ("expect" in step) {
     const want = step.expect;
     for (const counter of ["duplicates", "resets", "unknown"]) {
@@ -43,6 +45,7 @@ function runStep(rooms, resets, step, where) {
       assert.equal(rooms.epoch(room), epoch, `${where}: epoch of ${room}`);
     }
     if ("joined" in want) assert.deepEqual(rooms.joined(), want.joined, where);
+    if ("subscribed" in want) assert.deepEqual(rooms.subscribed(), want.subscribed, where);
     if ("reset_events" in want) assert.deepEqual(resets, want.reset_events, where);
   } else {
     assert.fail(`${where}: unknown step`);

@@ -277,6 +277,36 @@ test("deliveries reach the callback, the EventTarget and async iterators", async
   await c.close();
 });
 
+test("room-less pushes and deliveries of rooms the server joined us to reach the application", async () => {
+  const server = new FakeServer();
+  const pushes = [];
+  const c = await connect("ws://x/ws", fastOptions(server, { onPush: (msg) => pushes.push(msg) }));
+  const events = [];
+  c.addEventListener("push", (e) => events.push(e.detail.type));
+  const got = [];
+  c.addEventListener("message", (e) => got.push([e.detail.room, e.detail.seq]));
+  server.last.push({ type: "broadcast", payload: { notice: "restart" } });
+  server.last.push({ type: "notice", text: "hi" }); // an application's own type (conn.send)
+  assert.deepEqual(pushes, [
+    { type: "broadcast", payload: { notice: "restart" } },
+    { type: "notice", text: "hi" },
+  ]);
+  assert.deepEqual(events, ["broadcast", "notice"]);
+  assert.equal(c.stats.pushes, 2);
+  server.last.joined.add("user:1"); // the server joins the connection (conn.join): no ack, no request
+  server.publish("user:1", "dm1");
+  server.publish("user:1", "dm2");
+  assert.deepEqual(got, [["user:1", 1], ["user:1", 2]]);
+  assert.deepEqual(c.rooms, ["user:1"]);
+  await c.leave("user:1");
+  server.publish("user:1", "after"); // the fake left us out of it: nothing arrives
+  assert.deepEqual(c.rooms, []);
+  server.last.drop(1006); // a new connection: the server's joins were that connection's
+  await new Promise((resolve) => c.addEventListener("connected", resolve, { once: true }));
+  assert.deepEqual(c.rooms, []);
+  await c.close();
+});
+
 test("a slow stream drops its oldest messages and reports overflow", async () => {
   const server = new FakeServer();
   const overflow = [];
