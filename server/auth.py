@@ -47,6 +47,10 @@ class AmbiguousToken(AuthError):
     status = 400
 
 
+# RFC 7519 §4.1.4-4.1.6: exp, nbf and iat are NumericDates, JSON numbers.
+_NUMERIC_DATES = ("exp", "nbf", "iat")
+
+
 class Identity:
     """Who a connection is and what it may touch."""
 
@@ -124,6 +128,8 @@ class Authenticator:
         except jwt.InvalidTokenError:
             raise AuthError("malformed token") from None
         alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str):  # RFC 7515 §4.1.1: a string; a list or object would not hash
+            raise AuthError("malformed token")
         if alg == ALGORITHM and self.secret:
             return self.secret, [ALGORITHM]
         if alg in ASYMMETRIC:
@@ -177,6 +183,11 @@ class Authenticator:
             raise AuthError("token issuer (iss) not accepted") from None
         except jwt.InvalidTokenError:
             raise AuthError("malformed token") from None
+        for name in _NUMERIC_DATES:
+            value = claims.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                # PyJWT takes int(value): "9999999999" or true would pass as a date.
+                raise AuthError(f"the {name!r} claim must be a number (NumericDate, RFC 7519 section 2)")
         sub = claims["sub"]
         if not isinstance(sub, str) or not sub:
             raise AuthError("the 'sub' claim must be a non-empty string")

@@ -319,12 +319,19 @@ class HttpSide:
         return None
 
     async def _admin_body(self, request: web.Request) -> bytes | web.Response:
-        """The request body, read within ``--request-timeout`` (408) and ``--max-message-size`` (413)."""
+        """The request body, read within ``--request-timeout`` (408) and ``--max-message-size`` (413).
+
+        A client that disconnects before the whole body arrived is logged at DEBUG (aiohttp would log
+        its ``ConnectionResetError`` with a traceback at ERROR, once per such request).
+        """
         try:
             async with asyncio.timeout(self.node.settings.request_timeout):
                 return await request.read()
         except TimeoutError:
             return _json_error(408, "request body not received in time")
+        except ConnectionResetError:  # the client went away mid-body: its doing, nobody to answer
+            log.debug("admin request body cut short by %s", request.remote)
+            return _json_error(400, "request body cut short")
         except web.HTTPRequestEntityTooLarge:
             return _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
 

@@ -25,11 +25,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.ports import free_port, wait_for_port
 from helpers.rawws import HandshakeFailed, RawWS
 from helpers.servers import ROOT
 from helpers.waiting import wait_until
+from wsfan.server.auth import Authenticator, AuthError
 
 HOST = "127.0.0.1"
 SECRET = "hs256-secret-that-is-long-enough-for-the-test"
@@ -311,3 +314,53 @@ def test_bad_public_key_file_is_one_line_and_exit_2(tmp_path: Path, content: byt
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--jwt-public-key" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- any header and claims: 401, never 500
+
+SECRET = "property-secret-of-32-bytes-....."
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+_DATE = _JSON | st.integers(0, 2**40) | st.just("9999999999") | st.just(True)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _signed(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """A token signed with SECRET whatever its header says (PyJWT refuses to write odd headers)."""
+    signing = _b64(json.dumps(header).encode()) + b"." + _b64(json.dumps(claims).encode())
+    return (signing + b"." + _b64(hmac.new(SECRET.encode(), signing, hashlib.sha256).digest())).decode()
+
+
+@settings(max_examples=400)
+@given(
+    alg=st.just("HS256") | _JSON,
+    kid=st.none() | _JSON,
+    claims=st.fixed_dictionaries(
+        {},
+        optional={"sub": st.just("u") | _JSON, "exp": _DATE, "nbf": _DATE, "iat": _DATE, "rooms": _JSON},
+    ),
+)
+def test_any_header_and_claims_give_an_identity_or_a_fixed_refusal(alg: Any, kid: Any, claims: dict) -> None:
+    """Whatever JSON the header's ``alg``/``kid`` and the claims hold (signature valid): an Identity
+    whose claims have the types RFC 7519 gives them, or AuthError with our sentence, never another
+    exception (before: ``alg`` as a list raised TypeError, a 500 on the upgrade, SSE and presence,
+    before any signature check; ``exp: "9999999999"`` was taken as a date)."""
+    header = {"alg": alg, "typ": "JWT"} if kid is None else {"alg": alg, "typ": "JWT", "kid": kid}
+    auth = Authenticator(SECRET)
+    try:
+        ident = auth.verify(_signed(header, claims))
+    except AuthError as exc:
+        assert "Error" not in str(exc) and len(str(exc)) < 120, str(exc)
+        return
+    assert alg == "HS256"
+    assert isinstance(claims["sub"], str) and claims["sub"]
+    for name in ("exp", "nbf", "iat"):
+        if claims.get(name) is not None:
+            assert type(claims[name]) in (int, float), (name, claims[name])
+    assert ident.expires_at is not None and ident.expires_at > time.time()

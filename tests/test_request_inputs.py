@@ -12,6 +12,7 @@ Surfaces: the WebSocket upgrade (``/ws`` on ``--port``), ``GET /sse`` and ``POST
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -22,6 +23,7 @@ import pytest
 from helpers.ports import free_port, wait_for_port
 from helpers.rawws import RawWS, send_head, upgrade_head
 from helpers.servers import ServerProcess
+from helpers.waiting import wait_until
 from wsfan.server.handshake import BARE_LF
 
 HOST = "127.0.0.1"
@@ -86,6 +88,15 @@ def assert_fixed_reason(body: bytes) -> None:
 
 GOOD = token(ttl=7 * 24 * 3600)  # made at collection: must outlive a slow whole-suite run
 HUGE_EXP = token(exp=10**400)
+STRING_EXP = token(exp=str(int(time.time()) + 7 * 24 * 3600))  # RFC 7519: a NumericDate is a number
+
+
+def odd_header_token(**header: object) -> str:
+    """A token whose header holds what PyJWT would not write (``alg`` a list): unsigned, which the
+    server must not even get to check."""
+    b64 = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
+    return f"{b64(header)}.{b64({'sub': 'alice', 'exp': int(time.time()) + 600})}.c2ln"
+
 
 TOKEN_CASES = [
     # (case, extra headers, query, status)
@@ -97,6 +108,9 @@ TOKEN_CASES = [
     ("two token parameters", [], f"?token={GOOD}&token={GOOD}", 400),
     ("exp of 10**400", [("Authorization", f"Bearer {HUGE_EXP}")], "", 401),
     ("oversized token", [("Authorization", "Bearer " + "a." * 3000 + "b")], "", 401),
+    ("alg a list", [("Authorization", "Bearer " + odd_header_token(alg=["HS256"]))], "", 401),
+    ("alg an object", [], "?token=" + odd_header_token(alg={"HS256": 1}), 401),
+    ("exp a numeric string", [("Authorization", f"Bearer {STRING_EXP}")], "", 401),
 ]  # fmt: skip
 
 
@@ -360,3 +374,18 @@ def test_http_port_bare_lf_is_400_with_the_reason(edge, head):
     with the same sentence (test_handshake), not a bare "400 Bad Request" or the parser's text."""
     status, _, body = send_head(HOST, edge.http_port, head)
     assert (status, body) == (400, BARE_LF.encode() + b"\n")
+
+
+def test_admin_body_cut_short_by_the_client_is_not_an_error_in_the_log(make_server):
+    """A client that closes before its announced body arrived is its own doing: one DEBUG line, no
+    ERROR traceback (before: aiohttp logged ConnectionResetError with a traceback at ERROR each time)."""
+    http_port = free_port()
+    srv = make_server("--admin-key", ADMIN, "--http-port", str(http_port), "--log-level", "debug").start()
+    wait_for_port(http_port)
+    with socket.create_connection((HOST, http_port), timeout=3) as sock:
+        sock.sendall(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ADMIN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"room\""
+        )  # fmt: skip
+    assert wait_until(lambda: "admin request body cut short" in srv.output()), srv.output()[-3000:]
+    assert "Traceback" not in srv.output() and " ERROR " not in srv.output(), srv.output()[-3000:]
