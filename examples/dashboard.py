@@ -4,12 +4,22 @@ Run: ``wsfan run examples.dashboard:app`` (add ``--broker redis://...`` and ``--
 worker has its own feed, tagged with its node). Clients ``join`` the room ``dashboard:load`` and
 receive ``{"type":"message","room":"dashboard:load","from":"server","payload":{"tick","node","load1","connections"}}``.
 A ``snapshot`` request (``{"type":"snapshot","id":"1"}``) answers the latest sample at once.
+
+Operators (connections opened with ``?operator=<DASHBOARD_OPERATOR_KEY>``; none when the variable
+is unset) may ``{"type":"announce","text":"..."}``: every connection on every node, watching the
+dashboard or not, gets ``{"type":"broadcast","payload":{"announcement":text,"node":...}}`` once
+(``app.broadcast``: no room, no history, so a screen that connects later does not see it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
+from typing import Annotated
+from urllib.parse import parse_qs
+
+import msgspec
 
 import wsfan
 
@@ -20,8 +30,21 @@ latest: dict[str, object] = {}
 _tasks: set[asyncio.Task[None]] = set()
 
 
+OPERATOR_KEY = os.environ.get("DASHBOARD_OPERATOR_KEY", "")
+
+
 class Snapshot(wsfan.Message, tag="snapshot"):
     pass
+
+
+class Announce(wsfan.Message, tag="announce"):
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
+@app.on_connect
+def operator(request: wsfan.ConnectRequest) -> dict[str, bool]:
+    given = parse_qs(request.query.decode("latin-1")).get("operator", [""])[0]
+    return {"operator": bool(OPERATOR_KEY) and hmac.compare_digest(given, OPERATOR_KEY)}
 
 
 @app.before_join
@@ -37,6 +60,13 @@ def read_only(conn: wsfan.Conn, room: str) -> bool:
 @app.message(Snapshot)
 def snapshot(conn: wsfan.Conn, msg: Snapshot) -> dict[str, object]:
     return latest
+
+
+@app.message(Announce)
+async def announce(conn: wsfan.Conn, msg: Announce) -> None:
+    if not conn.data.get("operator"):
+        raise wsfan.Error("FORBIDDEN", "only operators announce")
+    await app.broadcast({"announcement": msg.text, "node": app.node_id})
 
 
 async def feed() -> None:

@@ -15,7 +15,7 @@ from examples import chat, dashboard, rpc
 from helpers.ports import free_port, wait_for_port
 from helpers.servers import ROOT, ServerProcess
 from helpers.waiting import run
-from wsfan.client import connect
+from wsfan.client import Broadcast, connect
 from wsfan.client.errors import Forbidden, InvalidMessage, NotJoined, ProtocolError
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "DASHBOARD_TICK_S": "0.05"}
@@ -124,6 +124,33 @@ def test_dashboard_across_nodes(redis_server, make_server: type[ServerProcess]) 
             async for m in c.messages(dashboard.ROOM):
                 assert m.sender == "server" and m.payload["node"] != c.welcome.node
                 break
+
+    run(go())
+
+
+def test_dashboard_announcement_reaches_every_connection(
+    redis_server, make_server: type[ServerProcess]
+) -> None:
+    """An operator on node A announces; a screen on A and a connection of node B (no app, in no
+    room) each get the broadcast once; a non-operator is refused."""
+    env = {"PYTHONPATH": str(ROOT), "DASHBOARD_TICK_S": "0.05", "DASHBOARD_OPERATOR_KEY": "op-key"}
+    a = make_server("--app", "examples.dashboard:app", "--broker", redis_server.url, env=env).start()
+    b = make_server("--broker", redis_server.url).start()
+
+    async def go() -> None:
+        async with (
+            connect(a.url + "?operator=op-key") as op,
+            connect(a.url) as screen,
+            connect(b.url) as other,
+        ):
+            with pytest.raises(Forbidden):
+                await screen.request(dashboard.Announce(text="not me"))
+            await op.request(dashboard.Announce(text="maintenance at 18:00"))
+            for c in (op, screen, other):
+                push = await c.pushes().get(5)
+                assert isinstance(push, Broadcast)
+                assert push.payload == {"announcement": "maintenance at 18:00", "node": op.welcome.node}
+                assert c.stats.pushes == 1
 
     run(go())
 
