@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
+import math
 import os
 import re
 import time
@@ -261,6 +262,9 @@ def _private_key(path: str) -> tuple[Any, str]:
         raise ValueError(str(exc)) from None
 
 
+MAX_TTL_S = 100 * 365 * 86400.0  # `wsfan token --ttl`: beyond this, nan or inf, exp is no date
+
+
 def token_main(argv: Sequence[str]) -> int:
     """``python -m wsfan token``: a token for tests and demos."""
     p = argparse.ArgumentParser(
@@ -271,7 +275,12 @@ def token_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--rooms", action="append", help="glob pattern the user may join/publish (repeatable; default: all)"
     )
-    p.add_argument("--ttl", type=float, default=3600, help="seconds until exp (default 3600)")
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=3600,
+        help="seconds until exp, negative for an expired token (default 3600)",
+    )
     p.add_argument(
         "--secret", default=os.environ.get("WSFAN_JWT_SECRET"), help="secret (default: $WSFAN_JWT_SECRET)"
     )
@@ -282,6 +291,10 @@ def token_main(argv: Sequence[str]) -> int:
     p.add_argument("--aud", help="aud claim (for --jwt-audience)")
     p.add_argument("--iss", help="iss claim (for --jwt-issuer)")
     args = p.parse_args(argv)
+    if not args.sub:
+        p.error("--sub must not be empty: the server refuses a token without a user id")
+    if not math.isfinite(args.ttl) or abs(args.ttl) > MAX_TTL_S:
+        p.error(f"--ttl must be a number of seconds within +-{MAX_TTL_S:.0f} (100 years)")
     if args.private_key:
         try:
             key, algorithm = _private_key(args.private_key)

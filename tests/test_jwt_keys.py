@@ -364,3 +364,24 @@ def test_any_header_and_claims_give_an_identity_or_a_fixed_refusal(alg: Any, kid
         if claims.get(name) is not None:
             assert type(claims[name]) in (int, float), (name, claims[name])
     assert ident.expires_at is not None and ident.expires_at > time.time()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--sub", "a", "--ttl", "nan"], "--ttl must be a number of seconds"),
+        (["--sub", "a", "--ttl", "inf"], "--ttl must be a number of seconds"),
+        (["--sub", "a", "--ttl=-1e300"], "--ttl must be a number of seconds"),
+        (["--sub", "", "--ttl", "60"], "--sub must not be empty"),
+    ],
+    ids=["nan", "inf", "huge", "empty sub"],
+)
+def test_wsfan_token_refuses_what_would_crash_or_make_a_useless_token(args: list[str], says: str) -> None:
+    """One usage line and exit 2 (before: nan/inf were a traceback; an empty sub printed a token
+    the server refuses)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "wsfan", "token", "--secret", "s" * 32, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stdout == "", (run.returncode, run.stdout)
+    assert says in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -39,3 +39,22 @@ def test_readme_python_block_runs_against_a_real_server(code: str, tmp_path: Pat
         )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_every_close_code_of_ours_is_in_the_readme_and_protocol() -> None:
+    """The server's own close codes (4000-4999, wire.CloseCode) are all in README's "Close codes"
+    sentence, and every code it sends on a WebSocket is in PROTOCOL.md's table (before: the
+    README lacked 4003, the server API's disconnect)."""
+    from wsfan.server.wire import CloseCode
+
+    readme = (ROOT / "README.md").read_text()
+    sentence = re.search(r"^Close codes: (.*?)\.$", readme, flags=re.S | re.M)
+    assert sentence is not None, "README.md has no 'Close codes: ...' sentence"
+    listed = {int(c) for c in re.findall(r"\b(\d{4})\b", sentence.group(1))}
+    ours = {int(c) for c in CloseCode if 4000 <= c < 5000}
+    assert ours <= listed, f"README lacks {sorted(ours - listed)}"
+    table = {
+        int(c) for c in re.findall(r"^\| (\d{4}) \|", (ROOT / "docs/PROTOCOL.md").read_text(), flags=re.M)
+    }
+    on_websocket = {int(c) for c in CloseCode if c is not CloseCode.TRY_AGAIN_LATER}  # 1013: SSE's event only
+    assert on_websocket <= table, f"PROTOCOL.md lacks {sorted(on_websocket - table)}"
