@@ -66,6 +66,8 @@ class Upgrade:
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 128
 _TOKEN_BYTES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# RFC 9112 §3.2 / RFC 3986: a request target is visible ASCII (non-ASCII is percent-encoded).
+_TARGET_BYTES = re.compile(rb"[\x21-\x7e]+\Z")
 _CTL_BYTES = re.compile(
     rb"[\x00-\x08\x0a-\x1f\x7f]"
 )  # RFC 7230 §3.2: field-value allows HTAB, not other CTLs
@@ -81,7 +83,8 @@ def check_request_head(head: bytes) -> Refusal | None:
     The same rules picows applies before the listener factory, so that what picows would
     refuse is refused here first with a fixed sentence (picows answers with its parser's
     exception text, which quotes the offending line back): a request line of three parts,
-    GET (else 405 with ``Allow: GET``), ``HTTP/1.1``, at most 128 header lines (else 431,
+    GET (else 405 with ``Allow: GET``), a target of visible ASCII (a control character or a raw
+    byte above 0x7F is 400, as on the ``--http-port``), ``HTTP/1.1``, at most 128 header lines (else 431,
     RFC 6585 §5), no obsolete line folding, ``name: value`` with a token name and no control
     characters but HTAB, no ``Transfer-Encoding`` and no non-zero ``Content-Length``; every line
     ends with CRLF (a bare LF is 400 :data:`BARE_LF`, RFC 9112 §2.2).
@@ -102,6 +105,8 @@ def check_request_head(head: bytes) -> Refusal | None:
         return Refusal(405, "only GET is served on this port", {"Allow": "GET"})
     if not target:
         return Refusal(400, "malformed request line")
+    if _TARGET_BYTES.match(target) is None:
+        return Refusal(400, "malformed request target: visible ASCII only (RFC 3986, RFC 9112 section 3.2)")
     if version != b"HTTP/1.1":
         return Refusal(400, "HTTP/1.1 is required")
     if line_end < 0:

@@ -147,6 +147,7 @@ def test_plain_gets_need_a_host_too(srv):
 # ---------------------------------------------------------------- what picows' parser would refuse
 
 BARE_LF_BODY = BARE_LF.encode() + b"\n"
+TARGET_BODY = b"malformed request target: visible ASCII only (RFC 3986, RFC 9112 section 3.2)\n"
 
 HEAD_REFUSALS = [
     ("POST", b"POST /ws HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"only GET is served on this port\n"),
@@ -160,6 +161,11 @@ HEAD_REFUSALS = [
     ("a body", b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 400, b"a request body is not accepted here\n"),
     ("129 header lines", b"GET /ws HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 128 + b"\r\n", 431, b"more than 128 header fields\n"),
     ("head past 16 KiB", b"GET /ws HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 17000, 431, b"request head larger than 16 KiB\n"),
+    # RFC 9112 §3.2: the target is visible ASCII (before: these were routed, and answered 404).
+    ("NUL in the target", upgrade_head("/ws\x00"), 400, TARGET_BODY),
+    ("DEL in the target", upgrade_head("/ws\x7f"), 400, TARGET_BODY),
+    ("CR in the target", upgrade_head("/ws\r"), 400, TARGET_BODY),
+    ("raw byte above 0x7F in the query", b"GET /ws?token=\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400, TARGET_BODY),
     # RFC 9112 §2.2: a bare LF as a line end is refused with a sentence, never a silent close.
     ("bare LF everywhere", upgrade_head(key=KEY).replace(b"\r\n", b"\n"), 400, BARE_LF_BODY),
     ("bare LF, plain GET", b"GET /healthz HTTP/1.1\nHost: x\n\n", 400, BARE_LF_BODY),
@@ -192,6 +198,18 @@ def test_any_bare_lf_in_a_good_head_is_refused_by_name(data):
     cut = sorted(data.draw(st.sets(st.sampled_from(ends), min_size=1)))
     bad = b"".join(head[i:j] for i, j in _pieces(len(head), cut))
     assert check_request_head(bad) == Refusal(400, BARE_LF)
+
+
+@settings(max_examples=300)
+@given(target=st.binary(min_size=1, max_size=24).filter(lambda b: b" " not in b and b"\n" not in b))
+def test_a_target_passes_the_head_check_exactly_when_it_is_visible_ascii(target):
+    """RFC 9112 §3.2: any target bytes; the head is refused (400, our sentence) unless every byte is
+    visible ASCII."""
+    got = check_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: x")
+    if all(0x21 <= c <= 0x7E for c in target):
+        assert got is None
+    else:
+        assert got == Refusal(400, TARGET_BODY.decode().rstrip("\n"))
 
 
 def _pieces(n: int, cuts: list[int]) -> list[tuple[int, int]]:
