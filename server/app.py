@@ -21,7 +21,7 @@ from wsfan.server.auth import Authenticator, AuthError, token_from_request
 from wsfan.server.broker import Broker, BrokerUnavailable
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.config import Settings, namespaces, tls_context
-from wsfan.server.control import join_control
+from wsfan.server.control import Control, join_control
 from wsfan.server.deflate import POLICY, Agreement, compressed_limit, negotiate
 from wsfan.server.demo import load_pages
 from wsfan.server.fds import FdBudget, raise_soft_limit
@@ -88,6 +88,7 @@ class Node:
         )
         self.limits = Limits(settings.max_message_size, settings.slow_consumer_limit)
         self.draining = False
+        self.control: Control | None = None  # set by start()
         self.listening = asyncio.Event()  # set once the port is open (a supervisor waits for it on SIGHUP)
         # Set by the supervisor on SIGHUP: drain by handing over to new workers, closes spread over this many s.
         self.handoff_spread: float | None = None
@@ -253,7 +254,8 @@ class Node:
         self.fds.watch()
         tls = tls_context(s)  # validated at load: the files were readable a moment ago
         await self.broker.start()
-        join_control(self.hub)  # the server API's disconnect/unsubscribe reach every node (server/control.py)
+        # The server API's commands and GET /rooms reach every node (server/control.py).
+        self.control = await join_control(self.hub)
         if self.authenticator is not None:
             await self.authenticator.start()  # a JWKS is fetched before the first upgrade is accepted
         self.server = await create_server(
@@ -330,6 +332,8 @@ class Node:
             abandoned.append("metrics listener")
         if self.authenticator is not None and not await _bounded(self.authenticator.stop(), "jwks-stop"):
             abandoned.append("jwks refresher")
+        if self.control is not None and not await _bounded(self.control.leave(), "control-leave"):
+            abandoned.append("control room presence")
         abandoned += await self.broker.close()
         return abandoned
 

@@ -1,4 +1,5 @@
-"""Cluster-wide commands: disconnect a user, unsubscribe a user from a room, broadcast to everyone.
+"""Cluster-wide commands: disconnect a user, unsubscribe a user from a room, broadcast to everyone,
+and the survey behind ``GET /rooms`` (every node's rooms with their subscriber counts).
 
 They travel as publications to one reserved room, ``CONTROL_ROOM``, which every node joins at
 start with a member of its own: a ``Session`` whose peer, instead of writing frames to a
@@ -6,17 +7,30 @@ socket, reads each delivery's payload as a command and carries it out on this no
 commands use the broker exactly as publications do (in order, to every node; the in-process
 broker delivers to this node only) and the fan-out path has no test for them. ``$`` is not
 allowed in client room names (PROTOCOL.md), so no client can join or publish to the room.
+
+The rooms survey is a request/reply, as Centrifugo's ``channels`` server API does it: the asking
+node publishes a ``RoomsQuery`` to the control room; every node answers with a ``RoomsReply``
+(its own rooms, a bounded page of them) published to the asking node's reply room
+``$wsfan.reply.<node>``, which only that node's control member joins. Which nodes to wait for is
+the control room's presence: each node's control member is an entry there (kept alive in Redis
+with ``--presence-ttl`` like any presence entry, so a dead node drops out of it within the TTL).
+Nothing is kept or refreshed for the survey between queries: its cost is paid when asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import inspect
 import logging
+import secrets
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from wsfan.server.broker import BroadcastPush, Publication
+from wsfan.server.broker import BroadcastPush, BrokerUnavailable, PresenceEntry, Publication
 from wsfan.server.protocol import Codec, Encoding, PayloadRefused, frame_payload, payload_problem
 
 if TYPE_CHECKING:
@@ -25,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsfan.control")
 
 CONTROL_ROOM = "$wsfan.control"
+REPLY_PREFIX = "$wsfan.reply."  # + node id: the room a node's survey replies come to
+# How long GET /rooms waits for every node's reply; the answer names the nodes that were late.
+SURVEY_TIMEOUT_S = 2.0
 
 
 class Disconnect(msgspec.Struct, tag="disconnect"):
@@ -45,12 +62,36 @@ class Broadcast(msgspec.Struct, tag="broadcast"):
 
 
 class _Delivery(msgspec.Struct):
-    """The part of a control-room delivery that matters: its payload, kept as sent (a command)."""
+    """The part of a control-room delivery that matters: its payload, kept as sent (a command).
 
-    payload: msgspec.Raw
+    ``type``: a ``left`` event of an expired presence entry (a dead node's) may come too.
+    """
+
+    payload: msgspec.Raw = msgspec.Raw(b"null")
+    type: str = "message"
 
 
-Command = Disconnect | Unsubscribe | Broadcast
+class RoomsQuery(msgspec.Struct, tag="rooms_query"):
+    """``GET /rooms`` asks every node: its rooms named ``> after`` starting with ``prefix``, at most ``limit``."""
+
+    id: str
+    node: str  # the asking node: replies go to its reply room
+    prefix: str = ""
+    after: str = ""
+    limit: int = 1000
+
+
+class RoomsReply(msgspec.Struct, tag="rooms_reply"):
+    """One node's answer: its first ``limit`` matching rooms by name, ``[name, subscribers]``; ``more``
+    when it has further matching rooms."""
+
+    id: str
+    node: str
+    rooms: list[tuple[str, int]]
+    more: bool = False
+
+
+Command = Disconnect | Unsubscribe | Broadcast | RoomsQuery | RoomsReply
 _decode_delivery = msgspec.json.Decoder(_Delivery).decode
 _to_command = msgspec.json.Decoder(Command).decode
 
@@ -60,6 +101,7 @@ class ControlPeer:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self.surveys: dict[str, Survey] = {}  # this node's GET /rooms in flight, by query id
 
     def flush(self, session: Session) -> None:
         frames = list(session.out)
@@ -67,7 +109,10 @@ class ControlPeer:
         loop = asyncio.get_running_loop()
         for frame in frames:
             try:
-                command = _to_command(_decode_delivery(frame_payload(frame)).payload)
+                delivery = _decode_delivery(frame_payload(frame))
+                if delivery.type != "message":
+                    continue
+                command = _to_command(delivery.payload)
             except msgspec.DecodeError:
                 log.error("unreadable control message in %s; ignored", CONTROL_ROOM)
                 continue
@@ -75,6 +120,14 @@ class ControlPeer:
 
     def run(self, command: Command) -> None:
         hub = self.hub
+        if isinstance(command, RoomsQuery):
+            self._answer(command)
+            return
+        if isinstance(command, RoomsReply):
+            survey = self.surveys.get(command.id)
+            if survey is not None:
+                survey.add(command)
+            return
         if isinstance(command, Broadcast):
             # bytes(): the Raw points into the control frame, which this push must not keep alive
             n = hub.broadcast(BroadcastPush(bytes(command.payload)))
@@ -96,20 +149,165 @@ class ControlPeer:
                     n += 1
             log.info("unsubscribe %r from %r: %d connection(s) on this node", command.user, command.room, n)
 
+    def _answer(self, query: RoomsQuery) -> None:
+        """Publish this node's page of rooms to the asking node's reply room."""
+        rooms, more = local_rooms(self.hub, query.prefix, query.after, query.limit)
+        reply = RoomsReply(query.id, self.hub.node_id, rooms, more)
+        try:
+            result = self.hub.publish(
+                reply_room(query.node), "server", msgspec.json.encode(reply), Encoding.JSON
+            )
+        except BrokerUnavailable:
+            log.warning("rooms survey %s: broker unavailable, no reply from this node", query.id)
+            return
+        if inspect.isawaitable(result):
+            self.hub._spawn(_replied(result, query.id))
+
     def close(self, code: int, reason: str) -> None:
         pass
 
 
-def join_control(hub: Hub) -> None:
+async def _replied(pending: Any, query_id: str) -> None:
+    try:
+        await pending
+    except BrokerUnavailable:
+        log.warning("rooms survey %s: broker unavailable, no reply from this node", query_id)
+
+
+def reply_room(node_id: str) -> str:
+    return REPLY_PREFIX + node_id
+
+
+def reserved(hub: Hub) -> int:
+    """How many of ``hub.rooms`` are this node's control rooms (left out of wsfan_rooms and GET /rooms)."""
+    return (CONTROL_ROOM in hub.rooms) + (reply_room(hub.node_id) in hub.rooms)
+
+
+def local_rooms(
+    hub: Hub, prefix: str = "", after: str = "", limit: int = 1000
+) -> tuple[list[tuple[str, int]], bool]:
+    """This node's rooms with local subscribers (WebSocket and SSE), ``[name, count]`` sorted by name.
+
+    Only names starting with ``prefix`` and sorting after ``after``; the first ``limit`` of them,
+    and whether there were more. Reserved rooms (``$...``) are left out.
+    """
+    names = [
+        name
+        for name, room in hub.rooms.items()
+        if room and name > after and name.startswith(prefix) and not name.startswith("$")
+    ]
+    first = heapq.nsmallest(limit + 1, names)
+    rooms = hub.rooms
+    return [(name, len(rooms[name])) for name in first[:limit]], len(first) > limit
+
+
+@dataclass
+class Survey:
+    """One ``GET /rooms`` in flight on the asking node: the replies so far, by node."""
+
+    expected: set[str]
+    replies: dict[str, RoomsReply] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, reply: RoomsReply) -> None:
+        self.replies[reply.node] = reply
+        if self.expected <= self.replies.keys():
+            self.done.set()
+
+
+@dataclass
+class RoomsPage:
+    """``GET /rooms``'s answer: rooms summed over the nodes that answered, the nodes that did not."""
+
+    rooms: list[tuple[str, int]]
+    more: bool
+    nodes: list[str]
+    missing: list[str]
+
+
+class Control:
+    """This node's side of the control room: its member (``ControlPeer``) and its presence entry there."""
+
+    def __init__(self, hub: Hub) -> None:
+        from wsfan.server.hub import Session
+
+        self.hub = hub
+        self.peer = ControlPeer(hub)
+        self.session = Session(self.peer, f"{hub.node_id}-control", "$control", Codec(Encoding.JSON), None)
+        self.entry = PresenceEntry(self.session.conn_id, hub.node_id, int(time.time() * 1000))
+
+    async def join(self) -> None:
+        """Join ``CONTROL_ROOM`` and this node's reply room, and enter the control room's presence.
+
+        Returns once the broker took the presence entry (a broker without its backend keeps it
+        and writes it when back), so a survey started after this node listens waits for it.
+        Neither room counts as a room of the product (wsfan_rooms, GET /rooms).
+        """
+        hub = self.hub
+        for room in (CONTROL_ROOM, reply_room(hub.node_id)):
+            hub._add(self.session, room)
+            hub.stats.rooms_created -= 1
+        done = hub.broker.join_presence(CONTROL_ROOM, self.entry, True, False)
+        if inspect.isawaitable(done):
+            await done
+
+    async def leave(self) -> None:
+        """Leave the control room's presence (at shutdown), so that surveys stop waiting for this node."""
+        done = self.hub.broker.leave_presence(CONTROL_ROOM, self.entry, True, False)
+        if inspect.isawaitable(done):
+            await done
+
+    async def nodes(self) -> set[str]:
+        """Every node in the control room's presence (this one included). ``BrokerUnavailable`` as presence."""
+        entries = self.hub.broker.presence(CONTROL_ROOM)
+        if inspect.isawaitable(entries):
+            entries = await entries
+        return {e.user for e in entries} | {self.hub.node_id}
+
+    async def rooms(
+        self, prefix: str = "", after: str = "", limit: int = 1000, timeout: float = SURVEY_TIMEOUT_S
+    ) -> RoomsPage:
+        """Rooms with subscribers on every node, counts summed: the first ``limit`` named after ``after``.
+
+        Waits for every node in the control room's presence, at most ``timeout`` s; the page
+        names the nodes that did not answer in time (their rooms are not in it). Raises
+        ``BrokerUnavailable`` when the query cannot be sent.
+        """
+        expected = await self.nodes()
+        query = RoomsQuery(secrets.token_hex(8), self.hub.node_id, prefix, after, limit)
+        survey = self.peer.surveys[query.id] = Survey(expected)
+        try:
+            result = send(self.hub, query)
+            if not isinstance(result, Publication):
+                await result
+            try:
+                await asyncio.wait_for(survey.done.wait(), timeout)
+            except TimeoutError:
+                pass
+        finally:
+            del self.peer.surveys[query.id]
+        totals: dict[str, int] = {}
+        more = False
+        for reply in survey.replies.values():
+            more = more or reply.more
+            for name, count in reply.rooms:
+                totals[name] = totals.get(name, 0) + count
+        names = sorted(totals)
+        more = more or len(names) > limit
+        page = [(name, totals[name]) for name in names[:limit]]
+        answered = sorted(survey.replies)
+        return RoomsPage(page, more, answered, sorted(expected - survey.replies.keys()))
+
+
+async def join_control(hub: Hub) -> Control:
     """Give this node its member of ``CONTROL_ROOM`` (at start, after the broker, before any client).
 
-    Added to the room directly (no history replay, no presence, not in ``hub.sessions``).
+    Added to the rooms directly (no history replay, not in ``hub.sessions``); its presence entry
+    in the control room tells a survey that this node is there to answer.
     """
-    from wsfan.server.hub import Session
-
-    s = Session(ControlPeer(hub), f"{hub.node_id}-control", "$control", Codec(Encoding.JSON), None)
-    hub._add(s, CONTROL_ROOM)
-    hub.stats.rooms_created -= 1  # not a room of the product: wsfan_rooms and GET /rooms leave it out too
+    control = Control(hub)
+    await control.join()
+    return control
 
 
 def close_problem(code: int, reason: str) -> str | None:

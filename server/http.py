@@ -152,6 +152,25 @@ class HistoryReply(msgspec.Struct):
     publications: list[HistoryEntry]
 
 
+DEFAULT_ROOMS_LIMIT = 1000
+MAX_ROOMS_LIMIT = 10_000
+
+
+class RoomCount(msgspec.Struct):
+    room: str
+    subscribers: int
+
+
+class RoomsReply(msgspec.Struct):
+    """``GET /rooms``: a page of the cluster's rooms; ``next`` the ``after`` of the following page."""
+
+    node: str
+    rooms: list[RoomCount]
+    next: str | None
+    nodes: list[str]
+    missing: list[str]
+
+
 def _json_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
@@ -473,20 +492,49 @@ class HttpSide:
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 
     async def rooms(self, request: web.Request) -> web.Response:
-        """``GET /rooms``: this node's rooms with local subscribers: ``{"node","rooms":[{"room","subscribers"}]}``.
+        """``GET /rooms[?prefix=P][&after=R][&limit=N]``: rooms with subscribers across the cluster.
 
-        Per node (each worker and node answers for itself), sorted by room name.
+        200 ``{"node","rooms":[{"room","subscribers"}],"next","nodes","missing"}``: subscribers
+        (WebSocket and SSE) summed over every worker and node that answered within
+        ``control.SURVEY_TIMEOUT_S`` (``nodes``; ``missing``: those that did not), sorted by room
+        name, at most ``limit`` (1-10000, default 1000) named after ``after`` and starting with
+        ``prefix``; ``next`` is the ``after`` of the following page (null on the last). 400 bad
+        parameter; 503 broker unavailable. A survey over the control room (server/control.py).
         """
         refused = self._admin_only(request)
         if refused is not None:
             return refused
-        hub = self.node.hub
-        rooms = [
-            {"room": name, "subscribers": len(room)}
-            for name, room in sorted(hub.rooms.items())
-            if room and name != control.CONTROL_ROOM
-        ]
-        return web.json_response({"node": hub.node_id, "rooms": rooms})
+        query = request.query
+        params: dict[str, str] = {}
+        for name in ("prefix", "after", "limit"):
+            values = query.getall(name, [])
+            if len(values) > 1:
+                return _json_error(400, f"more than one {name} parameter")
+            if values:
+                params[name] = values[0]
+        for name in ("prefix", "after"):
+            if params.get(name) and not valid_room(params[name]):
+                return _json_error(400, f"{name} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        limit = DEFAULT_ROOMS_LIMIT
+        if "limit" in params:
+            parsed = parse_seq(params["limit"])
+            if parsed is None or not 1 <= parsed <= MAX_ROOMS_LIMIT:
+                return _json_error(400, f"limit must be an integer from 1 to {MAX_ROOMS_LIMIT}")
+            limit = parsed
+        control = self.node.control
+        assert control is not None  # joined at start, before this side listens
+        try:
+            page = await control.rooms(params.get("prefix", ""), params.get("after", ""), limit)
+        except BrokerUnavailable as exc:
+            return _json_error(503, exc.public, **{"Retry-After": "1"})
+        reply = RoomsReply(
+            node=self.node.node_id,
+            rooms=[RoomCount(name, count) for name, count in page.rooms],
+            next=page.rooms[-1][0] if page.more and page.rooms else None,
+            nodes=page.nodes,
+            missing=page.missing,
+        )
+        return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 
     async def presence(self, request: web.Request) -> web.Response:
         """``GET /presence?room=``: ``{"room","presence":[{"conn","user","joined_at"}]}``."""

@@ -31,7 +31,7 @@ from prometheus_client.core import (
 )
 
 from wsfan.server.broker import Publication
-from wsfan.server.control import CONTROL_ROOM
+from wsfan.server.control import reserved
 from wsfan.server.stats import PUBLISH_TO_FLUSH_BUCKETS, Histogram
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class HubCollector:
         yield GaugeMetricFamily(
             "wsfan_rooms",
             "Rooms with local subscribers",
-            value=len(self.hub.rooms) - (CONTROL_ROOM in self.hub.rooms),
+            value=len(self.hub.rooms) - reserved(self.hub),
         )
         counters = [
             ("wsfan_connections_opened", "Connections accepted", st.connections_opened),
