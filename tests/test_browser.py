@@ -128,6 +128,7 @@ class Browser:
             env={**os.environ, "WSFAN_BROWSER": engine, "WSFAN_BROWSER_PATH": path},
         )
         self._buffer = b""
+        self.broken = False  # a missed answer or a dead driver: not to be shared with the next test
         self.info = self._answer(60.0)
 
     def _answer(self, timeout: float) -> Any:
@@ -137,11 +138,13 @@ class Browser:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self.broken = True
                 raise TimeoutError(f"browser driver silent for {timeout}s; log: {self.output()}")
             ready, _, _ = select.select([fd], [], [], remaining)
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
+                    self.broken = True
                     raise RuntimeError(f"browser driver exited ({self.proc.wait(5)}): {self.output()}")
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -184,15 +187,50 @@ class Browser:
         os.unlink(self.log.name)
 
 
-@pytest.fixture(params=ENGINES)
-def browser(request: pytest.FixtureRequest) -> Iterator[Browser]:
+class Engine:
+    """One browser process of one engine, shared by the module's tests; a new one replaces a broken one."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+        self.node = require_node()
+        self.path = require_browser(engine)
+        require_drivers()
+        self.current: Browser | None = None
+
+    def fresh(self) -> Browser:
+        """The shared browser on a blank page with no problems recorded (the last test's page is left).
+
+        A driver that exited or missed an answer (its pipe may hold a late reply) is closed and replaced.
+        """
+        b = self.current
+        if b is not None and not b.broken and b.proc.poll() is None:
+            try:
+                b.call("reset")
+                return b
+            except (AssertionError, RuntimeError, TimeoutError, OSError, ValueError):
+                pass
+        if b is not None:
+            b.close()
+        self.current = Browser(self.node, self.engine, self.path)
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """One browser per engine for the module: pytest runs each engine's tests in a row, so each engine starts once."""
+    e = Engine(request.param)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def browser(engine: Engine) -> Browser:
     """The same scenario in each engine (test ids end in [chromium] / [firefox])."""
-    node = require_node()
-    path = require_browser(request.param)
-    require_drivers()
-    b = Browser(node, request.param, path)
-    yield b
-    b.close()
+    return engine.fresh()
 
 
 def http_get(url: str) -> tuple[int, dict[str, str], bytes]:

@@ -135,6 +135,11 @@ async function run(c) {
       return c.path;
     case "problems":
       return problems;
+    case "reset":
+      // between tests sharing this browser: leave the last page (its sockets close) and forget its problems
+      await page.goto("about:blank", { timeout });
+      problems.length = 0;
+      return null;
     default:
       throw new Error(`unknown command ${c.cmd}`);
   }
