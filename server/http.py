@@ -224,7 +224,9 @@ class HttpSide:
         self.runner: web.AppRunner | None = None
         self.streams: set[asyncio.Task[None]] = set()
         self.refusals = Throttle()
-        app = web.Application(client_max_size=node.settings.max_message_size + 1024)
+        # A payload of --max-message-size fits, with room for the JSON around it.
+        self.body_limit = node.settings.max_message_size + 1024
+        app = web.Application(client_max_size=self.body_limit)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/publish", self.publish)
@@ -338,11 +340,18 @@ class HttpSide:
         return None
 
     async def _admin_body(self, request: web.Request) -> bytes | web.Response:
-        """The request body, read within ``--request-timeout`` (408) and ``--max-message-size`` (413).
+        """The request body, read within ``--request-timeout`` (408) and ``--max-message-size`` (413,
+        at once when ``Content-Length`` announces more).
 
         A client that disconnects before the whole body arrived is logged at DEBUG (aiohttp would log
         its ``ConnectionResetError`` with a traceback at ERROR, once per such request).
         """
+        too_big = _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
+        announced = request.content_length
+        if announced is not None and announced > self.body_limit:
+            # Refused on its Content-Length, before a byte of it is read (else: 408 after the timeout).
+            too_big.force_close()
+            return too_big
         try:
             async with asyncio.timeout(self.node.settings.request_timeout):
                 return await request.read()
@@ -352,7 +361,7 @@ class HttpSide:
             log.debug("admin request body cut short by %s", request.remote)
             return _json_error(400, "request body cut short")
         except web.HTTPRequestEntityTooLarge:
-            return _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
+            return too_big
 
     async def _admin_request(
         self, request: web.Request, decoder: msgspec.json.Decoder[Any], shape: str

@@ -389,3 +389,19 @@ def test_admin_body_cut_short_by_the_client_is_not_an_error_in_the_log(make_serv
         )  # fmt: skip
     assert wait_until(lambda: "admin request body cut short" in srv.output()), srv.output()[-3000:]
     assert "Traceback" not in srv.output() and " ERROR " not in srv.output(), srv.output()[-3000:]
+
+
+def test_admin_body_announced_over_the_limit_is_413_at_once(edge):
+    """Content-Length past the limit: 413 before any of the body is read (before: the server waited
+    for the body and answered 408 after --request-timeout). The body is never sent here."""
+    with socket.create_connection((HOST, edge.http_port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ADMIN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+        )  # fmt: skip
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply
