@@ -53,3 +53,25 @@ def test_namespace_names_refuse_a_trailing_newline_like_rooms(name):
 
     _, problems = build(Namespace(), {name: {}, "chat": {}})
     assert len(problems) == 1 and "namespace name" in problems[0], problems
+
+
+@given(st.text(alphabet="ab:", min_size=1, max_size=8))
+def test_a_rooms_namespace_is_the_configured_prefix_before_its_first_colon_else_the_default(room):
+    """``:`` alone, a leading ``:`` (empty prefix) or a trailing one (``chat:``) are room names like
+    any other (PROTOCOL.md's character set); the namespace is the configured prefix before the
+    first ``:``, and anything else is the default namespace (docs/protocol-choices.md)."""
+    from wsfan.server.namespaces import Namespace, Namespaces
+
+    default, a = Namespace(), Namespace(presence=True)
+    spaces = Namespaces(default, {"a": a})
+    prefix, sep, _ = room.partition(":")
+    assert spaces.of(room) is (a if sep and prefix == "a" else default)
+
+
+def test_a_repeated_envelope_field_is_taken_from_its_last_occurrence():
+    """JSON (RFC 8259 §4: names SHOULD be unique) and MessagePack maps may repeat a key; the
+    server reads the last, as JSON.parse and most parsers do (docs/protocol-choices.md)."""
+    text = b'{"type":"join","room":"first","room":"last","id":"1"}'
+    assert CODECS[Encoding.JSON].decode(text).room == "last"
+    packed = b"\x84\xa4type\xa4join\xa4room\xa5first\xa4room\xa4last\xa2id\xa11"
+    assert CODECS[Encoding.MSGPACK].decode(packed).room == "last"
