@@ -92,7 +92,7 @@ class _QuietServer(web.Server):
         return _QuietHandler(self, loop=self._loop, **self._kwargs)
 
 
-class _Runner(web.AppRunner):
+class QuietRunner(web.AppRunner):
     """An AppRunner whose connections use :class:`_QuietHandler` (aiohttp has no handler-class option)."""
 
     async def _make_server(self) -> web.Server:
@@ -245,7 +245,7 @@ class HttpSide:
         # keepalive_timeout bounds a connection's wait for its next request head, the first one
         # included (aiohttp arms it at connection_made): one header line a second, or nothing,
         # is dropped after --request-timeout, like the WebSocket port's handshake timeout.
-        self.runner = _Runner(
+        self.runner = QuietRunner(
             self.app,
             access_log=None,
             handle_signals=False,

@@ -246,7 +246,9 @@ async def start_internal(node: Node, host: str, port: int) -> Callable[[], Await
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    from wsfan.server.http import QuietRunner  # a request aiohttp cannot parse: 400, our words, DEBUG
+
+    runner = QuietRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner.cleanup

@@ -29,9 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.peers import PicowsPeer
 from helpers.ports import free_port
+from helpers.rawws import send_head
 from helpers.redis_server import RedisServer
 from helpers.servers import ROOT, ServerProcess
 from helpers.waiting import wait_until
+from wsfan.server.handshake import BARE_LF
 
 PROMTOOL_HINT = "promtool is not installed: `apt-get install prometheus` (Debian ships promtool in it)"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -490,3 +492,23 @@ def test_merged_counters_are_the_sum_of_what_workers_reported_and_never_go_down(
                 if key[0].endswith(("_total", "_count", "_bucket", "_sum")):
                     assert samples.get(key, 0) >= value, f"{key} went down"
             previous = samples
+
+
+@pytest.mark.parametrize(
+    "head, body",
+    [
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n", b"400 Bad Request\n"),
+        (b"GET /metrics\x00 HTTP/1.1\r\nHost: x\r\n\r\n", b"400 Bad Request\n"),
+        (b"GET /healthz HTTP/1.1\nHost: x\n\n", BARE_LF.encode() + b"\n"),
+    ],
+    ids=["control character", "NUL in the path", "bare LF"],
+)
+def test_metrics_port_answers_unparseable_requests_in_our_words_without_a_traceback(make_server, head, body):
+    """The --metrics-port listener refuses what aiohttp cannot parse like the --http-port does
+    (before: aiohttp's parser text, quoting the request back, and an ERROR traceback per request)."""
+    mport = free_port()
+    srv = make_server("--metrics-port", str(mport)).start()
+    assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 10)
+    assert send_head("127.0.0.1", mport, head)[::2] == (400, body)
+    assert get(f"http://127.0.0.1:{mport}/healthz")[0] == 200  # after the refusal, so its log is written
+    assert "Traceback" not in srv.output(), srv.output()[-2000:]
