@@ -22,7 +22,7 @@ from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
 from wsfan.server.logs import fields
 from wsfan.server.protocol import Encoding, payload_problem
-from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, valid_room
+from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, room_problem, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -162,12 +162,19 @@ class Conn:
     def join(self, room: str) -> None:
         """Subscribe the connection to ``room`` as a ``join`` without an id would: no ack is sent;
         it receives the room's ``message`` deliveries from now on (with ``join_leave``, the
-        others get a ``joined`` event). Skips the ``before_join`` hooks: the server decided."""
+        others get a ``joined`` event). Skips the ``before_join`` hooks: the server decided.
+
+        ``ValueError`` when ``room`` is not a room name a client could send (1-128 characters
+        of ``A-Z a-z 0-9 _ . : -``, PROTOCOL.md), open or closed connection alike."""
+        _check_room(room)
         if not self._s.closed:
             self._hub.join(self._s, room, trusted=True)
 
     def leave(self, room: str) -> None:
-        """Unsubscribe from ``room``, as a ``leave`` without an id (no ack; ``left`` event with join_leave)."""
+        """Unsubscribe from ``room``, as a ``leave`` without an id (no ack; ``left`` event with join_leave).
+
+        ``ValueError`` for a name that is not a room name, as ``join``."""
+        _check_room(room)
         s = self._s
         if not s.closed and room in s.rooms:
             self._hub.leave(s, room)
@@ -283,8 +290,10 @@ class App:
     async def publish(self, room: str, payload: Any) -> int:
         """Publish ``payload`` (any JSON value) to ``room`` from the server: every subscriber, on
         every node through the broker, gets ``{"type":"message","room","seq","payload","from":"server"}``.
-        Returns the seq. Raises ``ValueError`` for a payload not deliverable in both encodings
-        and ``BrokerUnavailable`` when the broker cannot be reached."""
+        Returns the seq. Raises ``ValueError`` for a ``room`` that is not a room name (as
+        ``Conn.join``) or a payload not deliverable in both encodings (``PayloadRefused``), and
+        ``BrokerUnavailable`` when the broker cannot be reached; nothing is published then."""
+        _check_room(room)
         hub = self._attached()
         result = hub.publish(room, "server", msgspec.json.encode(payload), Encoding.JSON)
         if isinstance(result, Publication):
@@ -555,6 +564,13 @@ class _HookRun:
 
     def _hook_kind(self) -> str:
         return "publish" if self.action == "publish" else "join"
+
+
+def _check_room(room: Any) -> None:
+    """The wire's room rule (``wire.ROOM_PATTERN``) on a name from application code: ``ValueError``."""
+    problem = room_problem(room)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _name(fn: Callable[..., Any]) -> str:

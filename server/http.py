@@ -31,7 +31,7 @@ from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
 from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid, payload_problem
-from wsfan.server.wire import CloseCode, RoomName, parse_seq, valid_room
+from wsfan.server.wire import ROOM_RULE, CloseCode, RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -182,7 +182,7 @@ def _room_param(request: web.Request) -> str | web.Response:
         return _json_error(400, "more than one room parameter")
     room = rooms[0] if rooms else ""
     if not valid_room(room):
-        return _json_error(400, "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        return _json_error(400, ROOM_RULE)
     return room
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
-from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, Outbound, Probe
+from wsfan.server.wire import BUILTIN_TYPES, ROOM_RULE, ErrorCode, Inbound, Outbound, Probe
 
 
 class Encoding(enum.IntEnum):
@@ -47,7 +47,7 @@ class DecodeFailure(Exception):
 
 # Our words for a field that fails the schema: msgspec's own text is a library's (and shows our regex).
 FIELD_RULES: Final = {
-    "room": "room must be 1-128 characters of A-Z a-z 0-9 _ . : -",
+    "room": ROOM_RULE,
     "since": "since must be a seq (an integer from 0 to 2^63-1) or null",
     "epoch": "epoch must be a string of at most 64 characters or null",
     "id": "id must be a string or null",

@@ -42,6 +42,24 @@ def valid_room(name: str) -> bool:
     return _ROOM_RE.match(name) is not None
 
 
+# The one sentence every surface answers for a name that is not a room (WebSocket INVALID_MESSAGE,
+# HTTP 400, the application API's ValueError).
+ROOM_RULE: Final = "room must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+
+
+def room_problem(name: object) -> str | None:
+    """Why ``name`` is not a room name (:data:`ROOM_RULE`, quoting the name), or None when it is one.
+
+    For callers that take a name from code rather than from a decoded message (the application
+    API), so anything may come: a non-string is refused with its type.
+    """
+    if not isinstance(name, str):
+        return f"{ROOM_RULE}; got {type(name).__name__} {name!r:.60}"
+    if _ROOM_RE.match(name) is None:
+        return f"{ROOM_RULE}; got {name!r:.160}"
+    return None
+
+
 SEQ_MAX: Final = 2**63 - 1  # a Redis integer; no room gets further
 # A seq on the wire is an integer in 0..2^63-1: msgspec refuses bool, float (even 1.0)
 # and string in both encodings, so only a JSON integer or a MessagePack int is one.

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -29,7 +30,8 @@ from helpers.servers import ROOT, ServerProcess
 from helpers.waiting import run
 from wsfan.client import connect
 from wsfan.client.errors import InternalError, InvalidMessage, ProtocolError
-from wsfan.server.protocol import FIELD_RULES, describe_invalid
+from wsfan.server.protocol import FIELD_RULES, Encoding, describe_invalid
+from wsfan.server.wire import ROOM_RULE, Join, valid_room
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
@@ -221,6 +223,45 @@ def test_conn_send_join_leave(probe: ServerProcess) -> None:
     run(go())
 
 
+# Names application code might pass that no client could: each would make a room that breaks
+# another surface (GET /history?room=, Redis keys {room}, the reserved control room).
+NOT_ROOMS = ["", "bad room", "room\n", "x" * 129, "caf\u00e9", "$wsfan.control", "a/b", "{tag}"]
+
+
+@pytest.mark.parametrize("name", NOT_ROOMS)
+def test_conn_join_and_leave_refuse_what_is_not_a_room(probe: ServerProcess, name: str) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        for rid, leave in (("j", False), ("l", True)):
+            reply = await ask(p, rid, "enlist", room=name, leave=leave)
+            assert reply["code"] == "BAD_ROOM", reply
+            assert reply["message"].startswith(ROOM_RULE + "; got "), reply
+        # the connection is in no room, and a real one still works
+        assert (await ask(p, "ok", "enlist", room="fine"))["data"] == ["fine"]
+        await p.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("name", NOT_ROOMS)
+def test_app_publish_refuses_what_is_not_a_room(probe: ServerProcess, name: str) -> None:
+    async def go() -> None:
+        p = await WebsocketsPeer.connect(probe.url)
+        assert (await ask(p, "j", "join", room="watch"))["success"]
+        # A disconnect command for this connection's user, aimed at the control room: it must not
+        # reach it (it would close every connection of the user).
+        command = {"type": "disconnect", "user": p.welcome["user"], "code": 4003}
+        reply = await ask(p, "a", "announce", room=name, payload=command)
+        assert reply["code"] == "BAD_ROOM" and reply["message"].startswith(ROOM_RULE), reply
+        await p.send({"type": "announce", "id": "a2", "room": "watch", "payload": 1})
+        got = [await p.recv(), await p.recv()]  # still connected, still served: delivery, then ack
+        assert got[0]["type"] == "message" and got[0]["room"] == "watch"
+        assert got[1]["requestId"] == "a2" and got[1]["data"] == got[0]["seq"]
+        await p.close()
+
+    run(go())
+
+
 def test_hooks_refuse_join_and_publish(probe: ServerProcess) -> None:
     async def go() -> None:
         p = await WebsocketsPeer.connect(probe.url)
@@ -349,3 +390,55 @@ def test_nested_path_from_a_real_schema() -> None:
     with pytest.raises(msgspec.ValidationError) as err:
         decoder.decode(b'{"type":"order","items":[{"name":"a","qty":1},{"name":"b","qty":0}]}')
     assert describe_invalid(err.value) == "invalid value for 'items[1].qty'"
+
+
+_join_decoder = msgspec.json.Decoder(Join)
+
+
+def _wire_takes(name: str) -> bool:
+    """Whether a client's ``join`` naming ``name`` passes the wire's schema."""
+    try:
+        _join_decoder.decode(msgspec.json.encode({"type": "join", "room": name}))
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(max_size=140), st.from_regex(r"[A-Za-z0-9_.:$ -]{0,130}", fullmatch=True)))
+def test_the_application_api_takes_exactly_the_rooms_the_wire_takes(name: str) -> None:
+    """conn.join, conn.leave and app.publish accept a name iff a client's join could carry it;
+    a refused call changes nothing, and the hub never holds a room the wire could not name."""
+    from test_hub import RecordingPeer, make_hub
+    from test_hub import run as run_hub
+
+    import wsfan
+
+    hub, scheduled = make_hub()
+    app = wsfan.App()
+    app.attach(SimpleNamespace(hub=hub))  # type: ignore[arg-type]
+    peer = RecordingPeer()
+    conn = wsfan.Conn(hub, hub.open(peer, Encoding.JSON))
+    takes = _wire_takes(name)
+    assert takes == valid_room(name)
+    calls = [
+        lambda: conn.join(name),
+        lambda: asyncio.run(app.publish(name, {"n": 1})),
+        lambda: conn.leave(name),
+    ]
+    for call in calls:
+        if takes:
+            call()
+        else:
+            with pytest.raises(ValueError, match=re.escape(ROOM_RULE)):
+                call()
+    run_hub(scheduled)
+    delivered = [m for m in peer.messages() if m["type"] == "message"]
+    if takes:
+        assert delivered == [
+            {"type": "message", "room": name, "seq": 1, "from": "server", "payload": {"n": 1}}
+        ]
+    else:
+        assert delivered == [] and hub.rooms == {} and hub.broker.rooms == {}
+    assert conn.rooms == frozenset()
+    assert all(valid_room(r) for r in hub.rooms) and all(valid_room(r) for r in hub.broker.rooms)

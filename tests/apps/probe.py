@@ -129,11 +129,27 @@ def push(conn: wsfan.Conn, msg: Push) -> None:
 
 @app.message(Enlist)
 def enlist(conn: wsfan.Conn, msg: Enlist) -> list[str]:
-    if msg.leave:
-        conn.leave(msg.room)
-    else:
-        conn.join(msg.room)
+    try:
+        if msg.leave:
+            conn.leave(msg.room)
+        else:
+            conn.join(msg.room)
+    except ValueError as exc:  # a name no client could send: the call says so (docs/app-api.md)
+        raise wsfan.Error("BAD_ROOM", str(exc)) from None
     return sorted(conn.rooms)
+
+
+class Announce(wsfan.Message, tag="announce"):
+    room: str  # any string: the application API checks it, not the message schema
+    payload: Any = None
+
+
+@app.message(Announce)
+async def announce(conn: wsfan.Conn, msg: Announce) -> int:
+    try:
+        return await app.publish(msg.room, msg.payload)
+    except ValueError as exc:
+        raise wsfan.Error("BAD_ROOM", str(exc)) from None
 
 
 @app.message(Kick)
