@@ -175,6 +175,19 @@ def _json_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
+@web.middleware
+async def _routing_errors_in_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    """An unknown path (404) or method (405, with ``Allow``) answered like every other error of this
+    port, ``{"error": "..."}`` (aiohttp's own answer is a ``405: Method Not Allowed`` text)."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _json_error(405, f"{request.method} is not served here: use {allowed}", Allow=allowed)
+    except web.HTTPNotFound:
+        return _json_error(404, "no such endpoint")
+
+
 def _room_param(request: web.Request) -> str | web.Response:
     """The one ``room`` query parameter, a valid room name (:func:`valid_room`), or the 400 to answer."""
     rooms = request.query.getall("room", [])
@@ -226,7 +239,7 @@ class HttpSide:
         self.refusals = Throttle()
         # A payload of --max-message-size fits, with room for the JSON around it.
         self.body_limit = node.settings.max_message_size + 1024
-        app = web.Application(client_max_size=self.body_limit)
+        app = web.Application(client_max_size=self.body_limit, middlewares=[_routing_errors_in_json])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/publish", self.publish)
@@ -235,7 +248,8 @@ class HttpSide:
         app.router.add_get("/rooms", self.rooms)
         app.router.add_post("/disconnect", self.disconnect)
         app.router.add_post("/unsubscribe", self.unsubscribe)
-        app.router.add_get("/sse", self.sse)
+        # No HEAD: the answer to one would be a stream (a subscriber, body bytes a HEAD must not get).
+        app.router.add_get("/sse", self.sse, allow_head=False)
         app.router.add_get("/presence", self.presence)
         app.router.add_get("/presence_stats", self.presence_stats)
         self.app = app

@@ -405,3 +405,39 @@ def test_admin_body_announced_over_the_limit_is_413_at_once(edge):
             assert chunk, reply
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413"), reply
+
+
+def test_head_of_sse_is_405_not_a_stream(edge):
+    """RFC 9110 §9.3.2: a HEAD answer has no body; an event stream is nothing but body, so HEAD
+    /sse is 405 with Allow: GET (before: 200, then ': joined' bytes and a subscriber held open).
+    The answer is complete at its head: nothing follows it before the server closes or we stop."""
+    with socket.create_connection((HOST, edge.http_port), timeout=5) as sock:
+        sock.sendall(
+            f"HEAD /sse?room=r&token={GOOD} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET" in head, head
+    assert rest == b"", rest
+
+
+@pytest.mark.parametrize(
+    "head, status, error, allow",
+    [
+        (b"GET /publish HTTP/1.1", 405, "GET is not served here: use POST", "POST"),
+        (b"DELETE /history HTTP/1.1", 405, "DELETE is not served here: use GET, HEAD", "GET, HEAD"),
+        (b"HEAD /sse HTTP/1.1", 405, None, "GET"),
+        (b"GET /nope HTTP/1.1", 404, "no such endpoint", None),
+    ],
+    ids=["GET of a POST endpoint", "DELETE", "HEAD of sse", "unknown path"],
+)
+def test_http_port_routing_errors_are_json_like_every_other_error(edge, head, status, error, allow):
+    """docs/app-api.md: errors on --http-port are {"error": "..."} (before: aiohttp's text,
+    '405: Method Not Allowed'); a 405 says which methods to use, in words and in Allow."""
+    got, headers, body = send_head(HOST, edge.http_port, head + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert got == status, body
+    assert headers.get("allow") == allow
+    if error is not None:  # a HEAD answer has no body
+        assert json.loads(body) == {"error": error}
