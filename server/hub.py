@@ -923,18 +923,22 @@ class Hub:
         dirty = self._dirty
         n = 0
         size = 0
+        frames: dict[int, bytes] = {Encoding.SSE: b""}  # SSE streams: nothing
         last = -1
         frame = b""
         for s in self.sessions.values():
             kind = s.kind
-            if kind != last:  # connections of one kind mostly follow each other: one lookup per run
+            if kind != last:  # connections of one kind often follow each other: no lookup then
                 last = kind
-                frame = b""
-                if kind != Encoding.SSE:
+                got = frames.get(kind)
+                if got is None:
                     try:
-                        frame = push.frame(kind)
+                        got = push.frame(kind)
                     except Exception:  # noqa: BLE001 - as in deliver: one bad kind must not stop the rest
                         log.exception("broadcast cannot be delivered as kind %#x", kind)
+                        got = b""
+                    frames[kind] = got
+                frame = got
             if not frame:
                 continue
             s.out.append(frame)
