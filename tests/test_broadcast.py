@@ -24,7 +24,7 @@ from helpers.peers import PicowsPeer, WebsocketsPeer
 from helpers.ports import free_port
 from helpers.rawws import RSV1, RawWS
 from helpers.servers import ROOT, ServerProcess
-from helpers.waiting import run
+from helpers.waiting import run, until
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
@@ -254,5 +254,34 @@ def test_sse_streams_get_no_broadcast(make_server: type[ServerProcess]) -> None:
         lines = block.decode().strip().split("\n")
         assert lines[0] == "id: 1" and json.loads(lines[1].removeprefix("data: "))["payload"] == "after"
         await ws.close()
+
+    run(go())
+
+
+def test_a_connection_that_stops_reading_broadcasts_is_closed_4008(make_server: type[ServerProcess]) -> None:
+    """Broadcasts queue like deliveries: the slow-consumer limit closes a connection that stopped
+    reading (4008) while one that reads gets every broadcast, in order."""
+    srv = make_server(
+        "--app", "apps.probe:app", "--slow-consumer-limit", "262144", "--rate-limit", "0", env=ENV
+    ).start()
+
+    async def go() -> None:
+        healthy = await PicowsPeer.connect(srv.url)  # sends the shouts and reads every broadcast
+        slow = RawWS.connect("127.0.0.1", srv.port, rcvbuf=4096, timeout=5)  # never reads past its welcome
+        assert json.loads(slow.recv_message()[1])["type"] == "welcome"
+        pad = "b" * 16000
+        got: list[int] = []
+        for batch in range(
+            12
+        ):  # 600 x 16 KB = 9.6 MB towards the slow one, far past 256 KiB + kernel buffers
+            for i in range(50):
+                await healthy.send({"type": "shout", "payload": [batch * 50 + i, pad]})
+            got += [check(await healthy.recv_type("broadcast", 10))[0] for _ in range(50)]
+        await until(lambda: "slow consumer" in srv.output(), timeout=15)
+        with slow:
+            code, _ = slow.expect_close(timeout=10, reply=False)
+        assert code == 4008
+        assert got == list(range(600)), "the reading connection lost nothing"
+        await healthy.close()
 
     run(go())
