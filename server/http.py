@@ -31,7 +31,7 @@ from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
 from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid, payload_problem
-from wsfan.server.wire import ROOM_RULE, CloseCode, RoomName, parse_seq, valid_room
+from wsfan.server.wire import ROOM_RULE, CloseCode, ErrorCode, RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -206,6 +206,13 @@ def _json_payload(pub: Publication) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode(msgspec.msgpack.decode(pub.payload)))
 
 
+class SseError(msgspec.Struct):
+    """The data of an SSE stream's ``event: error``: why its join was refused (PROTOCOL.md, SSE)."""
+
+    code: str
+    message: str
+
+
 class SsePeer:
     """A hub peer that hands SSE event bytes to the stream's writer task, bounded like a slow consumer."""
 
@@ -215,6 +222,20 @@ class SsePeer:
         self.limit = limit
         self.wakeup = asyncio.Event()
         self.close_code: int | None = None
+        self.refusal: tuple[str, str] | None = None  # (code, message) of a refused join
+
+    def refused(self, code: str, message: str) -> None:
+        """The stream's join was refused: an ``error`` event with ``code`` and ``message``, then
+        ``close`` with 1013 (UNAVAILABLE: try again later), 1011 (INTERNAL) or 1008 (anything
+        else: a hook's FORBIDDEN or its own code)."""
+        self.refusal = (code, message)
+        if code == ErrorCode.UNAVAILABLE:
+            close = CloseCode.TRY_AGAIN_LATER
+        elif code == ErrorCode.INTERNAL:
+            close = CloseCode.INTERNAL_ERROR
+        else:
+            close = CloseCode.POLICY_VIOLATION
+        self.close(close, message)
 
     def flush(self, session: Session) -> None:
         data = b"".join(session.out)
@@ -675,4 +696,8 @@ class HttpSide:
                 peer.backlog -= len(data)
                 await resp.write(data)
         if peer.close_code is not None:
+            if peer.refusal is not None:
+                code, message = peer.refusal
+                event = msgspec.json.encode(SseError(code, message))  # one line: JSON escapes newlines
+                await resp.write(b"event: error\ndata: %s\n\n" % event)
             await resp.write(b"event: close\ndata: %d\n\n" % peer.close_code)

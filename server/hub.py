@@ -49,7 +49,6 @@ from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.stats import Stats
 from wsfan.server.wire import (
     Ack,
-    CloseCode,
     Echo,
     EchoReply,
     Error,
@@ -83,6 +82,14 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame with ``code`` and disconnect."""
+
+
+class StreamPeer(Peer, Protocol):
+    """A receive-only stream's transport (Server-Sent Events, ``Hub.open_stream``)."""
+
+    def refused(self, code: str, message: str) -> None:
+        """Its join was refused with error ``code`` (``ErrorCode`` or an application's) and
+        ``message``: tell the client and end the stream."""
 
 
 Handler = Callable[["Session", Any], None]
@@ -310,7 +317,7 @@ class Hub:
             self.on_open(s)
         return s
 
-    def open_stream(self, peer: Peer, user: str | None = None, claims: Any = None) -> Session:
+    def open_stream(self, peer: StreamPeer, user: str | None = None, claims: Any = None) -> Session:
         """A receive-only subscriber (Server-Sent Events): no welcome, no replies, deliveries as SSE events."""
         conn_id = f"{self.node_id}-{next(self._ids):x}"
         s = Session(peer, conn_id, user or conn_id, self.codecs[Encoding.JSON], None)
@@ -1020,10 +1027,9 @@ class Hub:
     def error(self, s: Session, request_id: str | None, code: ErrorCode, message: str) -> None:
         self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
         if s.encoding is Encoding.SSE:
-            # A stream's only request is its join: refused (UNAVAILABLE from the broker or the
-            # room limit), the stream would stay open and silent, so it ends instead.
-            again = code == ErrorCode.UNAVAILABLE
-            s.peer.close(CloseCode.TRY_AGAIN_LATER if again else CloseCode.INTERNAL_ERROR, message)
+            # A stream's only request is its join: refused (a hook, the broker, the room limit),
+            # the stream would stay open and silent, so it ends, telling why (``StreamPeer``).
+            s.peer.refused(code, message)  # type: ignore[attr-defined]
             return
         self.reply(s, Error(requestId=request_id, success=False, code=code, message=message))
 

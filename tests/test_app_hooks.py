@@ -8,12 +8,14 @@ and payloads through a rewriting hook.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import jwt
 import msgspec
 import pytest
@@ -26,6 +28,7 @@ from test_hub import run as run_hub
 
 import wsfan
 from helpers.peers import WebsocketsPeer
+from helpers.ports import free_port
 from helpers.servers import ServerProcess
 from helpers.waiting import run
 from wsfan.server.protocol import Encoding, payload_problem
@@ -49,6 +52,57 @@ def hooks() -> Iterator[ServerProcess]:
     ).start()
     yield srv
     srv.kill()
+
+
+@pytest.fixture(scope="module")
+def hooks_http() -> Iterator[tuple[ServerProcess, int]]:
+    http_port = free_port()
+    srv = ServerProcess(
+        "--app", "apps.hooks:app", "--jwt-secret", SECRET, "--rate-limit", "0",
+        "--http-port", str(http_port), env=ENV,
+    ).start()  # fmt: skip
+    yield srv, http_port
+    srv.kill()
+
+
+async def sse_events(http_port: int, room: str) -> tuple[int, list[tuple[str, str]]]:
+    """``GET /sse`` for ``room`` with the test token, read until the server ends the stream:
+    the HTTP status and the ``(event, data)`` pairs (comments left out; ``message`` when unnamed)."""
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{http_port}/sse"
+        async with http.get(url, params={"room": room, "token": token()}) as r:
+            body = await asyncio.wait_for(r.content.read(), 10)
+            status = r.status
+    events = []
+    for block in body.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            events.append((fields.get("event", "message"), fields.get("data", "")))
+    return status, events
+
+
+@pytest.mark.parametrize("p", ["s", "a"], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("what", "code", "message", "close"),
+    [
+        ("deny", "FORBIDDEN", "not allowed to join '{room}'", 1008),
+        ("refuse", "ROOM_FULL", "the room is full", 1008),
+        ("escape", "FORBIDDEN", "not allowed to join '{room}'", 1008),
+        ("bad", "INTERNAL", "the server's before_join hook gave an invalid room", 1011),
+        ("crash", "INTERNAL", "internal error", 1011),
+    ],
+)
+def test_an_sse_join_refused_by_a_hook_tells_the_code_and_message(
+    hooks_http: tuple[ServerProcess, int], p: str, what: str, code: str, message: str, close: int
+) -> None:
+    """EventSource can read only a 200 stream: the refusal is an ``error`` event, then ``close``."""
+    room = f"{p}-{what}"
+    status, events = run(sse_events(hooks_http[1], room))
+    assert status == 200
+    assert events == [
+        ("error", json.dumps({"code": code, "message": message.format(room=room)}, separators=(",", ":"))),
+        ("close", str(close)),
+    ]
 
 
 async def peer(srv: ServerProcess, user: str = "ann", msgpack: bool = False) -> WebsocketsPeer:

@@ -39,6 +39,17 @@ def _unframe(frame: bytes) -> bytes:
     return frame[2 + (2 if n == 126 else 8 if n == 127 else 0) :]
 
 
+class StreamRecordingPeer(RecordingPeer):
+    """A ``StreamPeer``: records refusals of the stream's join."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals: list[tuple[str, str]] = []
+
+    def refused(self, code: str, message: str) -> None:
+        self.refusals.append((code, message))
+
+
 def make_hub(**kw) -> tuple[Hub, list[Callable[[], None]]]:
     scheduled: list[Callable[[], None]] = []
     hub = Hub(MemoryBroker(10), node_id="t", schedule=scheduled.append, rate_limit=0, **kw)
@@ -226,13 +237,14 @@ def test_replies_are_written_before_fan_out():
 def test_a_stream_session_gets_deliveries_only_and_the_hub_never_reads_frame_bytes():
     """SSE is a property of the session (``open_stream``), not of the frame's first bytes."""
     hub, scheduled = make_hub()
-    pub_peer, stream_peer = RecordingPeer(), RecordingPeer()
+    pub_peer, stream_peer = RecordingPeer(), StreamRecordingPeer()
     publisher = hub.open(pub_peer, Encoding.JSON)
     send(hub, publisher, {"type": "join", "id": "j", "room": "r"})
     send(hub, publisher, {"type": "publish", "room": "r", "payload": {"n": 1}})
     stream = hub.open_stream(stream_peer)
     hub.join(stream, "r", since=0, request_id="sse-join")  # replays seq 1; its ack is not for a stream
-    hub.error(stream, "x", ErrorCode.FORBIDDEN, "no")  # a reply of any kind is not for a stream
+    hub.error(stream, "x", ErrorCode.FORBIDDEN, "no")  # an error is the peer's refusal, not a frame
+    assert stream_peer.refusals == [("FORBIDDEN", "no")]
     hub.ack(stream, "y", {})
     send(hub, publisher, {"type": "publish", "room": "r", "payload": {"n": 2}})
     # An SSE frame is whatever the session's encoding builds, even a text that does not

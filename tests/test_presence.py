@@ -402,7 +402,9 @@ async def test_an_sse_stream_refused_by_the_room_limit_ends_with_close_1013(make
         async with http.get(f"http://127.0.0.1:{http_port}/sse", params={"room": "other"}) as r:
             assert r.status == 200
             body = await asyncio.wait_for(r.content.read(), 5)  # the server ends the stream
-    assert body.endswith(b"event: close\ndata: 1013\n\n"), body
+    refusal = b'event: error\ndata: {"code":"UNAVAILABLE","message":"room limit reached (1 rooms); '
+    assert body.endswith(b'retry once idle rooms expire"}\n\nevent: close\ndata: 1013\n\n'), body
+    assert refusal in body, body
     await p.close()
 
 
