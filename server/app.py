@@ -33,6 +33,7 @@ from wsfan.server.handshake import (
     check_upgrade,
     origin_form,
     picows_headers,
+    switching,
 )
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
@@ -152,7 +153,7 @@ class Node:
             if path == b"/echo":
                 request.headers = picows_headers(upgrade)
                 echo = EchoConnection(self.limits, self.registry, agreement.window_bits if agreement else 0)
-                return _upgraded(echo, None, agreement)
+                return _upgraded(echo, None, agreement, b"")
             return self._upgrade(request, upgrade, path, query, peer, agreement)
         if path == b"/healthz":
             return _plain(503, b"draining\n") if self.draining else _plain(200, b"ok\n")
@@ -202,9 +203,14 @@ class Node:
         request.headers = picows_headers(upgrade)
         bits = agreement.window_bits if agreement else 0
         encoding = Encoding.MSGPACK if MSGPACK_SUBPROTOCOL in upgrade.protocols else Encoding.JSON
-        conn = Connection(self.hub, encoding, self.limits, self.registry, identity, bits)
-        conn.data = data
-        return _upgraded(conn, MSGPACK_SUBPROTOCOL if encoding is Encoding.MSGPACK else None, agreement)
+        # The id is drawn now so that the welcome leaves with the 101 (handshake.SwitchingProtocols);
+        # picows accepts every upgrade that check_upgrade accepted, so none is drawn for nothing.
+        hub = self.hub
+        conn_id = hub.new_id()
+        welcome = hub.welcome(encoding, conn_id, identity.user if identity is not None else None)
+        conn = Connection(hub, encoding, self.limits, self.registry, identity, bits, data, conn_id)
+        subprotocol = MSGPACK_SUBPROTOCOL if encoding is Encoding.MSGPACK else None
+        return _upgraded(conn, subprotocol, agreement, welcome)
 
     def admit(self, peer: Callable[[], str | None]) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
@@ -415,17 +421,18 @@ def _answer(refusal: Refusal) -> WSUpgradeResponseWithListener:
 
 
 def _upgraded(
-    conn: Connection | EchoConnection, subprotocol: str | None, agreement: Agreement | None
-) -> Connection | EchoConnection | WSUpgradeResponseWithListener:
-    """The 101 for an accepted upgrade: picows' default unless a subprotocol or an extension is agreed."""
-    if subprotocol is None and agreement is None:
-        return conn
-    headers = {}
+    conn: Connection | EchoConnection,
+    subprotocol: str | None,
+    agreement: Agreement | None,
+    first: bytes,
+) -> WSUpgradeResponseWithListener:
+    """The 101 for an accepted upgrade (with the agreed subprotocol and extension), ``first`` in its write."""
+    extra: tuple[tuple[str, str], ...] = ()
     if subprotocol is not None:
-        headers["Sec-WebSocket-Protocol"] = subprotocol
+        extra += (("Sec-WebSocket-Protocol", subprotocol),)
     if agreement is not None:
-        headers["Sec-WebSocket-Extensions"] = agreement.response
-    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
+        extra += (("Sec-WebSocket-Extensions", agreement.response),)
+    return WSUpgradeResponseWithListener(switching(extra, first), conn)
 
 
 def _plain(status: int, body: bytes, headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:

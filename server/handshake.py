@@ -35,9 +35,10 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-from multidict import CIMultiDict
+from picows import WSUpgradeResponse
 
 VERSION = "13"
 
@@ -272,16 +273,79 @@ def check_upgrade(headers: Any) -> Upgrade | Refusal:
     return Upgrade(keys[0], tuple(protocols))
 
 
-def picows_headers(upgrade: Upgrade) -> CIMultiDict[str]:
+# What picows' _validate_upgrade_request reads (lower-case get/in/[] lookups only, picows.pyx).
+_CANONICAL = {"upgrade": "websocket", "connection": "upgrade", "sec-websocket-version": VERSION}
+
+
+def picows_headers(upgrade: Upgrade) -> dict[str, str]:
     """The request headers picows re-checks after the listener factory, in the one form it accepts.
 
-    Nothing else reads the request headers after the handshake (transport.py drops them on connect).
+    picows looks them up by lower-case name only (``get``, ``in``, ``[]``), so a plain dict
+    serves (a ``CIMultiDict`` costs more to build on every connect). Nothing else reads the
+    request headers after the handshake (transport.py drops them on connect).
     """
-    return CIMultiDict(
-        (
-            ("Upgrade", "websocket"),
-            ("Connection", "upgrade"),
-            ("Sec-WebSocket-Version", VERSION),
-            ("Sec-WebSocket-Key", upgrade.key),
-        )
-    )
+    headers = _CANONICAL.copy()
+    headers["sec-websocket-key"] = upgrade.key
+    return headers
+
+
+class _Headers(dict[str, str]):
+    """A 101's header map: picows sets ``Sec-WebSocket-Accept`` in it, which ``to_bytes`` then takes out."""
+
+    __slots__ = ()
+
+
+class SwitchingProtocols(WSUpgradeResponse):  # type: ignore[misc]
+    """picows' 101 answer with its bytes built once, and the connection's first frame in the same write.
+
+    ``create_101_response`` builds a header multi-dict and encodes each header line on every
+    connect; here the head is fixed per set of extra headers (subprotocol, extensions), one
+    object per set (:func:`switching`) shared by every connection. The listener factory sets
+    ``first`` (the welcome frame) just before returning it; picows then, in the same call,
+    sets the accept header and calls ``to_bytes``, and writes the result: the 101 and the
+    welcome leave in one ``write`` (one syscall, one TCP segment) instead of two. The bytes
+    are those picows would send (same header order, ``Connection``/``Upgrade`` after the extra
+    headers, ``Sec-WebSocket-Accept`` last), followed by the frame.
+    """
+
+    __slots__ = ("first", "_head")
+
+    def __init__(self, extra: tuple[tuple[str, str], ...]) -> None:
+        self.version = b"HTTP/1.1"
+        self.status = HTTPStatus.SWITCHING_PROTOCOLS
+        self.headers = _Headers()
+        self.body = None
+        self.first = b""
+        lines = "".join(f"{k}: {v}\r\n" for k, v in extra)
+        self._head = (
+            f"HTTP/1.1 101 Switching Protocols\r\n{lines}"
+            "Connection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: "
+        ).encode()
+
+    def to_bytes(self) -> bytearray:
+        """The head, the accept value picows just set, the blank line, then ``first`` (taken: sent once)."""
+        out = bytearray(self._head)
+        out += self.headers.pop("Sec-WebSocket-Accept").encode()
+        out += b"\r\n\r\n"
+        out += self.first
+        self.first = b""
+        return out
+
+
+_SWITCHING: dict[tuple[tuple[str, str], ...], SwitchingProtocols] = {}
+_MAX_SHARED = 64
+
+
+def switching(extra: tuple[tuple[str, str], ...] = (), first: bytes = b"") -> SwitchingProtocols:
+    """The shared 101 for these extra headers, carrying ``first`` for the connection being answered.
+
+    Only for a listener factory's return value: picows writes it before any other connection's
+    factory can run (same call), which is what makes sharing one object safe.
+    """
+    response = _SWITCHING.get(extra)
+    if response is None:
+        response = SwitchingProtocols(extra)
+        if len(_SWITCHING) < _MAX_SHARED:  # extension parameters vary a little; never without bound
+            _SWITCHING[extra] = response
+    response.first = first
+    return response

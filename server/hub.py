@@ -103,6 +103,8 @@ Verdict = tuple[str, bytes | None] | None
 Gate = Callable[["Session", str, str, "bytes | None", "str | None"], "Verdict | Awaitable[Verdict]"]
 _VERBS = {"join": "join", "publish": "publish to", "presence": "see who is in"}  # FORBIDDEN texts
 NO_CLOSE_FRAME = 1006  # RFC 6455 7.1.5: the connection closed with no close frame either way
+# Session.bucket of a rate-limited session that has not sent anything yet (Hub.receive makes the bucket).
+_FIRST_MESSAGE: Any = TokenBucket(1.0, 1.0)
 
 
 class Session:
@@ -289,6 +291,19 @@ class Hub:
 
     # ------------------------------------------------------------ connection lifecycle
 
+    def new_id(self) -> str:
+        """A connection id unique on this node: ``<node id>-<hex counter>``."""
+        return f"{self.node_id}-{next(self._ids):x}"
+
+    def welcome(self, encoding: Encoding, conn_id: str, user: str | None = None) -> bytes:
+        """The welcome frame for ``conn_id`` in ``encoding`` (``user`` None: anonymous, the user is the id).
+
+        The transport sends it in the same write as the 101 answer (server/handshake.py
+        ``SwitchingProtocols``) and then opens the session with ``open(..., conn_id=conn_id)``.
+        """
+        msg = Welcome(conn=conn_id, user=user or conn_id, heartbeat=self.heartbeat_ms, node=self.node_id)
+        return self.codecs[encoding].frame(msg)
+
     def open(
         self,
         peer: Peer,
@@ -297,14 +312,20 @@ class Hub:
         claims: Any = None,
         deflate_bits: int = 0,
         data: Any = None,
+        conn_id: str | None = None,
     ) -> Session:
         """A new WebSocket session; ``deflate_bits`` is the permessage-deflate window it negotiated (0: none).
 
-        ``data`` is the application's state for it (what ``App.on_connect`` returned); the
-        ``on_open`` hook runs after the welcome is queued.
+        ``data`` is the application's state for it (what ``App.on_connect`` returned). Without
+        ``conn_id`` a new id is drawn and the welcome is queued; with one (from ``new_id``), its
+        welcome (``welcome``) has already gone out. The ``on_open`` hook runs after the welcome.
         """
-        conn_id = f"{self.node_id}-{next(self._ids):x}"
-        bucket = TokenBucket(self.rate_limit, self.rate_burst) if self.rate_limit > 0 else None
+        welcomed = conn_id is not None
+        if conn_id is None:
+            conn_id = f"{self.node_id}-{next(self._ids):x}"
+        # The token bucket is made on the first message (receive): an idle connection holds none,
+        # and a bucket made later starts as full as one made now would be by then (burst).
+        bucket = _FIRST_MESSAGE if self.rate_limit > 0 else None
         s = Session(peer, conn_id, user or conn_id, self.codecs[encoding], bucket)
         if deflate_bits:
             s.kind = delivery_kind(encoding, deflate_bits)
@@ -312,7 +333,8 @@ class Hub:
         s.data = data
         self.sessions[conn_id] = s
         self.stats.connections_opened += 1
-        self.reply(s, Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id))
+        if not welcomed:
+            self.reply(s, Welcome(conn=conn_id, user=s.user, heartbeat=self.heartbeat_ms, node=self.node_id))
         if self.on_open is not None:
             self.on_open(s)
         return s
@@ -375,6 +397,8 @@ class Hub:
         codec = s.codec
         # The bucket is charged before decoding so that a flood of garbage is limited too.
         bucket = s.bucket
+        if bucket is _FIRST_MESSAGE:
+            bucket = s.bucket = TokenBucket(self.rate_limit, self.rate_burst)
         if bucket is not None and not bucket.take():
             p = s.pending
             if p is None:

@@ -28,7 +28,7 @@ from picows.picows import WSProtocol
 
 from wsfan.server.auth import Identity
 from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, compressed_limit, inflate
-from wsfan.server.handshake import BARE_LF, MAX_HEAD_BYTES, Refusal, check_request_head
+from wsfan.server.handshake import BARE_LF, MAX_HEAD_BYTES, Refusal, SwitchingProtocols, check_request_head
 from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
 from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import Encoding
@@ -139,10 +139,14 @@ async def create_server(
     else:
         create = loop.create_server
 
-    class Protocol(GatedProtocol):
-        # Per server, in the class: a connection holds one bound method (its listener factory),
-        # not two closures and a cell (about 320 B per connection, picows keeps the factory).
+    class Opened(OpenedProtocol):
+        # Per server, in the class: a connection holds no reference to the router.
+        __slots__ = ()
         router = staticmethod(route)
+
+    class Protocol(Opened, GatedProtocol):  # what a connection starts as; Opened once its head passed
+        __slots__ = ()
+        opened_class = Opened
 
     def protocol_factory() -> WSProtocol:
         return Protocol(
@@ -159,25 +163,20 @@ async def create_server(
 _HEAD_SCRATCH = bytearray(MAX_HEAD_BYTES)
 
 
-class GatedProtocol(WSProtocol):
-    """picows' protocol, with the request head checked by :func:`check_request_head` before picows parses it.
+class OpenedProtocol(WSProtocol):
+    """picows' protocol, whose listener factory also learns the client's address (``router``).
 
-    Until the head is complete, the instance's own ``get_buffer``/``buffer_updated`` (instance
-    attributes shadow the class's methods) collect the bytes; a head that breaks a rule is
-    answered here with a fixed sentence and the connection closed, a head past 16 KiB with
-    431. A good head is handed to picows' own methods, the instance attributes are removed and
-    ``set_protocol`` makes the transport look the methods up again, so every later read goes
-    straight to picows, as before. The handshake timeout is still picows' (connection_made).
+    What a connection's protocol is once its request head passed :class:`GatedProtocol`:
+    picows' own ``get_buffer``/``buffer_updated`` take every later read. Slots, no ``__dict__``.
     """
 
+    __slots__ = ("_head",)
     router: Router
 
     def __init__(self, *args: Any) -> None:
         # picows' arguments after (host, port, is_client_side, listener_factory)
         super().__init__(None, None, False, self._listener, *args)
-        self._head = bytearray()
-        self.get_buffer = self._head_buffer
-        self.buffer_updated = self._head_updated
+        self._head: bytearray | None = None
 
     def _listener(self, request: WSUpgradeRequest) -> Any:
         return self.router(request, self.peer)
@@ -187,27 +186,49 @@ class GatedProtocol(WSProtocol):
         t = self.transport
         return None if t is None else peer_text(t.underlying_transport.get_extra_info("peername"))
 
-    def _head_buffer(self, size_hint: int) -> memoryview:
+
+class GatedProtocol(OpenedProtocol):
+    """picows' protocol, with the request head checked by :func:`check_request_head` before picows parses it.
+
+    Until the head is complete, this class's ``get_buffer``/``buffer_updated`` collect the
+    bytes; a head that breaks a rule is answered here with a fixed sentence and the connection
+    closed, a head past 16 KiB with 431. A good head is handed to picows' own methods: the
+    instance becomes its ``opened_class`` (the same slots, without these two methods) and
+    ``set_protocol`` makes the transport look the methods up again, so every later read goes
+    straight to picows, as before. The handshake timeout is still picows' (connection_made).
+    """
+
+    __slots__ = ()
+    opened_class: type[OpenedProtocol]
+
+    def get_buffer(self, size_hint: int) -> memoryview:
         return memoryview(_HEAD_SCRATCH)
 
-    def _head_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
         head = self._head
-        head += _HEAD_SCRATCH[:nbytes]
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
-            if b"\n\n" in head or b"\n\r\n" in head:  # a head ended with bare LFs: never a CRLF CRLF
-                self._refuse(Refusal(400, BARE_LF))
-            elif len(head) >= MAX_HEAD_BYTES:
-                self._refuse(Refusal(431, "request head larger than 16 KiB"))
-            return
-        refusal = check_request_head(bytes(head[:end]))
+        if head is None:
+            # Usually the whole head arrives in one read: looked for in the scratch buffer, uncopied.
+            end = _HEAD_SCRATCH.find(b"\r\n\r\n", 0, nbytes)
+            if end < 0:
+                head = self._head = bytearray(_HEAD_SCRATCH[:nbytes])
+                self._incomplete(head)
+                return
+            data = memoryview(_HEAD_SCRATCH)[:nbytes]
+        else:
+            head += _HEAD_SCRATCH[:nbytes]
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                self._incomplete(head)
+                return
+            data = memoryview(head)
+        refusal = check_request_head(bytes(data[:end]))
         if refusal is not None:
             self._refuse(refusal)
             return
-        self.__dict__.clear()  # picows' get_buffer and buffer_updated again
-        raw = self.transport.underlying_transport
-        raw.set_protocol(self)  # uvloop keeps the two bound methods: look them up anew
-        data = memoryview(head)
+        self._head = None
+        # picows' get_buffer and buffer_updated again; uvloop keeps bound methods: look them up anew
+        self.__class__ = self.opened_class
+        self.transport.underlying_transport.set_protocol(self)
         while data:
             room = WSProtocol.get_buffer(self, len(data))
             n = min(len(room), len(data))
@@ -215,8 +236,16 @@ class GatedProtocol(WSProtocol):
             data = data[n:]
             WSProtocol.buffer_updated(self, n)
 
+    def _incomplete(self, head: bytearray) -> None:
+        """No CRLF CRLF yet: refuse a head ended with bare LFs (it never gets one) or one past 16 KiB."""
+        if b"\n\n" in head or b"\n\r\n" in head:
+            self._refuse(Refusal(400, BARE_LF))
+        elif len(head) >= MAX_HEAD_BYTES:
+            self._refuse(Refusal(431, "request head larger than 16 KiB"))
+
     def _refuse(self, refusal: Refusal) -> None:
-        self.__dict__.clear()
+        self._head = None
+        self.__class__ = self.opened_class
         raw = self.transport.underlying_transport
         body = refusal.reason.encode() + b"\n"
         extra = "".join(f"{k}: {v}\r\n" for k, v in refusal.headers.items())
@@ -342,12 +371,16 @@ class Assembler(WSListener):
         self.raw.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.registry.stall_limit:
             limit_stall(self.raw, self.registry.stall_limit)
-        # picows keeps the upgrade request and response for the connection's lifetime; their
-        # header maps are dead weight once connected (about 0.6 KB per idle connection).
-        if transport.request is not None:
-            transport.request.headers = _NO_HEADERS
-        if transport.response is not None:
-            transport.response.headers = _NO_HEADERS
+        # picows keeps the upgrade request and response for the connection's lifetime; what they
+        # hold is dead weight once connected (header maps about 0.6 KB; method, path and version
+        # 113 B more). Ours is a shared SwitchingProtocols with nothing of this connection's.
+        request = transport.request
+        if request is not None:
+            request.headers = _NO_HEADERS
+            request.method = request.path = request.version = b""
+        response = transport.response
+        if response is not None and type(response) is not SwitchingProtocols:
+            response.headers = _NO_HEADERS
         self.idle_since = self.registry.now()
         self.registry.add(self)
         self.opened()
@@ -595,14 +628,12 @@ class Connection(Assembler):
 
     __slots__ = (
         "hub",
-        "encoding",
         "session",
         "is_paused",
         "backlog",
         "counted",
-        "identity",
         "_expiry",
-        "data",
+        "_opening",
     )
 
     def __init__(
@@ -613,19 +644,23 @@ class Connection(Assembler):
         registry: ConnectionRegistry,
         identity: Identity | None = None,
         deflate_bits: int = 0,
+        data: Any = None,
+        conn_id: str | None = None,
     ) -> None:
+        """``data``: the application's on_connect result, handed to the session (server/application.py);
+        ``conn_id``: drawn with ``Hub.new_id`` when the welcome went out with the 101 (None: the hub
+        draws one and queues the welcome)."""
         super().__init__(limits, registry, deflate_bits)
         self.hub = hub
-        self.encoding = encoding
         self.session: Session | None = None
         self.is_paused = False
         self.backlog = 0
         self.counted = 0
-        self.identity = identity
         self._expiry: asyncio.TimerHandle | None = None
-        self.data: Any = (
-            None  # the application's on_connect result, handed to the session (server/application.py)
-        )
+        # What opened() needs, in one slot, dropped once the session exists.
+        self._opening: tuple[Encoding, Identity | None, Any, str | None] | None = (
+            encoding, identity, data, conn_id,
+        )  # fmt: skip
 
     def name(self) -> str:
         return self.session.conn_id if self.session is not None else "?"
@@ -641,13 +676,15 @@ class Connection(Assembler):
         )
 
     def opened(self) -> None:
-        ident = self.identity
+        assert self._opening is not None
+        encoding, ident, data, conn_id = self._opening
+        self._opening = None
         bits = self.deflate_bits
         if ident is None:
-            self.session = self.hub.open(self, self.encoding, deflate_bits=bits, data=self.data)
+            self.session = self.hub.open(self, encoding, deflate_bits=bits, data=data, conn_id=conn_id)
         else:
             self.session = self.hub.open(
-                self, self.encoding, user=ident.user, claims=ident, deflate_bits=bits, data=self.data
+                self, encoding, user=ident.user, claims=ident, deflate_bits=bits, data=data, conn_id=conn_id
             )
             if ident.expires_at is not None:
                 # One timer per authenticated connection, fired when the token stops being accepted

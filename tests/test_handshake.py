@@ -238,6 +238,46 @@ def test_a_first_frame_in_the_same_packet_as_the_head_is_not_lost(srv):
     assert data.startswith(b"HTTP/1.1 101")
 
 
+@pytest.mark.parametrize(
+    ("extra", "subprotocol"),
+    [
+        ([], None),
+        ([("Sec-WebSocket-Protocol", "msgpack")], "msgpack"),
+        ([("Sec-WebSocket-Protocol", "x, msgpack")], "msgpack"),
+    ],
+)
+def test_the_101_is_picows_bytes_and_the_welcome_follows_in_the_same_write(srv, extra, subprotocol):
+    """The 101 is built once per header set (handshake.SwitchingProtocols) with the welcome in its write:
+    the head is byte for byte what picows' create_101_response + to_bytes would send, then the frame."""
+    import socket
+
+    from picows import WSUpgradeResponse
+
+    from wsfan.server.wire import MSGPACK_SUBPROTOCOL
+
+    expected = WSUpgradeResponse.create_101_response(
+        {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
+    )
+    expected.headers["Sec-WebSocket-Accept"] = accept_key(KEY)
+    with socket.create_connection((HOST, srv.port), timeout=3) as sock:
+        sock.sendall(upgrade_head(key=KEY, extra=extra))
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep and len(rest) >= 2 and len(rest) >= 2 + rest[1]:
+                break
+    assert head + sep == bytes(expected.to_bytes())
+    opcode = rest[0] & 0x0F
+    assert opcode == (2 if subprotocol == MSGPACK_SUBPROTOCOL else 1)
+    if opcode == 1:
+        assert b'"type":"welcome"' in rest[2 : 2 + rest[1]]
+    else:
+        assert b"welcome" in rest[2 : 2 + rest[1]]
+
+
 # ---------------------------------------------------------------- nothing escapes the listener factory
 
 

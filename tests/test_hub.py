@@ -262,3 +262,36 @@ def test_a_stream_session_gets_deliveries_only_and_the_hub_never_reads_frame_byt
         b"retry: 1000\n\n",
     ]
     assert [m["type"] for m in pub_peer.messages()] == ["welcome", "ack"]
+
+
+def test_a_session_gets_its_rate_bucket_with_its_first_message_and_is_limited_from_there():
+    """An idle connection holds no token bucket (issue 19, memory); the first message makes one,
+    as full as one made at connect would be by then, so a burst past it is still refused."""
+    scheduled: list[Callable[[], None]] = []
+    hub = Hub(MemoryBroker(10), node_id="t", schedule=scheduled.append, rate_limit=0.001, rate_burst=2)
+    peer = RecordingPeer()
+    s = hub.open(peer, Encoding.JSON)
+    idle = hub.open(RecordingPeer(), Encoding.JSON)
+    assert s.bucket is idle.bucket  # one shared marker, no bucket per connection yet
+    for i in range(3):
+        send(hub, s, {"type": "ping", "id": str(i)})
+    run(scheduled)
+    assert s.bucket is not idle.bucket
+    replies = peer.messages()[1:]  # after the welcome
+    assert [r["type"] for r in replies] == ["pong", "pong", "error"]
+    assert replies[2]["code"] == ErrorCode.RATE_LIMITED
+
+
+def test_a_welcome_sent_with_the_101_is_not_queued_again():
+    """The transport sends Hub.welcome(...) in the 101's write and opens the session with its id."""
+    hub, scheduled = make_hub()
+    peer = RecordingPeer()
+    conn_id = hub.new_id()
+    frame = hub.welcome(Encoding.JSON, conn_id)
+    s = hub.open(peer, Encoding.JSON, conn_id=conn_id)
+    run(scheduled)
+    assert s.conn_id == conn_id and hub.sessions[conn_id] is s
+    assert peer.writes == []
+    welcome = msgspec.json.decode(_unframe(frame))
+    assert (welcome["type"], welcome["conn"], welcome["user"]) == ("welcome", conn_id, conn_id)
+    assert hub.new_id() != conn_id
