@@ -52,7 +52,7 @@ def _wstest_or_skip() -> Path:
 
 @pytest.mark.timeout(480)
 def test_autobahn_fuzzingclient_echo(tmp_path: Path) -> None:
-    """Every Autobahn case but 9.* (and, of permessage-deflate's 12.*/13.*, three sizes of each group)
+    """Every Autobahn case but 9.* (and, of permessage-deflate's 12.*/13.*, two sizes of each group)
     is OK/NON-STRICT/INFORMATIONAL; SIGTERM exits 0. ``make conformance`` runs all of 12.*/13.*."""
     wstest = _wstest_or_skip()
     cmd = [
