@@ -36,9 +36,14 @@ async def call(method: str, url: str, body: Any = None, key: str | None = ADMIN)
         return r.status, await r.json()
 
 
-@pytest.fixture
-def node(make_server: type[ServerProcess]) -> Iterator[tuple[ServerProcess, str]]:
-    yield start(make_server)
+@pytest.fixture(scope="module")
+def node() -> Iterator[tuple[ServerProcess, str]]:
+    """One node for the module's refusals and bad input, which must change nothing on it (each test checks
+    that, on rooms of its own); a test that publishes and then reads the node's whole state starts its own."""
+    http_port = free_port()
+    srv = ServerProcess("--admin-key", ADMIN, "--http-port", str(http_port)).start()
+    yield srv, f"http://127.0.0.1:{http_port}"
+    srv.kill()
 
 
 @pytest.mark.parametrize(
@@ -103,8 +108,8 @@ def test_broadcast_bad_input_publishes_nothing(
     run(go())
 
 
-def test_broadcast_history_rooms(node: tuple[ServerProcess, str]) -> None:
-    srv, base = node
+def test_broadcast_history_rooms(make_server: type[ServerProcess]) -> None:
+    srv, base = start(make_server)  # its own node: GET /rooms must list exactly this test's rooms
 
     async def go() -> None:
         a = await WebsocketsPeer.connect(srv.url)
