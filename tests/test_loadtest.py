@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ def locust(tmp: Path, scenario: str, host: str, *args: str, timeout: float = 60,
     path = Path(f"{prefix}_summary.json")
     summary = json.loads(path.read_text()) if path.exists() else {"entries": [], "totals": {"failures": -1}}
     return Run(done.returncode, done.stdout + done.stderr, summary)
+
+
+def side_by_side(*runs: Callable[[], Run]) -> list[Run]:
+    """Independent Locust runs at the same time (each a subprocess that mostly waits), results in order."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return [f.result() for f in [pool.submit(r) for r in runs]]
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +180,14 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
 def test_token_secret_mints_jwts(tmp_path: Path) -> None:
     srv = ServerProcess("--jwt-secret", "s3cret").start()
     try:
-        ok = locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret", "s3cret",
-                    "--token-rooms", "lt-*", tag="good")  # fmt: skip
+        # the two runs are independent users of one server: side by side
+        ok, bad = side_by_side(
+            lambda: locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret",
+                           "s3cret", "--token-rooms", "lt-*", tag="good"),
+            lambda: locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret",
+                           "wrong", "--backoff-base", "0.5", tag="bad"),
+        )  # fmt: skip
         _assert_clean(ok, "connect", "join")
-        bad = locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret", "wrong",
-                     "--backoff-base", "0.5", tag="bad")  # fmt: skip
         assert bad.count("connect") >= 2 and bad.failures("connect") == bad.count("connect"), bad.explain()
         assert any("HTTP 401" in e["error"] for e in bad.summary["errors"]), bad.explain()
     finally:
@@ -501,8 +511,11 @@ def test_fail_ratio_check_judges_failures_both_ways(tmp_path: Path) -> None:
     srv = ServerProcess("--rate-limit", "2", "--rate-burst", "2", "--rate-abuse-strikes", "100000").start()
     try:
         args = ("-u", "2", "-r", "2", "-t", "3s", "--room-size", "2", "--publish-rate", "10")
-        tolerant = locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "1", tag="tolerant")
-        strict = locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "0.01", tag="strict")
+        # the rate limit is per connection (PROTOCOL.md), so the two runs do not share a budget: side by side
+        tolerant, strict = side_by_side(
+            lambda: locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "1", tag="tolerant"),
+            lambda: locust(tmp_path, "chat", srv.host, *args, "--check-fail-ratio", "0.01", tag="strict"),
+        )
     finally:
         srv.stop()
     assert tolerant.failures("publish") > 0 and tolerant.rc == 0, tolerant.explain()
