@@ -149,6 +149,17 @@ def _check_header_lines(lines: list[bytes]) -> Refusal | None:
     return None
 
 
+def http_answer(refusal: Refusal) -> bytes:
+    """A refusal as a whole HTTP/1.1 response that closes the connection: status, headers, the
+    reason as a ``text/plain`` line."""
+    body = refusal.reason.encode() + b"\n"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in refusal.headers.items())
+    return (
+        f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\nConnection: close\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
 def list_elements(values: Iterable[str]) -> list[str]:
     """RFC 7230 §7 ``#rule``: the elements of every line of a list header, OWS stripped, empty ones dropped.
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import http.server
+import io
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -60,6 +61,7 @@ from prometheus_client.exposition import MetricsHandler
 
 from wsfan.server import logs
 from wsfan.server.config import Settings
+from wsfan.server.handshake import BARE_LF, MAX_HEAD_BYTES, Refusal, check_request_head, http_answer
 from wsfan.server.metrics import Family, Retired, decode_families, merge
 
 if TYPE_CHECKING:
@@ -188,7 +190,7 @@ class Supervisor:
         self.exit_codes: list[int | None] = []
         self.retired = Retired()
         self.scrape_id = 0
-        self.http: http.server.HTTPServer | None = None
+        self.http: MetricsListener | None = None
 
     # ------------------------------------------------------------ main loop
 
@@ -198,7 +200,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         if s.metrics_port:
-            self.http = _metrics_server(self, s.metrics_host or s.host, s.metrics_port)
+            self.http = MetricsListener(self, s.metrics_host or s.host, s.metrics_port, s.request_timeout)
         log.info(
             "supervisor pid %d: %d workers on %s:%d%s, worker timeout %gs",
             os.getpid(), s.workers, s.host, s.port,
@@ -239,7 +241,7 @@ class Supervisor:
             timeout = min([0.25, *(max(0.0, t - now) for t in self.restart_at.values())])
             self._wait(timeout)
         if self.http is not None:
-            self.http.server_close()
+            self.http.close()
         clean = not self.failed and all(code in CLEAN_EXITS for code in self.exit_codes)
         log.info("supervisor: all workers stopped%s", "" if clean else " (not cleanly)")
         return 0 if clean else 1
@@ -257,7 +259,11 @@ class Supervisor:
             waitables[w.proc.sentinel] = ("exit", w)
             waitables[w.link] = ("link", w)
         if self.http is not None and not scrape:
-            waitables[self.http.socket] = ("http", None)
+            self.http.expire()
+            for sock in self.http.sockets():
+                waitables[sock] = ("http", None)
+            if self.http.pending:  # wake up for the oldest connection's deadline
+                timeout = max(0.0, min(timeout, self.http.next_deadline() - time.monotonic()))
         for ready in multiprocessing.connection.wait(list(waitables), timeout):
             kind, w = waitables[ready]
             if kind == "link" and w is not None:
@@ -266,7 +272,7 @@ class Supervisor:
                 self._read(w)  # its final counts arrive before its exit
                 self._reap(w)
             elif kind == "http" and self.http is not None:
-                self.http.handle_request()
+                self.http.readable(ready)
 
     def _read(self, w: Worker) -> None:
         for msg in w.messages():
@@ -294,7 +300,7 @@ class Supervisor:
         # A forked worker inherits every descriptor of the supervisor: it closes the ones it must not hold.
         inherited = [w.link.fileno() for w in self._all()] + [ours.fileno()]
         if self.http is not None:
-            inherited.append(self.http.socket.fileno())
+            inherited += [sock.fileno() for sock in self.http.sockets()]
         args = (settings, os.getpid(), index, theirs, beat, inherited if ctx is self.fork else [])
         p = ctx.Process(target=_worker_main, args=args, name=f"wsfan-{name}")
         p.start()
@@ -478,13 +484,113 @@ class Supervisor:
         return not self.stopping and len(self.workers) == self.settings.workers
 
 
+class MetricsListener:
+    """The supervisor's internal listener (``/metrics`` merged over workers, ``/healthz``), driven
+    by its wait loop without ever blocking it.
+
+    A connection is read as it becomes readable, into its own buffer, and answered only once its
+    whole request head is there, so a client that sends half a request line and waits holds no
+    one up (the stdlib server's blocking read held the supervisor, worker restarts included, for
+    5 s per such connection). The head passes :func:`check_request_head`, the WebSocket port's
+    rules, and is refused in the same words; one that is not complete within ``timeout`` seconds
+    (``--request-timeout``) is dropped.
+    """
+
+    def __init__(self, sup: Supervisor, host: str, port: int, timeout: float) -> None:
+        self.server = _metrics_server(sup, host, port)
+        self.server.socket.setblocking(False)
+        self.timeout = timeout
+        self.pending: dict[socket.socket, tuple[float, bytearray, Any]] = {}
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.server.socket, *self.pending]
+
+    def next_deadline(self) -> float:
+        return min(deadline for deadline, _, _ in self.pending.values())
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for sock in [s for s, (deadline, _, _) in self.pending.items() if deadline <= now]:
+            self._drop(sock)
+
+    def readable(self, sock: Any) -> None:
+        if sock is self.server.socket:
+            try:
+                conn, addr = sock.accept()
+            except OSError:  # gone before we got to it, or out of descriptors: nothing to answer
+                return
+            conn.setblocking(False)
+            self.pending[conn] = (time.monotonic() + self.timeout, bytearray(), addr)
+            return
+        _, buf, addr = self.pending[sock]
+        try:
+            chunk = sock.recv(MAX_HEAD_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(sock)
+            return
+        buf += chunk
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if b"\n\n" in buf or b"\n\r\n" in buf:
+                self._answer(sock, Refusal(400, BARE_LF))
+            elif len(buf) >= MAX_HEAD_BYTES:
+                self._answer(sock, Refusal(431, "request head larger than 16 KiB"))
+            return
+        refusal = check_request_head(bytes(buf[:end]))
+        if refusal is not None:
+            self._answer(sock, refusal)
+            return
+        del self.pending[sock]
+        sock.setblocking(True)
+        sock.settimeout(1.0)  # the answer is small: a client that reads nothing is dropped
+        try:
+            self.server.finish_request(_Buffered(sock, bytes(buf)), addr)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        finally:
+            self.server.shutdown_request(sock)
+
+    def _answer(self, sock: socket.socket, refusal: Refusal) -> None:
+        try:
+            sock.send(http_answer(refusal))
+        except OSError:
+            pass
+        self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self.pending.pop(sock, None)
+        sock.close()
+
+    def close(self) -> None:
+        for sock in list(self.pending):
+            self._drop(sock)
+        self.server.server_close()
+
+
+class _Buffered:
+    """A connected socket whose request head was already read: the handler reads it from memory."""
+
+    def __init__(self, sock: socket.socket, head: bytes) -> None:
+        self.sock, self.head = sock, head
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> Any:
+        return io.BytesIO(self.head) if "r" in mode else self.sock.makefile(mode, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
 def _metrics_server(sup: Supervisor, host: str, port: int) -> http.server.HTTPServer:
-    """The supervisor's internal listener: ``/metrics`` (merged over workers) and ``/healthz``."""
+    """The request handling of :class:`MetricsListener`: ``/metrics`` (merged) and ``/healthz``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SupervisorCollector(sup))
 
     class Handler(MetricsHandler):
-        timeout = 5  # a client that sends nothing does not hold the supervisor longer
+        timeout = 1  # for writing the answer: its head was read before (MetricsListener)
 
         def do_GET(self) -> None:
             path = self.path.partition("?")[0]
@@ -499,6 +605,9 @@ def _metrics_server(sup: Supervisor, host: str, port: int) -> http.server.HTTPSe
                 self.wfile.write(b"ok\n" if ok else b"workers missing\n")
                 return
             self.send_error(404)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            super().send_error(code)  # the status's phrase only: the stdlib's message quotes the request
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("metrics listener: " + format, *args)

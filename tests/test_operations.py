@@ -512,3 +512,44 @@ def test_metrics_port_answers_unparseable_requests_in_our_words_without_a_traceb
     assert send_head("127.0.0.1", mport, head)[::2] == (400, body)
     assert get(f"http://127.0.0.1:{mport}/healthz")[0] == 200  # after the refusal, so its log is written
     assert "Traceback" not in srv.output(), srv.output()[-2000:]
+
+
+def test_supervisor_metrics_listener_is_not_held_by_half_sent_requests(redis_server, make_server):
+    """Clients that send half a request line and wait hold nobody up: /healthz is answered while
+    they wait (before: the supervisor read each one blocking, 5 s apiece, worker supervision
+    included, so five of them stalled it 25 s, past this read's 3 s bound)."""
+    srv, metrics = supervised(make_server, redis_server)
+    port = int(metrics.split(":")[2].split("/")[0])
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        assert get(f"http://127.0.0.1:{port}/healthz", timeout=3) == (200, "ok\n")
+        assert get(metrics, timeout=3)[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "head, status, body",
+    [
+        (b"GET /healthz HTTP/1.1\nHost: x\n\n", 400, BARE_LF.encode() + b"\n"),
+        (b"GARBAGE\r\n\r\n", 400, b"malformed request line\n"),
+        (b"GET /metrics\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400, None),
+        (b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"only GET is served on this port\n"),
+    ],
+    ids=["bare LF", "not a request line", "NUL in the target", "POST"],
+)
+def test_supervisor_metrics_listener_refuses_bad_heads_like_the_websocket_port(
+    redis_server, make_server, head, status, body
+):
+    """The same head rules and sentences as the WebSocket port (before: Python's http.server took
+    a bare LF, answered 'GARBAGE' as HTTP/0.9 without a status line, and quoted the request back)."""
+    srv, metrics = supervised(make_server, redis_server)
+    port = int(metrics.split(":")[2].split("/")[0])
+    got, _, reply = send_head("127.0.0.1", port, head)
+    assert got == status, reply
+    if body is not None:
+        assert reply == body
+    assert b"GARBAGE" not in reply and b"metrics" not in reply
