@@ -66,7 +66,10 @@ values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-rooms = st.from_regex(r"[A-Za-z0-9_.:-]{1,128}", fullmatch=True)
+# [A-Za-z0-9_.:-]{1,128} as a text strategy: the same strings as st.from_regex, generated several times faster
+rooms = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-", min_size=1, max_size=128
+)
 seqs = st.integers(min_value=0, max_value=2**53)
 ids = st.none() | st.text(max_size=12)
 words = st.text(max_size=16)
