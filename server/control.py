@@ -15,6 +15,10 @@ node publishes a ``RoomsQuery`` to the control room; every node answers with a `
 the control room's presence: each node's control member is an entry there (kept alive in Redis
 with ``--presence-ttl`` like any presence entry, so a dead node drops out of it within the TTL).
 Nothing is kept or refreshed for the survey between queries: its cost is paid when asked.
+
+Both rooms are reserved (``broker.reserved``): every broker delivers their publications without
+a seq and keeps none of them (no history, no Redis key), so the control traffic is never stored,
+and a node away from the broker when a command is sent misses it (no catch-up).
 """
 
 from __future__ import annotations
@@ -326,8 +330,8 @@ def close_problem(code: int, reason: str) -> str | None:
 def broadcast(hub: Hub, payload: bytes) -> Publication | Any:
     """Push JSON ``payload`` to every WebSocket connection of every node; the publication or its awaitable.
 
-    Rides the control room like the other commands (its seq and the broker's copy are the
-    control room's, never shown to clients). ``PayloadRefused`` when the payload is not a
+    Rides the control room like the other commands (unnumbered and kept nowhere: the broker
+    contract's "Reserved rooms"). ``PayloadRefused`` when the payload is not a
     value both encodings carry (PROTOCOL.md, payload rule); ``BrokerUnavailable`` as for a publish.
     """
     problem = payload_problem(payload, Encoding.JSON)

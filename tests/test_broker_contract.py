@@ -307,6 +307,42 @@ async def test_a_node_receives_other_nodes_publications_until_it_unsubscribes(
     assert b.deliveries.of(room) == [1, 2, 3]
 
 
+# ---------------------------------------------------------------- reserved rooms
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "cluster"])
+async def test_a_reserved_room_is_delivered_in_order_unnumbered_and_kept_nowhere(
+    make_node: Any, room: str, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """``$...`` rooms (the control room's commands): every subscribed node gets each publication,
+    in order, with seq 0; history is empty and nothing of them is left in the broker."""
+    reserved = f"$wsfan.{room}"
+    nodes = [await make_node(), await make_node()] if kind != "memory" else [await make_node()]
+    for n in nodes:
+        hist = await n.join(reserved)
+        assert (hist.publications, hist.recovered, hist.seq) == ([], False, 0)
+    pubs = [await nodes[0].publish(reserved, b'{"n":%d}' % i) for i in range(5)]
+    assert [p.seq for p in pubs] == [0] * 5
+    for n in nodes:
+        assert await n.deliveries.until(reserved, 5) == [0] * 5
+        assert [p.payload for p in n.deliveries.seen if p.room == reserved] == [
+            b'{"n":%d}' % i for i in range(5)
+        ]
+        hist = await n.history(reserved, 0)
+        assert (hist.publications, hist.seq) == ([], 0)
+    # The room's numbering and history are untouched by its neighbour's traffic.
+    assert (await nodes[0].publish(room)).seq == 1
+    if kind == "memory":
+        assert reserved not in nodes[0].broker.rooms  # type: ignore[attr-defined]
+    else:
+        servers = [request.getfixturevalue("shared_redis")] if kind == "redis" else None
+        if servers is None:
+            servers = request.getfixturevalue("shared_cluster").nodes
+        for srv in servers:
+            keys = srv.command("KEYS", f"*{reserved}*")
+            assert keys == [], keys
+
+
 # ---------------------------------------------------------------- presence and join/leave events
 
 

@@ -161,3 +161,41 @@ def test_broker_down_is_503(redis_server, make_server: type[ServerProcess]) -> N
     redis_server.stop()
     status, reply = run(call("GET", base + "/rooms"))
     assert status == 503 and reply["error"] == "broker unavailable; retry shortly"
+
+
+def test_control_traffic_leaves_no_history_in_redis(redis_server, make_server: type[ServerProcess]) -> None:
+    """GET /rooms (query and replies), a broadcast, a disconnect and an unsubscribe on two nodes:
+    every command arrives, and Redis holds nothing of them: no history stream, no seq counter for
+    any ``$wsfan.*`` room; the one key left (the control room's presence) expires by itself."""
+    a, base_a = start(make_server, "--broker", redis_server.url)
+    b, base_b = start(make_server, "--broker", redis_server.url)
+
+    async def go() -> None:
+        pa = await joined(a.url, "shared")
+        pb = await joined(b.url, "shared")
+        gone = await PicowsPeer.connect(b.url)
+        for base in (base_a, base_b):
+            status, reply = await call("GET", base + "/rooms")
+            assert status == 200 and counts(reply) == {"shared": 2} and reply["missing"] == [], reply
+        assert (await call("POST", base_a + "/broadcast", {"payload": {"n": 1}}))[0] == 200
+        for p in (pa, pb):
+            assert (await p.recv_type("broadcast"))["payload"] == {"n": 1}
+        user_b = pb.welcome["user"]
+        assert (await call("POST", base_a + "/unsubscribe", {"user": user_b, "room": "shared"}))[0] == 200
+        assert (await call("POST", base_a + "/disconnect", {"user": gone.welcome["user"]}))[0] == 200
+        await gone.closed.wait()
+        assert gone.close_code == 4003
+        status, reply = await call("GET", base_a + "/rooms")  # b's unsubscribe was carried out before
+        assert counts(reply) == {"shared": 1}, reply
+
+        keys = sorted(k.decode() for k in redis_server.command("KEYS", "*"))
+        reserved = [k for k in keys if "$" in k]
+        node_a, node_b = pa.welcome["node"], pb.welcome["node"]
+        assert reserved == ["wsfan:{$wsfan.control}:p", "wsfan:{$wsfan.control}:x"], keys
+        for key in keys:  # every key, reserved or not, expires by itself
+            assert redis_server.command("TTL", key) > 0, key
+        assert not any(node_a in k or node_b in k for k in keys), keys  # no reply room's key
+        for p in (pa, pb):
+            await p.close()
+
+    run(go())

@@ -39,6 +39,15 @@ Delivery
     made after ``subscribe`` has returned (the hub's join does exactly that) until
     ``unsubscribe``.
 
+Reserved rooms
+    A room whose name starts with ``RESERVED_PREFIX`` (``$``; no client can name one, PROTOCOL.md)
+    is the server's own: the control room and the survey reply rooms (``server/control.py``).
+    Its publications are commands, not a room's messages: ``publish`` fans one out to every
+    subscribed node like any other, in order, but gives it no seq (0), keeps no history and
+    creates nothing that outlives it (no seq counter, no stream, no Redis key but presence's);
+    ``history`` of one is empty (seq 0). A node away from the broker misses what was sent
+    meanwhile (no catch-up), as Centrifugo's control channel does.
+
 Errors
     The only error a caller handles is ``BrokerUnavailable`` ("not now": the client
     gets ``UNAVAILABLE``). ``publish``, ``history`` and the presence reads report
@@ -61,6 +70,15 @@ from wsfan.server.broker.publication import BroadcastPush, PresenceEntry, Presen
 
 DeliverFn = Callable[[Publication], None]
 EventFn = Callable[[PresenceEvent], None]
+
+
+# Rooms starting with this are the server's own: unnumbered, no history (the contract's "Reserved rooms").
+RESERVED_PREFIX = "$"
+
+
+def reserved(room: str) -> bool:
+    """Whether ``room`` is a reserved room (``$...``): unnumbered and history-less in every broker."""
+    return room.startswith(RESERVED_PREFIX)
 
 
 # What a client is told when the broker is down: no address, no library error, only what to do.
@@ -129,6 +147,7 @@ class Broker(Protocol):
 
 
 __all__ = [
+    "RESERVED_PREFIX",
     "UNAVAILABLE_TEXT",
     "BroadcastPush",
     "Broker",
@@ -140,4 +159,5 @@ __all__ = [
     "PresenceEvent",
     "Publication",
     "history_since",
+    "reserved",
 ]

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn
+from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn, reserved
 from wsfan.server.broker.history import History, history_since
 from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
 from wsfan.server.namespaces import Namespace, Namespaces
@@ -157,7 +157,11 @@ class MemoryBroker:
     # ------------------------------------------------------------ Broker
 
     def publish(self, room: str, sender: str, payload: bytes, encoding: int, origin: str) -> Publication:
-        log = self._log(room)
+        log = self.rooms.get(room)
+        if log is None:
+            if reserved(room):  # a command (server/control.py): delivered, never numbered or kept
+                return self._deliver_unnumbered(room, sender, payload, encoding, origin)
+            log = self._log(room)
         log.seq += 1
         now = time.perf_counter()
         pub = Publication(room, log.seq, sender, payload, encoding, origin, now)
@@ -169,7 +173,17 @@ class MemoryBroker:
         self._deliver(pub)
         return pub
 
+    def _deliver_unnumbered(
+        self, room: str, sender: str, payload: bytes, encoding: int, origin: str
+    ) -> Publication:
+        pub = Publication(room, 0, sender, payload, encoding, origin, time.perf_counter())
+        assert self._deliver is not None, "bind() the hub before publishing"
+        self._deliver(pub)
+        return pub
+
     def history(self, room: str, since: int | None, epoch: str | None = None) -> History:
+        if reserved(room):
+            return History([], False, 0, "")
         # A join creates the room, so that the epoch it acks is the one later publishes keep.
         return self._log(room).since(since, epoch)
 

@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn
+from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn, reserved
 from wsfan.server.broker.history import History, history_since
 from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
 from wsfan.server.broker.redis_layout import (
@@ -43,6 +43,7 @@ from wsfan.server.broker.redis_layout import (
     PRESENCE_REFRESH_LUA,
     PRESENCE_REMOVE_LUA,
     PUBLISH_LUA,
+    UNNUMBERED_SEQ,
     Body,
     Envelope,
     PresenceInfo,
@@ -56,6 +57,7 @@ from wsfan.server.broker.redis_layout import (
     publish_command_head,
     resp_arg,
     room_args,
+    unnumbered_command,
 )
 from wsfan.server.fds import is_exhausted
 from wsfan.server.namespaces import Namespace, Namespaces
@@ -273,6 +275,8 @@ class RedisBroker:
         return fut
 
     async def history(self, room: str, since: int | None, epoch: str | None = None) -> History:
+        if reserved(room):  # never numbered, never kept: nothing to read, no key to create
+            return History([], False, 0, "")
         if not self.available:
             raise BrokerUnavailable(self._why)
         r = self._rooms.get(room)
@@ -336,10 +340,16 @@ class RedisBroker:
         epoch = resp_arg(secrets.token_hex(4).encode())
         rooms = self._rooms
         commands = []
+        numbered = []
         for room, body, _, _ in batch:
             r = rooms.get(room)
             keys, channel, size, ttls = r.args if r is not None else self._room_args(room)
-            commands.append(b"".join((head, keys, resp_arg(body), channel, size, epoch, ttls)))
+            if reserved(room):  # a command (server/control.py): published as is, nothing kept
+                numbered.append(False)
+                commands.append(unnumbered_command(channel, body, self.sharded))
+            else:
+                numbered.append(True)
+                commands.append(b"".join((head, keys, resp_arg(body), channel, size, epoch, ttls)))
         if self.wait_replicas:
             n, ms = str(self.wait_replicas).encode(), str(int(REPLY_TIMEOUT_S * 500)).encode()
             commands.append(b"*3\r\n$4\r\nWAIT\r\n" + resp_arg(n) + resp_arg(ms))
@@ -377,7 +387,7 @@ class RedisBroker:
                 await self._count_replicas()
                 return
         again = []
-        for item, res in zip(batch, results, strict=True):
+        for item, res, has_seq in zip(batch, results, numbered, strict=True):
             fut, pub = item[2], item[3]
             if isinstance(res, NoScriptError) and not retried:
                 again.append(item)
@@ -389,7 +399,7 @@ class RedisBroker:
             else:
                 self._refusing = False
                 if not fut.done():
-                    pub.seq = res
+                    pub.seq = res if has_seq else 0  # PUBLISH answers how many nodes listen
                     fut.set_result(pub)
         if again:
             # Someone flushed the script cache (SCRIPT FLUSH, failover): load and run those once more.
@@ -662,9 +672,13 @@ class RedisBroker:
                     log.error("dropped a malformed envelope on %r", reply[1])
                     continue
                 seq = env.seq
-                if seq == EVENT_SEQ:  # a joined/left event: not numbered, outside history and catch-up
+                if seq <= EVENT_SEQ:  # not numbered, outside history and catch-up:
                     b = env.body
-                    on_event(PresenceEvent(room.name, b.encoding == 1, b.sender, b.origin))
+                    if seq == EVENT_SEQ:  # a joined/left event
+                        on_event(PresenceEvent(room.name, b.encoding == 1, b.sender, b.origin))
+                    elif seq == UNNUMBERED_SEQ:  # a reserved room's publication (a command)
+                        at = perf() - max(0.0, wall() - b.ts)
+                        deliver(Publication(room.name, 0, b.sender, b.payload, b.encoding, b.origin, at))
                     continue
                 if room.floor:
                     if seq <= room.floor:

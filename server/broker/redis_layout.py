@@ -21,6 +21,11 @@ restarts, and the epoch tells clients so (``recovered: false``), never wrong dat
 at 1), ``[0, [user, 1 joined | 0 left, conn, ts, b""]]``, so that they keep their order
 with the room's messages and are never numbered or kept in history.
 
+A reserved room (``$...``, the server's own: ``server/control.py``) has none of these keys
+but presence's: its publications are commands, sent with a plain ``PUBLISH`` of the envelope
+``[-1, body]`` (``UNNUMBERED_SEQ``): never numbered, never kept, so nothing of them stays in
+Redis (the broker contract's "Reserved rooms").
+
 A publish is one Lua script (HINCRBY + XADD ~MAXLEN + PUBLISH), so a seq is
 assigned, kept in history and fanned out in one atomic step: seq has no gaps
 across nodes, and what history says and what subscribers saw cannot disagree.
@@ -209,6 +214,9 @@ class PresenceInfo(msgspec.Struct, array_like=True):
 
 
 EVENT_SEQ = 0  # envelopes with this seq are joined/left events; Body.encoding is 1 joined, 0 left
+UNNUMBERED_SEQ = -1  # envelopes with this seq are a reserved room's publications (no seq, no history)
+# msgpack: a 2-element array, then -1 (a negative fixint): what precedes the body of an unnumbered envelope
+UNNUMBERED_HEAD = b"\x92\xff"
 
 encode_body = msgspec.msgpack.Encoder().encode
 decode_info = msgspec.msgpack.Decoder(PresenceInfo).decode
@@ -241,6 +249,13 @@ def room_args(room: str) -> tuple[bytes, bytes]:
     return resp_arg(meta_key(room).encode()) + resp_arg(history_key(room).encode()), resp_arg(
         channel_name(room).encode()
     )
+
+
+def unnumbered_command(channel: bytes, body: bytes, sharded: bool) -> bytes:
+    """``PUBLISH <channel> [-1, body]`` as RESP (``SPUBLISH`` on a cluster shard); ``channel`` is
+    already RESP (``room_args``). A reserved room's publication: no script, no key."""
+    verb = b"$8\r\nSPUBLISH\r\n" if sharded else b"$7\r\nPUBLISH\r\n"
+    return b"*3\r\n" + verb + channel + resp_arg(UNNUMBERED_HEAD + body)
 
 
 def publish_command_head(sha: str) -> bytes:
