@@ -237,8 +237,9 @@ class GatedProtocol(OpenedProtocol):
             WSProtocol.buffer_updated(self, n)
 
     def _incomplete(self, head: bytearray) -> None:
-        """No CRLF CRLF yet: refuse a head ended with bare LFs (it never gets one) or one past 16 KiB."""
-        if b"\n\n" in head or b"\n\r\n" in head:
+        """No CRLF CRLF yet: refuse a head with a bare LF at once (RFC 9112 §2.2; one ended with bare
+        LFs never gets a CRLF CRLF) or one past 16 KiB."""
+        if head.count(b"\n") != head.count(b"\r\n"):
             self._refuse(Refusal(400, BARE_LF))
         elif len(head) >= MAX_HEAD_BYTES:
             self._refuse(Refusal(431, "request head larger than 16 KiB"))

@@ -535,7 +535,7 @@ class MetricsListener:
         buf += chunk
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if b"\n\n" in buf or b"\n\r\n" in buf:
+            if buf.count(b"\n") != buf.count(b"\r\n"):  # a bare LF: refused at once, even mid-head
                 self._answer(sock, Refusal(400, BARE_LF))
             elif len(buf) >= MAX_HEAD_BYTES:
                 self._answer(sock, Refusal(431, "request head larger than 16 KiB"))

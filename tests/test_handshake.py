@@ -222,6 +222,14 @@ def _pieces(n: int, cuts: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def test_a_bare_lf_is_refused_before_the_head_is_complete(srv):
+    """A client that ends its lines with LF and never sends the blank line (a head that can never
+    complete: no CRLF CRLF will come) gets the 400 at once, not a silent close at --request-timeout
+    (5 s here, past send_head's 3 s)."""
+    status, _, body = exchange(srv, b"GET /ws HTTP/1.1\nHost: x\n")
+    assert (status, body) == (400, BARE_LF_BODY)
+
+
 def test_a_first_frame_in_the_same_packet_as_the_head_is_not_lost(srv):
     """The head check hands every byte after the head to picows: here a ping sent with the upgrade."""
     import socket

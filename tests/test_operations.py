@@ -535,11 +535,12 @@ def test_supervisor_metrics_listener_is_not_held_by_half_sent_requests(redis_ser
     "head, status, body",
     [
         (b"GET /healthz HTTP/1.1\nHost: x\n\n", 400, BARE_LF.encode() + b"\n"),
+        (b"GET /healthz HTTP/1.1\nHost: x\n", 400, BARE_LF.encode() + b"\n"),  # and no blank line yet
         (b"GARBAGE\r\n\r\n", 400, b"malformed request line\n"),
         (b"GET /metrics\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400, None),
         (b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"only GET is served on this port\n"),
     ],
-    ids=["bare LF", "not a request line", "NUL in the target", "POST"],
+    ids=["bare LF", "bare LF mid-head", "not a request line", "NUL in the target", "POST"],
 )
 def test_supervisor_metrics_listener_refuses_bad_heads_like_the_websocket_port(
     redis_server, make_server, head, status, body
