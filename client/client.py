@@ -150,7 +150,9 @@ class Client(Session):
         """Subscribe; with ``since`` the server first replays history after it.
 
         Returns the ack data ``{"room", "seq", "recovered", "epoch"}`` (``epoch``
-        from servers that support it). A ``Recovered`` or ``Gap`` event is reported
+        from servers that support it). ``room`` is the room actually joined: a server's
+        ``before_join`` hook may move the join to another room (docs/app-api.md), and the
+        client then tracks, lists (``rooms``), hands over and rejoins that room, not ``room``. A ``Recovered`` or ``Gap`` event is reported
         when ``since`` was given. ``epoch`` is the numbering ``since`` counts in, as
         returned by ``epoch(room)``: pass both to resume a position saved by an
         earlier process; when the room has been renumbered since (``Gap`` with

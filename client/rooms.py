@@ -48,6 +48,12 @@ history after ``since`` before live messages):
   Deliveries of a room the application is leaving (``leave`` sent, not yet acked)
   are still in flight from before the leave: they are dropped (``unknown``), not
   mistaken for a server join.
+* A join ack whose ``data.room`` names another room than the one asked for (a
+  ``before_join`` hook moved the join, docs/app-api.md) means the connection is in
+  that room: the join's state moves to it (merged into the room's state if it was
+  already tracked), so its deliveries are handed over as the joined room's, it is
+  listed by ``subscribed()``, and it is the room rejoined (with ``since`` and
+  ``epoch``) after a reconnect. The room asked for is not tracked.
 """
 
 from __future__ import annotations
@@ -115,8 +121,12 @@ class RoomTracker:
         held, since = state.held or [], state.since
         state.held = None
         state.since = None
-        state.joined = True
+        was_joined, state.joined = state.joined, True
         seq, recovered, epoch = _ack_fields(data)
+        moved = _ack_room(data)
+        if moved is not None and moved != room:  # a server hook put the connection in another room
+            state = self._move(room, moved, state, was_joined)
+            room = moved
         sent_epoch = state.epoch
         if epoch is not None:
             state.epoch = epoch
@@ -143,6 +153,26 @@ class RoomTracker:
         if state.last_seq is None and seq is not None:
             state.last_seq = seq
         return released, event
+
+    def _move(self, asked: str, actual: str, state: RoomState, was_joined: bool) -> RoomState:
+        """The join of ``asked`` was acked for ``actual``: track the join under ``actual``.
+
+        ``asked`` stays tracked only when it was joined before this join (the connection is
+        still in it: an earlier join was not moved)."""
+        if was_joined:
+            state = RoomState()  # asked keeps its own numbering; actual starts from this ack
+        else:
+            del self.rooms[asked]
+        self.leaving.discard(actual)  # the join came after that leave: actual's deliveries are ours
+        known = self.rooms.get(actual)
+        if known is None:
+            state.joined = True
+            self.rooms[actual] = state
+            return state
+        # Already tracked (joined, or joined by the server): its numbering and what it handed
+        # over stand (a join of it still in flight keeps its own held deliveries).
+        known.joined = True
+        return known
 
     def abort_join(self, room: str) -> None:
         """The join failed or timed out: forget a room never acked, keep one joined before."""
@@ -280,6 +310,12 @@ def _pass_own(state: RoomState) -> None:
         last += 1
         own.discard(last)
     state.last_seq = last
+
+
+def _ack_room(data: Any) -> str | None:
+    """The join ack's ``room`` (the room actually joined), or None when it names none."""
+    room = data.get("room") if isinstance(data, dict) else None
+    return room if isinstance(room, str) and room else None
 
 
 def _ack_fields(data: Any) -> tuple[int | None, bool, str | None]:

@@ -20,6 +20,7 @@ import jwt
 import msgspec
 import pytest
 import websockets
+from apps import hooks as hooks_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_app_api import ENV
@@ -31,6 +32,7 @@ from helpers.peers import WebsocketsPeer
 from helpers.ports import free_port
 from helpers.servers import ServerProcess
 from helpers.waiting import run
+from wsfan.client import connect
 from wsfan.server.protocol import Encoding, payload_problem
 from wsfan.server.wire import valid_room
 
@@ -368,3 +370,29 @@ def test_any_payload_a_hook_chooses_is_delivered_as_chosen_or_refused(value: Any
         assert delivered == [msgspec.json.decode(msgspec.json.encode(value))]
     else:
         assert delivered == [] and hub.stats.errors.get("INTERNAL") == 1
+
+
+@pytest.mark.parametrize("p", ["s", "a"], ids=["sync", "async"])
+def test_the_python_client_follows_a_join_a_hook_moved(hooks: ServerProcess, p: str) -> None:
+    """``join("s-lobby")`` that the hook moves to ``s-lobby.eu``: the client files the join under
+    the ack's room, lists it, and hands over its deliveries as the joined room's (docs/app-api.md)."""
+    asked, actual = f"{p}-lobby", f"{p}-lobby.eu"
+
+    async def go() -> None:
+        async with connect(hooks.url, token()) as c:
+            everything = c.messages()
+            data = await c.join(asked)
+            assert data["room"] == actual
+            assert c.rooms == [actual] and c.last_seq(asked) is None
+            other = await peer(hooks, "bob")
+            assert (await other.request("join", room=actual))["data"]["room"] == actual
+            published = await other.request("publish", room=actual, payload={"n": 1})
+            msg = await everything.get(5)
+            assert (msg.room, msg.seq, msg.payload) == (actual, published["data"]["seq"], {"n": 1})
+            assert c.last_seq(actual) == msg.seq and c.stats.messages == 1
+            assert await c.request(hooks_app.Mine()) == [actual]
+            await c.leave(actual)  # left by the name the ack gave
+            assert c.rooms == [] and await c.request(hooks_app.Mine()) == []
+            await other.close()
+
+    run(go())

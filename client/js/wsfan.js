@@ -173,6 +173,10 @@ export class Backoff {
  *   to the connection: not rejoined after a reconnect, forgotten when the connection is lost;
  *   an explicit `join()` makes it the application's. Deliveries of a room being left (leave
  *   sent, not acked yet) are in flight from before the leave: dropped (`unknown`).
+ * - A join ack whose `data.room` names another room than the one asked for (a `before_join`
+ *   hook moved the join, docs/app-api.md) means the connection is in that room: the join's
+ *   state moves to it (merged if it was already tracked), so its deliveries are the joined
+ *   room's, `subscribed()` lists it, and it is the room rejoined after a reconnect.
  *
  * The rules are shared with client/rooms.py as test vectors (tests/vectors/numbering.json).
  */
@@ -213,13 +217,20 @@ export class RoomTracker {
 
   /** Apply a join ack: returns [deliveries now due to the application, event or null]. */
   endJoin(room, data) {
-    const state = this.rooms.get(room);
+    let state = this.rooms.get(room);
     if (!state) return [[], null];
     const held = state.held || [];
     const since = state.since;
     state.held = null;
     state.since = null;
+    const wasJoined = state.joined;
     state.joined = true;
+    const moved = data && typeof data.room === "string" && data.room ? data.room : null;
+    if (moved !== null && moved !== room) {
+      // A server hook put the connection in another room: the join is that room's.
+      state = this._move(room, moved, state, wasJoined);
+      room = moved;
+    }
     const seq = data && Number.isInteger(data.seq) ? data.seq : null;
     const recovered = data && "recovered" in data ? Boolean(data.recovered) : true;
     const epoch = data && typeof data.epoch === "string" && data.epoch ? data.epoch : null;
@@ -249,6 +260,26 @@ export class RoomTracker {
     const released = held.filter((m) => this.accept(m));
     if (state.lastSeq == null && seq != null) state.lastSeq = seq;
     return [released, event];
+  }
+
+  /**
+   * The join of `asked` was acked for `actual`: track the join under `actual`. `asked` stays
+   * tracked only when it was joined before this join (the connection is still in it).
+   */
+  _move(asked, actual, state, wasJoined) {
+    if (wasJoined) state = newState(); // asked keeps its own numbering; actual starts from this ack
+    else this.rooms.delete(asked);
+    this.leaving.delete(actual); // the join came after that leave: actual's deliveries are ours
+    const known = this.rooms.get(actual);
+    if (!known) {
+      state.joined = true;
+      this.rooms.set(actual, state);
+      return state;
+    }
+    // Already tracked (joined, or joined by the server): its numbering and what it handed over
+    // stand (a join of it still in flight keeps its own held deliveries).
+    known.joined = true;
+    return known;
   }
 
   /** The join failed: forget a room never acked, keep one joined before. */
@@ -766,7 +797,11 @@ export class Client extends EventTarget {
 
   // ---------------------------------------------------------------- requests
 
-  /** Subscribe; with `since`, the server replays history after it first. Resolves `{room, seq, recovered}`. */
+  /**
+   * Subscribe; with `since`, the server replays history after it first. Resolves `{room, seq, recovered}`:
+   * `room` is the room actually joined (a server's before_join hook may move the join, docs/app-api.md);
+   * the client then tracks, lists (`rooms`), hands over and rejoins that room.
+   */
   join(room, { since = null, timeout } = {}) {
     const dl = this._deadline("join", timeout);
     return this._readyConnection(dl).then((conn) => this._joinOn(conn, room, since, dl));
