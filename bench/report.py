@@ -30,9 +30,9 @@ def _label(key: str) -> str:
 
 
 def ratio_text(value: float | None, base: dict[str, float | None]) -> str:
-    """'naive 0.18× · websockets 0.07×' for every baseline with a figure."""
+    """'naive 0.18× · websockets 0.07×' for every baseline with a figure (a baseline commit's after them)."""
     parts = []
-    for key in BASELINES:
+    for key in [*BASELINES, *(k for k in base if k not in BASELINES)]:
         b = base.get(key)
         if key in base and value is not None and b:
             r = value / b
@@ -47,8 +47,13 @@ def _baselines(
     return {
         r["variant"]: _get(r, metric)
         for r in rows
-        if r["variant"] in BASELINES and r["variant"] != own and match(r)
+        if _is_baseline(r["variant"]) and r["variant"] != own and match(r)
     }
+
+
+def _is_baseline(variant: str) -> bool:
+    """A baseline server, or wsfan at a baseline commit (``wsfan@<sha>``, see bench/baselines/commit.py)."""
+    return variant in BASELINES or variant.startswith("wsfan@")
 
 
 def _get(r: dict[str, Any], metric: str) -> Any:
@@ -465,46 +470,130 @@ def storm_section(doc: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _spread(r: dict[str, Any], key: str, fmt: str) -> str:
+    """A row's median figure, with its min–max over the repetitions when they differed."""
+    v = r.get(key)
+    if v is None:
+        return "—"
+    text = fmt.format(v)
+    lo_med_hi = (r.get("spread") or {}).get(key)
+    if lo_med_hi:
+        text += f" ({fmt.format(lo_med_hi[0])}–{fmt.format(lo_med_hi[2])})"
+    return text
+
+
+#: The crowd figures compared between servers: (row key, short name); for connects/s higher is better.
+CROWD_FIGURES = (
+    ("server_us_per_connect", "CPU"),
+    ("connects_per_s", "conn/s"),
+    ("t100_s", "all back"),
+    ("kb_per_connection", "KB"),
+)
+
+
+def _crowd_ratios(r: dict[str, Any], other: dict[str, Any] | None) -> str:
+    if other is None or other is r:
+        return "—"
+    parts = [f"{name} {_ratio(r.get(k), other.get(k))}" for k, name in CROWD_FIGURES]
+    return " · ".join(parts)
+
+
+def _crowd_peer(rows: list[dict[str, Any]], r: dict[str, Any], variant: str | None) -> dict[str, Any] | None:
+    """The row of ``variant`` (with the same worker suffix as ``r``) for the same crowd size and wave."""
+    if variant is None:
+        return None
+    if r["variant"].endswith("-w2") and not variant.endswith("-w2"):
+        variant += "-w2"
+    return next(
+        (b for b in rows if b["variant"] == variant and b["size"] == r["size"] and b["phase"] == r["phase"]),
+        None,
+    )
+
+
+def _crowd_label(variant: str) -> str:
+    """'wsfan --workers 2' for 'wsfan-w2', 'wsfan@03ec708' as it is."""
+    workers = variant.endswith("-w2")
+    key = variant.removesuffix("-w2")
+    return (_label(key) if key in ALL else key) + (" --workers 2" if workers else "")
+
+
 def connect_section(doc: dict[str, Any]) -> list[str]:
     rows = doc["data"]["rows"]
     s = doc["settings"]
+    base = next((r["variant"] for r in rows if r["variant"].startswith("wsfan@")), None)
+    base = base.removesuffix("-w2") if base else None
+    repeats = doc["data"].get("repeats", 1)
     out = [
-        "## Connect rate",
+        "## Reconnection storm cost: a crowd connects and joins at once",
         "",
-        f"{s['connections']:,} connections, {s['concurrency']} handshakes in flight; a connection counts when the "
-        "welcome arrived. Server CPU per connect includes the kernel's share of loopback TCP.",
+        "Each crowd: N plain picows clients over ⌈N ÷ 19,000⌉ load-generator processes (one process may hold "
+        "20,000 files here) and many 127.a.b.1 source addresses, all on the load-generator core; every client "
+        f"connects, sends its join (rooms spread over {s['rooms']}) as soon as the upgrade is answered, and is "
+        "*rejoined* when the join ack arrives; at most "
+        f"{s['concurrency']:,} handshakes in flight in all. *connect*: the crowd arrives at a fresh server; "
+        "*reconnect*: the whole crowd dropped its TCP connections at once, the server was left to clean up "
+        "until its CPU was quiet, then the crowd came back at once (the reconnection storm). Server CPU per "
+        "connect + join = the server process tree's utime + stime (/proc) over the wave ÷ clients rejoined; "
+        "all back = last join ack − go; connects/s = rejoined ÷ that time; KB per idle connection = (RSS with "
+        "the crowd joined and idle − RSS before the first wave) ÷ clients. The largest single-process size is "
+        f"what one process can hold here ({doc['data'].get('max_connections', 0):,}); `-w2` = `--workers 2` "
+        "behind a private redis-server, both workers on the server core. "
+        + (
+            f"Baseline commit: {doc['data'].get('baseline')} (started from a `git archive` of it, same venv). "
+            if base
+            else ""
+        )
+        + (
+            f"Figures are medians of {repeats} repetitions, (min–max) where they differed."
+            if repeats > 1
+            else "One repetition."
+        ),
         "",
     ]
     table = []
     for r in rows:
+        bun = _crowd_peer(rows, r, "bun") if not r["variant"].startswith("bun") else None
+        old = _crowd_peer(rows, r, base) if base and not r["variant"].startswith(("wsfan@", "bun")) else None
         table.append(
             [
-                _label(r["variant"]),
-                _num(r["handshakes_per_s"]),
-                ratio_text(
-                    r["handshakes_per_s"], _baselines(rows, lambda b: True, "handshakes_per_s", r["variant"])
-                ),
-                _num(r["server_us_per_connect"]),
-                ratio_text(
-                    r["server_us_per_connect"],
-                    _baselines(rows, lambda b: True, "server_us_per_connect", r["variant"]),
-                ),
+                f"{r['size']:,}",
+                r["phase"],
+                _crowd_label(r["variant"]),
+                f"{r['rejoined']:,}/{r['size']:,}",
+                _spread(r, "server_us_per_connect", "{:,.0f}"),
+                _spread(r, "connects_per_s", "{:,.0f}"),
+                _spread(r, "t50_s", "{:.2f}"),
+                _spread(r, "t100_s", "{:.2f}"),
+                _spread(r, "kb_per_connection", "{:.2f}"),
+                _crowd_ratios(r, bun),
+                _crowd_ratios(r, old),
                 *capacity(r),
-                f"{r['connected']:,}/{r['connections']:,}",
             ]
         )
     out += markdown_table(
         [
+            "clients",
+            "wave",
             "server",
-            "handshakes/s",
-            "rate ÷ baseline",
-            "server µs/connect",
-            "CPU ÷ baseline",
+            "rejoined",
+            "server µs per connect+join",
+            "connects/s",
+            "50% back (s)",
+            "all back (s)",
+            "KB per idle conn",
+            "÷ Bun (same run)",
+            f"÷ {base or 'baseline'} (same run)",
             *CAPACITY_COLUMNS,
-            "check",
         ],
         table,
     )
+    out += [
+        "",
+        "Ratios are this row ÷ the other server's row for the same crowd and wave: below 1 is better for CPU, "
+        "all back and KB, above 1 for connects/s. Bun holds one process only, so the `-w2` crowds compare with "
+        "the baseline commit's `-w2` alone. The bottleneck column names the side whose core was ≥ 90 % busy "
+        "over the wave (the load generators are several processes sharing one core).",
+    ]
     return out + [""]
 
 
@@ -757,14 +846,23 @@ def headline(docs: dict[str, dict[str, Any]]) -> list[list[str]]:
             )
     if "connect" in docs:
         rows = docs["connect"]["data"]["rows"]
-        ours = next((r for r in rows if r["variant"] == "wsfan"), None)
-        if ours is not None:
-            add(
-                "handshakes/s",
-                f"{ours['handshakes_per_s']:,.0f}",
-                ours["handshakes_per_s"],
-                _baselines(rows, lambda b: True, "handshakes_per_s"),
-            )
+        ours = [r for r in rows if r["variant"] == "wsfan" and r["phase"] == "reconnect"]
+        r = max(ours, key=lambda x: x["size"], default=None)
+        if r is not None:
+            same = lambda b, r=r: b["size"] == r["size"] and b["phase"] == r["phase"]  # noqa: E731
+            for metric, what, fmt in (
+                ("server_us_per_connect", "server CPU per connect + join", "{:,.0f} µs"),
+                ("connects_per_s", "connects/s", "{:,.0f}"),
+                ("t100_s", "all rejoined after", "{:.2f} s"),
+                ("kb_per_connection", "memory per idle connection", "{:.2f} KB"),
+            ):
+                v = r.get(metric)
+                add(
+                    f"{what}, reconnection storm of {r['size']:,}",
+                    "—" if v is None else fmt.format(v),
+                    v,
+                    _baselines(rows, same, metric),
+                )
     if "storm" in docs:
         for r in docs["storm"]["data"]["results"]:
             if r["event"] == "restart" and r["jitter"] and not r["admission"]:

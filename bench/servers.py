@@ -25,6 +25,8 @@ class Variant:
     args: tuple[str, ...] = ()
     baseline: bool = False
     note: str = ""
+    # A wsfan of another commit: the folder ``baselines/commit.py`` laid out, started as the working directory.
+    cwd: str = ""
 
     def argv(
         self,
@@ -38,6 +40,8 @@ class Variant:
         if self.kind == "wsfan":
             # Rate limit off: the load generators publish thousands of messages per second by design.
             argv = [sys.executable, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(port)]
+            if self.cwd:
+                argv = ["env", f"--chdir={self.cwd}", *argv]
             argv += ["--rate-limit", "0", "--log-level", "warning", "--echo-endpoint"]
             if heartbeat_ms is not None:
                 argv += ["--heartbeat", str(heartbeat_ms)]

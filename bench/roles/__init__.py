@@ -9,7 +9,7 @@ Which client each role uses, and why:
 | ``echo_lat`` | plain picows | up to 20,000+ requests/s: per-request futures would make the load generator the bottleneck |
 | ``fanout_lat`` | plain picows | up to a million deliveries/s received on one core |
 | ``idle_multi`` | plain picows | tens of thousands of idle connections; pings counted per server |
-| ``connect`` | plain picows | handshake rate: the cheapest possible client side |
+| ``crowd`` | plain picows | a reconnecting crowd (connect + join at once): the cheapest possible client side |
 | ``oneshot_rooms`` / ``churn`` | plain picows | hundreds of thousands of rooms, or joins as fast as acks come |
 | ``fanout``, ``idle``, ``echo`` | plain picows | the core scenario: closed-loop fan-out, idle memory, echo CPU |
 | ``storm`` | ``client/`` | the point is the client's real reconnect logic (backoff, jitter, Retry-After, rejoin with since) |
@@ -21,9 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 from wsfan.bench.roles import core
+from wsfan.bench.roles.crowd import crowd
 from wsfan.bench.roles.echo import echo_lat
 from wsfan.bench.roles.fanout import fanout_lat
-from wsfan.bench.roles.idle import connect, idle_multi
+from wsfan.bench.roles.idle import idle_multi
 from wsfan.bench.roles.rooms import churn, oneshot_rooms
 from wsfan.bench.roles.storm import storm
 
@@ -35,7 +36,7 @@ ROLES: dict[str, Callable[..., Any]] = {
     "echo_lat": echo_lat,
     "fanout_lat": fanout_lat,
     "idle_multi": idle_multi,
-    "connect": connect,
+    "crowd": crowd,
     "storm": storm,
     "oneshot_rooms": oneshot_rooms,
     "churn": churn,

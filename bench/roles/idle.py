@@ -1,6 +1,6 @@
-"""Roles ``idle_multi`` (idle connections to several servers, pings counted) and ``connect`` (handshake rate).
+"""Role ``idle_multi``: idle connections to several servers, pings counted.
 
-Plain picows: these roles open tens of thousands of connections that do nothing,
+Plain picows: this role opens tens of thousands of connections that do nothing,
 so the cheapest listener wins; ``client/`` adds a session, a supervisor task and
 its own heartbeat per connection, which would be measured instead of the server.
 
@@ -10,10 +10,6 @@ reports the pings received and the connections still open per slot since the
 last ``count``. A process holds at most ~19,000 connections (the machine's hard
 open-file limit is 20,000 and cannot be raised), so the harness spreads targets
 over several processes.
-
-``connect``: on ``go``, open ``connections`` connections (``concurrency`` handshakes
-in flight), each done when the server's first message (the welcome) arrives;
-report the time taken, then ``close`` disconnects them all.
 """
 
 from __future__ import annotations
@@ -84,26 +80,3 @@ async def idle_multi(cfg: dict[str, Any], control: Control) -> None:
             )
             pings[:] = [0] * slots
     disconnect_all(conns)
-
-
-class Welcomed(Base):
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is CLOSE:
-            self._on_close(transport, frame)
-        elif not self.ready.done():
-            self.ready.set_result(None)
-
-
-async def connect(cfg: dict[str, Any], control: Control) -> None:
-    emit("ready")
-    await control.wait_for("go")
-    started = clock()
-    conns = await connect_many(
-        Welcomed, cfg["url"], cfg["connections"], cfg.get("concurrency", 100), read_buffer_init_size=256
-    )
-    emit("done", connected=len(conns), seconds=clock() - started)
-    await control.wait_for("close")
-    disconnect_all(conns)
-    await asyncio.sleep(0.2)
-    emit("closed")
-    await control.wait_for("quit")
