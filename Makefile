@@ -17,7 +17,7 @@ help:
 	@echo "make lint          ruff check + format check"
 	@echo "make format        ruff format + ruff check --fix"
 	@echo "make conformance   RFC 6455 conformance: Autobahn|Testsuite fuzzingclient against /echo (needs a Python 2.7, see README)"
-	@echo "make bench         the full benchmark suite (~9 min) into results/local/ (git-ignored)"
+	@echo "make bench         the full benchmark suite (~17 min) into results/local/ (git-ignored)"
 	@echo "make bench-quick   the same in CI size (under a minute) into results/tmp/ (git-ignored)"
 	@echo "make bench-core    server CPU per delivery vs a naive picows loop, memory per idle connection, into results/local/"
 	@echo "make bench-micro   pytest-benchmark micro benchmarks, compared with the last local run (results/local/micro/)"

@@ -560,7 +560,9 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
                 r["phase"],
                 _crowd_label(r["variant"]),
                 f"{r['rejoined']:,}/{r['size']:,}",
-                _spread(r, "server_us_per_connect", "{:,.0f}"),
+                _spread(r, "server_us_per_connect", "{:,.0f}")
+                + (f" + redis {r['redis_us_per_connect']:,.0f}" if r.get("redis_us_per_connect") else ""),
+                _spread(r, "loadgen_us_per_connect", "{:,.0f}"),
                 _spread(r, "connects_per_s", "{:,.0f}"),
                 _spread(r, "t50_s", "{:.2f}"),
                 _spread(r, "t100_s", "{:.2f}"),
@@ -577,6 +579,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
             "server",
             "rejoined",
             "server µs per connect+join",
+            "load gen µs per connect",
             "connects/s",
             "50% back (s)",
             "all back (s)",

@@ -103,7 +103,7 @@ def test_every_scenario_wrote_its_json_report_and_plots(run):
         "## Echo",
         "## Heartbeat",
         "## Reconnection storm",
-        "## Connect",
+        "## Reconnection storm cost",
         "## Rooms that come and go",
     ):
         assert heading in report
@@ -189,15 +189,84 @@ def test_storm_fractions_times_and_message_accounting_add_up(run):
     )
 
 
-def test_connect_rate_counts_every_connection(run):
+def test_connect_storm_rejoins_every_client_and_reports_cpu_time_and_memory(run):
+    """Both waves of each crowd (one process, and --workers 2 behind Redis): every client rejoined, figures add up."""
     rows = _rows(run, "connect")
-    assert rows, "the connect scenario wrote no rows"
+    waves = {(r["variant"], r["phase"]) for r in rows}
+    assert {
+        ("wsfan", "connect"),
+        ("wsfan", "reconnect"),
+        ("wsfan-w2", "connect"),
+        ("wsfan-w2", "reconnect"),
+    } <= waves
     for r in rows:
-        assert (
-            r["connected"] == r["connections"]
-            and r["handshakes_per_s"] > 0
-            and r["server_us_per_connect"] > 0
-        )
+        tag = f"connect {r['variant']} {r['size']} {r['phase']}"
+        assert r["rejoined"] == r["size"] and r["errors"] == 0 and r["attempts"] >= r["size"], tag
+        assert 0 < r["t50_s"] <= r["t99_s"] <= r["t100_s"], tag
+        assert r["connects_per_s"] == pytest.approx(r["size"] / r["t100_s"]), tag
+        assert r["server_us_per_connect"] > 0 and r["rss_after"] > r["rss_before"] > 0, tag
+        assert r["kb_per_connection"] == pytest.approx(
+            (r["rss_after"] - r["rss_before"]) / r["size"] / 1024
+        ), tag
+        assert r["workers"] == (2 if r["variant"].endswith("-w2") else 1), tag
+    assert all(r["quiet_wait_s"] is not None for r in rows if r["phase"] == "reconnect")
+
+
+@pytest.mark.timeout(120)
+def test_connect_storm_runs_a_baseline_commit_beside_todays_server(tmp_path):
+    """--baseline REF: wsfan exported from that commit (git archive) runs in the same run; the report divides by it."""
+    proc = _bench(
+        "connect",
+        "--quick",
+        "--variants",
+        "wsfan",
+        "--sizes",
+        "50",
+        "--workers-sizes",
+        "",
+        "--baseline",
+        "HEAD",
+        "--bun",
+        "off",
+        "--out",
+        str(tmp_path),
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "connect.json").read_text())
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    variants = {r["variant"] for r in doc["data"]["rows"]}
+    assert variants == {"wsfan", f"wsfan@{head[:7]}"}
+    assert doc["data"]["baseline"] == f"wsfan at commit {head}"
+    assert all(r["rejoined"] == 50 for r in doc["data"]["rows"])
+    report = (tmp_path / "report.md").read_text()
+    assert f"÷ wsfan@{head[:7]} (same run)" in report and f"wsfan@{head[:7]} " in report
+
+
+def test_baseline_tree_imports_the_old_commit_not_the_editable_install(tmp_path, monkeypatch):
+    from wsfan.bench.baselines import commit
+
+    monkeypatch.setattr(commit, "CACHE", tmp_path)
+    folder, sha = commit.tree("HEAD")
+    assert len(sha) == 40 and (tmp_path / sha / "complete").read_text().strip() == sha
+    assert commit.tree("HEAD") == (folder, sha)  # exported once, then reused
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import wsfan.server.app as a, wsfan.client as c; print(a.__file__); print(c.__file__)",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(folder)) for line in where.stdout.split()), where.stdout
+    with pytest.raises(commit.BaselineError):
+        commit.tree("no-such-ref-anywhere")
 
 
 def test_cluster_counts_every_delivery_across_two_nodes_and_splits_cpu_per_process(run):

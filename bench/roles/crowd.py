@@ -1,8 +1,9 @@
 """Role ``crowd``: a share of a reconnecting crowd, every member connecting and joining at once.
 
-Plain picows (not ``client/``): the figure is the *server's* cost per connect + join, so the
-load generator must spend as little as it can per connection; the project client's backoff
-and rejoin logic is the ``storm`` scenario's subject, not this one's.
+A bare WebSocket client on uvloop transports (``Member``), not picows' client nor ``client/``:
+the figure is the *server's* cost per connect + join, so the load generator must spend as
+little as it can per connection, or it saturates long before the server does; the project
+client's backoff and rejoin logic is the ``storm`` scenario's subject, not this one's.
 
 Commands (JSON lines on stdin):
 
@@ -22,57 +23,140 @@ Commands (JSON lines on stdin):
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from typing import Any
 
 import msgspec
-from picows import WSFrame, WSTransport, ws_connect
 
-from wsfan.bench.roles.base import (
-    CLOSE,
-    HEAD,
-    TEXT,
-    Base,
-    Control,
-    disconnect_all,
-    emit,
-    spread_sources,
-)
+from wsfan.bench.roles.base import HEAD, Control, emit, spread_sources
 from wsfan.bench.roles.pacing import clock
 from wsfan.server.wire import Join
 
 
-class Member(Base):
-    """One crowd member: sends its join on upgrade; ready, with ``acked_at`` stamped, on the join ack."""
+class Member(asyncio.Protocol):
+    """One crowd member on a bare uvloop transport: upgrade, join, wait for the ack, answer pings.
 
-    def __init__(self, join: bytes) -> None:
-        super().__init__()
+    A WebSocket client reduced to what the crowd needs, because the load generator's cost per
+    connection decides whether the server or the load generator saturates first (picows'
+    client costs several times more per connect). The upgrade request is fixed bytes (a fixed
+    ``Sec-WebSocket-Key``: nothing here checks the server's accept hash); client frames are
+    masked with the all-zero key (RFC 6455 §5.3 requires a mask, not a particular one), so the
+    join and the pongs are sent as prebuilt bytes. Server frames are parsed just enough to find
+    text frames (the welcome, the join ack), pings (answered) and a close.
+    """
+
+    __slots__ = (
+        "request",
+        "join",
+        "transport",
+        "buf",
+        "upgraded",
+        "ready",
+        "acked_at",
+        "errors",
+        "close_code",
+    )
+
+    def __init__(self, request: bytes, join: bytes, ready: asyncio.Future[None]) -> None:
+        self.request = request
         self.join = join
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.upgraded = False
+        self.ready = ready
         self.acked_at = 0.0
+        self.errors = 0
+        self.close_code: int | None = None
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        transport.send(TEXT, self.join)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment] # uvloop's TCPTransport is not an asyncio.Transport subclass
+        transport.write(self.request)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is CLOSE:
-            self._on_close(transport, frame)
-            return
-        if frame.msg_type is not TEXT or self.ready.done():
-            return
-        m = HEAD.decode(frame.get_payload_as_memoryview())
-        if m.type == "ack":
-            self.acked_at = clock()
-            self.ready.set_result(None)
-        elif m.type == "error":
-            self.errors += 1
-            self.ready.set_exception(ConnectionError(f"join refused: {m.code} {m.message}"))
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(
+                ConnectionResetError(f"closed before the join ack ({exc or self.close_code})")
+            )
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            status = buf[: buf.find(b"\r\n")]
+            if not status.startswith(b"HTTP/1.1 101"):
+                self._fail(ConnectionRefusedError(status.decode(errors="replace")))
+                return
+            self.upgraded = True
+            self.transport.write(self.join)  # type: ignore[union-attr]
+            buf = buf[end + 4 :]
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            op, size = buf[pos] & 0x0F, buf[pos + 1] & 0x7F
+            head = 2
+            if size == 126:
+                if n - pos < 4:
+                    break
+                size, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif size == 127:
+                if n - pos < 10:
+                    break
+                size, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if n - pos < head + size:
+                break
+            payload = buf[pos + head : pos + head + size]
+            pos += head + size
+            if op == 1:
+                if not self.ready.done():
+                    m = HEAD.decode(payload)
+                    if m.type == "ack":
+                        self.acked_at = clock()
+                        self.ready.set_result(None)
+                    elif m.type == "error":
+                        self.errors += 1
+                        self._fail(ConnectionError(f"join refused: {m.code} {m.message}"))
+                        return
+            elif (
+                op == 9
+            ):  # ping: pong with the same payload (short: the server's pings carry none or a few bytes)
+                self.transport.write(bytes((0x8A, 0x80 | size)) + ZERO_MASK + payload)  # type: ignore[union-attr]
+            elif op == 8:
+                self.close_code = int.from_bytes(payload[:2], "big") if size >= 2 else 1005
+                self._fail(ConnectionResetError(f"server closed with {self.close_code}"))
+                return
+        self.buf = buf[pos:]
+
+    def disconnect(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+ZERO_MASK = b"\x00\x00\x00\x00"
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A masked client text frame (all-zero mask key, so the payload goes as is)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    else:
+        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    return head + ZERO_MASK + payload
 
 
 async def wave(cfg: dict[str, Any], at: float, timeout: float) -> tuple[list[Member], dict[str, Any]]:
     """Every member connects and joins; returns the rejoined members and the ``joined`` report."""
     url, n, rooms = cfg["url"], cfg["connections"], max(1, cfg.get("rooms", 100))
     offset = cfg.get("room_offset", 0)
-    joins = [msgspec.json.encode(Join(id="j", room=f"crowd-{k}")) for k in range(rooms)]
+    joins = [text_frame(msgspec.json.encode(Join(id="j", room=f"crowd-{k}"))) for k in range(rooms)]
     deadline = at + timeout
     max_attempts = cfg.get("attempts", 5)
     sem = asyncio.Semaphore(max(1, cfg.get("concurrency", 500)))
@@ -80,40 +164,47 @@ async def wave(cfg: dict[str, Any], at: float, timeout: float) -> tuple[list[Mem
     attempts = 0
     failures: dict[str, int] = {}
 
+    loop = asyncio.get_running_loop()
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = (
+        f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+    async def attempt(join: bytes) -> Member:
+        sock = socket_factory(None)
+        try:
+            await loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        ready: asyncio.Future[None] = loop.create_future()
+        _, member = await loop.create_connection(lambda: Member(request, join, ready), sock=sock)
+        try:
+            await ready
+        except BaseException:
+            member.disconnect()
+            raise
+        return member
+
     async def one(i: int) -> Member | None:
         nonlocal attempts
         join = joins[(i + offset) % rooms]
         async with sem:
-            for attempt in range(1, max_attempts + 1):
-                attempts += 1
-                listener: Member | None = None
+            for n_try in range(1, max_attempts + 1):
                 left = deadline - clock()
                 if left <= 0:
                     break
+                attempts += 1
                 try:
-                    _, got = await asyncio.wait_for(
-                        ws_connect(
-                            lambda: Member(join),
-                            url,
-                            socket_factory=socket_factory,
-                            read_buffer_init_size=256,
-                            websocket_handshake_timeout=max(1.0, left),
-                        ),
-                        left,
-                    )
-                    if got is None:  # picows: the socket closed before the server answered the upgrade
-                        raise ConnectionResetError("connection closed during the handshake")
-                    assert isinstance(got, Member)
-                    listener = got
-                    await asyncio.wait_for(listener.ready, max(0.01, deadline - clock()))
-                    return listener
+                    async with asyncio.timeout(left):
+                        return await attempt(join)
                 except Exception as exc:  # noqa: BLE001 - every failure is counted by kind, then retried
                     kind = type(exc).__name__
                     failures[kind] = failures.get(kind, 0) + 1
-                    if listener is not None and listener.transport is not None:
-                        listener.transport.disconnect()
-                if attempt < max_attempts:
-                    await asyncio.sleep(min(0.05 * attempt, max(0.0, deadline - clock())))
+                if n_try < max_attempts:
+                    await asyncio.sleep(min(0.05 * n_try, max(0.0, deadline - clock())))
         return None
 
     got = await asyncio.gather(*(one(i) for i in range(n)))
@@ -141,8 +232,10 @@ async def crowd(cfg: dict[str, Any], control: Control) -> None:
             members, report = await wave(cfg, float(cmd["at"]), float(cmd["timeout"]))
             emit("joined", **report)
         elif what == "drop":
-            disconnect_all(members)  # type: ignore[arg-type]
+            for m in members:
+                m.disconnect()
             members = []
             await asyncio.sleep(0.1)
             emit("dropped")
-    disconnect_all(members)  # type: ignore[arg-type]
+    for m in members:
+        m.disconnect()

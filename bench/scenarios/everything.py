@@ -1,7 +1,7 @@
 """``python -m wsfan.bench all``: every scenario of the suite into one run folder, then report.md and plots (``--publish``: also results/latest.md).
 
-Order: fan-out, echo, heartbeat, reconnection storm, connect rate, cluster, compression, rooms (the core
-scenario stays separate: ``make bench-core``). A full run takes about 15
+Order: fan-out, echo, heartbeat, reconnection storm, its cost per connect + join (connect), cluster, compression, rooms (the core
+scenario stays separate: ``make bench-core``). A full run takes about 20
 minutes on 2 cores; ``--quick`` is the CI-sized version (under a minute). A
 scenario that fails is recorded and the others still run; the exit code is 1
 when any check failed.
@@ -44,7 +44,7 @@ DEFAULT_MINUTES = {
     "echo": 1.5,
     "heartbeat": 1.5,
     "storm": 2.5,
-    "connect": 0.7,
+    "connect": 3.0,
     "cluster": 1.5,
     "compression": 1.0,
     "rooms": 1.5,
