@@ -26,7 +26,7 @@ from wsfan.server import control
 from wsfan.server.auth import AuthError, Identity, token_from_request
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
-from wsfan.server.handshake import BARE_LF, Refusal, single
+from wsfan.server.handshake import BARE_LF, MAX_HEADER_LINES, Refusal, single
 from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
@@ -65,7 +65,8 @@ class _QuietHandler(RequestHandler):
         log.debug("malformed request from %s: %s", request.remote, message)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started: cannot send the error")
-        resp = web.Response(status=status, text=_parser_sentence(status, message))
+        status, text = _parser_answer(status, message)
+        resp = web.Response(status=status, text=text)
         resp.force_close()
         return resp
 
@@ -77,14 +78,20 @@ _BARE_LF_ERRORS = (
 )
 
 
-def _parser_sentence(status: int, message: str | None) -> str:
-    """The body for a request aiohttp's parser refused: our sentence where we have one, else the phrase.
+def _parser_answer(status: int, message: str | None) -> tuple[int, str]:
+    """Status and body for a request aiohttp's parser refused: the WebSocket port's sentence (and,
+    for too many header fields, its 431) where the rule is the same, else the status's phrase.
 
     Never the parser's own text, which quotes the request back.
     """
-    if message is not None and message.startswith(_BARE_LF_ERRORS):
-        return BARE_LF + "\n"
-    return f"{status} {HTTPStatus(status).phrase}\n"
+    if message is not None:
+        if message.startswith(_BARE_LF_ERRORS):
+            return 400, BARE_LF + "\n"
+        if message.startswith("Too many headers"):
+            return 431, f"more than {MAX_HEADER_LINES} header fields\n"  # RFC 6585 §5
+        if message.startswith("Got more than 8190 bytes"):
+            return 400, "a request line or header line longer than 8190 bytes\n"
+    return status, f"{status} {HTTPStatus(status).phrase}\n"
 
 
 class _QuietServer(web.Server):
