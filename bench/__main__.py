@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "smoke", False):
+        args.quick = True  # a smoke run is a quick run in every other respect (results/tmp/, no --publish)
     return SCENARIOS[args.scenario].run(args)
 
 

@@ -68,6 +68,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="CI-sized run (seconds, not minutes); figures indicative only"
     )
     p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="smaller than --quick (and implies it): the fewest clients, rooms and seconds that still run every "
+        "code path of the scenario and write every table and plot; the test suite's size, figures meaningless",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         help="run folder (default results/local/<YYYYMMDD-HHMM>-<host>/, quick: results/tmp/, "
@@ -141,11 +147,16 @@ def context_from(args: argparse.Namespace, connections_hint: int = 20_000) -> Co
 S = TypeVar("S")
 
 
-def settings_from(cls: type[S], quick: dict[str, Any], args: argparse.Namespace) -> S:
-    """Defaults, then the quick overrides, then any option given explicitly on the command line."""
+def settings_from(
+    cls: type[S], quick: dict[str, Any], args: argparse.Namespace, smoke: dict[str, Any] | None = None
+) -> S:
+    """Defaults, then the quick overrides, then (``--smoke``) the smoke ones, then any option given explicitly."""
     s = cls()
-    if args.quick:
+    if args.quick or getattr(args, "smoke", False):
         for k, v in quick.items():
+            setattr(s, k, v)
+    if getattr(args, "smoke", False):
+        for k, v in (smoke or {}).items():
             setattr(s, k, v)
     for f in fields(cls):  # type: ignore[arg-type]
         v = getattr(args, f.name, None)

@@ -54,6 +54,7 @@ class Settings(fanout.PhaseSettings):
 
 
 QUICK: dict[str, Any] = {"sizes": (100,), **fanout.QUICK_PHASES}
+SMOKE = fanout.SMOKE  # the quick phases (see fanout.SMOKE)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -247,4 +248,4 @@ def measure(ctx: Context, s: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args, SMOKE), args)

@@ -35,6 +35,7 @@ class Settings(fanout.Settings):
 
 
 QUICK: dict[str, Any] = {"sizes": (100,), **fanout.QUICK_PHASES}
+SMOKE = fanout.SMOKE  # the quick phases (see fanout.SMOKE)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def measure(ctx: Any, s: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args, SMOKE), args)
 
 
 def _by(rows: list[dict[str, Any]], variant: str, size: int, phase: str) -> dict[str, Any] | None:

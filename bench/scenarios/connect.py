@@ -104,6 +104,8 @@ QUICK: dict[str, Any] = {
     "quiet_limit": 3.0,
     "baseline": "",
 }
+#: The quick size: a quick crowd's CPU is already near one 10 ms tick per row.
+SMOKE: dict[str, Any] = {}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -336,7 +338,7 @@ def _key(c: Crowd) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = settings_from(Settings, QUICK, args)
+    s = settings_from(Settings, QUICK, args, SMOKE)
     if s.baseline.lower() == "none":
         s.baseline = ""
     return run_scenario(NAME, measure, s, args)

@@ -49,6 +49,7 @@ class Settings:
 
 
 QUICK: dict[str, Any] = {"rates": (1000,), "duration": 0.4, "max_duration": 0.4, "connections": 20}
+SMOKE: dict[str, Any] = {"duration": 0.2, "max_duration": 0.2, "connections": 10}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -188,4 +189,4 @@ def measure(ctx: Context, s: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args, SMOKE), args)

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         code |= run_scenario(
             name,
             module.measure,
-            settings_from(module.Settings, module.QUICK, args),
+            settings_from(module.Settings, module.QUICK, args, module.SMOKE),
             args,
             ctx,
             render=False,

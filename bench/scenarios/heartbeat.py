@@ -52,6 +52,8 @@ class Settings:
 
 
 QUICK: dict[str, Any] = {"counts": (200,), "intervals_ms": (1000, 0), "window": 1.6, "warmup": 0.3}
+#: The quick size: a 1 s heartbeat must ping inside the window, and fewer connections can leave no RSS to measure.
+SMOKE: dict[str, Any] = {}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -245,4 +247,4 @@ def measure(ctx: Context, s: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args, SMOKE), args)

@@ -61,6 +61,14 @@ QUICK: dict[str, Any] = {
     "churners": 5,
     "churn_duration": 1.0,
 }
+SMOKE: dict[str, Any] = {
+    "rooms": 2_000,
+    "warmup_rooms": 2_000,
+    "history_ttl": 1.0,
+    "churn_listeners": 5,
+    "churners": 2,
+    "churn_duration": 0.5,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -240,4 +248,4 @@ def measure(ctx: Context, s: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args, SMOKE), args)

@@ -94,6 +94,7 @@ QUICK: dict[str, Any] = {
         ("reload-spread", True, False),
     ),
 }
+SMOKE: dict[str, Any] = {"clients": 50, "rooms": 5, "handshake_rate": 25.0, "reload_spread": 1.5}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -339,4 +340,4 @@ def measure(ctx: Context, s: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args), args)
+    return run_scenario(NAME, measure, settings_from(Settings, QUICK, args, SMOKE), args)
