@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from typing import Any
 
 from wsfan.bench.results import markdown_table
@@ -21,18 +22,38 @@ def _pct(x: float | None) -> str:
 
 
 def _cores(runs: list[dict[str, Any]]) -> tuple[str, str, str]:
-    """Server core, load-gen core (ours, +other tenants) and bottleneck, over every run of one figure."""
+    """Server core, load-gen core (ours, +other tenants) and bottleneck of one figure, over all its runs.
+
+    One cell per column however many runs (``--repeat 15`` used to repeat each cell 15 times): the
+    median, its [min–max] when the runs differed, and each bottleneck with how many runs had it.
+    """
     if not runs:
         return "", "", ""
-    srv = ", ".join(
-        f"{_pct(r['interval']['server_util'])} (+{_pct(r['interval'].get('other_load_server_core'))})"
-        for r in runs
+
+    def side(key: str, other: str) -> str:
+        ours = [r["interval"][key] for r in runs]
+        others = [r["interval"][other] for r in runs if r["interval"].get(other) is not None]
+        text = f"{_pct(_median(ours))} (+{_pct(_median(others))})"
+        if len(ours) > 1 and min(ours) != max(ours):
+            text += f" [{_pct(min(ours))}–{_pct(max(ours))}]"
+        return text
+
+    seen = Counter(r["interval"]["bottleneck"] for r in runs)
+    bottleneck = "; ".join(
+        b if len(runs) == 1 else f"{b} ({n} of {len(runs)} runs)" for b, n in seen.most_common()
     )
-    cli = ", ".join(
-        f"{_pct(r['interval']['loadgen_util'])} (+{_pct(r['interval'].get('other_load_client_core'))})"
-        for r in runs
+    return (
+        side("server_util", "other_load_server_core"),
+        side("loadgen_util", "other_load_client_core"),
+        bottleneck,
     )
-    return srv, cli, "; ".join(r["interval"]["bottleneck"] for r in runs)
+
+
+def _over_runs(values: list[float], fmt: str) -> str:
+    """' (median of N runs, min–max)' when there was more than one run, else ''."""
+    if len(values) < 2:
+        return ""
+    return f" (median of {len(values)} runs, {fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
 def _exit_note(runs: list[dict[str, Any]]) -> str:
@@ -61,10 +82,13 @@ def summarize(
         summary[f"{v}_us_per_delivery"] = med
         summary[f"{v}_us_per_delivery_runs"] = us
         summary[f"{v}_count_ok"] = all(r["count_ok"] for r in runs)
-        counts = sorted({f"{r['deliveries']:,}/{r['expected_deliveries']:,}" for r in runs})
+        received = sum(r["deliveries"] for r in runs)
+        expected = sum(r["expected_deliveries"] for r in runs)
         check = (
             ("OK" if summary[f"{v}_count_ok"] else "FAIL")
-            + f": received/expected = {', '.join(counts)} (publishes × {subscribers} subscribers),"
+            + f": received/expected = {received:,}/{expected:,}"
+            + (f" over {len(runs)} runs" if len(runs) > 1 else "")
+            + f" (publishes × {subscribers} subscribers),"
             + f" {sum(r['gaps'] for r in runs)} seq gaps"
             + _exit_note(runs)
         )
@@ -76,7 +100,7 @@ def summarize(
         srv, cli, bn = _cores(runs)
         label = "wsfan (corked)" if v == "wsfan" else "naive send-per-subscriber"
         target = f"≤ ~{TARGET_US_PER_DELIVERY:g} µs" if v == "wsfan" else ""
-        value = f"{med:.2f} µs" + (f" (runs: {', '.join(f'{x:.2f}' for x in us)})" if len(us) > 1 else "")
+        value = f"{med:.2f} µs" + _over_runs(us, "{:.2f}")
         value += f" ({_median(user) or 0:.0%} user, rest kernel); {_median(rate) or 0:,.0f} deliveries/s"
         if batch:
             value += f"; {_median(batch):.1f} deliveries per write syscall"
