@@ -378,3 +378,40 @@ def test_rooms_memory_comes_back_and_churn_announces_every_join_and_leave(run):
     assert (off["presence"], on["presence"]) == (False, True)
     assert off["events"] == 0 and on["events"] == 2 * on["joins"] * s["churn_listeners"]
     assert data["ratios"]["cpu_per_join_on_over_off"] > 0 and data["ratios"]["joins_per_s_on_over_off"] > 0
+
+
+def test_core_summary_has_one_cell_per_column_however_many_runs():
+    """core --repeat 15: each cell holds the median and the range once, not fifteen copies."""
+    from wsfan.bench.scenarios.core_report import summarize
+
+    def run(i: int) -> dict[str, Any]:
+        return {
+            "variant": "wsfan",
+            "server_us_per_delivery": 1.5 + i / 100,
+            "loadgen_us_per_delivery": 2.0,
+            "deliveries_per_s": 400_000.0,
+            "deliveries_per_write": 3.0,
+            "count_ok": True,
+            "deliveries": 1000 + i,
+            "expected_deliveries": 1000 + i,
+            "gaps": 0,
+            "server_exit_code": 0,
+            "interval": {
+                "server_util": 0.6 + i / 100,
+                "loadgen_util": 1.0,
+                "other_load_server_core": 0.04,
+                "other_load_client_core": 0.0,
+                "bottleneck": "load generator" if i < 12 else "server",
+                "server_user_s": 1.0,
+                "server_cpu_s": 3.0,
+            },
+        }
+
+    _, rows = summarize({"fanout": [run(i) for i in range(15)]}, 1000, ("wsfan",))
+    (row,) = rows
+    assert row[1].startswith("1.57 µs (median of 15 runs, 1.50–1.64)")
+    assert row[3] == "67% (+4%) [60%–74%]" and row[4] == "100% (+0%)"
+    assert row[5] == "load generator (12 of 15 runs); server (3 of 15 runs)"
+    assert "15,105/15,105 over 15 runs" in row[6]
+    _, (one,) = summarize({"fanout": [run(0)]}, 1000, ("wsfan",))
+    assert one[3] == "60% (+4%)" and one[5] == "load generator" and "1,000/1,000 (" in one[6]
