@@ -101,7 +101,7 @@ class Node:
         self.origins = OriginPolicy.parse(settings.allowed_origins)
         rate = settings.max_handshake_rate
         self.handshakes = TokenBucket(rate, max(1.0, rate)) if rate > 0 else None
-        self.fds = FdBudget(settings.fd_reserve, lambda: len(self.registry.connections))
+        self.fds = FdBudget(settings.fd_reserve, self._client_sockets)
         if hasattr(self.broker, "on_fd_exhausted"):
             self.broker.on_fd_exhausted = lambda what: self.fds.note_exhausted("broker", what)
         self.metrics = Metrics(self.hub, lambda: len(self.registry.connections), self.broker, self.fds)
@@ -250,6 +250,11 @@ class Node:
                 code=status, reason=why, remote=peer(), path="/ws", event="upgrade_refused", suppressed=skipped
             ))  # fmt: skip
         return _plain(status, f"{why}\n".encode(), headers)
+
+    def _client_sockets(self) -> int:
+        """Open client connections that hold an fd: WebSocket connections and SSE streams."""
+        http = getattr(self, "http", None)  # FdBudget asks once before the HTTP side exists
+        return len(self.registry.connections) + (len(http.streams) if http is not None else 0)
 
     def _reject(self, reason: str) -> None:
         rejected = self.hub.stats.rejected

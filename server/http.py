@@ -630,7 +630,8 @@ class HttpSide:
 
         Every input is checked before the stream opens, each with a 400 and a fixed reason:
         ``room`` (one, :func:`valid_room`), ``since`` / ``Last-Event-ID`` (one, ASCII digits,
-        :func:`parse_seq`), ``Origin`` (403 outside ``--allowed-origins``), the token (401).
+        :func:`parse_seq`), ``Origin`` (403 outside ``--allowed-origins``), admission (503 with
+        ``Retry-After: 1`` while draining or once only ``--fd-reserve`` fds are left), the token (401).
         """
         room = _room_param(request)
         if isinstance(room, web.Response):
@@ -652,6 +653,16 @@ class HttpSide:
             return self._refused(
                 request, refused.status, refused.reason, logging.INFO, "sse_origin", room=room
             )
+        if self.node.draining or not self.node.fds.room_for_client():
+            # Admission as for a WebSocket upgrade, before the token's work: a stream holds an fd for
+            # as long as it lives, and the last --fd-reserve are the broker's (server/fds.py).
+            kind = "draining" if self.node.draining else "fd_reserve"
+            if kind == "fd_reserve":
+                self.node._reject(kind)
+            why = "draining" if kind == "draining" else "server at its connection capacity"
+            refusal = self._refused(request, 503, why, logging.WARNING, f"sse_{kind}", room=room)
+            refusal.headers["Retry-After"] = "1"
+            return refusal
         identity = await self._identity(request, room, "join", "sse")
         if isinstance(identity, web.Response):
             return identity

@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from helpers.peers import PicowsPeer
+from helpers.ports import free_port, wait_for_port
 from helpers.rawws import RawWS, http_request, upgrade_head
 from helpers.servers import ServerProcess
 from helpers.waiting import wait_until
@@ -449,3 +450,45 @@ async def test_loadgen_retries_a_handshake_cut_short_then_fails_with_a_connectio
         with pytest.raises(ConnectionResetError):
             await connect_many(Base, f"ws://127.0.0.1:{port}/ws", 1, 1, socket_factory=None)
     assert seen[0] == 5, "every one of the 5 attempts reached the server"
+
+
+def test_sse_streams_stop_at_the_fd_reserve_like_upgrades(make_server):
+    """SSE streams hold an fd each for their lifetime: once only --fd-reserve fds are left, a new
+    one is 503 with Retry-After, as a WebSocket upgrade is (before: streams were admitted until
+    the process ran out of fds, the broker's reserve included, and accept failed unseen)."""
+    http_port = free_port()
+    srv = make_server("--http-port", str(http_port), "--fd-reserve", "64", nofile=128).start()
+    wait_for_port(http_port)
+    held: list[socket.socket] = []
+    refused = b""
+    try:
+        for _ in range(128):
+            sock = socket.create_connection(("127.0.0.1", http_port), timeout=5)
+            sock.sendall(b"GET /sse?room=fd HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = sock.recv(4096)
+            if not head.startswith(b"HTTP/1.1 200"):
+                refused = head
+                sock.close()
+                break
+            held.append(sock)
+        assert refused.startswith(b"HTTP/1.1 503"), (len(held), refused)
+        assert b"Retry-After: 1" in refused and b'{"error": "server at its connection capacity"}' in refused
+        assert len(held) < 128 - 64
+    finally:
+        for sock in held:
+            sock.close()
+    assert metric(srv.port, 'wsfan_rejected_connections_total{reason="fd_reserve"}') >= 1
+
+
+def test_a_new_sse_stream_while_draining_is_503(make_server):
+    """Draining: no new WebSocket connections (503) and no new SSE streams either (before: a stream
+    was opened on a server on its way out)."""
+    http_port = free_port()
+    srv = make_server("--http-port", str(http_port), "--drain-timeout", "10").start()
+    wait_for_port(http_port)
+    with RawWS.connect("127.0.0.1", srv.port) as holder:  # never answers the 1001: the drain lasts
+        holder.recv_message()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: http_request("127.0.0.1", http_port, "/healthz")[0] == 503)
+        status, headers, body = http_request("127.0.0.1", http_port, "/sse?room=r")
+        assert (status, headers.get("retry-after"), body) == (503, "1", b'{"error": "draining"}')
