@@ -510,6 +510,21 @@ def _crowd_peer(rows: list[dict[str, Any]], r: dict[str, Any], variant: str | No
     )
 
 
+def _core_limits(r: dict[str, Any]) -> str:
+    """The connect rate each side's CPU per connect allows on one full core, and which side that caps first.
+
+    1e6 ÷ µs per connect: on a loaded machine neither side may reach its core's limit, but these
+    say which would saturate first on a quiet one (the load generators share one core; a
+    --workers 2 server's workers share one too, and its redis-server is counted with it here).
+    """
+    server = (r.get("server_us_per_connect") or 0) + (r.get("redis_us_per_connect") or 0)
+    loadgen = r.get("loadgen_us_per_connect") or 0
+    if not server or not loadgen:
+        return "—"
+    first = "server" if server > loadgen else "load gen"
+    return f"{1e6 / server:,.0f} / {1e6 / loadgen:,.0f}: {first} first"
+
+
 def _crowd_label(variant: str) -> str:
     """'wsfan --workers 2' for 'wsfan-w2', 'wsfan@03ec708' as it is."""
     workers = variant.endswith("-w2")
@@ -563,6 +578,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
                 _spread(r, "server_us_per_connect", "{:,.0f}")
                 + (f" + redis {r['redis_us_per_connect']:,.0f}" if r.get("redis_us_per_connect") else ""),
                 _spread(r, "loadgen_us_per_connect", "{:,.0f}"),
+                _core_limits(r),
                 _spread(r, "connects_per_s", "{:,.0f}"),
                 _spread(r, "t50_s", "{:.2f}"),
                 _spread(r, "t100_s", "{:.2f}"),
@@ -580,6 +596,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
             "rejoined",
             "server µs per connect+join",
             "load gen µs per connect",
+            "one core's worth: server / load gen (connects/s)",
             "connects/s",
             "50% back (s)",
             "all back (s)",
@@ -595,7 +612,11 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
         "Ratios are this row ÷ the other server's row for the same crowd and wave: below 1 is better for CPU, "
         "all back and KB, above 1 for connects/s. Bun holds one process only, so the `-w2` crowds compare with "
         "the baseline commit's `-w2` alone. The bottleneck column names the side whose core was ≥ 90 % busy "
-        "over the wave (the load generators are several processes sharing one core).",
+        'over the wave (the load generators are several processes sharing one core); "one core\'s worth" is '
+        "1e6 ÷ each side's CPU per connect, the rate at which that side would fill its core, so the side with "
+        "the lower figure is the one that saturates first even when other work shared the cores (a server "
+        "cheaper per connect than the load generator, as Bun is, cannot be saturated by this bench: its "
+        "connects/s and times are the load generator's).",
     ]
     return out + [""]
 

@@ -247,6 +247,10 @@ def test_connect_storm_runs_a_baseline_commit_beside_todays_server(tmp_path):
     assert all(r["rejoined"] == 50 for r in doc["data"]["rows"])
     report = (tmp_path / "report.md").read_text()
     assert f"÷ wsfan@{head[:7]} (same run)" in report and f"wsfan@{head[:7]} " in report
+    rows = [line for line in report.splitlines() if line.startswith("| 50 |")]
+    assert len(rows) == 4 and all(" first |" in line for line in rows), (
+        rows
+    )  # which side fills its core first
 
 
 def test_baseline_tree_imports_the_old_commit_not_the_editable_install(tmp_path, monkeypatch):
