@@ -541,7 +541,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
     out = [
         "## Reconnection storm cost: a crowd connects and joins at once",
         "",
-        "Each crowd: N plain picows clients over ⌈N ÷ 19,000⌉ load-generator processes (one process may hold "
+        "Each crowd: N bare WebSocket clients (uvloop transports, bench/roles/crowd.py) over ⌈N ÷ 19,000⌉ load-generator processes (one process may hold "
         "20,000 files here) and many 127.a.b.1 source addresses, all on the load-generator core; every client "
         f"connects, sends its join (rooms spread over {s['rooms']}) as soon as the upgrade is answered, and is "
         "*rejoined* when the join ack arrives; at most "

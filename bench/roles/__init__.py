@@ -9,7 +9,7 @@ Which client each role uses, and why:
 | ``echo_lat`` | plain picows | up to 20,000+ requests/s: per-request futures would make the load generator the bottleneck |
 | ``fanout_lat`` | plain picows | up to a million deliveries/s received on one core |
 | ``idle_multi`` | plain picows | tens of thousands of idle connections; pings counted per server |
-| ``crowd`` | plain picows | a reconnecting crowd (connect + join at once): the cheapest possible client side |
+| ``crowd`` | bare client on uvloop transports | a reconnecting crowd (connect + join at once): the cheapest client side |
 | ``oneshot_rooms`` / ``churn`` | plain picows | hundreds of thousands of rooms, or joins as fast as acks come |
 | ``fanout``, ``idle``, ``echo`` | plain picows | the core scenario: closed-loop fan-out, idle memory, echo CPU |
 | ``storm`` | ``client/`` | the point is the client's real reconnect logic (backoff, jitter, Retry-After, rejoin with since) |

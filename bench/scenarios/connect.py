@@ -1,6 +1,7 @@
 """Reconnection storm cost: a crowd that connects and joins all at once, on wsfan, Bun and wsfan of a baseline commit.
 
-Each size is one crowd: ``N`` plain picows clients (role ``crowd``, ``bench/roles/crowd.py``)
+Each size is one crowd: ``N`` bare WebSocket clients on uvloop transports (role ``crowd``,
+``bench/roles/crowd.py``: 1.5–2× less load-generator CPU per connect than picows' client)
 spread over ``ceil(N / 19,000)`` load-generator processes (each process has its own hard
 limit of 20,000 open files) and over many 127.a.b.1 source addresses (so the kernel's
 ephemeral-port search stays short), all pinned to the load-generator core, the server to
