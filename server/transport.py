@@ -8,6 +8,7 @@ the close handshake, heartbeats and back-pressure.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import codecs
 import fcntl
@@ -130,7 +131,10 @@ async def create_server(
     # picows gives each connection its own ``logging.Logger`` (named after the fd; about 340 B and
     # a Logger construction per connect, picows.pyx WSProtocol.connection_made) unless the logger
     # is not a Logger: one shared adapter keeps picows' records (name "picows.server") without it.
-    logger = logging.LoggerAdapter(logging.getLogger("picows.server"))
+    logger = _PicowsLog(logging.getLogger("picows.server"))
+    # picows' connection_made asks the socket for 4 options and both addresses, for an INFO line;
+    # unless that line is wanted, it is shown a view of the transport that answers without asking.
+    lean = not use_aiofastnet and not logger.isEnabledFor(logging.INFO)
     if use_aiofastnet:
         import aiofastnet
 
@@ -147,6 +151,7 @@ async def create_server(
     class Protocol(Opened, GatedProtocol):  # what a connection starts as; Opened once its head passed
         __slots__ = ()
         opened_class = Opened
+        lean_accept = lean
 
     def protocol_factory() -> WSProtocol:
         return Protocol(
@@ -161,6 +166,90 @@ async def create_server(
 # One scratch buffer for every connection still in its handshake: a read is copied out of it
 # before the next one can start (get_buffer and buffer_updated run back to back on one loop).
 _HEAD_SCRATCH = bytearray(MAX_HEAD_BYTES)
+
+
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' logger: its INFO lines (one per connect and disconnect) checked in one call, not three."""
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            self.log(logging.INFO, msg, *args, **kwargs)
+
+
+_UVLOOP_TCP: type | None
+try:
+    from uvloop.loop import TCPTransport as _UVLOOP_TCP
+except ImportError:  # pragma: no cover - uvloop is a dependency
+    _UVLOOP_TCP = None
+# Options uvloop has already set on an accepted TCP socket, or that are in their initial state there:
+# TCP_NODELAY (uvloop sets it on every TCP transport) and TCP_QUICKACK (on until the first delayed ACK).
+_ALREADY_SET = frozenset(
+    ((socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", -1)))
+)
+
+
+class Accepted:
+    """An accepted uvloop TCP transport as picows keeps it (``WSTransport.underlying_transport``).
+
+    Everything is the real transport's (``raw``): attributes are forwarded. While picows'
+    ``connection_made`` runs, the object is an :class:`_Accepting` instead, which is also the
+    socket picows asks for there: it sets TCP_NODELAY and TCP_QUICKACK, which uvloop has already
+    set (or that are already on), and reads four options and both addresses only for an INFO line
+    nobody logs. Through uvloop each of those costs a ``socket.socket`` built and detached
+    (``PseudoSocket``) and a syscall: about 12 % of the server's instructions per connect + join
+    (callgrind), 6 syscalls, and two address tuples uvloop would keep per connection. The
+    upstream change that makes this view unnecessary: picows skipping the option reads when its
+    logger is not enabled for INFO, and the two ``setsockopt`` calls when the transport is
+    uvloop's (which sets TCP_NODELAY itself).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    # What picows and this module use, found on the class (``__getattr__`` runs only after a failed
+    # lookup has raised AttributeError inside, which costs more than the call it forwards).
+    write = property(lambda self: self.raw.write)
+    writelines = property(lambda self: self.raw.writelines)
+    get_write_buffer_size = property(lambda self: self.raw.get_write_buffer_size)
+    get_extra_info = property(lambda self: self.raw.get_extra_info)
+    close = property(lambda self: self.raw.close)
+    abort = property(lambda self: self.raw.abort)
+    is_closing = property(lambda self: self.raw.is_closing)
+    set_protocol = property(lambda self: self.raw.set_protocol)
+    get_protocol = property(lambda self: self.raw.get_protocol)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+class _Accepting(Accepted):
+    """:class:`Accepted` while picows' ``connection_made`` runs: the transport and its socket in one."""
+
+    __slots__ = ()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self
+        if name == "peername" or name == "sockname":
+            return None  # only logged at INFO, which is off (create_server)
+        return self.raw.get_extra_info(name, default)
+
+    def fileno(self) -> int:
+        return int(self.raw.get_extra_info("socket").fileno())
+
+    def setsockopt(self, level: int, option: int, value: Any) -> None:
+        if (level, option) not in _ALREADY_SET:
+            _setsockopt(self.raw, level, option, value)
+
+    def getsockopt(self, level: int, option: int, *args: Any) -> int:
+        return 0  # only logged at INFO, which is off
+
+
+def real_transport(t: Any) -> Any:
+    """The uvloop (or other) transport behind ``WSTransport.underlying_transport``."""
+    return t.raw if type(t) is Accepted else t
 
 
 class OpenedProtocol(WSProtocol):
@@ -184,7 +273,11 @@ class OpenedProtocol(WSProtocol):
     def peer(self) -> str | None:
         """The client's "host:port" (None once the socket is gone), looked up only when asked for."""
         t = self.transport
-        return None if t is None else peer_text(t.underlying_transport.get_extra_info("peername"))
+        return (
+            None
+            if t is None
+            else peer_text(real_transport(t.underlying_transport).get_extra_info("peername"))
+        )
 
 
 class GatedProtocol(OpenedProtocol):
@@ -200,6 +293,15 @@ class GatedProtocol(OpenedProtocol):
 
     __slots__ = ()
     opened_class: type[OpenedProtocol]
+    lean_accept = False
+
+    def connection_made(self, transport: Any) -> None:
+        if self.lean_accept and type(transport) is _UVLOOP_TCP:
+            view = _Accepting(transport)
+            WSProtocol.connection_made(self, view)
+            view.__class__ = Accepted
+        else:
+            WSProtocol.connection_made(self, transport)
 
     def get_buffer(self, size_hint: int) -> memoryview:
         return memoryview(_HEAD_SCRATCH)
@@ -228,7 +330,7 @@ class GatedProtocol(OpenedProtocol):
         self._head = None
         # picows' get_buffer and buffer_updated again; uvloop keeps bound methods: look them up anew
         self.__class__ = self.opened_class
-        self.transport.underlying_transport.set_protocol(self)
+        real_transport(self.transport.underlying_transport).set_protocol(self)
         while data:
             room = WSProtocol.get_buffer(self, len(data))
             n = min(len(room), len(data))
@@ -247,7 +349,7 @@ class GatedProtocol(OpenedProtocol):
     def _refuse(self, refusal: Refusal) -> None:
         self._head = None
         self.__class__ = self.opened_class
-        raw = self.transport.underlying_transport
+        raw = real_transport(self.transport.underlying_transport)
         body = refusal.reason.encode() + b"\n"
         extra = "".join(f"{k}: {v}\r\n" for k, v in refusal.headers.items())
         raw.write(
@@ -304,7 +406,13 @@ def _setsockopt(raw: Any, level: int, option: int, value: int | bytes) -> None:
     sock = raw.get_extra_info("socket")
     if sock is not None:
         try:
-            sock.setsockopt(level, option, value)
+            # uvloop's PseudoSocket.setsockopt builds a socket.socket (Python __init__) per call;
+            # the C type on the same fd, detached after, sets the option without it.
+            s = _socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+            try:
+                s.setsockopt(level, option, value)
+            finally:
+                s.detach()
         except OSError:  # already closed by the peer: nothing is queued
             pass
 
@@ -368,7 +476,7 @@ class Assembler(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        self.raw = transport.underlying_transport
+        self.raw = real_transport(transport.underlying_transport)
         self.raw.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.registry.stall_limit:
             limit_stall(self.raw, self.registry.stall_limit)
@@ -527,7 +635,7 @@ class Assembler(WSListener):
             else:
                 t.send_close(code)
         self.closing = True
-        limit_stall(t.underlying_transport, CLOSE_GRACE_S)
+        limit_stall(self.raw, CLOSE_GRACE_S)
         t.disconnect()
         # A graceful disconnect waits for our queued output to leave; a peer that sent its close and
         # stopped reading would hold this connection forever, so the grace applies here too.
@@ -556,7 +664,7 @@ class Assembler(WSListener):
 
     def _start_grace(self, grace: float) -> None:
         if self._close_timer is None and self.transport is not None:
-            self._close_left = unsent_bytes(self.transport.underlying_transport)
+            self._close_left = unsent_bytes(self.raw)
             self._close_timer = asyncio.get_running_loop().call_later(grace, self._grace_over, grace)
 
     def _grace_over(self, grace: float) -> None:
@@ -569,7 +677,7 @@ class Assembler(WSListener):
         t = self.transport
         if t is None or t.is_disconnected:
             return
-        left = unsent_bytes(t.underlying_transport)
+        left = unsent_bytes(self.raw)
         if (
             left
             and self._close_left - left >= MIN_CLOSE_PROGRESS
@@ -590,7 +698,7 @@ class Assembler(WSListener):
         """
         t = self.transport
         if t is not None and not t.is_disconnected:
-            raw = t.underlying_transport
+            raw = self.raw
             if unsent_bytes(raw):
                 reset(raw)
             else:

@@ -70,6 +70,26 @@ def test_no_logger_object_per_server_connection() -> None:
     assert uvloop.run(_loggers_made_by(20)) == 20
 
 
+def _nodelay(raw: Any) -> int:
+    import socket
+
+    sock = socket.socket(fileno=raw.get_extra_info("socket").fileno())
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.detach()
+
+
+class _Echoed(picows.WSListener):
+    def __init__(self) -> None:
+        super().__init__()
+        self.echoed: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        if frame.msg_type is picows.WSMsgType.TEXT and not self.echoed.done():
+            self.echoed.set_result(frame.get_payload_as_bytes())
+
+
 async def _idle_server_side(connections: int) -> list[Any]:
     """Open ``connections`` real connections to a transport-level server; its listeners, once idle."""
     from picows import WSUpgradeResponseWithListener
@@ -92,12 +112,21 @@ async def _idle_server_side(connections: int) -> list[Any]:
     )  # fmt: skip
     port = server.sockets[0].getsockname()[1]
     url = f"ws://127.0.0.1:{port}/echo?x=" + "y" * 200
-    clients = [(await picows.ws_connect(picows.WSListener, url))[0] for _ in range(connections)]
+    pairs = [await picows.ws_connect(_Echoed, url) for _ in range(connections)]
+    clients = [t for t, _ in pairs]
     try:
         async with asyncio.timeout(5):
             while len(registry.connections) < connections:
                 await asyncio.sleep(0.01)
-        return [(c, c.raw.get_protocol(), c.transport.request, c.transport.response) for c in listeners]
+            # picows' own send path (the server's echo) works through the transport picows keeps
+            for t, _ in pairs:
+                t.send(picows.WSMsgType.TEXT, b"hi")
+            for _, listener in pairs:
+                assert await listener.echoed == b"hi"  # type: ignore[attr-defined]
+        return [
+            (c, c.raw.get_protocol(), c.transport.request, c.transport.response, _nodelay(c.raw))
+            for c in listeners
+        ]
     finally:
         for c in clients:
             c.disconnect()
@@ -113,12 +142,25 @@ def test_an_idle_connection_keeps_no_per_connection_handshake_leftovers() -> Non
 
     seen = uvloop.run(_idle_server_side(5))
     assert len(seen) == 5
-    responses = {id(response) for _, _, _, response in seen}
+    responses = {id(response) for _, _, _, response, _ in seen}
     assert len(responses) == 1
-    for _, protocol, request, response in seen:
+    for _, protocol, request, response, _ in seen:
         assert not hasattr(protocol, "__dict__")
         assert type(protocol).get_buffer is WSProtocol.get_buffer
         assert type(protocol).buffer_updated is WSProtocol.buffer_updated
         assert (request.method, request.path, request.version, len(request.headers)) == (b"", b"", b"", 0)
         assert type(response) is SwitchingProtocols
         assert response.first == b"" and not response.headers
+
+
+def test_picows_is_shown_a_view_of_the_accepted_transport_and_the_socket_keeps_its_options() -> None:
+    """picows' connection_made is shown an Accepted view (no option reads, no address lookups for an
+    INFO line that is off); it forwards to uvloop's transport, whose socket still has TCP_NODELAY."""
+    from wsfan.server.transport import Accepted
+
+    seen = uvloop.run(_idle_server_side(3))
+    for conn, _, _, _, nodelay in seen:
+        kept = conn.transport.underlying_transport
+        assert type(kept) is Accepted and kept.raw is conn.raw
+        assert type(conn.raw).__name__ == "TCPTransport"
+        assert nodelay == 1
