@@ -93,7 +93,9 @@ class StreamPeer(Peer, Protocol):
 
 
 Handler = Callable[["Session", Any], None]
-_NO_ROOMS: frozenset[str] = frozenset()
+_NO_ROOMS: tuple[str, ...] = ()
+# A session's rooms: a tuple while it is in at most this many (membership tests scan it), then a set.
+_FEW_ROOMS = 8
 _PLAIN_KINDS = int(max(Encoding))  # delivery kinds above this are compressed (server/deflate.py)
 Authorizer = Callable[["Session", str, str], bool]
 # What a gate (``wsfan.App``'s before_join/before_publish hooks) lets a request go on with:
@@ -136,8 +138,9 @@ class Session:
         self.encoding = codec.encoding
         # What fan-out hands this session: its encoding, or a compressed kind (server/deflate.py).
         self.kind: int = codec.encoding
-        # Most idle connections never join: they share one empty frozenset until the first join.
-        self.rooms: set[str] | frozenset[str] = _NO_ROOMS
+        # Most idle connections never join: they share the empty tuple until the first join; a few
+        # rooms are a tuple of the rooms' own name strings, more a set (Hub._add).
+        self.rooms: tuple[str, ...] | set[str] = _NO_ROOMS
         self.bucket = bucket
         self.out: list[bytes] = []
         self.scheduled = False
@@ -873,20 +876,32 @@ class Hub:
         return room
 
     def _add(self, s: Session, name: str) -> None:
-        self._room(name).members(s.kind)[s] = None
+        room = self._room(name)
+        room.members(s.kind)[s] = None
         rooms = s.rooms
-        if rooms is _NO_ROOMS:
-            rooms = s.rooms = set()
+        if name in rooms:
+            return
+        # The room's own name object, not the one just decoded: one string per room, not per member.
+        name = room.name
+        if type(rooms) is tuple:
+            # Up to _FEW_ROOMS rooms a tuple (56 B for one) instead of a set (216 B even for one).
+            if len(rooms) < _FEW_ROOMS:
+                s.rooms = (*rooms, name)
+                return
+            rooms = s.rooms = set(rooms)
         rooms.add(name)  # type: ignore[union-attr]
 
     def _remove(self, s: Session, name: str) -> None:
         rooms = s.rooms
         if name in rooms:
-            rooms.discard(name)  # type: ignore[union-attr]
-            if not rooms:
-                # Sets never shrink: a connection that left its last room goes back to sharing the
-                # empty frozenset, so a table sized during a burst of joins does not outlive it.
-                s.rooms = _NO_ROOMS
+            if type(rooms) is tuple:
+                s.rooms = tuple(r for r in rooms if r != name)
+            else:
+                rooms.discard(name)  # type: ignore[union-attr]
+                if len(rooms) <= _FEW_ROOMS:
+                    # Sets never shrink: a connection back to a few rooms goes back to a tuple, so a
+                    # table sized during a burst of joins does not outlive it.
+                    s.rooms = tuple(rooms)
             self._presence_leave(s, name)
         room = self.rooms.get(name)
         if room is None:

@@ -157,7 +157,7 @@ def test_authorize_hook_refuses_with_forbidden():
     run(scheduled)
     codes = [m.get("code", m["type"]) for m in peer.messages()[1:]]
     assert codes == ["FORBIDDEN", "ack", "FORBIDDEN"]
-    assert s.rooms == {"public.x"}
+    assert set(s.rooms) == {"public.x"}
 
 
 def test_closing_a_session_leaves_its_rooms_and_frees_empty_ones():
@@ -295,3 +295,30 @@ def test_a_welcome_sent_with_the_101_is_not_queued_again():
     welcome = msgspec.json.decode(_unframe(frame))
     assert (welcome["type"], welcome["conn"], welcome["user"]) == ("welcome", conn_id, conn_id)
     assert hub.new_id() != conn_id
+
+
+def test_a_sessions_rooms_are_a_small_tuple_then_a_set_and_hold_the_rooms_own_names():
+    """Membership per connection (issue 19, memory): a tuple up to 8 rooms (a set costs 216 B even for
+    one), a set beyond, a tuple again below; each name is the room's own string, not the decoded one."""
+    hub, scheduled = make_hub()
+    first, s = RecordingPeer(), RecordingPeer()
+    a = hub.open(first, Encoding.JSON)
+    b = hub.open(s, Encoding.JSON)
+    names = [f"room-{i}" for i in range(10)]
+    for name in names:
+        send(hub, a, {"type": "join", "room": name, "id": name})
+        send(hub, b, {"type": "join", "room": name, "id": name})
+        assert type(b.rooms) is (tuple if len(b.rooms) <= 8 else set)
+    run(scheduled)
+    assert set(b.rooms) == set(names)
+    assert all(r is hub.rooms[r].name for r in b.rooms)
+    assert {id(r) for r in a.rooms} == {id(r) for r in b.rooms}
+    send(hub, b, {"type": "join", "room": "room-3", "id": "again"})  # a second join adds nothing
+    for name in names[:3]:
+        send(hub, b, {"type": "leave", "room": name})
+    assert type(b.rooms) is tuple and sorted(b.rooms) == names[3:]
+    send(hub, b, {"type": "publish", "room": "room-0", "payload": 1, "id": "p"})
+    run(scheduled)
+    assert s.messages()[-1]["code"] == ErrorCode.NOT_JOINED
+    hub.close(b)
+    assert all(b not in hub.rooms[n].json for n in names)
