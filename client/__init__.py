@@ -51,6 +51,8 @@ from wsfan.client.events import (
     Recovered,
     RejoinFailed,
     ServerError,
+    Subscribed,
+    Unsubscribed,
 )
 from wsfan.client.inbox import MessageStream
 from wsfan.client.session import Stats
@@ -72,6 +74,8 @@ __all__ = [
     "InvalidMessage",
     "Joined",
     "Left",
+    "Subscribed",
+    "Unsubscribed",
     "Message",
     "MessageStream",
     "MessagesDropped",

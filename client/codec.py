@@ -32,6 +32,8 @@ from wsfan.server.wire import (
     Pong,
     RawBroadcast,
     RawMessage,
+    Subscribed,
+    Unsubscribed,
     Welcome,
 )
 
@@ -46,13 +48,37 @@ _MSGPACK_DECODERS: dict[bool, Any] = {}
 def _union(raw_payloads: bool) -> Any:
     delivery = RawMessage if raw_payloads else Message
     broadcast = RawBroadcast if raw_payloads else Broadcast
-    return Welcome | delivery | broadcast | JoinedEvent | LeftEvent | Ack | Error | EchoReply | Pong
+    return (
+        Welcome
+        | delivery
+        | broadcast
+        | JoinedEvent
+        | LeftEvent
+        | Subscribed
+        | Unsubscribed
+        | Ack
+        | Error
+        | EchoReply
+        | Pong
+    )
 
 
 # The ``type`` of every message the protocol defines from server to client (PROTOCOL.md).
 SERVER_TYPES: Final = frozenset(
     t.__struct_config__.tag  # type: ignore[misc]
-    for t in (Welcome, Message, Broadcast, JoinedEvent, LeftEvent, Ack, Error, EchoReply, Pong)
+    for t in (
+        Welcome,
+        Message,
+        Broadcast,
+        JoinedEvent,
+        LeftEvent,
+        Subscribed,
+        Unsubscribed,
+        Ack,
+        Error,
+        EchoReply,
+        Pong,
+    )
 )
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsfan.server.wire import JoinedEvent, LeftEvent, Welcome
+from wsfan.server.wire import JoinedEvent, LeftEvent, Subscribed, Unsubscribed, Welcome
 
 # The server's join/leave events (``server/wire.py``), under the names the application sees.
 Joined = JoinedEvent
 Left = LeftEvent
+# The server joined this connection to a room / took it out of one (``Conn.join``/``Conn.leave``,
+# ``POST /unsubscribe``): ``Subscribed(room, seq, epoch)``, ``Unsubscribed(room, reason)``.
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,5 +123,8 @@ Event = (
     | Overflow
     | Joined
     | Left
+    | Subscribed
+    | Unsubscribed
 )
-"""``Joined``/``Left`` are the server's join/leave events (``server/wire.py``), handed over as they come."""
+"""``Joined``/``Left`` are the server's join/leave events (``server/wire.py``), handed over as they come;
+``Subscribed``/``Unsubscribed`` its server-side joins and leaves of this connection (docs/app-api.md)."""

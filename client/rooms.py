@@ -39,12 +39,22 @@ history after ``since`` before live messages):
   them as soon as everything before them was seen, so the set stays as small as
   the window of messages still in flight. (``publish_nowait`` gets no ack, so
   its messages can come back once after a reconnect.)
-* A delivery of a room the application never joined comes from a room the server
-  joined this connection to (``Conn.join``, docs/app-api.md): the room is tracked
-  from that delivery on (``by_server``), its deliveries handed over under the rules
-  above, and it is listed by ``subscribed()``. It belongs to the connection: it is
-  not rejoined after a reconnect (the server decides again) and is forgotten when
-  the connection is lost. An explicit ``join()`` of it makes it the application's.
+* A ``subscribed`` push (``server_joined``) says the server joined this connection
+  to a room (``Conn.join``, docs/app-api.md), with the room's seq and epoch then:
+  the room is tracked from that seq (``by_server``), its deliveries handed over
+  under the rules above, and it is listed by ``subscribed()``. It belongs to the
+  connection: it is not rejoined after a reconnect (the server decides again, e.g.
+  in ``on_open``); its seq and epoch are kept (``former``), and when the server
+  joins the next connection to it again, a ``subscribed`` whose seq is past the
+  last one seen (or in another epoch, or behind it) is a ``Gap`` (``reset`` for
+  the latter two): what was published meanwhile is not replayed. A room the
+  application joined or is joining itself stays the application's (its join
+  numbers it). An explicit ``join()`` makes a server-joined room the application's.
+* An ``unsubscribed`` push (``server_left``) comes after the room's last delivery:
+  the room is forgotten, unless the application's own join of it is in flight
+  (sent after the server took us out: its ack makes the room the application's).
+* A delivery of a room neither joined nor announced by ``subscribed`` (a server
+  older than these pushes) is a server join too, tracked from that delivery.
   Deliveries of a room the application is leaving (``leave`` sent, not yet acked)
   are still in flight from before the leave: they are dropped (``unknown``), not
   mistaken for a server join.
@@ -66,7 +76,7 @@ from wsfan.server.wire import Message, rejoin_outcome
 
 
 class RoomState:
-    __slots__ = ("last_seq", "joined", "held", "since", "own", "epoch", "replay", "by_server")
+    __slots__ = ("last_seq", "joined", "held", "since", "own", "epoch", "replay", "by_server", "joining")
 
     def __init__(self) -> None:
         self.last_seq: int | None = None
@@ -78,11 +88,12 @@ class RoomState:
         # After a join with since: (since, ack seq, ends at ack seq) bounds the seqs its replay
         # may repeat, which are duplicates, not a restarted room. Cleared once the replay is past.
         self.replay: tuple[int, int, bool] | None = None
-        self.by_server = False  # the server joined this connection to it (first seen in a delivery)
+        self.by_server = False  # the server joined this connection to it (subscribed, or a delivery)
+        self.joining = False  # the application's join is in flight
 
 
 class RoomTracker:
-    __slots__ = ("rooms", "leaving", "duplicates", "unknown", "resets", "on_reset")
+    __slots__ = ("rooms", "leaving", "duplicates", "unknown", "resets", "on_reset", "former")
 
     def __init__(self, on_reset: Callable[[Gap], None] | None = None) -> None:
         self.rooms: dict[str, RoomState] = {}
@@ -91,6 +102,9 @@ class RoomTracker:
         self.unknown = 0
         self.resets = 0  # rooms seen starting over on a live connection
         self.on_reset = on_reset  # told of each, before its first message is handed over
+        # Server-joined rooms of lost connections: (last seq seen, epoch), read when the server
+        # joins a later connection to them again.
+        self.former: dict[str, tuple[int | None, str | None]] = {}
 
     def begin_join(self, room: str, since: int | None, epoch: str | None = None) -> int | None:
         """Record a join about to be sent; returns the ``since`` to send with it (see ``epoch()``).
@@ -111,6 +125,7 @@ class RoomTracker:
                 state.epoch = epoch
         state.since = since
         state.held = [] if since is not None else None
+        state.joining = True
         return since
 
     def end_join(self, room: str, data: Any) -> tuple[list[Message], Recovered | Gap | None]:
@@ -122,6 +137,7 @@ class RoomTracker:
         state.held = None
         state.since = None
         was_joined, state.joined = state.joined, True
+        state.joining = False
         seq, recovered, epoch = _ack_fields(data)
         moved = _ack_room(data)
         if moved is not None and moved != room:  # a server hook put the connection in another room
@@ -179,7 +195,8 @@ class RoomTracker:
         state = self.rooms.get(room)
         if state is None:
             return
-        if not state.joined:
+        state.joining = False
+        if not state.joined and not state.by_server:
             del self.rooms[room]
         else:
             state.held = None
@@ -194,6 +211,47 @@ class RoomTracker:
     def left(self, room: str) -> None:
         """The server acked our ``leave``: a later delivery of ``room`` is a server join again."""
         self.leaving.discard(room)
+
+    def server_joined(self, room: str, seq: int, epoch: str | None) -> Gap | None:
+        """A ``subscribed`` push: the server joined us to ``room`` at ``seq`` (numbering ``epoch``).
+
+        Returns a ``Gap`` when the server joined a lost connection to the room too and
+        messages were published since the last one seen (``reset``: another epoch, or a seq
+        behind it); None otherwise. A room of the application's own is left to its join.
+        """
+        self.leaving.discard(room)
+        former = self.former.pop(room, None)
+        state = self.rooms.get(room)
+        if state is not None:  # ours (joined or joining), or already known: its numbering stands
+            state.by_server = True
+            if state.last_seq is None and state.held is None:
+                state.last_seq = seq
+            if state.epoch is None and epoch:
+                state.epoch = epoch
+            return None
+        state = self.rooms[room] = RoomState()
+        state.by_server = True
+        state.last_seq = seq
+        state.epoch = epoch or None
+        if former is None or former[0] is None:
+            return None
+        last, old_epoch = former
+        renumbered = bool(epoch and old_epoch and epoch != old_epoch)
+        if seq == last and not renumbered:
+            return None  # nothing was published while we were away
+        return Gap(room, last, seq, renumbered or seq < last)
+
+    def server_left(self, room: str) -> None:
+        """An ``unsubscribed`` push: the server took us out of ``room``; nothing of it follows."""
+        self.former.pop(room, None)
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        if state.joining:  # our join, sent after the server's leave: its ack makes the room ours
+            state.joined = False
+            state.by_server = False
+            return
+        del self.rooms[room]
 
     def accept(self, msg: Message) -> bool:
         """Whether a delivery goes to the application now (hot path: one dict lookup, one compare)."""
@@ -284,12 +342,15 @@ class RoomTracker:
         the server had joined that connection to.
         """
         for room in [r for r, s in self.rooms.items() if not s.joined]:
-            del self.rooms[room]  # joins in flight, and the rooms the server had joined that connection to
+            state = self.rooms.pop(room)  # joins in flight, and the rooms the server had joined us to
+            if state.by_server:
+                self.former[room] = (state.last_seq, state.epoch)
         self.leaving.clear()  # the new connection is in none of them
         for state in self.rooms.values():
             state.held = None
             state.since = None
             state.replay = None
+            state.joining = False
 
     def last_seq(self, room: str) -> int | None:
         state = self.rooms.get(room)

@@ -39,7 +39,15 @@ from wsfan.client.errors import (
     RequestTimeout,
     error_for,
 )
-from wsfan.client.events import Connected, Event, Overflow, RejoinFailed, ServerError
+from wsfan.client.events import (
+    Connected,
+    Event,
+    Overflow,
+    RejoinFailed,
+    ServerError,
+    Subscribed,
+    Unsubscribed,
+)
 from wsfan.client.inbox import Router
 from wsfan.client.reconnect import Reconnector, TokenFn
 from wsfan.client.rooms import RoomTracker
@@ -62,7 +70,9 @@ EventFn = Callable[[Event], Any]
 MessageFn = Callable[[Message], Any]
 PushFn = Callable[[Any], Any]
 # Everything else handed to ``_on_reply`` is a push: ``Broadcast`` or an application's own type.
-_REPLY_KINDS: frozenset[type] = frozenset((JoinedEvent, LeftEvent, Ack, Error, EchoReply, Pong))
+_REPLY_KINDS: frozenset[type] = frozenset(
+    (JoinedEvent, LeftEvent, Subscribed, Unsubscribed, Ack, Error, EchoReply, Pong)
+)
 DEFAULT: Any = object()  # "use the client's request_timeout"; None means "no timeout"
 
 
@@ -323,6 +333,18 @@ class Session:
             return
         if kind is JoinedEvent or kind is LeftEvent:
             self.stats.presence_events += 1
+            self._emit(msg)  # type: ignore[arg-type]
+            return
+        if kind is Subscribed:
+            # The server joined us (Conn.join): numbered from its seq; a Gap when it is a room of
+            # the previous connection and messages were published while we were away.
+            gap = self._rooms.server_joined(msg.room, msg.seq, msg.epoch or None)
+            self._emit(msg)  # type: ignore[arg-type]
+            if gap is not None:
+                self._emit(gap)
+            return
+        if kind is Unsubscribed:
+            self._rooms.server_left(msg.room)  # after its last delivery: nothing of it follows
             self._emit(msg)  # type: ignore[arg-type]
             return
         if kind is Error:

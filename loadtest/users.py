@@ -495,10 +495,28 @@ class WebSocketUser(User):
             self._on_presence_event(kind, msg, size)
         elif kind == "broadcast":
             self._on_broadcast(msg, size)
+        elif kind == "subscribed" or kind == "unsubscribed":
+            self._on_server_membership(kind, msg, size)
         elif kind == "welcome":
             self.welcome = msg
         else:
-            self._fire_event(f"unexpected:{kind}"[:60], 0, size, f"unexpected message type {kind!r}")
+            # Not a type of the protocol: an application's own push (conn.send, docs/app-api.md).
+            # Counted in a row of its own, untimed, not a failure: load runs drive the built-in protocol.
+            self._fire_event(f"push:{kind}"[:60], 0, size, None, timed=False)
+
+    def _on_server_membership(self, kind: str, msg: FlatMessage, size: int) -> None:
+        """The server joined this connection to a room or took it out (PROTOCOL.md, server-side joins):
+        rows ``subscribed``/``unsubscribed``, untimed. A ``subscribed`` room's seq is tracked from the
+        push's seq, so a gap in its deliveries counts; an ``unsubscribed`` one is no longer tracked."""
+        room = msg.room or ""
+        if kind == "subscribed":
+            if msg.seq is not None and room not in self.last_seq:
+                self.last_seq[room] = msg.seq
+        else:
+            self.last_seq.pop(room, None)
+            for key in [k for k in self._gaps if k[0] == room]:
+                del self._gaps[key]
+        self._fire_event(kind, 0, size, None, timed=False)
 
     def _on_broadcast(self, msg: FlatMessage, size: int) -> None:
         """A room-less push to every connection (``POST /broadcast`` without rooms): row ``broadcast``.

@@ -34,6 +34,7 @@ Message = Inbound  # application message types subclass this: ``class Chat(wsfan
 M = TypeVar("M", bound=Inbound)
 F = TypeVar("F", bound=Callable[..., Any])
 
+MAX_REASON = 256  # characters of an ``unsubscribed`` push's reason (Conn.leave, POST /unsubscribe)
 _BUILTIN_TAGS = frozenset(t.__struct_config__.tag for t in BUILTIN_TYPES)
 
 # Set by ``App.run`` so that the process it starts (and the workers it forks) serve that App.
@@ -160,9 +161,12 @@ class Conn:
             self._hub.reply(self._s, message)
 
     def join(self, room: str) -> None:
-        """Subscribe the connection to ``room`` as a ``join`` without an id would: no ack is sent;
-        it receives the room's ``message`` deliveries from now on (with ``join_leave``, the
-        others get a ``joined`` event). Skips the ``before_join`` hooks: the server decided.
+        """Subscribe the connection to ``room``, telling it: ``{"type":"subscribed","room","seq","epoch"}``
+        (``seq``: the room's seq now, so the first delivery that follows is ``seq + 1``), sent
+        before any delivery of the room; then the room's ``message`` deliveries (with
+        ``join_leave``, the others get a ``joined`` event). Nothing is sent when the connection is
+        in the room already. Skips the token's ``rooms`` claim and the ``before_join`` hooks: the
+        server decided. On a cluster the join takes effect once the broker answered.
 
         ``ValueError`` when ``room`` is not a room name a client could send (1-128 characters
         of ``A-Z a-z 0-9 _ . : -``, PROTOCOL.md), open or closed connection alike."""
@@ -170,14 +174,19 @@ class Conn:
         if not self._s.closed:
             self._hub.join(self._s, room, trusted=True)
 
-    def leave(self, room: str) -> None:
-        """Unsubscribe from ``room``, as a ``leave`` without an id (no ack; ``left`` event with join_leave).
+    def leave(self, room: str, reason: str = "") -> None:
+        """Unsubscribe from ``room``, telling the connection: ``{"type":"unsubscribed","room","reason"?}``
+        (``reason`` left out when empty), sent after the room's last delivery to it (``left``
+        event to the others with join_leave). Nothing is sent when it is not in the room.
 
-        ``ValueError`` for a name that is not a room name, as ``join``."""
+        ``ValueError`` for a name that is not a room name, as ``join``, or a ``reason`` that is
+        not a string of at most 256 characters."""
         _check_room(room)
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise ValueError(f"reason must be a string of at most {MAX_REASON} characters")
         s = self._s
         if not s.closed and room in s.rooms:
-            self._hub.leave(s, room)
+            self._hub.leave(s, room, reason)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with a WebSocket close frame ``code`` (1000, or 4000-4999 for your own) and ``reason``."""
@@ -198,6 +207,7 @@ class App:
     def __init__(self) -> None:
         self.handlers: dict[type[Inbound], Callable[[Conn, Any], Any]] = {}
         self.connect_hooks: list[Callable[[ConnectRequest], Any]] = []
+        self.open_hooks: list[Callable[[Conn], Any]] = []
         self.disconnect_hooks: list[Callable[[Conn, int], Any]] = []
         # (hook, whether it takes the payload as a third argument)
         self.join_hooks: list[tuple[Callable[..., Any], bool]] = []
@@ -245,6 +255,17 @@ class App:
         if inspect.iscoroutinefunction(fn):
             raise TypeError("on_connect runs before the 101 answer and must be a plain function")
         self.connect_hooks.append(fn)
+        return fn
+
+    def on_open(self, fn: F) -> F:
+        """``@app.on_open``: ``fn(conn)`` (sync or async) once a WebSocket connection is open, after its
+        ``welcome``: the place for server-side subscriptions (``conn.join``, each told to the
+        client with a ``subscribed`` push). Runs again for every new connection, a client's
+        reconnect included: that is how server-joined rooms come back after one (clients do not
+        rejoin them, docs/app-api.md). An async hook holds the connection's messages until it
+        returns (they are handled after, in order). A failure is logged; the connection stays.
+        Not for SSE streams."""
+        self.open_hooks.append(fn)
         return fn
 
     def on_disconnect(self, fn: F) -> F:
@@ -362,6 +383,8 @@ class App:
             hub.register(message_type, self._handler(hub, fn))
         if self.disconnect_hooks:
             hub.on_close = self._closed
+        if self.open_hooks:
+            hub.on_open = self._opened
         if self.join_hooks or self.publish_hooks:
             # After hub.authorize (the token's rooms claim, the first hook), which the hub runs
             # again on any room these hooks choose.
@@ -404,6 +427,31 @@ class App:
         if not hooks:
             return room, payload
         return _HookRun(self._attached(), s, action, room, payload, request_id, hooks).run(0)
+
+    def _opened(self, s: Session) -> None:
+        hub = self._attached()
+        conn = Conn(hub, s)
+        for i, hook in enumerate(self.open_hooks):
+            try:
+                result = hook(conn)
+            except Exception:
+                log.exception("on_open hook failed", extra=fields(conn=s.conn_id, user=s.user))
+                continue
+            if inspect.isawaitable(result):
+                # The rest run after it, and the connection's messages wait for all of them.
+                hub._spawn_held(s, self._open_rest(s, conn, result, i + 1))
+                return
+
+    async def _open_rest(self, s: Session, conn: Conn, pending: Awaitable[Any], start: int) -> None:
+        for hook in [None, *self.open_hooks[start:]]:
+            try:
+                result = pending if hook is None else hook(conn)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("on_open hook failed", extra=fields(conn=s.conn_id, user=s.user))
+            if s.closed:
+                return
 
     def _closed(self, s: Session) -> None:
         conn = Conn(self._attached(), s, frozenset(s.rooms))

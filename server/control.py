@@ -57,6 +57,7 @@ class Disconnect(msgspec.Struct, tag="disconnect"):
 class Unsubscribe(msgspec.Struct, tag="unsubscribe"):
     user: str
     room: str
+    reason: str = ""  # the unsubscribed push's (POST /unsubscribe)
 
 
 class Broadcast(msgspec.Struct, tag="broadcast"):
@@ -149,7 +150,7 @@ class ControlPeer:
             n = 0
             for s in sessions:
                 if command.room in s.rooms:
-                    hub.leave(s, command.room)
+                    hub.leave(s, command.room, command.reason)  # with its unsubscribed push
                     n += 1
             log.info("unsubscribe %r from %r: %d connection(s) on this node", command.user, command.room, n)
 

@@ -140,6 +140,8 @@ class AdminUnsubscribe(msgspec.Struct, forbid_unknown_fields=True):
 
     user: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     room: RoomName
+    # The unsubscribed push's reason (omitted there when empty); the limit is Conn.leave's.
+    reason: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 _disconnect_decoder = msgspec.json.Decoder(AdminDisconnect)
@@ -486,9 +488,10 @@ class HttpSide:
         return await self._command(request, _disconnect_decoder, "{'user','code','reason'}")
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
-        """``POST /unsubscribe`` ``{"user","room"}``: the user's connections leave ``room`` on every node
-        (no message to them; others get ``left`` where the namespace has join_leave); 200 ``{"user","room"}``."""
-        return await self._command(request, _unsubscribe_decoder, "{'user','room'}")
+        """``POST /unsubscribe`` ``{"user","room","reason"?}``: the user's connections leave ``room`` on
+        every node, each told with ``{"type":"unsubscribed","room","reason"?}`` (others get ``left``
+        where the namespace has join_leave); 200 ``{"user","room"}``."""
+        return await self._command(request, _unsubscribe_decoder, "{'user','room','reason'}")
 
     async def _command(
         self, request: web.Request, decoder: msgspec.json.Decoder[Any], shape: str
@@ -503,7 +506,7 @@ class HttpSide:
             command: control.Command = control.Disconnect(msg.user, msg.code, msg.reason)
             answer = {"user": msg.user, "code": msg.code}
         else:
-            command = control.Unsubscribe(msg.user, msg.room)
+            command = control.Unsubscribe(msg.user, msg.room, msg.reason)
             answer = {"user": msg.user, "room": msg.room}
         try:
             result = control.send(self.node.hub, command)

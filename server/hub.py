@@ -68,6 +68,8 @@ from wsfan.server.wire import (
     PresenceStatsRequest,
     Publish,
     PublishData,
+    Subscribed,
+    Unsubscribed,
     Welcome,
 )
 
@@ -104,6 +106,8 @@ Authorizer = Callable[["Session", str, str], bool]
 Verdict = tuple[str, bytes | None] | None
 Gate = Callable[["Session", str, str, "bytes | None", "str | None"], "Verdict | Awaitable[Verdict]"]
 _VERBS = {"join": "join", "publish": "publish to", "presence": "see who is in"}  # FORBIDDEN texts
+# Longest a cluster join waits for the node's live stream to reach its history read (Hub._caught_up).
+CATCHUP_S = 1.0
 NO_CLOSE_FRAME = 1006  # RFC 6455 7.1.5: the connection closed with no close frame either way
 # Session.bucket of a rate-limited session that has not sent anything yet (Hub.receive makes the bucket).
 _FIRST_MESSAGE: Any = TokenBucket(1.0, 1.0)
@@ -183,7 +187,7 @@ class Room:
     (``server/deflate.py``); each group gets one frame per publication.
     """
 
-    __slots__ = ("name", "json", "msgpack", "sse", "groups", "recovering")
+    __slots__ = ("name", "json", "msgpack", "sse", "groups", "recovering", "last", "catchup")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -200,6 +204,10 @@ class Room:
         # Sessions whose join is waiting for history from an asynchronous broker:
         # live publications are parked here so that replay comes first.
         self.recovering: dict[Session, list[Publication]] = {}
+        # The seq of the last publication this node delivered (its live stream's position), and
+        # joins waiting for that stream to reach the seq their history read returned (``_caught_up``).
+        self.last = 0
+        self.catchup: list[tuple[int, asyncio.Future[None]]] = []
 
     def __len__(self) -> int:
         return sum(len(members) for _, members in self.groups)
@@ -363,17 +371,27 @@ class Hub:
     ) -> None:
         """Subscribe with optional recovery; used by the ``join`` message, SSE streams and applications.
 
-        ``trusted`` (the server's own decision, ``Conn.join``) skips ``authorize``.
+        ``trusted`` (the server's own decision, ``Conn.join``) skips ``authorize`` and the gate,
+        and tells the connection: ``{"type":"subscribed","room","seq","epoch"}`` when it was not in
+        the room yet, queued before any delivery of the room to it (PROTOCOL.md, server-side
+        subscriptions).
         """
         m = Join(room=room, since=since, id=request_id)
         if trusted:
-            self._join(s, m)
+            self._join(s, m, server=True)
         else:
             self._on_join(s, m)
 
-    def leave(self, s: Session, room: str) -> None:
-        """Unsubscribe ``s`` from ``room`` (no reply); a no-op when it is not in it."""
+    def leave(self, s: Session, room: str, reason: str = "") -> None:
+        """Take ``s`` out of ``room`` on the server's decision (``Conn.leave``, ``POST /unsubscribe``).
+
+        A no-op when it is not in it; otherwise it gets ``{"type":"unsubscribed","room","reason"?}``,
+        queued after the room's last delivery to it (nothing of the room is queued once it left).
+        """
+        if room not in s.rooms:
+            return
         self._remove(s, room)
+        self.reply(s, Unsubscribed(room=room, reason=reason))
 
     def close(self, s: Session) -> None:
         """Forget a session whose connection is gone; it leaves every room."""
@@ -588,7 +606,8 @@ class Hub:
             return
         go(room, payload)
 
-    def _join(self, s: Session, m: Join) -> None:
+    def _join(self, s: Session, m: Join, server: bool = False) -> None:
+        """Join ``s`` to ``m.room``; ``server``: the server's decision, told with a ``subscribed`` push."""
         room = m.room
         ns = self.namespaces.of(room)
         try:
@@ -600,14 +619,19 @@ class Hub:
         if isinstance(hist, History):
             first = room not in s.rooms
             self._add(s, room)
-            self._joined(s, m.id, room, hist)
+            self._joined(s, m.id, room, hist, server and first)
             if first and (ns.presence or ns.join_leave):
                 self._presence_join(s, room, ns)
         else:
-            self._spawn_held(s, self._join_async(s, m.id, room, hist))
+            self._spawn_held(s, self._join_async(s, m.id, room, hist, server))
 
     async def _join_async(
-        self, s: Session, request_id: str | None, name: str, pending: Awaitable[History]
+        self,
+        s: Session,
+        request_id: str | None,
+        name: str,
+        pending: Awaitable[History],
+        server: bool = False,
     ) -> None:
         room = self._room(name)
         parked: list[Publication] = room.recovering.setdefault(s, [])
@@ -615,6 +639,7 @@ class Hub:
         announced = False
         try:
             hist = await pending
+            await self._caught_up(room, hist)
             if (ns.presence or ns.join_leave) and name not in s.rooms and not s.closed:
                 # Before the ack, live messages still parked: a client that has its ack is in
                 # presence, and the others are being told (in order with the room's messages).
@@ -640,12 +665,40 @@ class Hub:
                 self._presence_leave(s, name)
             self._forget_if_unused(room)
             return
+        first = name not in s.rooms
         self._add(s, name)
-        self._joined(s, request_id, name, hist)
+        self._joined(s, request_id, name, hist, server and first)
         last = hist.publications[-1].seq if hist.publications else hist.seq
         for pub in parked:
             if pub.seq > last and pub.origin != s.conn_id:
                 self._replay(s, pub)
+
+    async def _caught_up(self, room: Room, hist: History) -> None:
+        """Wait until this node's live stream of ``room`` has passed ``hist.seq`` (at most ``CATCHUP_S``).
+
+        A broker's history read and its live stream are two channels: publications up to
+        ``hist.seq`` may still be on their way to this node when the read returns. Joined now,
+        the connection would get them live after an ack (or ``subscribed``) that says the room
+        is at ``hist.seq``, and a client would take a seq going back for a restarted room. They
+        are parked meanwhile like any live publication during the join, and replayed only when
+        above what history covered. A quiet room's stream is there already: no wait. A stream
+        that does not get there (the room renumbered, the node's subscription lost) is not
+        waited for longer than ``CATCHUP_S``.
+        """
+        if room.last >= hist.seq or hist.seq == 0 or not room.recovering:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (hist.seq, fut)
+        room.catchup.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), CATCHUP_S)
+        except TimeoutError:
+            log.debug(
+                "room %r: live stream at %d, history at %d; joined anyway", room.name, room.last, hist.seq
+            )
+        finally:
+            if entry in room.catchup:
+                room.catchup.remove(entry)
 
     def _forget_if_unused(self, room: Room) -> None:
         """A join that failed or whose connection left created the room: do not keep it subscribed."""
@@ -655,8 +708,14 @@ class Hub:
             if inspect.isawaitable(unsub):
                 self._spawn(_await(unsub))
 
-    def _joined(self, s: Session, request_id: str | None, room: str, hist: History) -> None:
-        # The ack goes first so a client learns ``recovered`` before the replayed messages.
+    def _joined(
+        self, s: Session, request_id: str | None, room: str, hist: History, push: bool = False
+    ) -> None:
+        # The ack (or a server join's ``subscribed``) goes first, so a client learns ``recovered``
+        # and the seq it counts from before the replayed and live messages, which are all queued
+        # after it on the same session queue.
+        if push:
+            self.reply(s, Subscribed(room=room, seq=hist.seq, epoch=hist.epoch))
         if request_id is not None:
             self.ack(
                 s, request_id, JoinData(room=room, seq=hist.seq, recovered=hist.recovered, epoch=hist.epoch)
@@ -949,6 +1008,9 @@ class Hub:
         if room.recovering:
             for parked in room.recovering.values():
                 parked.append(pub)
+        room.last = pub.seq
+        if room.catchup:
+            _release_catchup(room, pub.seq)
         stats = self.stats
         stats.deliveries += n
         stats.bytes_out += size
@@ -1127,6 +1189,15 @@ class Hub:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _release_catchup(room: Room, seq: int) -> None:
+    """The room's live stream reached ``seq``: wake the joins waiting for it (``Hub._caught_up``)."""
+    waiting = room.catchup
+    room.catchup = [entry for entry in waiting if entry[0] > seq]
+    for target, fut in waiting:
+        if target <= seq and not fut.done():
+            fut.set_result(None)
 
 
 def presence_data(room: str, result: Any) -> PresenceData | PresenceStatsData:

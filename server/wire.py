@@ -231,6 +231,34 @@ class BroadcastDelivery(Outbound, tag="broadcast", kw_only=True):
     payload: Raw
 
 
+class Subscribed(Outbound, tag="subscribed", kw_only=True, frozen=True):
+    """The server joined this connection to ``room`` (``Conn.join``): sent to the connection itself.
+
+    ``{"type":"subscribed","room","seq","epoch"?}``: ``seq`` is the room's seq at the join (the
+    first delivery that follows is ``seq + 1``), ``epoch`` its numbering (as in a join ack). Sent
+    before the room's first delivery to this connection, and only when the connection was not in
+    the room already. Not numbered, not in history. The Python client hands it to ``on_event``
+    (``wsfan.client.Subscribed``).
+    """
+
+    room: str
+    seq: int
+    epoch: str = ""
+
+
+class Unsubscribed(Outbound, tag="unsubscribed", kw_only=True, frozen=True):
+    """The server took this connection out of ``room`` (``Conn.leave``, ``POST /unsubscribe``).
+
+    ``{"type":"unsubscribed","room","reason"?}``: after the room's last delivery to this
+    connection; ``reason`` is the application's text, absent when it gave none. Only when the
+    connection was in the room. The Python client hands it to ``on_event``
+    (``wsfan.client.Unsubscribed``).
+    """
+
+    room: str
+    reason: str = ""
+
+
 # ``success`` has no default on purpose: omit_defaults would otherwise drop it from the wire.
 class Ack(Outbound, tag="ack", kw_only=True):
     requestId: str | None = None  # noqa: N815 - wire name
@@ -295,6 +323,8 @@ SERVER_TYPES: Final[tuple[type[Outbound], ...]] = (
     Delivery,
     JoinedEvent,
     LeftEvent,
+    Subscribed,
+    Unsubscribed,
     Ack,
     Error,
     EchoReply,
@@ -391,6 +421,8 @@ class FlatMessage(Struct):
     seq: int | None = None
     from_: str | None = field(default=None, name="from")
     payload: Raw = Raw()
+    epoch: str | None = None  # subscribed
+    reason: str | None = None  # unsubscribed
     conn: str | None = None
     user: str | None = None
     heartbeat: int | None = None

@@ -11,6 +11,7 @@ users, all traffic is on 127.0.0.1, and every wait has a timeout.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -608,4 +609,19 @@ def test_broadcasts_are_received_and_timed(tmp_path: Path) -> None:
         thread.join(10)
         srv.stop()
     _assert_clean(run, "connect", "broadcast")
+    assert not any(n.startswith("unexpected") for n in run.rows), run.explain()
+
+
+def test_server_side_pushes_are_rows_of_their_own(tmp_path: Path) -> None:
+    """A ``subscribed`` push and an application's own push type (``conn.send``) are the rows
+    ``subscribed`` and ``push:<type>``, untimed, not failures (were ``unexpected:<type>`` failures)."""
+    tests = str(Path(__file__).resolve().parent)
+    srv = ServerProcess("--app", "apps.greeter:app", env={"PYTHONPATH": os.pathsep.join([tests, str(ROOT)])})
+    srv.start()
+    try:
+        run = locust(tmp_path, "idle", srv.host, "-u", "3", "-r", "3", "-t", "3s")
+    finally:
+        srv.stop()
+    _assert_clean(run, "connect", "subscribed", "push:notice")
+    assert run.count("subscribed") == run.count("push:notice") == run.count("connect") == 3, run.explain()
     assert not any(n.startswith("unexpected") for n in run.rows), run.explain()

@@ -57,6 +57,11 @@ def run_step(rooms: RoomTracker, resets: list[Gap], step: dict[str, Any], where:
         rooms.leave(step["leave"])
     elif "left" in step:
         rooms.left(step["left"])
+    elif "server_join" in step:
+        event = rooms.server_joined(step["server_join"], step["seq"], step.get("epoch"))
+        assert event_dict(event) == step["event"], where
+    elif "server_leave" in step:
+        rooms.server_left(step["server_leave"])
     elif "expect" in step:
         want = step["expect"]
         for counter in ("duplicates", "resets", "unknown"):

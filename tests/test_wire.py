@@ -51,6 +51,8 @@ from wsfan.server.wire import (
     PublishData,
     RawMessage,
     ReplyData,
+    Subscribed,
+    Unsubscribed,
     Welcome,
 )
 
@@ -95,6 +97,8 @@ def server_messages(mod: Any) -> st.SearchStrategy[Outbound]:
         ),
         st.builds(lambda r, u, c: JoinedEvent(room=r, user=u, conn=c), rooms, words, words),
         st.builds(lambda r, u, c: LeftEvent(room=r, user=u, conn=c), rooms, words, words),
+        st.builds(lambda r, s, e: Subscribed(room=r, seq=s, epoch=e), rooms, seqs, words),
+        st.builds(lambda r, why: Unsubscribed(room=r, reason=why), rooms, words),
         acks,
         st.builds(
             lambda rid, c, m: Error(requestId=rid, success=False, code=c, message=m), ids, words, words
@@ -116,6 +120,8 @@ def test_every_server_type_is_covered():
         "message",
         "joined",
         "left",
+        "subscribed",
+        "unsubscribed",
         "ack",
         "error",
         "echo",

@@ -35,7 +35,8 @@
  *   `left` events (`{room, user, conn}`), through `onEvent` and the EventTarget alike.
  * - Room-less pushes (a server `broadcast`, an application's own message types) arrive as
  *   `push` events and through `onPush`; deliveries of rooms the server joined the connection
- *   to arrive like those of joined rooms.
+ *   to arrive like those of joined rooms, announced by a `subscribed` event {room, seq, epoch}
+ *   and ended by an `unsubscribed` event {room, reason} (the room leaves `rooms`).
  * - The token travels as `?token=` because browsers cannot set upgrade headers.
  * - JSON only (text frames): a MessagePack decoder is not worth shipping to browsers.
  *
@@ -167,12 +168,19 @@ export class Backoff {
  *   one a rejoin's replay may repeat (`since` < seq <= the ack's seq, until the replay is
  *   past): it is handed over as the first message of the new numbering and reported to
  *   `onReset` as a `gap` with `reset: true`; the room's epoch becomes unknown.
- * - A delivery of a room the application never joined comes from a room the server joined
- *   this connection to (`conn.join`, docs/app-api.md): it is tracked from that delivery on
+ * - A `subscribed` push (`serverJoined`) says the server joined this connection to a room
+ *   (`conn.join`, docs/app-api.md) at its seq and epoch: it is tracked from that seq
  *   (`byServer`), handed over under the rules above and listed by `subscribed()`. It belongs
- *   to the connection: not rejoined after a reconnect, forgotten when the connection is lost;
- *   an explicit `join()` makes it the application's. Deliveries of a room being left (leave
- *   sent, not acked yet) are in flight from before the leave: dropped (`unknown`).
+ *   to the connection: not rejoined after a reconnect (the server decides again, e.g. in
+ *   `on_open`); its seq and epoch are kept (`former`), and a `subscribed` of it on a later
+ *   connection whose seq is past the last one seen (or in another epoch, or behind it) is a
+ *   `gap` (`reset` for the latter two). A room the application joined or is joining stays
+ *   its own; an explicit `join()` makes a server-joined room the application's.
+ * - An `unsubscribed` push (`serverLeft`) comes after the room's last delivery: the room is
+ *   forgotten, unless the application's own join of it is in flight (its ack makes it ours).
+ * - A delivery of a room neither joined nor announced (a server older than these pushes) is a
+ *   server join too, tracked from it. Deliveries of a room being left (leave sent, not acked
+ *   yet) are in flight from before the leave: dropped (`unknown`).
  * - A join ack whose `data.room` names another room than the one asked for (a `before_join`
  *   hook moved the join, docs/app-api.md) means the connection is in that room: the join's
  *   state moves to it (merged if it was already tracked), so its deliveries are the joined
@@ -181,7 +189,17 @@ export class Backoff {
  * The rules are shared with client/rooms.py as test vectors (tests/vectors/numbering.json).
  */
 function newState() {
-  return { lastSeq: null, own: null, joined: false, held: null, since: null, epoch: null, replay: null, byServer: false };
+  return {
+    lastSeq: null,
+    own: null,
+    joined: false,
+    held: null,
+    since: null,
+    epoch: null,
+    replay: null,
+    byServer: false,
+    joining: false, // the application's join is in flight
+  };
 }
 
 export class RoomTracker {
@@ -192,6 +210,9 @@ export class RoomTracker {
     this.unknown = 0;
     this.resets = 0; // rooms seen starting over on a live connection
     this.onReset = onReset; // told of each, before its first message is handed over
+    // Server-joined rooms of lost connections: [last seq seen, epoch], read when the server
+    // joins a later connection to them again.
+    this.former = new Map();
   }
 
   /**
@@ -212,6 +233,7 @@ export class RoomTracker {
     }
     state.since = since;
     state.held = since != null ? [] : null;
+    state.joining = true;
     return since;
   }
 
@@ -225,6 +247,7 @@ export class RoomTracker {
     state.since = null;
     const wasJoined = state.joined;
     state.joined = true;
+    state.joining = false;
     const moved = data && typeof data.room === "string" && data.room ? data.room : null;
     if (moved !== null && moved !== room) {
       // A server hook put the connection in another room: the join is that room's.
@@ -286,11 +309,55 @@ export class RoomTracker {
   abortJoin(room) {
     const state = this.rooms.get(room);
     if (!state) return;
-    if (!state.joined) this.rooms.delete(room);
+    state.joining = false;
+    if (!state.joined && !state.byServer) this.rooms.delete(room);
     else {
       state.held = null;
       state.since = null;
     }
+  }
+
+  /**
+   * A `subscribed` push: the server joined us to `room` at `seq` (numbering `epoch`). Returns a
+   * `gap` event when it had joined a lost connection to the room too and messages were published
+   * since the last one seen (`reset`: another epoch, or a seq behind it); null otherwise.
+   */
+  serverJoined(room, seq, epoch = null) {
+    this.leaving.delete(room);
+    const former = this.former.get(room);
+    this.former.delete(room);
+    let state = this.rooms.get(room);
+    if (state) {
+      // ours (joined or joining), or already known: its numbering stands
+      state.byServer = true;
+      if (state.lastSeq == null && state.held == null) state.lastSeq = seq;
+      if (state.epoch == null && epoch) state.epoch = epoch;
+      return null;
+    }
+    state = newState();
+    state.byServer = true;
+    state.lastSeq = seq;
+    state.epoch = epoch || null;
+    this.rooms.set(room, state);
+    if (!former || former[0] == null) return null;
+    const [last, oldEpoch] = former;
+    const renumbered = Boolean(epoch && oldEpoch && epoch !== oldEpoch);
+    if (seq === last && !renumbered) return null; // nothing was published while we were away
+    return { type: "gap", room, since: last, seq, reset: renumbered || seq < last };
+  }
+
+  /** An `unsubscribed` push: the server took us out of `room`; nothing of it follows. */
+  serverLeft(room) {
+    this.former.delete(room);
+    const state = this.rooms.get(room);
+    if (!state) return;
+    if (state.joining) {
+      // our join, sent after the server's leave: its ack makes the room ours
+      state.joined = false;
+      state.byServer = false;
+      return;
+    }
+    this.rooms.delete(room);
   }
 
   /** The application left `room`; `sent`: a leave went to the server (`left` follows). */
@@ -382,11 +449,15 @@ export class RoomTracker {
   connectionLost() {
     this.leaving.clear(); // the new connection is in none of them
     for (const [room, state] of [...this.rooms]) {
-      if (!state.joined) this.rooms.delete(room);
-      else {
+      if (!state.joined) {
+        // joins in flight, and the rooms the server had joined that connection to
+        this.rooms.delete(room);
+        if (state.byServer) this.former.set(room, [state.lastSeq, state.epoch]);
+      } else {
         state.held = null;
         state.since = null;
         state.replay = null;
+        state.joining = false;
       }
     }
   }
@@ -689,7 +760,8 @@ function resolveUrl(url, token) {
  * {welcome, reconnect}, `disconnected` {code, reason, willReconnect}, `reconnecting`
  * {attempt, delay, error}, `recovered` {room, since, seq}, `gap` {room, since, seq,
  * reset}, `rejoinfailed` {room, error}, `servererror` {code, message}, `overflow`
- * {room, dropped}, `closed` {error}.
+ * {room, dropped}, `subscribed` {room, seq, epoch} and `unsubscribed` {room, reason} (the server
+ * joined this connection to a room / took it out of one), `closed` {error}.
  */
 export class Client extends EventTarget {
   constructor(url, options = {}) {
@@ -980,6 +1052,22 @@ export class Client extends EventTarget {
       // Another connection came or went (namespaces with join_leave): not numbered, not in history.
       this.stats.presenceEvents += 1;
       this._emit(type, { room: msg.room, user: msg.user, conn: msg.conn });
+      return;
+    }
+    if (type === "subscribed") {
+      // The server joined us (conn.join): numbered from its seq; a gap when it is a room of the
+      // previous connection and messages were published while we were away.
+      const gap = this._rooms.serverJoined(msg.room, msg.seq, msg.epoch || null);
+      this._emit("subscribed", { room: msg.room, seq: msg.seq, epoch: msg.epoch ?? "" });
+      if (gap) {
+        const { type: kind, ...detail } = gap;
+        this._emit(kind, detail);
+      }
+      return;
+    }
+    if (type === "unsubscribed") {
+      this._rooms.serverLeft(msg.room); // after its last delivery: nothing of it follows
+      this._emit("unsubscribed", { room: msg.room, reason: msg.reason ?? "" });
       return;
     }
     if (type !== "ack" && type !== "error" && type !== "echo" && type !== "pong") {

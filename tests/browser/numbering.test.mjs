@@ -33,6 +33,11 @@ function runStep(rooms, resets, step, where) {
     rooms.leave(step.leave);
   } else if ("left" in step) {
     rooms.left(step.left);
+  } else if ("server_join" in step) {
+    const event = rooms.serverJoined(step.server_join, step.seq, step.epoch ?? null);
+    assert.deepEqual(event, step.event, where);
+  } else if ("server_leave" in step) {
+    rooms.serverLeft(step.server_leave);
   } else if ("expect" in step) {
     const want = step.expect;
     for (const counter of ["duplicates", "resets", "unknown"]) {
