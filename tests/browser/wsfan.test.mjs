@@ -147,6 +147,19 @@ class FakeServer {
     return room.seq;
   }
 
+  /** The server joins `ws` to a room (conn.join): a `subscribed` push, then its deliveries. */
+  serverJoin(ws, name) {
+    const room = this.room(name);
+    ws.joined.add(name);
+    ws.push({ type: "subscribed", room: name, seq: room.seq, epoch: room.epoch });
+  }
+
+  /** The server takes `ws` out of a room (conn.leave, POST /unsubscribe): an `unsubscribed` push. */
+  serverLeave(ws, name, reason) {
+    ws.joined.delete(name);
+    ws.push(reason ? { type: "unsubscribed", room: name, reason } : { type: "unsubscribed", room: name });
+  }
+
   /** Like a single node restarting: rooms and history gone, numbering starts over. */
   forget() {
     this.rooms.clear();
@@ -304,6 +317,44 @@ test("room-less pushes and deliveries of rooms the server joined us to reach the
   server.last.drop(1006); // a new connection: the server's joins were that connection's
   await new Promise((resolve) => c.addEventListener("connected", resolve, { once: true }));
   assert.deepEqual(c.rooms, []);
+  await c.close();
+});
+
+test("subscribed/unsubscribed pushes: a server-joined room is listed, numbered, left, and its gap after a reconnect reported", async () => {
+  const server = new FakeServer();
+  const events = [];
+  const c = await connect("ws://x/ws", fastOptions(server, { onEvent: (e) => events.push(e) }));
+  const seen = [];
+  c.addEventListener("subscribed", (e) => seen.push(["subscribed", e.detail]));
+  c.addEventListener("unsubscribed", (e) => seen.push(["unsubscribed", e.detail]));
+  const got = [];
+  c.addEventListener("message", (e) => got.push([e.detail.room, e.detail.seq]));
+  server.publish("feed", "before"); // seq 1: before the join, not ours
+  server.serverJoin(server.last, "feed");
+  assert.deepEqual(seen, [["subscribed", { room: "feed", seq: 1, epoch: "e1" }]]);
+  assert.deepEqual(c.rooms, ["feed"]); // listed at once, before any delivery
+  server.publish("feed", "a");
+  assert.deepEqual(got, [["feed", 2]]);
+  assert.equal(c.lastSeq("feed"), 2);
+  server.last.drop(1006); // the client does not rejoin it: the server joins the new connection
+  await new Promise((resolve) => c.addEventListener("connected", resolve, { once: true }));
+  assert.deepEqual(c.rooms, []);
+  assert.ok(!server.received.some((m) => m.type === "join"), "no join sent for a server-joined room");
+  server.publish("feed", "missed");
+  server.publish("feed", "missed too");
+  server.serverJoin(server.last, "feed");
+  const gaps = events.filter((e) => e.type === "gap");
+  assert.deepEqual(gaps, [{ type: "gap", room: "feed", since: 2, seq: 4, reset: false }]);
+  assert.equal(events.indexOf(gaps[0]), events.findIndex((e) => e.type === "subscribed" && e.seq === 4) + 1);
+  server.publish("feed", "b");
+  assert.deepEqual(got, [["feed", 2], ["feed", 5]]);
+  server.serverLeave(server.last, "feed", "kicked");
+  assert.deepEqual(seen.at(-1), ["unsubscribed", { room: "feed", reason: "kicked" }]);
+  assert.deepEqual(c.rooms, []);
+  await c.join("mine");
+  server.serverLeave(server.last, "mine");
+  assert.deepEqual(seen.at(-1), ["unsubscribed", { room: "mine", reason: "" }]);
+  assert.deepEqual(c.rooms, []); // one of the client's own rooms: gone too
   await c.close();
 });
 
