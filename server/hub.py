@@ -681,11 +681,15 @@ class Hub:
         the connection would get them live after an ack (or ``subscribed``) that says the room
         is at ``hist.seq``, and a client would take a seq going back for a restarted room. They
         are parked meanwhile like any live publication during the join, and replayed only when
-        above what history covered. A quiet room's stream is there already: no wait. A stream
-        that does not get there (the room renumbered, the node's subscription lost) is not
-        waited for longer than ``CATCHUP_S``.
+        above what history covered. No wait when the stream is there already (a quiet room), nor
+        when this node has delivered nothing of the room since it subscribed (``room.last`` 0:
+        its position is unknown, and waiting would hold every first join of a quiet room; what
+        was published between the broker confirming the subscription and the history read can
+        still arrive after the join then: a window of one broker round trip, on a room's first
+        join on a node). A stream that does not get there (the room renumbered) is not waited
+        for longer than ``CATCHUP_S``.
         """
-        if room.last >= hist.seq or hist.seq == 0 or not room.recovering:
+        if room.last == 0 or room.last >= hist.seq or not room.recovering:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (hist.seq, fut)

@@ -7,10 +7,13 @@ recording peer, exactly as the architecture intends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
+import pytest
 
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.hub import Hub, Session
@@ -322,3 +325,109 @@ def test_a_sessions_rooms_are_a_small_tuple_then_a_set_and_hold_the_rooms_own_na
     assert s.messages()[-1]["code"] == ErrorCode.NOT_JOINED
     hub.close(b)
     assert all(b not in hub.rooms[n].json for n in names)
+
+
+class TwoChannelBroker(MemoryBroker):
+    """The in-memory broker with a broker's two channels to a node (Redis: a history read and the
+    pub/sub stream): ``history`` answers through an awaitable at once, while live publications
+    wait in ``in_flight`` until the test lets them reach the hub. The race a real Redis runs
+    now and then (tests/test_server_subs.py, flooded), made to happen every time."""
+
+    def __init__(self) -> None:
+        super().__init__(100)
+        self.in_flight: list[Any] = []
+        self.to_hub: Callable[[Any], None] | None = None
+
+    def bind(self, deliver: Callable[[Any], None]) -> None:
+        self.to_hub = deliver
+        super().bind(self.in_flight.append)
+
+    def history(self, room: str, since: int | None, epoch: str | None = None) -> Any:
+        hist = super().history(room, since, epoch)
+
+        async def read() -> Any:
+            return hist
+
+        return read()
+
+    def release(self) -> None:
+        assert self.to_hub is not None
+        pubs = list(self.in_flight)
+        self.in_flight.clear()  # the same list: the broker appends to it
+        for pub in pubs:
+            self.to_hub(pub)
+
+
+@pytest.mark.parametrize("server_join", [True, False], ids=["conn.join", "join request"])
+def test_a_join_through_a_broker_waits_for_the_live_stream_to_reach_its_seq(server_join: bool) -> None:
+    """The history read says the room is at 3 while 2 and 3 are still on their way to the node:
+    the join takes effect (ack or ``subscribed`` at 3) only once they passed, so the first live
+    delivery after it is 4, never 2 (which a client takes for a restarted room)."""
+
+    async def go() -> list[dict[str, Any]]:
+        broker = TwoChannelBroker()
+        loop = asyncio.get_running_loop()
+        hub = Hub(broker, node_id="t", schedule=loop.call_soon, rate_limit=0)
+        pub_peer, peer = RecordingPeer(), RecordingPeer()
+        publisher = hub.open(pub_peer, Encoding.JSON)
+        s = hub.open(peer, Encoding.JSON)
+        hub.join(publisher, "r")
+        for _ in range(100):
+            if "r" in publisher.rooms:
+                break
+            await asyncio.sleep(0)
+        for n in (1, 2, 3):
+            hub.publish("r", "p", msgspec.json.encode(n), Encoding.JSON, origin=publisher.conn_id)
+            if n == 1:
+                broker.release()  # 1 reached the node; 2 and 3 are in flight
+        if server_join:
+            hub.join(s, "r", trusted=True)
+        else:
+            send(hub, s, {"type": "join", "id": "j", "room": "r"})
+        for _ in range(5):
+            await asyncio.sleep(0)  # the history read answered (at 3); the join waits
+        assert "r" not in s.rooms
+        broker.release()  # 2 and 3 arrive: the join takes effect
+        for _ in range(100):
+            if "r" in s.rooms:
+                break
+            await asyncio.sleep(0)
+        assert "r" in s.rooms
+        hub.publish("r", "p", msgspec.json.encode(4), Encoding.JSON, origin=publisher.conn_id)
+        broker.release()
+        await asyncio.sleep(0)
+        hub.flush()
+        return peer.messages()[1:]  # after the welcome
+
+    got = asyncio.run(go())
+    first = got[0]
+    if server_join:
+        assert (first["type"], first["room"], first["seq"]) == ("subscribed", "r", 3), first
+    else:
+        assert (first["type"], first["data"]["seq"]) == ("ack", 3), first
+    assert [(m["type"], m["seq"]) for m in got[1:]] == [("message", 4)]
+
+
+def test_a_join_through_a_broker_does_not_wait_for_a_quiet_room() -> None:
+    """A room with history but nothing delivered on this node since it subscribed (its stream's
+    position unknown): the join takes effect when the history read answers, at its seq."""
+
+    async def go() -> list[dict[str, Any]]:
+        broker = TwoChannelBroker()
+        loop = asyncio.get_running_loop()
+        hub = Hub(broker, node_id="t", schedule=loop.call_soon, rate_limit=0)
+        for n in (1, 2, 3):  # published before this node had the room: never on its stream
+            broker.publish("r", "p", msgspec.json.encode(n), Encoding.JSON, "elsewhere")
+        broker.in_flight.clear()
+        peer = RecordingPeer()
+        s = hub.open(peer, Encoding.JSON)
+        hub.join(s, "r", trusted=True)
+        for _ in range(100):
+            if "r" in s.rooms:
+                break
+            await asyncio.sleep(0)
+        assert "r" in s.rooms
+        hub.flush()
+        return peer.messages()[1:]
+
+    assert [(m["type"], m["seq"]) for m in asyncio.run(go())] == [("subscribed", 3)]

@@ -106,7 +106,8 @@ def test_join_in_on_open_is_told_before_the_first_delivery(server: ServerProcess
             later = [await PicowsPeer.connect(f"{server.url}?auto_async=feed") for _ in range(4)]
             last = await flood.last_seq()
         starts = [await subscribed_then_contiguous(p, "feed", last, lambda m: False) for p in sync + later]
-        assert starts == sorted(starts) and starts[-1] <= last  # each joined where the room then was
+        # Each joined where the room then was (through a broker the joins complete in any order).
+        assert all(0 <= s <= last for s in starts), (starts, last)
         for p in [pub, *sync, *later]:
             await p.close()
 
