@@ -29,7 +29,6 @@ Answers (docs/protocol-choices.md, "Handshake"):
 
 from __future__ import annotations
 
-import base64
 import binascii
 import fnmatch
 import re
@@ -169,6 +168,16 @@ def list_elements(values: Iterable[str]) -> list[str]:
     return [e for v in values for e in (part.strip(" \t") for part in v.split(",")) if e]
 
 
+def has_token(values: list[str], token: str) -> bool:
+    """Whether the lines of a list header (:func:`list_elements`) hold ``token`` (lower-case), ASCII case-insensitively.
+
+    One line without a comma, what nearly every client sends, is compared as it is.
+    """
+    if len(values) == 1 and "," not in values[0]:
+        return values[0].strip(" \t").lower() == token
+    return token in (e.lower() for e in list_elements(values))
+
+
 def single(headers: Any, name: str) -> str | None | Refusal:
     """The value of a header that may appear at most once; a :class:`Refusal` (400) when repeated."""
     values = headers.getall(name, [])
@@ -193,8 +202,8 @@ def valid_key(key: str) -> bool:
     """§4.2.1 item 5: ``Sec-WebSocket-Key`` is the base64 of 16 bytes (24 characters, padding included)."""
     if len(key) != 24 or not key.isascii():
         return False
-    try:
-        return len(base64.b64decode(key, validate=True)) == 16
+    try:  # base64.b64decode(key, validate=True) without its Python layers
+        return len(binascii.a2b_base64(key.encode(), strict_mode=True)) == 16
     except binascii.Error:
         return False
 
@@ -264,9 +273,9 @@ def check_upgrade(headers: Any) -> Upgrade | Refusal:
     upgrade = headers.getall("Upgrade", [])
     if not upgrade:
         return Refusal(426, "this is a WebSocket endpoint: send an upgrade request", {"Upgrade": "websocket"})
-    if "websocket" not in (e.lower() for e in list_elements(upgrade)):
+    if not has_token(upgrade, "websocket"):
         return Refusal(400, "Upgrade header lacks the websocket token")
-    if "upgrade" not in (e.lower() for e in list_elements(headers.getall("Connection", []))):
+    if not has_token(headers.getall("Connection", []), "upgrade"):
         return Refusal(400, "Connection header lacks the Upgrade token")
     version = single(headers, "Sec-WebSocket-Version")
     if isinstance(version, Refusal):
@@ -278,8 +287,8 @@ def check_upgrade(headers: Any) -> Upgrade | Refusal:
         return Refusal(400, "exactly one Sec-WebSocket-Key header is required")
     if not valid_key(keys[0]):
         return Refusal(400, "Sec-WebSocket-Key must be the base64 of 16 bytes")
-    protocols = list_elements(headers.getall("Sec-WebSocket-Protocol", []))
-    if not all(_TOKEN.match(p) for p in protocols):
+    protocols = list_elements(headers.getall("Sec-WebSocket-Protocol", ()))
+    if protocols and not all(_TOKEN.match(p) for p in protocols):
         return Refusal(400, "Sec-WebSocket-Protocol must be a list of tokens")
     return Upgrade(keys[0], tuple(protocols))
 

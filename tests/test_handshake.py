@@ -337,3 +337,15 @@ def test_websocket_port_drops_a_silent_or_trickling_request(make_server):
     assert silent.recv(1024) == b""
     silent.close()
     trickle.close()
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(st.text(alphabet=" \t,aAbBeEgGkKoOpPrRsStTuUwW-", max_size=30), max_size=3),
+    st.sampled_from(["websocket", "upgrade"]),
+)
+def test_the_one_line_token_check_agrees_with_the_list_rule(values: list[str], token: str) -> None:
+    """has_token's shortcut for one line without a comma says what the RFC 7230 §7 list rule says."""
+    from wsfan.server.handshake import has_token, list_elements
+
+    assert has_token(values, token) == (token in (e.lower() for e in list_elements(values)))
