@@ -42,7 +42,8 @@ class Client(Session):
     * ``on_message``: called with every delivery instead of buffering it (the
       cheapest path, for benchmarks); ``messages()`` is then unavailable.
     * ``on_event``: called with ``client.events`` records (connected, disconnected,
-      reconnecting, recovered, gap, ...).
+      reconnecting, recovered, gap, ..., ``Subscribed``/``Unsubscribed`` when the server
+      joins this connection to a room or takes it out of one).
     * ``on_push``: called with every room-less push instead of buffering it for
       ``pushes()``. All three callbacks may be ``async``.
     * ``push_types``: msgspec Structs with a ``tag`` (e.g. the server's own
@@ -120,9 +121,11 @@ class Client(Session):
 
         The rooms joined (acked), rejoined automatically after a reconnect, and the rooms the
         server joined this connection to (``conn.join`` in an application, docs/app-api.md),
-        from their first delivery until the connection ends: they are the connection's, so
-        they are not rejoined (the server decides again on the new connection) and what was
-        published meanwhile is not recovered. ``join()`` one of them to make it the client's.
+        from their ``subscribed`` push until an ``unsubscribed`` push or the end of the
+        connection: they are the connection's, so they are not rejoined (the server decides
+        again on the new connection, e.g. in ``on_open``) and what was published meanwhile is
+        not recovered but reported: a ``Gap`` when the server's next ``subscribed`` is past the
+        last seq handed over. ``join()`` one of them to make it the client's.
         """
         return self._rooms.subscribed()
 

@@ -851,8 +851,9 @@ export class Client extends EventTarget {
 
   /**
    * Rooms whose deliveries reach the application: the ones joined (acked; rejoined after a
-   * reconnect) and the ones the server joined this connection to (from their first delivery
-   * until the connection ends; the server decides again on the next one).
+   * reconnect) and the ones the server joined this connection to (from their `subscribed` push
+   * until an `unsubscribed` push or the end of the connection; the server decides again on the
+   * next one, and a `gap` event says what was missed when it joins it again).
    */
   get rooms() {
     return this._rooms.subscribed();
