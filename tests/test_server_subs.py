@@ -162,6 +162,10 @@ def test_join_and_leave_in_a_handler(server: ServerProcess) -> None:
             assert reply["type"] == "ack", reply
             nxt = await c.request("ping")
             assert nxt["type"] == "pong", nxt
+        # A reason past 256 characters is the application's ValueError (INTERNAL): still in the room.
+        reply = await c.request("enlist", room="mine", leave=True, reason="x" * 257)
+        assert (reply["type"], reply["code"]) == ("error", "INTERNAL"), reply
+        assert (await c.request("ping"))["type"] == "pong"  # and no unsubscribed before it
         await c.send({"type": "enlist", "id": "e", "room": "mine", "leave": True})
         assert await c.recv() == {"type": "unsubscribed", "room": "mine"}  # no reason: left out
         await pub.close()
