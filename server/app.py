@@ -87,7 +87,12 @@ class Node:
         self.registry = ConnectionRegistry(
             settings.heartbeat, settings.heartbeat_timeout, self._count_heartbeat_close
         )
-        self.limits = Limits(settings.max_message_size, settings.slow_consumer_limit)
+        self.limits = Limits(
+            settings.max_message_size,
+            settings.slow_consumer_limit,
+            settings.max_control_frames,
+            settings.max_fragments,
+        )
         self.draining = False
         self.control: Control | None = None  # set by start()
         self.listening = asyncio.Event()  # set once the port is open (a supervisor waits for it on SIGHUP)

@@ -29,6 +29,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rate_burst: float = 200.0
     rate_abuse_strikes: int = 50
     max_message_size: int = 64 * 1024
+    max_control_frames: float = 50.0
+    max_fragments: int = 1024
     heartbeat: int = 30_000
     heartbeat_timeout: int = 10_000
     slow_consumer_limit: int = 4 * 1024 * 1024
@@ -92,6 +94,9 @@ HELP: dict[str, str] = {
     "rate_burst": "token bucket size: messages a connection may send at once before the rate applies",
     "rate_abuse_strikes": "RATE_LIMITED refusals, without a quiet second between them, before close 4029",
     "max_message_size": "largest inbound message in bytes, after reassembling fragments; larger closes with 1009",
+    "max_control_frames": "pings and pongs a connection may send per second (token bucket of this rate and size); "
+    "more closes with 1008; 0 turns the limit off",
+    "max_fragments": "frames one inbound message may arrive in; more closes with 1008; 0 turns the limit off",
     "heartbeat": "ms of inbound silence before the server pings a connection; 0 turns heartbeats off",
     "heartbeat_timeout": "ms to wait for the pong before closing with 4000",
     "slow_consumer_limit": "bytes queued for one connection that cannot keep up before it is closed with 4008",
@@ -358,6 +363,10 @@ def validate(s: Settings) -> list[str]:
         problems.append("rate-limit must be >= 0 and rate-burst >= 1")
     if s.max_message_size < 1:
         problems.append("max-message-size must be positive")
+    if s.max_control_frames < 0 or s.max_fragments < 0:
+        problems.append("max-control-frames and max-fragments must be >= 0")
+    if 0 < s.max_control_frames < 1:
+        problems.append("max-control-frames must be 0 (off) or at least 1")
     if s.heartbeat < 0 or s.heartbeat_timeout <= 0:
         problems.append("heartbeat must be >= 0 and heartbeat-timeout > 0")
     if not 0 <= s.cork_ms <= 50:

@@ -29,10 +29,17 @@ from picows.picows import WSProtocol
 
 from wsfan.server.auth import Identity
 from wsfan.server.deflate import POLICY, CorruptData, TooLarge, compress, compressed_limit, inflate
-from wsfan.server.handshake import BARE_LF, MAX_HEAD_BYTES, Refusal, SwitchingProtocols, check_request_head
+from wsfan.server.handshake import (
+    BARE_LF,
+    MAX_HEAD_BYTES,
+    Refusal,
+    SwitchingProtocols,
+    check_request_head,
+)
 from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
 from wsfan.server.logs import fields, peer_text
 from wsfan.server.protocol import Encoding
+from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.wire import CloseCode
 
 log = logging.getLogger("wsfan.transport")
@@ -42,6 +49,7 @@ BINARY = WSMsgType.BINARY
 CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
 PING = WSMsgType.PING
+PONG = WSMsgType.PONG
 
 _NO_HEADERS: Any = CIMultiDict()
 # RFC 6455 7.4.1: reserved for local use, never sent in a close frame (picows lets 1006 through).
@@ -418,13 +426,38 @@ def _setsockopt(raw: Any, level: int, option: int, value: int | bytes) -> None:
 
 
 class Limits:
-    """The per-connection limits the transport enforces, shared by all connections."""
+    """The per-connection limits the transport enforces, shared by all connections.
 
-    __slots__ = ("max_message_size", "slow_consumer_limit")
+    ``max_control_frames``: pings and pongs a connection may send per second (a token bucket of
+    that rate and size, ``ratelimit.TokenBucket``, made at its first control frame); past it close
+    1008. ``max_fragments``: frames one message may arrive in; past it close 1008. 0 turns either
+    off. Both bound the CPU one peer spends of the server per byte it sends (a 2-byte ping or a
+    1-byte continuation frame costs a frame callback each); PROTOCOL.md, protocol-choices.md.
+    """
 
-    def __init__(self, max_message_size: int, slow_consumer_limit: int) -> None:
+    __slots__ = ("max_message_size", "slow_consumer_limit", "max_control_frames", "max_fragments")
+
+    def __init__(
+        self,
+        max_message_size: int,
+        slow_consumer_limit: int,
+        max_control_frames: float = 0.0,
+        max_fragments: int = 0,
+    ) -> None:
         self.max_message_size = max_message_size
         self.slow_consumer_limit = slow_consumer_limit
+        self.max_control_frames = max_control_frames
+        self.max_fragments = max_fragments
+
+
+def too_many_control_frames(limit: float) -> str:
+    """The close reason (1008) of a peer over ``--max-control-frames``."""
+    return f"more than {limit:g} control frames per second"
+
+
+def too_many_fragments(limit: int) -> str:
+    """The close reason (1008) of a message over ``--max-fragments``."""
+    return f"message in more than {limit} fragments"
 
 
 class Assembler(WSListener):
@@ -442,6 +475,8 @@ class Assembler(WSListener):
         "closing",
         "_frag",
         "_frag_op",
+        "_frag_count",
+        "_control",
         "_utf8",
         "_close_timer",
         "_close_left",
@@ -467,6 +502,8 @@ class Assembler(WSListener):
         self.closing = False
         self._frag: bytearray | None = None
         self._frag_op: WSMsgType = TEXT
+        self._frag_count = 0
+        self._control: TokenBucket | None = None  # made at the first ping or pong
         self._utf8: Any = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._close_left = 0
@@ -537,11 +574,19 @@ class Assembler(WSListener):
             self._continue_fragments(frame)
         elif op is CLOSE:
             self._on_close_frame(frame)
-        elif op is PING:
+        elif op is PING or op is PONG:
+            limit = self.limits.max_control_frames
+            if limit:
+                bucket = self._control
+                if bucket is None:
+                    bucket = self._control = TokenBucket(limit, limit)
+                if not bucket.take():
+                    self.fail(CloseCode.POLICY_VIOLATION, too_many_control_frames(limit))
+                    return
             # Answered here rather than by picows' auto-pong, so that the RSV check above applies to pings too.
-            if not self.closing:
+            if op is PING and not self.closing:
                 transport.send_pong(frame.get_payload_as_bytes())
-        # PONG only needs to count as traffic (rx above).
+            # PONG only needs to count as traffic (rx above).
 
     def pause_writing(self) -> None:
         self.paused(True)
@@ -572,6 +617,7 @@ class Assembler(WSListener):
     def _start_fragments(self, frame: WSFrame, op: WSMsgType) -> None:
         self._frag = bytearray(frame.get_payload_as_memoryview())
         self._frag_op = op
+        self._frag_count = 1
         if op is TEXT and not self._inflate:  # compressed text is checked once inflated
             self._utf8 = codecs.getincrementaldecoder("utf-8")()
             if not self._check_utf8(self._frag, False):
@@ -582,6 +628,12 @@ class Assembler(WSListener):
         buf = self._frag
         if buf is None:
             self.close(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+            return
+        self._frag_count += 1
+        limit = self.limits.max_fragments
+        if limit and self._frag_count > limit:
+            self._frag = None
+            self.fail(CloseCode.POLICY_VIOLATION, too_many_fragments(limit))
             return
         chunk = frame.get_payload_as_memoryview()
         buf += chunk
@@ -661,6 +713,23 @@ class Assembler(WSListener):
                 )
         t.send_close(code, reason.encode()[:123])
         self._start_grace(grace)
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 §7.1.7): the close frame and a FIN, without reading on.
+
+        For a flood (control frames, fragments): waiting for the peer's close would parse the rest of
+        the flood (every frame a callback). Reading stops at once (what the kernel holds stays
+        unread), the close frame and a FIN leave (closing the fd instead would answer the unread
+        input with an RST, which can reach the peer before our close frame is read), and the close
+        grace resets the connection 2 s later, as after any close the peer does not finish.
+        """
+        if self.transport is None or self.closing:
+            return
+        self.close(code, reason)
+        raw = self.raw
+        raw.pause_reading()
+        if raw.can_write_eof():
+            raw.write_eof()
 
     def _start_grace(self, grace: float) -> None:
         if self._close_timer is None and self.transport is not None:

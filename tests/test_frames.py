@@ -241,6 +241,110 @@ def test_ping_is_answered_with_pong_carrying_same_payload(server, path):
         assert (f.opcode, f.payload, f.fin, f.masked) == (PONG, b"\x00binary\xffping", True, False)
 
 
+# ---------------------------------------------------------------- control-frame rate and fragment count (1008)
+
+FRUGAL_CONTROL = 5  # --max-control-frames of the `frugal` server
+FRUGAL_FRAGMENTS = 8  # --max-fragments of the `frugal` server
+
+
+@pytest.fixture(scope="module")
+def frugal() -> Iterator[ServerProcess]:
+    """A server with small control-frame and fragment limits (module-scoped: started once)."""
+    srv = ServerProcess(
+        "--echo-endpoint",
+        "--rate-limit",
+        "0",
+        "--max-control-frames",
+        str(FRUGAL_CONTROL),
+        "--max-fragments",
+        str(FRUGAL_FRAGMENTS),
+    ).start()
+    yield srv
+    srv.kill()
+
+
+def count_pongs_then_close(ws: RawWS) -> tuple[int, tuple[int | None, str]]:
+    """Read pongs until the close frame; the number of pongs and the close's code and reason."""
+    pongs = 0
+    while True:
+        f = ws.recv_frame()
+        if f.opcode == PONG:
+            pongs += 1
+            continue
+        assert f.opcode == CLOSE, f"expected pongs then a close, got opcode {f.opcode:#x}"
+        ws.send_close(1000)
+        return pongs, f.close_info()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("opcode", [PING, PONG], ids=["ping", "unsolicited-pong"])
+def test_control_frame_flood_closes_1008(frugal, path, opcode):
+    """--max-control-frames N: a burst of N pings is answered, the flood behind it closes 1008."""
+    with connect(frugal, path) as ws:
+        ws.send_raw(b"".join(build_frame(opcode, b"f") for _ in range(200)))
+        pongs, (code, reason) = count_pongs_then_close(ws)
+        assert (code, reason) == (1008, f"more than {FRUGAL_CONTROL} control frames per second")
+        if opcode == PING:
+            # The bucket starts full (N); a slow run refills a token or two, never 200.
+            assert FRUGAL_CONTROL <= pongs < 200, pongs
+        else:
+            assert pongs == 0, "an unsolicited pong is not answered"
+        assert ws.wait_eof(3.0)
+    assert_unaffected(frugal)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pings_within_the_control_frame_limit_are_all_answered(frugal, path):
+    with connect(frugal, path) as ws:
+        ws.send_raw(b"".join(build_frame(PING, str(i).encode()) for i in range(FRUGAL_CONTROL)))
+        got = [ws.recv_frame() for _ in range(FRUGAL_CONTROL)]
+        assert [(f.opcode, f.payload) for f in got] == [
+            (PONG, str(i).encode()) for i in range(FRUGAL_CONTROL)
+        ]
+        assert_works(ws, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_message_at_the_fragment_limit_is_reassembled(frugal, path):
+    if path == "/ws":
+        rid, msg = echo_request("x" * 40)
+    else:
+        rid, msg = "", b"y" * 40
+    step = -(-len(msg) // FRUGAL_FRAGMENTS)
+    chunks = [msg[i : i + step] for i in range(0, len(msg), step)]
+    chunks += [b""] * (FRUGAL_FRAGMENTS - len(chunks))
+    assert len(chunks) == FRUGAL_FRAGMENTS
+    with connect(frugal, path) as ws:
+        ws.send_fragments(TEXT, chunks)
+        f = ws.recv_frame()
+        assert f.opcode == TEXT and f.fin
+        if path == "/ws":
+            assert msgspec.json.decode(f.payload)["requestId"] == rid
+        else:
+            assert f.payload == msg
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_message_in_more_fragments_than_the_limit_closes_1008(frugal, path):
+    with connect(frugal, path) as ws:
+        ws.send_fragments(TEXT, [b"{"] + [b" "] * FRUGAL_FRAGMENTS)  # one more than the limit
+        expect_fail(ws, 1008, f"message in more than {FRUGAL_FRAGMENTS} fragments")
+    assert_unaffected(frugal)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_default_limits_close_a_one_byte_fragment_flood_and_a_ping_flood(server, path):
+    """Defaults (--max-fragments 1024, --max-control-frames 50): 5000 one-byte fragments and 5000 pings."""
+    with connect(server, path) as ws:
+        ws.send_fragments(TEXT, [b" "] * 5000)
+        expect_fail(ws, 1008, "message in more than 1024 fragments")
+    with connect(server, path) as ws:
+        ws.send_raw(b"".join(build_frame(PING) for _ in range(5000)))
+        pongs, close = count_pongs_then_close(ws)
+        assert close == (1008, "more than 50 control frames per second") and 50 <= pongs < 5000, pongs
+    assert_unaffected(server)
+
+
 # ---------------------------------------------------------------- size limit on the whole message
 
 
