@@ -117,6 +117,26 @@ async def test_every_redis_key_has_a_ttl(redis_server, make_server):
         await p.close()
 
 
+async def test_join_leave_without_presence_keeps_nothing_in_redis(redis_server, make_server):
+    """Events only (issue 14): the joins and leaves are announced, no presence key is written,
+    and what the rooms did write (their seq and history) has a TTL like every key."""
+    a = make_server(
+        "--broker", redis_server.url, "--node-id", "A", "--rate-limit", "0",
+        "--namespaces", "live:join_leave=true", "--history-ttl", "120", "--history-meta-ttl", "600",
+    ).start()  # fmt: skip
+    room = "live:x"
+    stays = await joined(a.url, room)
+    comer = await joined(a.url, room)
+    await comer.request("leave", room=room)
+    assert await events(stays) == [("joined", comer.welcome["conn"]), ("left", comer.welcome["conn"])]
+    assert (await stays.request("publish", room=room, payload=1))["type"] == "ack"
+    keys = {k.decode() for k in redis_server.command("KEYS", "*")}
+    assert keys == {"wsfan:{live:x}:m", "wsfan:{live:x}:h"}, "no presence hash or expiry set"
+    assert all(redis_server.command("TTL", k) > 0 for k in keys)
+    for p in (stays, comer):
+        await p.close()
+
+
 async def test_an_expired_seq_restarts_under_a_new_epoch(redis_server, make_server):
     a = node(make_server, redis_server, "A", "--history-ttl", "1", "--history-meta-ttl", "1")
     pub = await joined(a.url, "plain")

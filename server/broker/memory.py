@@ -12,7 +12,6 @@ is told ``recovered: false`` instead of being handed another incarnation's messa
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import secrets
 import time
@@ -22,33 +21,16 @@ from collections.abc import Callable
 from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn, reserved
 from wsfan.server.broker.history import History, history_since
 from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
+from wsfan.server.heap import compacted, release_memory
 from wsfan.server.namespaces import Namespace, Namespaces
 
 # Sweep period bounds, seconds: a quarter of the shortest history_ttl, within these.
 SWEEP_MIN_S = 0.05
 SWEEP_MAX_S = 5.0
 # Once sweeps have forgotten at least this many rooms, and at least as many as are left, the
-# rooms dict is compacted (Python dicts never shrink by themselves) and freed heap pages go back.
+# tables that held them are compacted (they never shrink by themselves) and memory goes back to
+# the OS (server/heap.py says what pinned it).
 COMPACT_AFTER = 1024
-
-
-def _malloc_trim() -> None:
-    """glibc's ``malloc_trim(0)``: return free heap pages to the OS (a no-op elsewhere).
-
-    Hundreds of thousands of small rooms freed at once leave their pages free but mapped;
-    without this, RSS stays at its peak though the memory is free (bench ``rooms``).
-    """
-
-
-try:  # the process's own symbols include the C library's (no ldconfig/gcc lookup at startup)
-    _trim = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):
-    _trim = None
-if _trim is not None:
-    _trim.argtypes = [ctypes.c_size_t]
-
-    def _malloc_trim() -> None:  # noqa: F811 - the real one where glibc has it
-        _trim(0)
 
 
 class RoomLog:
@@ -95,6 +77,8 @@ class MemoryBroker:
         self._sweeper: asyncio.TimerHandle | None = None
         self.expired = 0  # rooms forgotten by the sweep, for tests and metrics
         self._forgotten = 0  # since the last compaction
+        # Called after a compaction, before memory is released: the hub compacts its own tables.
+        self.compact_hooks: list[Callable[[], None]] = []
 
     def bind(self, deliver: DeliverFn) -> None:
         self._deliver = deliver
@@ -135,10 +119,23 @@ class MemoryBroker:
         self.expired += forgotten
         self._forgotten += forgotten
         if self._forgotten >= COMPACT_AFTER and self._forgotten >= len(self.rooms):
-            self._forgotten = 0
-            self.rooms = dict(self.rooms)
-            _malloc_trim()
+            self.compact()
         return forgotten
+
+    def compact(self) -> None:
+        """Shrink the tables a burst of rooms grew, the hub's too, and give the freed memory back.
+
+        Run by ``sweep`` once it has forgotten ``COMPACT_AFTER`` rooms and at least as many
+        as are left; its cost (a full garbage collection, server/heap.py) is paid per
+        thousands of rooms, never per request.
+        """
+        self._forgotten = 0
+        self.rooms = dict(self.rooms)
+        self.subscribed = compacted(self.subscribed)
+        self.presences = compacted(self.presences)
+        for hook in self.compact_hooks:
+            hook()
+        release_memory()
 
     def _log(self, room: str) -> RoomLog:
         log = self.rooms.get(room)
