@@ -77,6 +77,20 @@ _NO_BODY = "a request body is not accepted here"
 BARE_LF = "request lines must end with CRLF, not a bare LF (RFC 9112 section 2.2)"
 
 
+def request_start(buf: bytes | bytearray, end: int) -> int:
+    """Offset of the request line in ``buf[:end]``: past the empty lines (CRLF) sent before it.
+
+    RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received before the
+    request-line (clients that end a previous body with an extra CRLF send one). Any number is
+    skipped; they count towards the 16 KiB head limit (:data:`MAX_HEAD_BYTES`), which bounds
+    them. A bare LF there is not skipped: the head check refuses it (:data:`BARE_LF`).
+    """
+    i = 0
+    while i + 2 <= end and buf[i] == 13 and buf[i + 1] == 10:
+        i += 2
+    return i
+
+
 def check_request_head(head: bytes) -> Refusal | None:
     """The request line and header block of the WebSocket port (``head`` without the blank line), as RFC 7230 says.
 

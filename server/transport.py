@@ -35,6 +35,7 @@ from wsfan.server.handshake import (
     Refusal,
     SwitchingProtocols,
     check_request_head,
+    request_start,
 )
 from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
 from wsfan.server.logs import fields, peer_text
@@ -318,20 +319,23 @@ class GatedProtocol(OpenedProtocol):
         head = self._head
         if head is None:
             # Usually the whole head arrives in one read: looked for in the scratch buffer, uncopied.
-            end = _HEAD_SCRATCH.find(b"\r\n\r\n", 0, nbytes)
+            start = request_start(_HEAD_SCRATCH, nbytes)
+            end = _HEAD_SCRATCH.find(b"\r\n\r\n", start, nbytes)
             if end < 0:
                 head = self._head = bytearray(_HEAD_SCRATCH[:nbytes])
                 self._incomplete(head)
                 return
-            data = memoryview(_HEAD_SCRATCH)[:nbytes]
+            data = memoryview(_HEAD_SCRATCH)[start:nbytes]
         else:
             head += _HEAD_SCRATCH[:nbytes]
-            end = head.find(b"\r\n\r\n")
+            start = request_start(head, len(head))
+            end = head.find(b"\r\n\r\n", start)
             if end < 0:
                 self._incomplete(head)
                 return
-            data = memoryview(head)
-        refusal = check_request_head(bytes(data[:end]))
+            data = memoryview(head)[start:]
+        # Empty lines before the request line (RFC 9112 §2.2) are skipped: picows gets the head without them.
+        refusal = check_request_head(bytes(data[: end - start]))
         if refusal is not None:
             self._refuse(refusal)
             return

@@ -61,7 +61,14 @@ from prometheus_client.exposition import MetricsHandler
 
 from wsfan.server import logs
 from wsfan.server.config import Settings
-from wsfan.server.handshake import BARE_LF, MAX_HEAD_BYTES, Refusal, check_request_head, http_answer
+from wsfan.server.handshake import (
+    BARE_LF,
+    MAX_HEAD_BYTES,
+    Refusal,
+    check_request_head,
+    http_answer,
+    request_start,
+)
 from wsfan.server.metrics import Family, Retired, decode_families, merge
 
 if TYPE_CHECKING:
@@ -533,14 +540,17 @@ class MetricsListener:
             self._drop(sock)
             return
         buf += chunk
-        end = buf.find(b"\r\n\r\n")
+        start = request_start(
+            buf, len(buf)
+        )  # empty lines before the request line are skipped (RFC 9112 §2.2)
+        end = buf.find(b"\r\n\r\n", start)
         if end < 0:
             if buf.count(b"\n") != buf.count(b"\r\n"):  # a bare LF: refused at once, even mid-head
                 self._answer(sock, Refusal(400, BARE_LF))
             elif len(buf) >= MAX_HEAD_BYTES:
                 self._answer(sock, Refusal(431, "request head larger than 16 KiB"))
             return
-        refusal = check_request_head(bytes(buf[:end]))
+        refusal = check_request_head(bytes(buf[start:end]))
         if refusal is not None:
             self._answer(sock, refusal)
             return
@@ -548,7 +558,7 @@ class MetricsListener:
         sock.setblocking(True)
         sock.settimeout(1.0)  # the answer is small: a client that reads nothing is dropped
         try:
-            self.server.finish_request(_Buffered(sock, bytes(buf)), addr)  # type: ignore[arg-type]
+            self.server.finish_request(_Buffered(sock, bytes(buf[start:])), addr)  # type: ignore[arg-type]
         except OSError:
             pass
         finally:

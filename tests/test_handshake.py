@@ -230,6 +230,55 @@ def test_a_bare_lf_is_refused_before_the_head_is_complete(srv):
     assert (status, body) == (400, BARE_LF_BODY)
 
 
+# RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) before the request-line.
+LEADING = [b"\r\n", b"\r\n" * 3]
+
+
+@pytest.mark.parametrize("lead", LEADING, ids=["one CRLF", "three CRLFs"])
+@pytest.mark.parametrize("path", ["/ws", "/echo"])
+def test_empty_lines_before_the_request_line_are_skipped_on_an_upgrade(srv, lead, path):
+    """Before: 400 'malformed request line'. The 101 and the welcome follow as without them."""
+    status, headers, body = exchange(srv, lead + upgrade_head(path, key=KEY))
+    assert status == 101 and headers["sec-websocket-accept"] == accept_key(KEY)
+    if path == "/ws":
+        assert b'"welcome"' in body
+
+
+@pytest.mark.parametrize("lead", LEADING, ids=["one CRLF", "three CRLFs"])
+def test_empty_lines_before_the_request_line_are_skipped_on_a_plain_get(srv, lead):
+    assert exchange(srv, lead + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[::2] == (200, b"ok\n")
+
+
+def test_empty_lines_arriving_apart_from_the_request_line_are_skipped(srv):
+    """Each CRLF in a read of its own (a head accumulated over reads), then the upgrade."""
+    import socket
+
+    with socket.create_connection((HOST, srv.port), timeout=3) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (b"\r", b"\n", b"\r\n", upgrade_head(key=KEY)):
+            sock.sendall(piece)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101"), data[:200]
+
+
+@pytest.mark.parametrize(
+    "head, status, body",
+    [
+        (b"\n" + upgrade_head(key=KEY), 400, BARE_LF_BODY),
+        (b"\r\n\n" + upgrade_head(key=KEY), 400, BARE_LF_BODY),
+        (b"\r\n" * 8200, 431, b"request head larger than 16 KiB\n"),
+    ],
+    ids=["a bare LF first", "CRLF then a bare LF", "16 KiB of empty lines"],
+)
+def test_what_is_not_an_empty_line_before_the_request_line_is_still_refused(srv, head, status, body):
+    """Only CRLF is an empty line (a bare LF is BARE_LF); empty lines count towards the 16 KiB head."""
+    assert exchange(srv, head)[::2] == (status, body)
+
+
 def test_a_first_frame_in_the_same_packet_as_the_head_is_not_lost(srv):
     """The head check hands every byte after the head to picows: here a ping sent with the upgrade."""
     import socket

@@ -514,6 +514,31 @@ def test_metrics_port_answers_unparseable_requests_in_our_words_without_a_traceb
     assert "Traceback" not in srv.output(), srv.output()[-2000:]
 
 
+def test_metrics_port_skips_empty_lines_before_the_request_line(make_server):
+    """RFC 9112 §2.2 on a lone node's --metrics-port (aiohttp), as on the WebSocket port."""
+    mport = free_port()
+    make_server("--metrics-port", str(mport)).start()
+    assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 10)
+    for lead in (b"\r\n", b"\r\n" * 3):
+        head = lead + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert send_head("127.0.0.1", mport, head)[::2] == (200, b"ok\n")
+
+
+def test_supervisor_metrics_listener_skips_empty_lines_before_the_request_line(redis_server, make_server):
+    """RFC 9112 §2.2 on the supervisor's own listener (--workers 2): before, 400 'malformed request line'."""
+    srv, metrics = supervised(make_server, redis_server)
+    port = int(metrics.split(":")[2].split("/")[0])
+    for lead in (b"\r\n", b"\r\n" * 3):
+        for path in (b"/healthz", b"/metrics"):
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+                sock.sendall(lead + b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):  # http.server closes after its answer
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.0 200 ") or answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            assert (b"ok\n" if path == b"/healthz" else b"wsfan_") in answer
+
+
 def test_supervisor_metrics_listener_is_not_held_by_half_sent_requests(redis_server, make_server):
     """Clients that send half a request line and wait hold nobody up: /healthz is answered while
     they wait (before: the supervisor read each one blocking, 5 s apiece, worker supervision

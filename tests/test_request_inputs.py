@@ -383,6 +383,14 @@ def test_http_port_bare_lf_is_400_with_the_reason(edge, head):
     assert (status, body) == (400, BARE_LF.encode() + b"\n")
 
 
+@pytest.mark.parametrize("lead", [b"\r\n", b"\r\n" * 3], ids=["one CRLF", "three CRLFs"])
+def test_http_port_skips_empty_lines_before_the_request_line(edge, lead):
+    """RFC 9112 §2.2 (a server SHOULD ignore at least one CRLF before the request-line), as on the
+    WebSocket port (test_handshake); aiohttp's parser does, this keeps it so."""
+    status, _, body = send_head(HOST, edge.http_port, lead + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, body) == (200, b"ok\n")
+
+
 def test_admin_body_cut_short_by_the_client_is_not_an_error_in_the_log(make_server):
     """A client that closes before its announced body arrived is its own doing: one DEBUG line, no
     ERROR traceback (before: aiohttp logged ConnectionResetError with a traceback at ERROR each time)."""
