@@ -910,6 +910,7 @@ CLOSE_REASONS = {
         "invalid payload length: not in its shortest form, or 2^63 and up",
         "invalid close code",
         "close frame payload of 1 byte",
+        "second close frame",  # picows parses one frame ahead: a close right behind a bad close
     },
     1007: {BAD_UTF8, "invalid UTF-8 in the close reason"},
     1009: {TOO_BIG},
