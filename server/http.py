@@ -31,7 +31,7 @@ from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
 from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid, payload_problem
-from wsfan.server.wire import ROOM_RULE, CloseCode, ErrorCode, RoomName, parse_seq, valid_room
+from wsfan.server.wire import ROOM_RULE, SEQ_MAX, CloseCode, ErrorCode, RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -206,6 +206,37 @@ def _room_param(request: web.Request) -> str | web.Response:
     if not valid_room(room):
         return _json_error(400, ROOM_RULE)
     return room
+
+
+def number_rule(name: str, low: int, high: int) -> str:
+    """The one 400 sentence for a number given as text (query parameter or header) out of its rule."""
+    top = "2^63-1" if high == SEQ_MAX else str(high)
+    return f"{name} must be one integer from {low} to {top} in ASCII digits"
+
+
+def _number(text: str, name: str, low: int, high: int) -> int | web.Response:
+    """``text`` as an integer in ``low..high`` (:func:`parse_seq`: ASCII digits only), or the 400."""
+    value = parse_seq(text)
+    if value is None or not low <= value <= high:
+        return _json_error(400, number_rule(name, low, high))
+    return value
+
+
+def _query_number(
+    request: web.Request, name: str, low: int, high: int, default: int | None
+) -> int | None | web.Response:
+    """The query parameter ``name`` (``since``, ``limit``) as an integer in ``low..high``.
+
+    One parser and one sentence (:func:`number_rule`) for every HTTP endpoint: absent gives
+    ``default``; present it must be given once, as ASCII digits (:func:`parse_seq`; ``since=``
+    empty, a sign, ``_``, spaces, non-ASCII digits are not numbers), in range; else the 400.
+    """
+    values = request.query.getall(name, [])
+    if not values:
+        return default
+    if len(values) > 1:
+        return _json_error(400, number_rule(name, low, high))
+    return _number(values[0], name, low, high)
 
 
 def _json_payload(pub: Publication) -> msgspec.Raw:
@@ -528,13 +559,10 @@ class HttpSide:
         room = _room_param(request)
         if isinstance(room, web.Response):
             return room
-        since_values = request.query.getall("since", [])
-        since = 0
-        if since_values:
-            parsed = parse_seq(since_values[0]) if len(since_values) == 1 else None
-            if parsed is None:
-                return _json_error(400, "since must be one seq (an integer from 0 to 2^63-1)")
-            since = parsed
+        since = _query_number(request, "since", 0, SEQ_MAX, 0)
+        if isinstance(since, web.Response):
+            return since
+        assert since is not None
         try:
             hist = self.node.hub.broker.history(room, since)
             if inspect.isawaitable(hist):
@@ -560,7 +588,7 @@ class HttpSide:
             return refused
         query = request.query
         params: dict[str, str] = {}
-        for name in ("prefix", "after", "limit"):
+        for name in ("prefix", "after"):
             values = query.getall(name, [])
             if len(values) > 1:
                 return _json_error(400, f"more than one {name} parameter")
@@ -569,12 +597,10 @@ class HttpSide:
         for name in ("prefix", "after"):
             if params.get(name) and not valid_room(params[name]):
                 return _json_error(400, f"{name} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-        limit = DEFAULT_ROOMS_LIMIT
-        if "limit" in params:
-            parsed = parse_seq(params["limit"])
-            if parsed is None or not 1 <= parsed <= MAX_ROOMS_LIMIT:
-                return _json_error(400, f"limit must be an integer from 1 to {MAX_ROOMS_LIMIT}")
-            limit = parsed
+        limit = _query_number(request, "limit", 1, MAX_ROOMS_LIMIT, DEFAULT_ROOMS_LIMIT)
+        if isinstance(limit, web.Response):
+            return limit
+        assert limit is not None
         control = self.node.control
         assert control is not None  # joined at start, before this side listens
         try:
@@ -633,7 +659,7 @@ class HttpSide:
 
         Every input is checked before the stream opens, each with a 400 and a fixed reason:
         ``room`` (one, :func:`valid_room`), ``since`` / ``Last-Event-ID`` (one, ASCII digits,
-        :func:`parse_seq`), ``Origin`` (403 outside ``--allowed-origins``), admission (503 with
+        :func:`_query_number`; an empty ``since=`` is 400, an empty ``Last-Event-ID`` is none), ``Origin`` (403 outside ``--allowed-origins``), admission (503 with
         ``Retry-After: 1`` while draining or once only ``--fd-reserve`` fds are left), the token (401).
         """
         room = _room_param(request)
@@ -642,15 +668,13 @@ class HttpSide:
         last_event_id = single(request.headers, "Last-Event-ID")
         if isinstance(last_event_id, Refusal):
             return _json_error(last_event_id.status, last_event_id.reason)
-        query = request.query
-        if len(query.getall("since", [])) > 1:
-            return _json_error(400, "more than one since parameter")
-        since_text = last_event_id or query.get("since")
-        since: int | None = None
-        if since_text:
-            since = parse_seq(since_text)
-            if since is None:
-                return _json_error(400, "Last-Event-ID and since must be a seq: ASCII digits, at most 2^63-1")
+        since = _query_number(request, "since", 0, SEQ_MAX, None)
+        if isinstance(since, web.Response):
+            return since
+        if last_event_id:  # an EventSource's reconnect: it wins over the URL's since (an empty one is none)
+            since = _number(last_event_id, "Last-Event-ID", 0, SEQ_MAX)
+            if isinstance(since, web.Response):
+                return since
         refused = self.node.origins.check(request.headers)
         if refused is not None:
             return self._refused(

@@ -16,9 +16,12 @@ import base64
 import json
 import socket
 import time
+import urllib.parse
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.ports import free_port, wait_for_port
 from helpers.rawws import RawWS, send_head, upgrade_head
@@ -191,6 +194,84 @@ def test_presence_room_names(edge, path, query):
     status, body = http_get(edge, f"{path}{query}&token={GOOD}")
     assert status == 400, body
     assert_fixed_reason(body)
+
+
+# ---------------------------------------------------------------- numbers in queries: one parser, one sentence
+
+SINCE_RULE = "since must be one integer from 0 to 2^63-1 in ASCII digits"
+LIMIT_RULE = "limit must be one integer from 1 to 10000 in ASCII digits"
+ADMIN_AUTH = [("Authorization", f"Bearer {ADMIN}")]
+# (endpoint target without the number, parameter, its sentence, headers)
+NUMBER_ENDPOINTS = [
+    (f"/sse?room=ok&token={GOOD}", "since", SINCE_RULE, []),
+    ("/history?room=ok", "since", SINCE_RULE, ADMIN_AUTH),
+    ("/rooms?prefix=ok", "limit", LIMIT_RULE, ADMIN_AUTH),
+]
+BAD_NUMBERS = [
+    "",
+    "-1",
+    "%2B1",
+    "1_0",
+    "%201",
+    "1.0",
+    "x",
+    "%C2%B2",
+    "%EF%BC%91",
+    "9223372036854775808",
+    "1&{name}=2",
+]
+
+
+@pytest.mark.parametrize("value", BAD_NUMBERS, ids=lambda v: v or "empty")
+@pytest.mark.parametrize(
+    "target, name, rule, headers", NUMBER_ENDPOINTS, ids=[e[0].split("?")[0] for e in NUMBER_ENDPOINTS]
+)
+def test_a_query_number_out_of_its_rule_is_400_with_the_one_sentence(
+    edge, target, name, rule, headers, value
+):
+    """/sse, /history and /rooms read since and limit with one parser and say one sentence (before:
+    /sse 'Last-Event-ID and since must be a seq: ...' or 'more than one since parameter', /history
+    'since must be one seq (...)', /rooms 'limit must be an integer from 1 to 10000' or 'more than
+    one limit parameter'; an empty since= on /sse opened the stream as if absent)."""
+    status, body = http_get(edge, f"{target}&{name}={value.format(name=name)}", extra=headers)
+    assert (status, json.loads(body)) == (400, {"error": rule})
+
+
+@pytest.mark.parametrize(
+    "target, name, rule, headers", NUMBER_ENDPOINTS, ids=[e[0].split("?")[0] for e in NUMBER_ENDPOINTS]
+)
+def test_a_query_number_in_its_rule_is_taken(edge, target, name, rule, headers):
+    for value in ("1", "0001", "10000" if name == "limit" else "9223372036854775807"):
+        assert http_get(edge, f"{target}&{name}={value}", extra=headers)[0] == 200, value
+    assert http_get(edge, target, extra=headers)[0] == 200, "absent: the default"
+
+
+def test_last_event_id_out_of_the_rule_says_the_same_sentence_for_its_name(edge):
+    status, body = sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Last-Event-ID", "-1")])
+    assert (status, json.loads(body)) == (400, {"error": SINCE_RULE.replace("since", "Last-Event-ID")})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    endpoint=st.sampled_from(NUMBER_ENDPOINTS),
+    value=st.one_of(
+        st.text(max_size=24),
+        st.integers(-(2**64), 2**64).map(str),
+        st.text("0123456789", min_size=1, max_size=21),
+    ),
+)
+def test_any_query_value_is_a_number_in_range_or_the_documented_400(edge, endpoint, value):
+    """Any text as since/limit on /sse, /history, /rooms: never a 500; 200 exactly when it is ASCII
+    digits in range, else 400 with the endpoint's one sentence."""
+    target, name, rule, headers = endpoint
+    status, body = http_get(edge, f"{target}&{name}={urllib.parse.quote(value, safe='')}", extra=headers)
+    high = 10_000 if name == "limit" else 2**63 - 1
+    low = 1 if name == "limit" else 0
+    good = value != "" and all(c in "0123456789" for c in value) and low <= int(value) <= high
+    if good:
+        assert status == 200, (value, body)
+    else:
+        assert (status, json.loads(body)) == (400, {"error": rule}), value
 
 
 def test_sse_takes_the_largest_seq_and_ascii_digits(edge):
