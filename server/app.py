@@ -87,6 +87,8 @@ class Node:
         self.registry = ConnectionRegistry(
             settings.heartbeat, settings.heartbeat_timeout, self._count_heartbeat_close
         )
+        if settings.max_connections_per_ip:
+            self.registry.count_per_ip()
         self.limits = Limits(
             settings.max_message_size,
             settings.slow_consumer_limit,
@@ -224,6 +226,15 @@ class Node:
         limit = self.settings.max_connections
         if limit and len(self.registry.connections) >= limit:
             return self._refuse("max_connections", 503, "too many connections", peer, {"Retry-After": "1"})
+        per_ip = self.settings.max_connections_per_ip
+        if per_ip and self.registry.open_from(client_ip(peer())) >= per_ip:
+            return self._refuse(
+                "max_connections_per_ip",
+                503,
+                "too many connections from this address",
+                peer,
+                {"Retry-After": "1"},
+            )
         if not self.fds.room_for_client():
             # The last --fd-reserve fds are the broker's and the HTTP side's (server/fds.py).
             return self._refuse(
@@ -361,6 +372,14 @@ def _application(settings: Settings) -> App | None:
     if settings.app:
         return application.load(settings.app)  # checked at preflight
     return application.RUNNING
+
+
+def client_ip(peer: str | None) -> str:
+    """The IP address of a ``logs.peer_text`` ("1.2.3.4:5", "[::1]:5"), as its socket's peername has it."""
+    if not peer:
+        return ""
+    host = peer.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
 
 
 def _connect_request(request: WSUpgradeRequest, path: bytes, query: bytes, identity: Any) -> ConnectRequest:

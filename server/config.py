@@ -66,6 +66,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admin_key: str = ""
     http_port: int = 0
     max_connections: int = 0
+    max_connections_per_ip: int = 0
     fd_reserve: int = 64
     max_handshake_rate: float = 0.0
     allowed_origins: str = ""
@@ -143,6 +144,8 @@ HELP: dict[str, str] = {
     "admin_key": "bearer key for POST /publish; the endpoint is off when empty",
     "http_port": "port of the aiohttp side server (POST /publish, /sse, /metrics, /healthz); 0 = off",
     "max_connections": "open WebSocket connections at most; past it upgrades get 503 + Retry-After; 0 = no limit",
+    "max_connections_per_ip": "open WebSocket connections from one client IP address at most; past it its upgrades "
+    "get 503 + Retry-After; 0 = no limit (clients behind one NAT or proxy share an address)",
     "fd_reserve": "file descriptors kept for the broker and the HTTP side: upgrades get 503 + Retry-After once "
     "fewer are left under the open-files limit (raised to the hard limit at start); 0 = no reserve",
     "max_handshake_rate": "new connections per second (token bucket, burst = 1 s worth); past it 503 + Retry-After; 0 = off",
@@ -349,8 +352,8 @@ def validate(s: Settings) -> list[str]:
         problems.append("log-format must be text or json")
     if s.fd_reserve < 0:
         problems.append("fd-reserve must be >= 0")
-    if s.max_connections < 0 or s.max_handshake_rate < 0:
-        problems.append("max-connections and max-handshake-rate must be >= 0")
+    if s.max_connections < 0 or s.max_handshake_rate < 0 or s.max_connections_per_ip < 0:
+        problems.append("max-connections, max-connections-per-ip and max-handshake-rate must be >= 0")
     if s.metrics_port and not 0 < s.metrics_port < 65536:
         problems.append("metrics-port must be 1..65535 (0 = off)")
     if s.metrics_port and s.metrics_port in (s.port, s.http_port):

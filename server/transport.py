@@ -996,6 +996,9 @@ class ConnectionRegistry:
         self, heartbeat_ms: int, timeout_ms: int, on_timeout: Callable[[], None] | None = None
     ) -> None:
         self.connections: set[Assembler] = set()
+        # --max-connections-per-ip: open connections by client IP address, and each one's (None: off)
+        self.per_ip: dict[str, int] | None = None
+        self.ips: dict[Assembler, str] = {}
         self.heartbeat = heartbeat_ms / 1000.0
         self.timeout = timeout_ms / 1000.0
         # A connection whose output made no progress for this long is one the heartbeat would have
@@ -1010,9 +1013,33 @@ class ConnectionRegistry:
 
     def add(self, c: Assembler) -> None:
         self.connections.add(c)
+        per_ip = self.per_ip
+        if per_ip is not None:
+            peername = c.raw.get_extra_info("peername") if c.raw is not None else None
+            if isinstance(peername, tuple) and peername:
+                ip = str(peername[0])
+                self.ips[c] = ip
+                per_ip[ip] = per_ip.get(ip, 0) + 1
 
     def discard(self, c: Assembler) -> None:
         self.connections.discard(c)
+        per_ip = self.per_ip
+        if per_ip is not None:
+            ip = self.ips.pop(c, None)
+            if ip is not None:
+                left = per_ip[ip] - 1
+                if left:
+                    per_ip[ip] = left
+                else:
+                    del per_ip[ip]
+
+    def count_per_ip(self) -> None:
+        """Count open connections by client IP address from now on (``--max-connections-per-ip``)."""
+        self.per_ip = {}
+
+    def open_from(self, ip: str) -> int:
+        """Open connections from ``ip`` (as in its socket's peername); 0 unless counting."""
+        return 0 if self.per_ip is None else self.per_ip.get(ip, 0)
 
     def start(self) -> None:
         # Always: besides heartbeats the sweep finds stalled slow consumers (Connection.stalled).

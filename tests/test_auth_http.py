@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import signal
+import socket
 import time
 
 import aiohttp
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.peers import PicowsPeer, WebsocketsPeer
 from helpers.ports import free_port, wait_for_port
-from helpers.rawws import RawWS
+from helpers.rawws import RawWS, upgrade_head
 from helpers.servers import ServerProcess
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
@@ -170,6 +171,51 @@ async def test_max_connections_refuses_with_503_and_retry_after(make_server):
         await p.close()
     metrics = await fetch_metrics(f"http://127.0.0.1:{srv.port}/metrics")
     assert metrics[("wsfan_rejected_connections_total", (("reason", "max_connections"),))] == refused
+
+
+def upgrade_from(srv: ServerProcess, source_ip: str) -> tuple[int, dict[str, str], socket.socket]:
+    """An upgrade of /ws from ``source_ip`` (any 127.0.0.x reaches a loopback listener): status,
+    headers, and the socket, left open (a 101 is a connection the server now counts)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source_ip, 0))
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", srv.port))
+    sock.sendall(upgrade_head("/ws"))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, sock
+
+
+async def test_max_connections_per_ip_refuses_that_address_only_with_503_and_retry_after(make_server):
+    """--max-connections-per-ip 2: a third connection from 127.0.0.1 gets 503 + Retry-After while
+    127.0.0.2 still connects; closing one frees its address's slot (counted per socket peername)."""
+    srv = make_server("--max-connections-per-ip", "2").start()
+    first = [upgrade_from(srv, "127.0.0.1") for _ in range(2)]
+    assert [status for status, _, _ in first] == [101, 101]
+    status, headers, third = upgrade_from(srv, "127.0.0.1")
+    third.close()
+    assert status == 503 and headers["retry-after"] == "1"
+    other, _, other_sock = upgrade_from(srv, "127.0.0.2")
+    assert other == 101, "another address keeps its own count"
+    first[0][2].close()
+    refused = 1
+    async with asyncio.timeout(5):  # the slot frees once the server has seen the close
+        while True:
+            status, _, sock = upgrade_from(srv, "127.0.0.1")
+            if status == 101:
+                break
+            sock.close()
+            refused += 1
+            await asyncio.sleep(0.02)
+    for s in (sock, other_sock, first[1][2]):
+        s.close()
+    metrics = await fetch_metrics(f"http://127.0.0.1:{srv.port}/metrics")
+    assert metrics[("wsfan_rejected_connections_total", (("reason", "max_connections_per_ip"),))] == refused
 
 
 async def test_handshake_rate_refuses_with_503_and_retry_after(make_server):
