@@ -26,8 +26,11 @@ The survivors, found with tracemalloc started at the cold baseline:
 3. Tables that never shrink: a dict or set keeps the table it had at its largest
    (``compacted``).
 
-``release_memory`` does 1, 2 and ``malloc_trim(0)``, in that order; it is called after a
-sweep forgot many rooms (``broker/memory.py``), never on the publish or fan-out path.
+``release_memory`` does 1, 2 and ``malloc_trim(0)``, in that order. ``Compaction`` decides when:
+every broker (``broker/memory.py`` after a sweep, ``broker/redis.py`` and through it the
+cluster and sentinel brokers after an unsubscribe) counts the rooms it forgot and, past
+``COMPACT_AFTER``, shrinks its tables, the hub's (a hook) and calls ``release_memory``; never
+on the publish or fan-out path.
 
 What it cannot release: blocks that outlive the burst because they were last written during
 it (every ``+= 1`` past 256 allocates a new int: per-connection and node counters) and
@@ -39,6 +42,7 @@ with ``PYTHONMALLOC=malloc``, where a survivor pins a 4 KiB page, 1.14x
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import sys
@@ -49,6 +53,9 @@ from typing import Any, TypeVar
 SHRINK_BELOW = 1 / 8
 #: ... and only when it is at least this big (bytes, ``sys.getsizeof``): small ones are not worth it.
 SHRINK_MIN_BYTES = 16 * 1024
+#: Once a broker has forgotten at least this many rooms since its last compaction, and at least
+#: as many as it has left, its tables and the hub's are compacted and memory is released.
+COMPACT_AFTER = 1024
 
 _T = TypeVar("_T", dict, set)  # type: ignore[type-arg]
 
@@ -92,3 +99,57 @@ def compacted(table: _T) -> _T:
     if sys.getsizeof(fresh) <= size * SHRINK_BELOW:
         return fresh
     return table
+
+
+def compact_in_place(table: _T) -> None:
+    """Shrink ``table`` itself (``compacted``'s rule) for holders that keep a reference to it.
+
+    ``clear`` frees the old table and ``update`` from the compact copy sizes the new one for
+    its entries; the object stays the same, so a loop holding it (the Redis broker's reader)
+    sees the same entries before and after.
+    """
+    fresh = compacted(table)
+    if fresh is not table:
+        table.clear()
+        table.update(fresh)  # type: ignore[arg-type]
+
+
+class Compaction:
+    """When a broker's per-room tables and the hub's are compacted, and what runs then (one per broker).
+
+    A broker calls ``forgot(rooms, left)`` each time it forgets rooms (a sweep, an
+    unsubscribe) and compacts when it returns True: ``COMPACT_AFTER`` rooms forgotten since
+    the last compaction, and at least as many as the broker has ``left`` (the memory
+    broker's rule since issue 14). ``run`` calls ``hooks`` (the broker's own tables first, the
+    hub's ``Hub.compact``), then ``release_memory``; its cost is paid per thousand rooms.
+    """
+
+    __slots__ = ("forgotten", "hooks", "_scheduled")
+
+    def __init__(self) -> None:
+        self.forgotten = 0
+        self.hooks: list[Callable[[], None]] = []
+        self._scheduled = False
+
+    def forgot(self, rooms: int, left: int) -> bool:
+        """Count ``rooms`` forgotten (``left`` still held); True when a compaction is due."""
+        self.forgotten += rooms
+        return self.forgotten >= COMPACT_AFTER and self.forgotten >= left
+
+    def run(self) -> None:
+        """Compact now: every hook in order, then ``release_memory``."""
+        self._scheduled = False
+        self.forgotten = 0
+        for hook in self.hooks:
+            hook()
+        release_memory()
+
+    def run_soon(self) -> None:
+        """``run`` on the event loop's next turn (once however often asked before then).
+
+        For a broker that forgets rooms inside a hub call (``unsubscribe`` from ``Hub.leave``):
+        the hub's tables are replaced between callbacks, never under a caller.
+        """
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.run)

@@ -289,7 +289,7 @@ class Hub:
         self._flushed: list[Publication] = []
         broker.bind(self.deliver)
         broker.bind_events(self.deliver_event)
-        hooks = getattr(broker, "compact_hooks", None)  # brokers that sweep rooms (broker/memory.py)
+        hooks = getattr(broker, "compact_hooks", None)  # every broker of server/broker/ (heap.Compaction)
         if hooks is not None:
             hooks.append(self.compact)
 
@@ -309,7 +309,7 @@ class Hub:
 
         Dicts keep the table of their largest size: without this, a node that once had
         200,000 rooms keeps a 7.7 MB table for the handful it has now. Called by the
-        broker after a sweep forgot many rooms; O(rooms + sessions), never per request.
+        broker after it forgot many rooms (``heap.Compaction``); O(rooms + sessions), never per request.
         """
         self.rooms = compacted(self.rooms)
         self.sessions = compacted(self.sessions)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
@@ -20,9 +21,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers.redis_server import RedisCluster, RedisServer, require_redis, running_cluster
+from helpers.waiting import until
 from wsfan.server.broker import Broker, History, Publication, history_since
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.broker.publication import PresenceEntry
+from wsfan.server.heap import COMPACT_AFTER, SHRINK_MIN_BYTES
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import Encoding
 
@@ -142,6 +145,51 @@ async def node(make_node: Any) -> Node:
 @pytest.fixture
 def room() -> str:
     return f"contract-{next(_rooms)}"
+
+
+# ---------------------------------------------------------------- memory after many rooms
+
+
+async def test_forgetting_many_one_shot_rooms_compacts_the_broker_and_runs_its_hooks(
+    make_node: Any, room: str
+) -> None:
+    """Every broker shrinks its per-room tables and runs ``compact_hooks`` (the hub's) after many rooms.
+
+    ``heap.COMPACT_AFTER`` rooms, each joined (subscribe, history) and left (unsubscribe) once;
+    the memory broker forgets them at its sweep (TTL 0.05 s), the Redis ones at the unsubscribe.
+    A Redis Cluster broker counts per shard: the rooms are all of one shard's slots.
+    """
+    ns = Namespaces(Namespace(history_size=HISTORY_SIZE, history_ttl=0.05))
+    node = await make_node(namespaces=ns)
+    broker = node.broker
+    ran: list[bool] = []
+    broker.compact_hooks.append(lambda: ran.append(True))
+    names = _one_shard_rooms(broker, room, COMPACT_AFTER)
+    for i in range(0, len(names), 256):
+        await asyncio.gather(*(node.join(name) for name in names[i : i + 256]))
+    for name in names:
+        await settle(broker.unsubscribe(name))
+    await until(lambda: ran)
+    assert ran == [True], "one compaction for one burst of rooms"
+    tables = [broker.rooms] if isinstance(broker, MemoryBroker) else _redis_tables(broker)
+    await until(lambda: all(len(t) == 0 for t in tables))  # Redis confirmed every UNSUBSCRIBE
+    for table in tables:
+        assert sys.getsizeof(table) < SHRINK_MIN_BYTES
+
+
+def _one_shard_rooms(broker: Any, prefix: str, count: int) -> list[str]:
+    """``count`` room names; on a Redis Cluster broker, all owned by its first shard."""
+    names = (f"{prefix}-{i}" for i in itertools.count())
+    shards = getattr(broker, "shards", None)
+    if shards is None:
+        return [next(names) for _ in range(count)]
+    return list(itertools.islice((n for n in names if broker.shard(n) is shards[0]), count))
+
+
+def _redis_tables(broker: Any) -> list[Any]:
+    """Every per-room table of a Redis broker (of each shard of a cluster one)."""
+    shards = getattr(broker, "shards", [broker])
+    return [t for b in shards for t in (b._rooms, b._channels, b._inflight, b.local_presence)]
 
 
 # ---------------------------------------------------------------- numbering

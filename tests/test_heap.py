@@ -6,11 +6,13 @@ Structural properties only: sizes of tables and which objects are alive, never R
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 import time
 import tracemalloc
 
+from helpers.waiting import until
 from wsfan.server.broker.memory import MemoryBroker, RoomLog
 from wsfan.server.broker.publication import Publication
 from wsfan.server.heap import SHRINK_MIN_BYTES, compacted, release_memory
@@ -104,3 +106,48 @@ def _decoded(snapshot: tracemalloc.Snapshot) -> int:
     return sum(
         t.size for t in snapshot.traces if any(f.filename.endswith("protocol.py") for f in t.traceback)
     )
+
+
+async def _settled(hub: Hub) -> None:
+    """Every task the hub spawned (joins, presence writes) has finished."""
+    while hub._tasks:
+        await asyncio.gather(*list(hub._tasks))
+
+
+async def test_the_redis_broker_compacts_its_tables_and_the_hubs_after_many_one_shot_rooms(redis_server):
+    """Issue 14 with ``--broker redis``: no sweep runs, so forgetting rooms must compact by itself.
+
+    ROOMS connections each join a room of their own (presence on, so the broker keeps a local
+    presence entry per room) against a real redis-server, then disconnect: the hub's room and
+    session tables and every per-room table of the broker end up sized for what is left.
+    """
+    from wsfan.server.broker.redis import RedisBroker
+
+    broker = RedisBroker(redis_server.url, node_id="t", namespaces=Namespaces(Namespace(presence=True)))
+    hub = Hub(broker, node_id="t", schedule=lambda f: f(), rate_limit=0)
+    await broker.start()
+    try:
+        sessions = [hub.open(Peer(), Encoding.JSON) for _ in range(ROOMS)]
+        for i, s in enumerate(sessions):
+            hub.join(s, f"once-{i}")
+        await _settled(hub)
+        tables = {
+            "hub.rooms": lambda: hub.rooms,
+            "hub.sessions": lambda: hub.sessions,
+            "broker._rooms": lambda: broker._rooms,
+            "broker._channels": lambda: broker._channels,
+            "broker.local_presence": lambda: broker.local_presence,
+        }
+        for name, table in tables.items():
+            assert len(table()) == ROOMS, name
+            assert sys.getsizeof(table()) > SHRINK_MIN_BYTES, name
+        for s in sessions:
+            hub.close(s)
+        await _settled(hub)
+        await until(lambda: not broker._inflight)  # Redis confirmed every UNSUBSCRIBE
+        tables["broker._inflight"] = lambda: broker._inflight
+        for name, table in tables.items():
+            assert len(table()) == 0, name
+            assert sys.getsizeof(table()) < SHRINK_MIN_BYTES, f"{name} kept its largest table"
+    finally:
+        await broker.close()

@@ -21,16 +21,12 @@ from collections.abc import Callable
 from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn, reserved
 from wsfan.server.broker.history import History, history_since
 from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
-from wsfan.server.heap import compacted, release_memory
+from wsfan.server.heap import Compaction, compacted
 from wsfan.server.namespaces import Namespace, Namespaces
 
 # Sweep period bounds, seconds: a quarter of the shortest history_ttl, within these.
 SWEEP_MIN_S = 0.05
 SWEEP_MAX_S = 5.0
-# Once sweeps have forgotten at least this many rooms, and at least as many as are left, the
-# tables that held them are compacted (they never shrink by themselves) and memory goes back to
-# the OS (server/heap.py says what pinned it).
-COMPACT_AFTER = 1024
 
 
 class RoomLog:
@@ -76,9 +72,10 @@ class MemoryBroker:
         self._on_event: EventFn | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.expired = 0  # rooms forgotten by the sweep, for tests and metrics
-        self._forgotten = 0  # since the last compaction
-        # Called after a compaction, before memory is released: the hub compacts its own tables.
-        self.compact_hooks: list[Callable[[], None]] = []
+        # Past heap.COMPACT_AFTER forgotten rooms: this broker's tables, then the hub's (a hook).
+        self.compaction = Compaction()
+        self.compaction.hooks.append(self._compact_tables)
+        self.compact_hooks = self.compaction.hooks
 
     def bind(self, deliver: DeliverFn) -> None:
         self._deliver = deliver
@@ -117,25 +114,23 @@ class MemoryBroker:
                 del self.rooms[name]
                 forgotten += 1
         self.expired += forgotten
-        self._forgotten += forgotten
-        if self._forgotten >= COMPACT_AFTER and self._forgotten >= len(self.rooms):
+        if self.compaction.forgot(forgotten, len(self.rooms)):
             self.compact()
         return forgotten
 
     def compact(self) -> None:
         """Shrink the tables a burst of rooms grew, the hub's too, and give the freed memory back.
 
-        Run by ``sweep`` once it has forgotten ``COMPACT_AFTER`` rooms and at least as many
-        as are left; its cost (a full garbage collection, server/heap.py) is paid per
-        thousands of rooms, never per request.
+        Run by ``sweep`` once it has forgotten ``heap.COMPACT_AFTER`` rooms and at least as
+        many as are left (``heap.Compaction``); its cost (a full garbage collection,
+        server/heap.py) is paid per thousands of rooms, never per request.
         """
-        self._forgotten = 0
+        self.compaction.run()
+
+    def _compact_tables(self) -> None:
         self.rooms = dict(self.rooms)
         self.subscribed = compacted(self.subscribed)
         self.presences = compacted(self.presences)
-        for hook in self.compact_hooks:
-            hook()
-        release_memory()
 
     def _log(self, room: str) -> RoomLog:
         log = self.rooms.get(room)

@@ -60,6 +60,7 @@ from wsfan.server.broker.redis_layout import (
     unnumbered_command,
 )
 from wsfan.server.fds import is_exhausted
+from wsfan.server.heap import Compaction, compact_in_place
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.startup import redact
 from wsfan.server.stats import BROKER_PUBLISH_BUCKETS, Histogram
@@ -167,6 +168,10 @@ class RedisBroker:
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_sha = ""
         self._history_sha = ""
+        # Past heap.COMPACT_AFTER forgotten rooms (_forgot): this broker's per-room tables, then the hub's.
+        self.compaction = Compaction()
+        self.compaction.hooks.append(self._compact_tables)
+        self.compact_hooks = self.compaction.hooks
 
     # ------------------------------------------------------------ lifecycle
 
@@ -311,6 +316,21 @@ class RedisBroker:
         if self._channels.get(r.channel) is r:
             del self._channels[r.channel]
         self._queue(self._unsub, r.channel)
+        if room not in self.local_presence:
+            self._forgot()
+
+    def _forgot(self) -> None:
+        """A room is in none of this node's tables any more (unsubscribed, no local presence)."""
+        if self.compaction.forgot(1, len(self._rooms)):
+            self.compaction.run_soon()  # not inside the hub's leave: between callbacks
+
+    def _compact_tables(self) -> None:
+        """Shrink every per-room table a burst of rooms grew (``heap.compact_in_place``).
+
+        In place: the reader loop holds ``_channels`` itself (the fan-out path reads no attribute).
+        """
+        for table in (self._rooms, self._channels, self._inflight, self.local_presence):
+            compact_in_place(table)
 
     # ------------------------------------------------------------ publishing
 
@@ -488,6 +508,8 @@ class RedisBroker:
                 members.pop(entry.conn, None)
                 if not members:
                     del self.local_presence[room]
+                    if room not in self._rooms:
+                        self._forgot()
         args = [entry.conn, "1" if presence else "", channel_name(room), self._event(entry, False, announce)]
         await self._presence_write(PRESENCE_REMOVE_LUA, room, args)
 
@@ -700,7 +722,10 @@ class RedisBroker:
         if left > 0:
             self._inflight[channel] = left
             return
-        self._inflight.pop(channel, None)
+        inflight = self._inflight
+        inflight.pop(channel, None)
+        if not inflight:
+            inflight.clear()  # in place (_send_ops holds it): frees the table a burst of joins grew
         room = self._channels.get(channel)
         if room is None or room.ready.is_set():
             return

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -93,6 +93,8 @@ class RedisClusterBroker:
         self._on_event: EventFn | None = None
         self.on_fd_exhausted = None
         self.publish_rtt = Histogram(BROKER_PUBLISH_BUCKETS)  # every shard's publishes, one histogram
+        # Run by whichever shard compacts (heap.Compaction, per shard): the hub's tables.
+        self.compact_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -119,6 +121,7 @@ class RedisClusterBroker:
                 shard.bind_events(self._on_event)
                 shard.on_fd_exhausted = self.on_fd_exhausted
                 shard.publish_rtt = self.publish_rtt
+                shard.compaction.hooks.append(self._compact)
             self._first_slot.setdefault(shard, start)
             self._starts.append(start)
             self._owners.append(shard)
@@ -128,6 +131,10 @@ class RedisClusterBroker:
             self._follow_failovers(), name="redis-cluster-map"
         )
         log.info("redis cluster: %d masters, %d slot ranges", len(self.shards), len(self._starts))
+
+    def _compact(self) -> None:
+        for hook in self.compact_hooks:
+            hook()
 
     async def _follow_failovers(self) -> None:
         """While a shard is down, re-read the slot map and point the shard at its slots' new master."""
