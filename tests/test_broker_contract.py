@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
@@ -175,6 +176,29 @@ async def test_forgetting_many_one_shot_rooms_compacts_the_broker_and_runs_its_h
     await until(lambda: all(len(t) == 0 for t in tables))  # Redis confirmed every UNSUBSCRIBE
     for table in tables:
         assert sys.getsizeof(table) < SHRINK_MIN_BYTES
+
+
+async def test_close_right_after_many_unsubscribes_abandons_nothing_and_logs_no_error(
+    make_node: Any, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``close()`` while (UN)SUBSCRIBEs are still being written ends the writer quietly.
+
+    redis-py drops a connection's writer under an in-flight send when the connection is closed;
+    the ops writer used to die with ``AttributeError: 'NoneType' object has no attribute
+    'writelines'`` (an ERROR with a traceback at every shutdown that came during a leave burst).
+    """
+    node = await make_node()
+    broker = node.broker
+    names = _one_shard_rooms(broker, room, 2048)
+    for i in range(0, len(names), 512):
+        await asyncio.gather(*(settle(broker.subscribe(name)) for name in names[i : i + 512]))
+    for name in names:
+        await settle(broker.unsubscribe(name))
+    with caplog.at_level(logging.WARNING):
+        abandoned = await broker.close()
+    assert abandoned in ([], None), abandoned
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 def _one_shard_rooms(broker: Any, prefix: str, count: int) -> list[str]:

@@ -775,6 +775,11 @@ class RedisBroker:
                 await self._send_ops(conn, ops)
             except _LOST as exc:
                 self._lost(exc, conn)
+            except AttributeError:
+                # redis-py drops a connection's writer (None) when close() or a reconnect
+                # disconnects it under an in-flight send; only that case is ours to ignore.
+                if not (self._closing or conn is not self._sub_conn):
+                    raise
 
     async def _send_ops(self, conn: AbstractConnection, ops: list[tuple[str, list[bytes]]]) -> None:
         inflight = self._inflight
@@ -782,8 +787,8 @@ class RedisBroker:
         chunk_size = 1 if self.sharded else CHUNK
         for command, channels in ops:
             for i in range(0, len(channels), chunk_size):
-                if conn is not self._sub_conn:
-                    return  # replaced meanwhile; the new connection subscribed every wanted room
+                if conn is not self._sub_conn or self._closing:
+                    return  # replaced or closing meanwhile; a new connection subscribes every wanted room
                 chunk = channels[i : i + chunk_size]
                 for ch in chunk:
                     inflight[ch] = inflight.get(ch, 0) + 1
