@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class ServerProcess:
     """``python -m wsfan --host 127.0.0.1 --port <port> *args``; ``start()`` returns once the port accepts
-    (and the ``--http-port`` one, when given)."""
+    (and the ``--http-port`` and ``--metrics-port`` ones, when given)."""
 
     def __init__(
         self,
@@ -62,9 +62,9 @@ class ServerProcess:
         )
         try:
             wait_for_port(self.port, timeout=timeout, proc=self.proc)
-            if "--http-port" in self.args:  # the HTTP side listens a moment after the WebSocket port
-                http_port = int(self.args[self.args.index("--http-port") + 1])
-                wait_for_port(http_port, timeout=timeout, proc=self.proc)
+            for flag in ("--http-port", "--metrics-port"):  # they listen a moment after the WebSocket port
+                if flag in self.args:
+                    wait_for_port(int(self.args[self.args.index(flag) + 1]), timeout=timeout, proc=self.proc)
         except (RuntimeError, TimeoutError) as exc:
             self.kill()
             raise RuntimeError(f"server did not start: {exc}\n{self.output()[-4000:]}") from None
