@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Raw
 from picows import WSMsgType
 
+from wsfan.server import wire
 from wsfan.server.wire import (
     BUILTIN_TYPES,
     Ack,
@@ -63,23 +64,9 @@ def _union(raw_payloads: bool) -> Any:
     )
 
 
-# The ``type`` of every message the protocol defines from server to client (PROTOCOL.md).
-SERVER_TYPES: Final = frozenset(
-    t.__struct_config__.tag  # type: ignore[misc]
-    for t in (
-        Welcome,
-        Message,
-        Broadcast,
-        JoinedEvent,
-        LeftEvent,
-        Subscribed,
-        Unsubscribed,
-        Ack,
-        Error,
-        EchoReply,
-        Pong,
-    )
-)
+# The ``type`` of every message the protocol defines from server to client (PROTOCOL.md): the
+# server's own list, so a type added there is known here.
+SERVER_TYPES: Final = frozenset(t.__struct_config__.tag for t in wire.SERVER_TYPES)  # type: ignore[misc]
 
 
 class _Head(msgspec.Struct):

@@ -321,6 +321,7 @@ class PublishData(Struct):
 SERVER_TYPES: Final[tuple[type[Outbound], ...]] = (
     Welcome,
     Delivery,
+    BroadcastDelivery,
     JoinedEvent,
     LeftEvent,
     Subscribed,

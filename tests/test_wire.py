@@ -25,6 +25,8 @@ from wsfan.server.wire import (
     BUILTIN_TYPES,
     SERVER_TYPES,
     Ack,
+    Broadcast,
+    BroadcastDelivery,
     Delivery,
     Echo,
     EchoReply,
@@ -49,6 +51,7 @@ from wsfan.server.wire import (
     Probe,
     Publish,
     PublishData,
+    RawBroadcast,
     RawMessage,
     ReplyData,
     Subscribed,
@@ -95,6 +98,7 @@ def server_messages(mod: Any) -> st.SearchStrategy[Outbound]:
         st.builds(
             lambda r, s, f, p: Delivery(room=r, seq=s, sender=f, payload=p), rooms, seqs, words, payloads
         ),
+        st.builds(lambda p: BroadcastDelivery(payload=p), payloads),
         st.builds(lambda r, u, c: JoinedEvent(room=r, user=u, conn=c), rooms, words, words),
         st.builds(lambda r, u, c: LeftEvent(room=r, user=u, conn=c), rooms, words, words),
         st.builds(lambda r, s, e: Subscribed(room=r, seq=s, epoch=e), rooms, seqs, words),
@@ -118,6 +122,7 @@ def test_every_server_type_is_covered():
     assert {t.__struct_config__.tag for t in SERVER_TYPES} == {
         "welcome",
         "message",
+        "broadcast",
         "joined",
         "left",
         "subscribed",
@@ -148,6 +153,12 @@ def test_client_reads_every_server_message_as_the_schema_wrote_it(encoding, data
             else:
                 assert got.payload == sent["payload"]
             assert got.received_at == 0.0  # not on the wire: the client stamps it
+        elif isinstance(msg, BroadcastDelivery):
+            assert type(got) is (RawBroadcast if raw_payloads else Broadcast)
+            if raw_payloads:
+                assert bytes(got.payload) == bytes(msg.payload)
+            else:
+                assert got.payload == sent["payload"]
         else:
             assert type(got) is type(msg)
             assert wire_fields(mod, got) == sent
