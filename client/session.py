@@ -319,12 +319,7 @@ class Session:
         if callback is None:
             self._router.route(msg)
             return
-        try:
-            result = callback(msg)
-            if result is not None and inspect.isawaitable(result):
-                self._spawn(result)
-        except Exception:
-            log.exception("on_message callback failed")
+        self._run_callback(callback, msg, "on_message")
 
     def _on_reply(self, msg: Outbound | Any) -> None:
         kind = type(msg)
@@ -374,23 +369,21 @@ class Session:
         if callback is None:
             self._router.pushes.put(msg)
             return
-        try:
-            result = callback(msg)
-            if result is not None and inspect.isawaitable(result):
-                self._spawn(result)
-        except Exception:
-            log.exception("on_push callback failed")
+        self._run_callback(callback, msg, "on_push")
 
     def _emit(self, event: Event) -> None:
         handler = self._on_event
-        if handler is None:
-            return
+        if handler is not None:
+            self._run_callback(handler, event, "on_event")
+
+    def _run_callback(self, callback: Callable[[Any], Any], arg: Any, name: str) -> None:
+        """Run a user callback: a coroutine it returns becomes a task; what it raises is logged, not ours."""
         try:
-            result = handler(event)
+            result = callback(arg)
             if result is not None and inspect.isawaitable(result):
                 self._spawn(result)
         except Exception:
-            log.exception("on_event callback failed for %r", event)
+            log.exception("%s callback failed for %r", name, arg)
 
     def _overflowed(self, room: str | None, dropped: int) -> None:
         self._emit(Overflow(room, dropped))
