@@ -1094,39 +1094,32 @@ export class Client extends EventTarget {
 
   _push(msg) {
     this.stats.pushes += 1;
-    if (this.onPush) {
-      try {
-        this.onPush(msg);
-      } catch (e) {
-        console.error("wsfan: onPush failed", e);
-      }
-    }
+    this._runCallback(this.onPush, msg, "onPush");
     this.dispatchEvent(new CustomEvent("push", { detail: msg }));
   }
 
   _handOver(msg) {
     this.stats.messages += 1;
-    if (this.onMessage) {
-      try {
-        this.onMessage(msg);
-      } catch (e) {
-        console.error("wsfan: onMessage failed", e);
-      }
-    }
+    this._runCallback(this.onMessage, msg, "onMessage");
     for (const stream of this._streams) {
       if (stream.room === null || stream.room === msg.room) stream._push(msg);
     }
     this.dispatchEvent(new CustomEvent("message", { detail: msg }));
   }
 
-  _emit(type, detail) {
-    if (this.onEvent) {
-      try {
-        this.onEvent({ type, ...detail });
-      } catch (e) {
-        console.error(`wsfan: onEvent failed for ${type}`, e);
-      }
+  // One rule for the user's callbacks: an exception in one is logged and never reaches the
+  // client's own receive loop (as the asyncio client's _run_callback does).
+  _runCallback(callback, arg, name) {
+    if (!callback) return;
+    try {
+      callback(arg);
+    } catch (e) {
+      console.error(`wsfan: ${name} failed`, e);
     }
+  }
+
+  _emit(type, detail) {
+    if (this.onEvent) this._runCallback(this.onEvent, { type, ...detail }, `onEvent for ${type}`);
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 

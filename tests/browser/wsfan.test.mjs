@@ -290,6 +290,36 @@ test("deliveries reach the callback, the EventTarget and async iterators", async
   await c.close();
 });
 
+test("a callback that throws is logged and the client goes on (onMessage, onPush, onEvent)", async () => {
+  const server = new FakeServer();
+  const logged = [];
+  const original = console.error;
+  console.error = (...args) => logged.push(String(args[0]));
+  try {
+    const boom = () => {
+      throw new Error("user bug");
+    };
+    const c = await connect("ws://x/ws", fastOptions(server, { onMessage: boom, onPush: boom, onEvent: boom }));
+    const got = [];
+    c.addEventListener("message", (e) => got.push(e.detail.payload));
+    const pushed = [];
+    c.addEventListener("push", (e) => pushed.push(e.detail.type));
+    await c.join("a");
+    server.publish("a", "a1");
+    server.last.push({ type: "broadcast", payload: 1 });
+    server.publish("a", "a2");
+    assert.deepEqual(got, ["a1", "a2"]); // the EventTarget still saw every delivery
+    assert.deepEqual(pushed, ["broadcast"]);
+    assert.equal(await c.echo("still here"), "still here");
+    assert.ok(logged.includes("wsfan: onMessage failed"), logged.join("|"));
+    assert.ok(logged.includes("wsfan: onPush failed"), logged.join("|"));
+    assert.ok(logged.some((line) => line.startsWith("wsfan: onEvent for ")), logged.join("|"));
+    await c.close();
+  } finally {
+    console.error = original;
+  }
+});
+
 test("room-less pushes and deliveries of rooms the server joined us to reach the application", async () => {
   const server = new FakeServer();
   const pushes = [];
