@@ -708,7 +708,8 @@ class HttpSide:
         peer = SsePeer(self.node.settings.slow_consumer_limit)
         s = hub.open_stream(peer, identity.user if identity else None, identity)
         try:
-            await resp.write(b": joined %s\n\n" % room.encode())
+            # ``: joined <room>`` comes from the hub once the join took effect, naming the room it
+            # took effect in (a before_join hook may move it); a refused join gets none.
             hub.join(s, room, since)
             await self._pump(resp, peer, identity)
         except (ConnectionResetError, asyncio.CancelledError):

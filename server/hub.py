@@ -732,6 +732,10 @@ class Hub:
         # The ack (or a server join's ``subscribed``) goes first, so a client learns ``recovered``
         # and the seq it counts from before the replayed and live messages, which are all queued
         # after it on the same session queue.
+        if s.encoding is Encoding.SSE:
+            # An SSE stream's "ack": a comment naming the room the join took effect in (a
+            # before_join hook may have moved it), sent once it did, before any delivery.
+            self.send(s, b": joined %s\n\n" % room.encode())
         if push:
             self.reply(s, Subscribed(room=room, seq=hist.seq, epoch=hist.epoch))
         if request_id is not None:

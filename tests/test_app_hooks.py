@@ -107,6 +107,28 @@ def test_an_sse_join_refused_by_a_hook_tells_the_code_and_message(
     ]
 
 
+@pytest.mark.parametrize("p", ["s", "a"], ids=["sync", "async"])
+def test_an_sse_stream_is_told_the_room_its_join_took_effect_in(
+    hooks_http: tuple[ServerProcess, int], p: str
+) -> None:
+    """The ``: joined <room>`` comment names the room a before_join hook moved the join to (the
+    room whose deliveries follow, as a WebSocket ack's ``data.room``), once the join took effect;
+    a refused join gets no such comment (it used to be written first, naming the room asked for)."""
+
+    async def go() -> None:
+        url = f"http://127.0.0.1:{hooks_http[1]}/sse"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, params={"room": f"{p}-lobby", "token": token()}) as r:
+                assert r.status == 200
+                first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+            assert first == f": joined {p}-lobby.eu\n\n".encode()
+            async with http.get(url, params={"room": f"{p}-deny", "token": token()}) as r:
+                body = await asyncio.wait_for(r.content.read(), 5)
+            assert body.startswith(b"event: error\n"), body
+
+    run(go())
+
+
 async def peer(srv: ServerProcess, user: str = "ann", msgpack: bool = False) -> WebsocketsPeer:
     return await WebsocketsPeer.connect(f"{srv.url}?token={token(user)}", msgpack=msgpack)
 

@@ -238,7 +238,8 @@ def test_replies_are_written_before_fan_out():
 
 
 def test_a_stream_session_gets_deliveries_only_and_the_hub_never_reads_frame_bytes():
-    """SSE is a property of the session (``open_stream``), not of the frame's first bytes."""
+    """SSE is a property of the session (``open_stream``), not of the frame's first bytes; a stream
+    gets no ack or error frame (its join's "ack" is the ``: joined`` comment)."""
     hub, scheduled = make_hub()
     pub_peer, stream_peer = RecordingPeer(), StreamRecordingPeer()
     publisher = hub.open(pub_peer, Encoding.JSON)
@@ -256,6 +257,7 @@ def test_a_stream_session_gets_deliveries_only_and_the_hub_never_reads_frame_byt
     run(scheduled)
     frames = [f for batch in stream_peer.writes for f in batch]
     assert frames == [
+        b": joined r\n\n",  # the join took effect in r: the comment, before any delivery
         b'id: 1\ndata: {"type":"message","room":"r","seq":1,"from":"'
         + publisher.user.encode()
         + b'","payload":{"n":1}}\n\n',
