@@ -326,7 +326,7 @@ class App:
         """Push ``payload`` (any JSON value) to every WebSocket connection on every node (through the
         broker): each gets ``{"type":"broadcast","payload":payload}`` once, in its own encoding
         (and compression). No room, no seq, no history: a connection that is not open at that
-        moment never sees it; SSE streams get none. Returns once the broker took it (delivery on
+        moment never sees it; SSE streams get it as ``event: broadcast``. Returns once the broker took it (delivery on
         each node follows within the broker's delivery time). Raises ``ValueError`` for a
         payload not deliverable in both encodings and ``BrokerUnavailable`` when the broker
         cannot be reached."""

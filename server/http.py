@@ -278,13 +278,15 @@ class SsePeer:
         self.close(close, message)
 
     def flush(self, session: Session) -> None:
+        if not session.out:
+            return
         data = b"".join(session.out)
         session.out.clear()
         self.chunks.append(data)
         self.backlog += len(data)
         if self.backlog > self.limit:
             self.chunks.clear()
-            self.close(4008, "slow consumer")
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
         self.wakeup.set()
 
     def close(self, code: int, reason: str) -> None:
@@ -711,7 +713,7 @@ class HttpSide:
             # ``: joined <room>`` comes from the hub once the join took effect, naming the room it
             # took effect in (a before_join hook may move it); a refused join gets none.
             hub.join(s, room, since)
-            await self._pump(resp, peer, identity)
+            await self._pump(resp, peer, identity, s)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -719,7 +721,11 @@ class HttpSide:
             hub.close(s)
         return resp
 
-    async def _pump(self, resp: web.StreamResponse, peer: SsePeer, identity: Identity | None) -> None:
+    async def _pump(
+        self, resp: web.StreamResponse, peer: SsePeer, identity: Identity | None, s: Session
+    ) -> None:
+        """Write the stream's events until it ends; what the hub queued before the end is written
+        before the closing events (an ``unsubscribed``), unless the stream ended for being slow."""
         expires = identity.expires_at if identity is not None else None
         while peer.close_code is None:
             timeout = SSE_KEEPALIVE_S
@@ -742,6 +748,10 @@ class HttpSide:
                 peer.backlog -= len(data)
                 await resp.write(data)
         if peer.close_code is not None:
+            if peer.close_code != CloseCode.SLOW_CONSUMER:
+                peer.flush(s)  # queued but not flushed yet: the hub flushes at the end of the loop turn
+                while peer.chunks:
+                    await resp.write(peer.chunks.popleft())
             if peer.refusal is not None:
                 code, message = peer.refusal
                 event = msgspec.json.encode(SseError(code, message))  # one line: JSON escapes newlines

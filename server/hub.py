@@ -34,6 +34,7 @@ from wsfan.server.broker import (
     PresenceEvent,
     Publication,
 )
+from wsfan.server.broker.publication import sse_event
 from wsfan.server.deflate import delivery_kind
 from wsfan.server.heap import compacted
 from wsfan.server.logs import fields
@@ -50,6 +51,7 @@ from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.stats import Stats
 from wsfan.server.wire import (
     Ack,
+    CloseCode,
     Echo,
     EchoReply,
     Error,
@@ -401,11 +403,15 @@ class Hub:
 
         A no-op when it is not in it; otherwise it gets ``{"type":"unsubscribed","room","reason"?}``,
         queued after the room's last delivery to it (nothing of the room is queued once it left).
+        An SSE stream (one room's) gets it as ``event: unsubscribed`` and then ends, ``event: close``
+        with ``data: 1000`` (PROTOCOL.md, SSE): open but in no room it would only hold an fd.
         """
         if room not in s.rooms:
             return
         self._remove(s, room)
         self.reply(s, Unsubscribed(room=room, reason=reason))
+        if s.encoding is Encoding.SSE:
+            s.peer.close(CloseCode.NORMAL, "unsubscribed")
 
     def close(self, s: Session) -> None:
         """Forget a session whose connection is gone; it leaves every room."""
@@ -1047,13 +1053,14 @@ class Hub:
         The fan-out of ``deliver`` over ``sessions`` instead of a room: one frame per delivery
         kind in use (``push.frame`` builds and shares it), appended to each connection's queue
         and written at the next flush, so the slow-consumer and pause rules of the transport
-        apply as to any delivery. SSE streams (one room's deliveries only) get none. Reached
-        through the control room (``server/control.py``), once per node per broadcast.
+        apply as to any delivery. SSE streams get it as ``event: broadcast`` (no ``id:``: their
+        last event ID stays the room's seq). Reached through the control room
+        (``server/control.py``), once per node per broadcast.
         """
         dirty = self._dirty
         n = 0
         size = 0
-        frames: dict[int, bytes] = {Encoding.SSE: b""}  # SSE streams: nothing
+        frames: dict[int, bytes] = {}
         last = -1
         frame = b""
         for s in self.sessions.values():
@@ -1085,9 +1092,10 @@ class Hub:
         return n
 
     def deliver_event(self, event: PresenceEvent) -> None:
-        """Fan a ``joined``/``left`` event out to this node's WebSocket subscribers, its subject excluded.
+        """Fan a ``joined``/``left`` event out to this node's subscribers, its subject excluded.
 
-        Built once per encoding like a delivery; SSE streams carry deliveries only, so they get none.
+        Built once per encoding like a delivery; SSE streams get it as ``event: joined|left``
+        (no ``id:``), events are small: never compressed.
         """
         room = self.rooms.get(event.room)
         if room is None:
@@ -1095,9 +1103,9 @@ class Hub:
         subject = self.sessions.get(event.conn)
         n = 0
         for kind, members in room.groups:
-            if kind == Encoding.SSE or not members or (len(members) == 1 and subject in members):
+            if not members or (len(members) == 1 and subject in members):
                 continue
-            n += self._fan(members, event.frame(kind & 0xFF), subject)  # events are small: never compressed
+            n += self._fan(members, event.frame(kind if kind == Encoding.SSE else kind & 0xFF), subject)
         self.stats.presence_events += n
         if n and not self._flush_pending:
             self._request_flush()
@@ -1119,11 +1127,16 @@ class Hub:
     def reply(self, s: Session, msg: Outbound) -> None:
         """Queue a message to one session (welcome, ack, error, echo, pong) in its encoding.
 
-        A Server-Sent Events stream carries deliveries only: a session opened with
-        ``open_stream`` (its ``encoding`` is ``Encoding.SSE``) gets no replies. The
-        kind is the session's; the hub never looks into a frame to tell.
+        A Server-Sent Events stream (a session opened with ``open_stream``, its ``encoding``
+        ``Encoding.SSE``) sends nothing back: of these it gets only the server's pushes about its
+        own subscription (``subscribed``, ``unsubscribed``) as named events (``sse_event``); no
+        welcome, ack, error, echo, pong or application message. The kind is the session's; the
+        hub never looks into a frame to tell.
         """
         if s.encoding is Encoding.SSE:
+            if isinstance(msg, (Subscribed, Unsubscribed)):
+                name = b"subscribed" if isinstance(msg, Subscribed) else b"unsubscribed"
+                self.send(s, sse_event(name, s.codec.encode(msg)))
             return
         self.send(s, s.codec.frame(msg))
 

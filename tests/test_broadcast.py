@@ -7,14 +7,12 @@ encoding and compression. Real server processes over real sockets.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from test_cluster import connect_until_nodes
 from test_compression import OFFER, inflate
@@ -229,31 +227,6 @@ def test_broadcast_over_two_nodes(redis_server, make_server: type[ServerProcess]
             assert srv.metric("wsfan_broadcasts_total") == 3 * 2  # two connections per node
         for p in peers:
             await p.close()
-
-    run(go())
-
-
-def test_sse_streams_get_no_broadcast(make_server: type[ServerProcess]) -> None:
-    """An SSE stream carries one room's deliveries (``id:`` = seq): a broadcast is not one of them."""
-    http_port = free_port()
-    srv = make_server("--admin-key", ADMIN, "--http-port", str(http_port)).start()
-    base = f"http://127.0.0.1:{http_port}"
-
-    async def go() -> None:
-        ws = await PicowsPeer.connect(srv.url)
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"{base}/sse", params={"room": "feed"}) as sse,
-        ):
-            assert sse.status == 200
-            assert (await sse.content.readuntil(b"\n\n")).startswith(b":")  # ": joined"
-            assert (await call("POST", base + "/broadcast", {"payload": "to all"}))[0] == 200
-            assert check(await ws.recv_type("broadcast")) == "to all"  # it went out
-            assert (await call("POST", base + "/publish", {"room": "feed", "payload": "after"}))[0] == 200
-            block = await asyncio.wait_for(sse.content.readuntil(b"\n\n"), 5)
-        lines = block.decode().strip().split("\n")
-        assert lines[0] == "id: 1" and json.loads(lines[1].removeprefix("data: "))["payload"] == "after"
-        await ws.close()
 
     run(go())
 

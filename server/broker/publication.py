@@ -7,7 +7,7 @@ from typing import NamedTuple
 from msgspec import Raw
 
 from wsfan.server.deflate import compressed_frame
-from wsfan.server.protocol import CODECS, Encoding, build_frame
+from wsfan.server.protocol import CODECS, Encoding, build_frame, frame_payload
 from wsfan.server.wire import BroadcastDelivery, Delivery, JoinedEvent, LeftEvent
 
 
@@ -102,8 +102,7 @@ class Publication:
 
     def json(self) -> bytes:
         """The delivery as JSON text without a frame header (SSE and logs)."""
-        frame = self.frame(Encoding.JSON)
-        return frame[2:] if frame[1] < 126 else frame[4:] if frame[1] == 126 else frame[10:]
+        return frame_payload(self.frame(Encoding.JSON))
 
 
 class BroadcastPush:
@@ -128,7 +127,9 @@ class BroadcastPush:
         f = self._frames.get(kind)
         if f is None:
             plain = kind & 0xFF
-            if plain != kind:
+            if kind == Encoding.SSE:
+                f = sse_event(b"broadcast", frame_payload(self.frame(Encoding.JSON)))
+            elif plain != kind:
                 f = compressed_frame(self.frame(plain), kind)
             else:
                 codec = CODECS[Encoding(plain)]
@@ -152,6 +153,18 @@ def sse_data(text: bytes) -> bytes:
     return text
 
 
+def sse_event(name: bytes, text: bytes) -> bytes:
+    """An SSE event named ``name`` whose data is the JSON ``text``, with no ``id:`` field.
+
+    For the pushes that are not a room's numbered deliveries (``broadcast``, ``joined``,
+    ``left``, ``unsubscribed``): without an ``id:`` line the browser's last event ID stays the
+    room's seq, which it sends back as ``Last-Event-ID`` on a reconnect (WHATWG HTML 9.2.6:
+    only an ``id`` field changes it). The name keeps them out of ``onmessage`` and the data
+    is the WebSocket push's JSON, ``type`` included (PROTOCOL.md, SSE).
+    """
+    return b"event: %s\ndata: %s\n\n" % (name, sse_data(text))
+
+
 class PresenceEntry(NamedTuple):
     """One connection in a room's presence: its conn id, user, and when it joined (unix ms)."""
 
@@ -167,7 +180,7 @@ class PresenceEvent:
     never numbered: it has no seq and is not kept in history.
     """
 
-    __slots__ = ("room", "joined", "user", "conn", "_json", "_msgpack")
+    __slots__ = ("room", "joined", "user", "conn", "_json", "_msgpack", "_sse")
 
     def __init__(self, room: str, joined: bool, user: str, conn: str) -> None:
         self.room = room
@@ -176,12 +189,20 @@ class PresenceEvent:
         self.conn = conn
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
+        self._sse: bytes | None = None
 
     def frame(self, encoding: int) -> bytes:
+        """The event's frame for an encoding: JSON, MessagePack, or an SSE ``event: joined|left``."""
         if encoding == Encoding.JSON:
             f = self._json
             if f is None:
                 f = self._json = self._build(Encoding.JSON)
+            return f
+        if encoding == Encoding.SSE:
+            f = self._sse
+            if f is None:
+                name = b"joined" if self.joined else b"left"
+                f = self._sse = sse_event(name, frame_payload(self.frame(Encoding.JSON)))
             return f
         f = self._msgpack
         if f is None:
