@@ -11,6 +11,7 @@ import random
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -221,30 +222,36 @@ class Node:
 
     def admit(self, peer: Callable[[], str | None]) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
+        refusal = self.admission(client_ip(peer()))
+        if refusal is None:
+            return None
+        return self._refuse(
+            refusal.kind, 503, refusal.why, peer, {"Retry-After": refusal.retry_after}, refusal.counted
+        )
+
+    def admission(self, ip: str) -> Admission | None:
+        """Why a new client connection from ``ip`` (a ``/ws`` upgrade or a ``GET /sse`` stream) is
+        refused now, or None: the one rule for both, each refusal a 503 with ``Retry-After``.
+
+        In order: draining; ``--max-connections`` and ``--max-connections-per-ip`` (open WebSocket
+        connections and SSE streams together, ``_client_sockets`` and the registry's per-IP count);
+        ``--fd-reserve``; ``--max-handshake-rate`` (a token taken only when all else passed).
+        """
         if self.draining:
-            return self._refuse("draining", 503, "draining", peer, {"Retry-After": "1"}, count=False)
+            return Admission("draining", "draining", counted=False)
         limit = self.settings.max_connections
-        if limit and len(self.registry.connections) >= limit:
-            return self._refuse("max_connections", 503, "too many connections", peer, {"Retry-After": "1"})
+        if limit and self._client_sockets() >= limit:
+            return Admission("max_connections", "too many connections")
         per_ip = self.settings.max_connections_per_ip
-        if per_ip and self.registry.open_from(client_ip(peer())) >= per_ip:
-            return self._refuse(
-                "max_connections_per_ip",
-                503,
-                "too many connections from this address",
-                peer,
-                {"Retry-After": "1"},
-            )
+        if per_ip and self.registry.open_from(ip) >= per_ip:
+            return Admission("max_connections_per_ip", "too many connections from this address")
         if not self.fds.room_for_client():
             # The last --fd-reserve fds are the broker's and the HTTP side's (server/fds.py).
-            return self._refuse(
-                "fd_reserve", 503, "server at its connection capacity", peer, {"Retry-After": "1"}
-            )
+            return Admission("fd_reserve", "server at its connection capacity")
         bucket = self.handshakes
         if bucket is not None and not bucket.take():
-            retry = max(1, math.ceil(1.0 / bucket.rate))
-            return self._refuse(
-                "handshake_rate", 503, "too many new connections", peer, {"Retry-After": str(retry)}
+            return Admission(
+                "handshake_rate", "too many new connections", str(max(1, math.ceil(1.0 / bucket.rate)))
             )
         return None
 
@@ -372,6 +379,17 @@ def _application(settings: Settings) -> App | None:
     if settings.app:
         return application.load(settings.app)  # checked at preflight
     return application.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A refused new connection (``Node.admission``): its reason label (``wsfan_rejected_connections_total``
+    and the log's throttle), the 503's text, its ``Retry-After`` and whether it is counted."""
+
+    kind: str
+    why: str
+    retry_after: str = "1"
+    counted: bool = True
 
 
 def client_ip(peer: str | None) -> str:

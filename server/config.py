@@ -143,9 +143,10 @@ HELP: dict[str, str] = {
     "jwt_issuer": "when set, tokens must carry this iss claim",
     "admin_key": "bearer key for POST /publish; the endpoint is off when empty",
     "http_port": "port of the aiohttp side server (POST /publish, /sse, /metrics, /healthz); 0 = off",
-    "max_connections": "open WebSocket connections at most; past it upgrades get 503 + Retry-After; 0 = no limit",
-    "max_connections_per_ip": "open WebSocket connections from one client IP address at most; past it its upgrades "
-    "get 503 + Retry-After; 0 = no limit (clients behind one NAT or proxy share an address)",
+    "max_connections": "open WebSocket connections and SSE streams at most; past it upgrades and new streams get "
+    "503 + Retry-After; 0 = no limit",
+    "max_connections_per_ip": "open WebSocket connections and SSE streams from one client IP address at most; past "
+    "it its upgrades and new streams get 503 + Retry-After; 0 = no limit (clients behind one NAT or proxy share an address)",
     "fd_reserve": "file descriptors kept for the broker and the HTTP side: upgrades get 503 + Retry-After once "
     "fewer are left under the open-files limit (raised to the hard limit at start); 0 = no reserve",
     "max_handshake_rate": "new connections per second (token bucket, burst = 1 s worth); past it 503 + Retry-After; 0 = off",

@@ -15,6 +15,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -49,9 +50,21 @@ class _QuietHandler(RequestHandler):
     the request back, and logs a traceback at ERROR for each one, so any client can fill
     the log. Here a 4xx gets the status line's phrase as its body and one DEBUG line;
     5xx keep aiohttp's own handling (a fixed body unless aiohttp's debug mode is on).
+
+    ``on_lost``: called once when the connection is lost, set by a handler that waits for
+    nothing the client sends (an SSE stream), which aiohttp does not cancel on a disconnect
+    (``handler_cancellation`` off): without it a stream whose client left would be noticed only
+    at its next write, the keepalive up to 15 s later, holding its places in the limits until then.
     """
 
-    __slots__ = ()
+    __slots__ = ("on_lost",)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        on_lost: Callable[[], None] | None = getattr(self, "on_lost", None)
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost()
 
     def handle_error(
         self,
@@ -263,6 +276,7 @@ class SsePeer:
         self.wakeup = asyncio.Event()
         self.close_code: int | None = None
         self.refusal: tuple[str, str] | None = None  # (code, message) of a refused join
+        self.gone = False  # the client's connection is closed (``lost``)
 
     def refused(self, code: str, message: str) -> None:
         """The stream's join was refused: an ``error`` event with ``code`` and ``message``, then
@@ -291,6 +305,11 @@ class SsePeer:
 
     def close(self, code: int, reason: str) -> None:
         self.close_code = code
+        self.wakeup.set()
+
+    def lost(self) -> None:
+        """The client is gone (its connection closed): the stream ends, nothing more is written."""
+        self.gone = True
         self.wakeup.set()
 
 
@@ -661,8 +680,11 @@ class HttpSide:
 
         Every input is checked before the stream opens, each with a 400 and a fixed reason:
         ``room`` (one, :func:`valid_room`), ``since`` / ``Last-Event-ID`` (one, ASCII digits,
-        :func:`_query_number`; an empty ``since=`` is 400, an empty ``Last-Event-ID`` is none), ``Origin`` (403 outside ``--allowed-origins``), admission (503 with
-        ``Retry-After: 1`` while draining or once only ``--fd-reserve`` fds are left), the token (401).
+        :func:`_query_number`; an empty ``since=`` is 400, an empty ``Last-Event-ID`` is none),
+        ``Origin`` (403 outside ``--allowed-origins``), admission (``Node.admission``, the rule of a
+        WebSocket upgrade: 503 with ``Retry-After`` while draining, past ``--max-connections`` or
+        ``--max-connections-per-ip``, which count streams and WebSocket connections together, once
+        only ``--fd-reserve`` fds are left, past ``--max-handshake-rate``), the token (401).
         """
         room = _room_param(request)
         if isinstance(room, web.Response):
@@ -682,16 +704,33 @@ class HttpSide:
             return self._refused(
                 request, refused.status, refused.reason, logging.INFO, "sse_origin", room=room
             )
-        if self.node.draining or not self.node.fds.room_for_client():
-            # Admission as for a WebSocket upgrade, before the token's work: a stream holds an fd for
-            # as long as it lives, and the last --fd-reserve are the broker's (server/fds.py).
-            kind = "draining" if self.node.draining else "fd_reserve"
-            if kind == "fd_reserve":
-                self.node._reject(kind)
-            why = "draining" if kind == "draining" else "server at its connection capacity"
-            refusal = self._refused(request, 503, why, logging.WARNING, f"sse_{kind}", room=room)
-            refusal.headers["Retry-After"] = "1"
-            return refusal
+        # Admission as for a WebSocket upgrade, before the token's work: a stream holds an fd and a
+        # place in the connection limits for as long as it lives (server/fds.py, Node.admission).
+        node = self.node
+        peername = request.transport.get_extra_info("peername") if request.transport is not None else None
+        ip = str(peername[0]) if isinstance(peername, tuple) and peername else ""
+        refusal = node.admission(ip)
+        if refusal is not None:
+            if refusal.counted:
+                node._reject(refusal.kind)
+            refused = self._refused(
+                request, 503, refusal.why, logging.WARNING, f"sse_{refusal.kind}", room=room
+            )
+            refused.headers["Retry-After"] = refusal.retry_after
+            return refused
+        # Counted from here (no await in between: two requests cannot both take the last place).
+        task = asyncio.current_task()
+        assert task is not None
+        self.streams.add(task)
+        held = node.registry.hold_ip(peername)
+        try:
+            return await self._stream(request, room, since)
+        finally:
+            self.streams.discard(task)
+            node.registry.release_ip(held)
+
+    async def _stream(self, request: web.Request, room: str, since: int | None) -> web.StreamResponse:
+        """An admitted ``GET /sse``: the token, then the stream until it ends."""
         identity = await self._identity(request, room, "join", "sse")
         if isinstance(identity, web.Response):
             return identity
@@ -703,11 +742,10 @@ class HttpSide:
             }
         )
         await resp.prepare(request)
-        task = asyncio.current_task()
-        assert task is not None
-        self.streams.add(task)
         hub = self.node.hub
         peer = SsePeer(self.node.settings.slow_consumer_limit)
+        if isinstance(request.protocol, _QuietHandler):
+            request.protocol.on_lost = peer.lost
         s = hub.open_stream(peer, identity.user if identity else None, identity)
         try:
             # ``: joined <room>`` comes from the hub once the join took effect, naming the room it
@@ -717,7 +755,6 @@ class HttpSide:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            self.streams.discard(task)
             hub.close(s)
         return resp
 
@@ -728,6 +765,8 @@ class HttpSide:
         before the closing events (an ``unsubscribed``), unless the stream ended for being slow."""
         expires = identity.expires_at if identity is not None else None
         while peer.close_code is None:
+            if peer.gone:
+                return
             timeout = SSE_KEEPALIVE_S
             if expires is not None:
                 left = expires - time.time()

@@ -1013,25 +1013,38 @@ class ConnectionRegistry:
 
     def add(self, c: Assembler) -> None:
         self.connections.add(c)
-        per_ip = self.per_ip
-        if per_ip is not None:
+        if self.per_ip is not None:
             peername = c.raw.get_extra_info("peername") if c.raw is not None else None
-            if isinstance(peername, tuple) and peername:
-                ip = str(peername[0])
+            ip = self.hold_ip(peername)
+            if ip is not None:
                 self.ips[c] = ip
-                per_ip[ip] = per_ip.get(ip, 0) + 1
 
     def discard(self, c: Assembler) -> None:
         self.connections.discard(c)
+        if self.per_ip is not None:
+            self.release_ip(self.ips.pop(c, None))
+
+    def hold_ip(self, peername: Any) -> str | None:
+        """Count one more open connection from a socket's ``peername`` (WebSocket connections and
+        SSE streams share the budget of ``--max-connections-per-ip``); its IP, to hand back to
+        ``release_ip``, or None when not counting or the peername has no address."""
         per_ip = self.per_ip
-        if per_ip is not None:
-            ip = self.ips.pop(c, None)
-            if ip is not None:
-                left = per_ip[ip] - 1
-                if left:
-                    per_ip[ip] = left
-                else:
-                    del per_ip[ip]
+        if per_ip is None or not isinstance(peername, tuple) or not peername:
+            return None
+        ip = str(peername[0])
+        per_ip[ip] = per_ip.get(ip, 0) + 1
+        return ip
+
+    def release_ip(self, ip: str | None) -> None:
+        """One connection counted by ``hold_ip`` for ``ip`` is gone (None: it was not counted)."""
+        per_ip = self.per_ip
+        if per_ip is None or ip is None:
+            return
+        left = per_ip[ip] - 1
+        if left:
+            per_ip[ip] = left
+        else:
+            del per_ip[ip]
 
     def count_per_ip(self) -> None:
         """Count open connections by client IP address from now on (``--max-connections-per-ip``)."""

@@ -218,6 +218,68 @@ async def test_max_connections_per_ip_refuses_that_address_only_with_503_and_ret
     assert metrics[("wsfan_rejected_connections_total", (("reason", "max_connections_per_ip"),))] == refused
 
 
+async def open_sse(http_port: int, source_ip: str) -> tuple[aiohttp.ClientSession, aiohttp.ClientResponse]:
+    """``GET /sse?room=r`` from ``source_ip``: the session and the response, left open (a 200 is a
+    stream the server now counts; close the session to end it)."""
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source_ip, 0)))
+    resp = await http.get(f"http://127.0.0.1:{http_port}/sse", params={"room": "r"})
+    return http, resp
+
+
+async def test_sse_streams_share_the_per_ip_budget_with_websocket_connections(make_server):
+    """--max-connections-per-ip 2 counts SSE streams with upgrades: one of each from 127.0.0.1 and
+    both a third stream and a third upgrade get the upgrade's 503 + Retry-After: 1 (the stream's
+    as JSON, like the other refusals of that port), counted as max_connections_per_ip; 127.0.0.2
+    is not affected, and the stream's end frees its place. Before, streams were not counted."""
+    http_port = free_port()
+    srv = make_server("--max-connections-per-ip", "2", "--http-port", str(http_port)).start()
+    wait_for_port(http_port)
+    status, _, ws = upgrade_from(srv, "127.0.0.1")
+    assert status == 101
+    first, stream = await open_sse(http_port, "127.0.0.1")
+    assert stream.status == 200
+    third, refused = await open_sse(http_port, "127.0.0.1")
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert await refused.json() == {"error": "too many connections from this address"}
+    await third.close()
+    status, headers, sock = upgrade_from(srv, "127.0.0.1")
+    sock.close()
+    assert status == 503 and headers["retry-after"] == "1", "the stream takes a WebSocket place too"
+    other, elsewhere = await open_sse(http_port, "127.0.0.2")
+    assert elsewhere.status == 200, "another address keeps its own count"
+    await other.close()
+    await first.close()  # the stream ends: its place is free again
+    async with asyncio.timeout(5):
+        while True:
+            again, resp = await open_sse(http_port, "127.0.0.1")
+            if resp.status == 200:
+                break
+            await again.close()
+            await asyncio.sleep(0.02)
+    await again.close()
+    ws.close()
+    metrics = await fetch_metrics(f"http://127.0.0.1:{srv.port}/metrics")
+    assert metrics[("wsfan_rejected_connections_total", (("reason", "max_connections_per_ip"),))] >= 2
+
+
+async def test_sse_streams_count_in_max_connections(make_server):
+    """--max-connections counts open SSE streams with WebSocket connections (each holds an fd)."""
+    http_port = free_port()
+    srv = make_server("--max-connections", "2", "--http-port", str(http_port)).start()
+    wait_for_port(http_port)
+    peer = await PicowsPeer.connect(srv.url)
+    http, stream = await open_sse(http_port, "127.0.0.1")
+    assert stream.status == 200
+    status, _, headers = await upgrade_status(srv.url)
+    assert status == 503 and headers["retry-after"] == "1"
+    other, refused = await open_sse(http_port, "127.0.0.1")
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert await refused.json() == {"error": "too many connections"}
+    for session in (other, http):
+        await session.close()
+    await peer.close()
+
+
 async def test_handshake_rate_refuses_with_503_and_retry_after(make_server):
     srv = make_server("--max-handshake-rate", "2").start()
     results = [await upgrade_status(srv.url) for _ in range(6)]
