@@ -39,6 +39,7 @@ DATA_FILES = (
     "wsfan/client/js/wsfan.js",
     "wsfan/client/js/demo.html",
     "wsfan/bench/baselines/bun_server.js",
+    "wsfan/bench/tools/connect_client.c",
     "wsfan/loadtest/swarm.sh",
     *(f"wsfan/loadtest/conf/{p.name}" for p in sorted((ROOT / "loadtest" / "conf").glob("*.conf"))),
     *(f"wsfan/loadtest/scenarios/{p.name}" for p in sorted((ROOT / "loadtest" / "scenarios").glob("*.py"))),
