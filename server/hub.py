@@ -97,6 +97,24 @@ class StreamPeer(Peer, Protocol):
         ``message``: tell the client and end the stream."""
 
 
+class _Gone:
+    """The peer of a closed session (``Hub.close``): the connection is gone, so there is nothing to
+    flush or close and no stream to refuse."""
+
+    __slots__ = ()
+
+    def flush(self, session: Session) -> None:
+        return None
+
+    def close(self, code: int, reason: str) -> None:
+        return None
+
+    def refused(self, code: str, message: str) -> None:
+        return None
+
+
+GONE: StreamPeer = _Gone()
+
 Handler = Callable[["Session", Any], None]
 _NO_ROOMS: tuple[str, ...] = ()
 # A session's rooms: a tuple while it is in at most this many (membership tests scan it), then a set.
@@ -427,6 +445,11 @@ class Hub:
             self.on_close(s)  # still in its rooms, so the application can announce the departure
         for name in list(s.rooms):
             self._remove(s, name)
+        # The connection holds its session and the session its peer: a reference cycle that only the
+        # cyclic collector would free (a connection's transport, buffers and futures with it), and a
+        # storm of closes made it collect often. Nothing uses a closed session's peer (every caller
+        # checks ``closed``), so it gets one that does nothing and refcounting frees both at once.
+        s.peer = GONE
 
     # ------------------------------------------------------------ inbound
 

@@ -164,3 +164,70 @@ def test_picows_is_shown_a_view_of_the_accepted_transport_and_the_socket_keeps_i
         assert type(kept) is Accepted and kept.raw is conn.raw
         assert type(conn.raw).__name__ == "TCPTransport"
         assert nodelay == 1
+
+
+_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame under 126 bytes, masked with the all-zero key (RFC 6455 5.3)."""
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+async def _joined_then_closed(port: int, i: int, close_frame: bool) -> None:
+    """One client: upgrade, join a room, then leave with a close handshake or by dropping the socket."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_UPGRADE + _masked(1, b'{"type":"join","room":"r%d","id":"j"}' % (i % 3)))
+    seen = b""
+    while b'"ack"' not in seen:
+        chunk = await reader.read(4096)
+        assert chunk, seen
+        seen += chunk
+    if close_frame:
+        writer.write(_masked(8, b"\x03\xe8"))
+        while await reader.read(4096):
+            pass
+    writer.close()
+
+
+async def _server_garbage_after_closes(connections: int) -> list[str]:
+    from wsfan.server.app import Node
+    from wsfan.server.config import Settings
+    from wsfan.server.hub import Session
+    from wsfan.server.transport import Connection
+
+    node = Node(Settings(port=0, rate_limit=0))
+    await node.start()
+    port = node.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        await _joined_then_closed(port, 0, True)  # warm-up: module-level objects made once
+        gc.collect()
+        gc.disable()
+        try:
+            await asyncio.gather(*(_joined_then_closed(port, i, i % 2 == 0) for i in range(connections)))
+            async with asyncio.timeout(5):
+                while node.registry.connections:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # picows' connection_lost runs from call_soon
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            kinds = (Connection, Session, picows.WSTransport)
+            # type(), not isinstance(): the garbage holds weak proxies whose referents are gone
+            return [type(o).__name__ for o in gc.garbage if issubclass(type(o), kinds)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    finally:
+        await node.drain()
+
+
+def test_closed_connections_are_freed_by_refcounting_not_left_to_the_collector() -> None:
+    """A closed /ws connection leaves no reference cycle: its Connection, Session and picows transport
+    are freed when it closes (with a close handshake or a dropped socket), not by a later collection.
+    The Connection and its Session pointed at each other (Hub.close breaks it)."""
+    assert uvloop.run(_server_garbage_after_closes(20)) == []
+
