@@ -153,8 +153,9 @@ HELP: dict[str, str] = {
     "allowed_origins": "browser origins allowed to open /ws and /sse: shell globs separated by commas "
     "(e.g. 'https://example.com,https://*.example.com'); others get 403; empty = any origin "
     "(a warning under --production)",
-    "request_timeout": "seconds a new connection gets to send a complete request head, on both ports; also the "
-    "idle limit between keep-alive requests on --http-port",
+    "request_timeout": "seconds a new connection gets to send a complete request head, on both ports (on the "
+    "WebSocket port one sweep every quarter of it, at most 1 s, drops the late ones); also the idle limit between "
+    "keep-alive requests on --http-port",
     "demo": "serve the chat demo page at / (uses the browser client)",
     "tls_cert": "PEM certificate chain: --port serves wss:// and --http-port https:// (needs --tls-key); "
     "empty = plain ws:// and http:// (TLS ends at a proxy, see deploy/nginx/)",

@@ -161,15 +161,70 @@ async def create_server(
         __slots__ = ()
         opened_class = Opened
         lean_accept = lean
+        deadlines = HandshakeDeadlines(handshake_timeout, loop)
 
+    # picows' own handshake timeout is a timer per connection (call_later in connection_made, cancelled
+    # when the upgrade is answered): None here, HandshakeDeadlines does it with one sweep for all.
     def protocol_factory() -> WSProtocol:
         return Protocol(
-            logger, True, handshake_timeout,
+            logger, True, None,
             False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, False,
             max_frame_size, None, read_buffer_size,
         )  # fmt: skip
 
     return await create(protocol_factory, host=host, port=port, **server_kwargs)
+
+
+class HandshakeDeadlines:
+    """Connections still in their opening handshake, each with the time it must have sent its request
+    head by (``--request-timeout`` after the accept); one periodic sweep drops the late ones.
+
+    picows' own timeout arms a timer per connection (``loop.call_later`` in ``connection_made``,
+    cancelled when the upgrade is answered): about 3,600 instructions per connect (callgrind,
+    docs/connection-cost.md), and a ``TimerHandle`` in a reference cycle with the protocol when
+    the connection ends before its head. Here a connection is a dict entry from its accept until
+    its head is complete (or refused, or the peer left); deadlines are in insertion order (one
+    timeout for all), so a sweep stops at the first one still in the future. The sweep runs every
+    ``timeout / 4`` (at most 1 s) while any handshake is pending, so a late peer is dropped within
+    1.25 × the timeout (at most 1 s past it), as picows would (its log line, its future, a close):
+    the slowloris bound stays (tests/test_handshake.py, tests/test_request_inputs.py).
+    """
+
+    __slots__ = ("timeout", "tick", "pending", "_loop", "_timer")
+
+    def __init__(self, timeout: float | None, loop: asyncio.AbstractEventLoop) -> None:
+        """``timeout``: seconds (None or 0: no deadline, as picows' ``websocket_handshake_timeout=None``)."""
+        self.timeout = timeout or 0.0
+        self.tick = max(0.01, min(1.0, self.timeout / 4))
+        self.pending: dict[WSProtocol, float] = {}
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, protocol: WSProtocol) -> None:
+        if not self.timeout:
+            return
+        self.pending[protocol] = self._loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.tick, self.sweep)
+
+    def discard(self, protocol: WSProtocol) -> None:
+        self.pending.pop(protocol, None)
+
+    def sweep(self) -> None:
+        """Drop every connection past its deadline; run again in a tick while any handshake is pending."""
+        self._timer = None
+        pending = self.pending
+        now = self._loop.time()
+        late = []
+        for protocol, deadline in pending.items():
+            if deadline > now:
+                break
+            late.append(protocol)
+        for protocol in late:
+            del pending[protocol]
+            protocol._handshake_timeout_callback()  # picows': INFO line, the handshake future, disconnect()
+        if pending:
+            self._timer = self._loop.call_later(self.tick, self.sweep)
 
 
 # One scratch buffer for every connection still in its handshake: a read is copied out of it
@@ -297,12 +352,14 @@ class GatedProtocol(OpenedProtocol):
     closed, a head past 16 KiB with 431. A good head is handed to picows' own methods: the
     instance becomes its ``opened_class`` (the same slots, without these two methods) and
     ``set_protocol`` makes the transport look the methods up again, so every later read goes
-    straight to picows, as before. The handshake timeout is still picows' (connection_made).
+    straight to picows, as before. The handshake timeout is ``deadlines``' (one sweep), from the
+    accept until the head passed or was refused.
     """
 
     __slots__ = ()
     opened_class: type[OpenedProtocol]
     lean_accept = False
+    deadlines: HandshakeDeadlines
 
     def connection_made(self, transport: Any) -> None:
         if self.lean_accept and type(transport) is _UVLOOP_TCP:
@@ -311,6 +368,12 @@ class GatedProtocol(OpenedProtocol):
             view.__class__ = Accepted
         else:
             WSProtocol.connection_made(self, transport)
+        self.deadlines.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Gone before its head was complete (an Opened protocol has picows' connection_lost only).
+        self.deadlines.discard(self)
+        WSProtocol.connection_lost(self, exc)
 
     def get_buffer(self, size_hint: int) -> memoryview:
         return memoryview(_HEAD_SCRATCH)
@@ -340,6 +403,7 @@ class GatedProtocol(OpenedProtocol):
             self._refuse(refusal)
             return
         self._head = None
+        self.deadlines.discard(self)
         # picows' get_buffer and buffer_updated again; uvloop keeps bound methods: look them up anew
         self.__class__ = self.opened_class
         real_transport(self.transport.underlying_transport).set_protocol(self)
@@ -360,6 +424,7 @@ class GatedProtocol(OpenedProtocol):
 
     def _refuse(self, refusal: Refusal) -> None:
         self._head = None
+        self.deadlines.discard(self)
         self.__class__ = self.opened_class
         raw = real_transport(self.transport.underlying_transport)
         body = refusal.reason.encode() + b"\n"
