@@ -568,6 +568,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
     table = []
     for r in rows:
         bun = _crowd_peer(rows, r, "bun") if not r["variant"].startswith("bun") else None
+        floor = _crowd_peer(rows, r, "naive") if not r["variant"].startswith(("bun", "naive")) else None
         old = _crowd_peer(rows, r, base) if base and not r["variant"].startswith(("wsfan@", "bun")) else None
         table.append(
             [
@@ -584,6 +585,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
                 _spread(r, "t100_s", "{:.2f}"),
                 _spread(r, "kb_per_connection", "{:.2f}"),
                 _crowd_ratios(r, bun),
+                _crowd_ratios(r, floor),
                 _crowd_ratios(r, old),
                 *capacity(r),
             ]
@@ -602,6 +604,7 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
             "all back (s)",
             "KB per idle conn",
             "÷ Bun (same run)",
+            "÷ naive picows: the floor of picows on uvloop (same run)",
             f"÷ {base or 'baseline'} (same run)",
             *CAPACITY_COLUMNS,
         ],
@@ -611,7 +614,10 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
         "",
         "Ratios are this row ÷ the other server's row for the same crowd and wave: below 1 is better for CPU, "
         "all back and KB, above 1 for connects/s. Bun holds one process only, so the `-w2` crowds compare with "
-        "the baseline commit's `-w2` alone. The bottleneck column names the side whose core was ≥ 90 % busy "
+        "the baseline commit's `-w2` alone. The naive picows server (bench/baselines/naive_picows.py: picows' "
+        "own upgrade, a welcome and the join's ack, nothing else per connection) is the floor of picows on "
+        "uvloop: wsfan ÷ naive is what wsfan adds on top of its stack; it runs up to "
+        f"{s.get('baseline_max_size', 10_000):,} clients. The bottleneck column names the side whose core was ≥ 90 % busy "
         'over the wave (the load generators are several processes sharing one core); "one core\'s worth" is '
         "1e6 ÷ each side's CPU per connect, the rate at which that side would fill its core, so the side with "
         "the lower figure is the one that saturates first even when other work shared the cores (a server "

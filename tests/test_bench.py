@@ -256,6 +256,28 @@ def test_connect_storm_runs_a_baseline_commit_beside_todays_server(tmp_path):
         assert (" first |" in line) == bool(measured), (r, line)
 
 
+@pytest.mark.timeout(120)
+def test_connect_storm_runs_the_naive_picows_floor_by_default(tmp_path):
+    """Without --variants the crowd also meets the naive picows server (the floor of picows on uvloop),
+    which joins the same way, and every wsfan row is divided by it in the report."""
+    proc = _bench(
+        "connect", "--quick", "--sizes", "50", "--workers-sizes", "", "--bun", "off", "--out", str(tmp_path),
+        timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "connect.json").read_text())
+    assert {r["variant"] for r in doc["data"]["rows"]} == {"wsfan", "naive"}
+    assert all(r["rejoined"] == 50 and r["errors"] == 0 for r in doc["data"]["rows"])
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| clients |"))
+    column = [c.strip() for c in header.split("|")].index(
+        "÷ naive picows: the floor of picows on uvloop (same run)"
+    )
+    rows = [[c.strip() for c in line.split("|")] for line in report.splitlines() if line.startswith("| 50 |")]
+    ours = [r for r in rows if r[3] == "wsfan"]
+    assert len(ours) == 2 and all(r[column].startswith("CPU ") for r in ours), ours
+
+
 def test_baseline_tree_imports_the_old_commit_not_the_editable_install(tmp_path, monkeypatch):
     from wsfan.bench.baselines import commit
 

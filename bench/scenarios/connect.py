@@ -1,4 +1,4 @@
-"""Reconnection storm cost: a crowd that connects and joins all at once, on wsfan, Bun and wsfan of a baseline commit.
+"""Reconnection storm cost: a crowd that connects and joins all at once, on wsfan, Bun, naive picows and wsfan of a baseline commit.
 
 Each size is one crowd: ``N`` bare WebSocket clients on uvloop transports (role ``crowd``,
 ``bench/roles/crowd.py``: 1.5–2× less load-generator CPU per connect than picows' client)
@@ -39,6 +39,12 @@ redis-server's CPU per connect + join is given apart (it is not in the server's 
 ``--baseline REF`` adds the same server at commit ``REF`` (``bench/baselines/commit.py``),
 measured in the same run, so gains show as ratios against it as well as against Bun; the
 JSON records its full commit hash.
+
+The naive picows server (``bench/baselines/naive_picows.py``) runs by default at the sizes up
+to ``baseline_max_size`` (10,000): **the floor of picows on uvloop**. It answers the same
+upgrade with picows' own handshake, sends a welcome and acks the same join frame (its decoder
+is the project's ``wire.Join``) with nothing else per connection, so the same crowd measures
+it unchanged and wsfan ÷ naive is what wsfan adds on top of its stack.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ NAME = "connect"
 HELP = (
     "reconnection storm cost: a crowd of 10,000 / one process's max / 30,000 over 2 workers connects and joins "
     "at once: server CPU per connect+join, connects/s, time to all rejoined, KB per idle connection; wsfan vs Bun "
-    "vs a baseline commit"
+    "vs naive picows (the floor of picows on uvloop) vs a baseline commit"
 )
 
 #: Today's wsfan when this scenario was written (main before issue #19's work): the default --baseline.
@@ -82,8 +88,8 @@ WAVES = ("connect", "reconnect")
 
 @dataclass
 class Settings:
-    # naive and websockets can be added with --variants (up to baseline_max_size): issue #19 compares with Bun.
-    variants: tuple[str, ...] = ("wsfan", "bun")
+    # naive picows: the floor of picows on uvloop (up to baseline_max_size); websockets with --variants.
+    variants: tuple[str, ...] = ("wsfan", "bun", "naive")
     sizes: tuple[int, ...] = (10_000, 0)  # 0 = as many as one server process can hold
     workers_sizes: tuple[int, ...] = (30_000,)
     baseline_max_size: int = 10_000  # naive and websockets only up to this size
@@ -112,7 +118,9 @@ SMOKE: dict[str, Any] = {}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument(
-        "--variants", type=csv_words, help="servers (default wsfan,bun; naive and websockets up to 10,000)"
+        "--variants",
+        type=csv_words,
+        help="servers (default wsfan,bun,naive; naive and websockets only up to 10,000)",
     )
     p.add_argument(
         "--sizes", type=csv_ints, help="crowd sizes for one server process; 0 = its max (default 10000,0)"
