@@ -309,6 +309,7 @@ class Node:
             # A TLS handshake is part of the opening handshake: the same --request-timeout bounds it.
             **({"ssl_handshake_timeout": s.request_timeout} if tls is not None else {}),
         )
+        self.registry.limit_stall_on_accept(self.server)
         self.registry.start()
         if self.http is not None:
             await self.http.start(s.host, s.http_port, tls)

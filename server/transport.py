@@ -584,7 +584,7 @@ class Assembler(WSListener):
         self.transport = transport
         self.raw = real_transport(transport.underlying_transport)
         self.raw.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        if self.registry.stall_limit:
+        if self.registry.stall_limit and not self.registry.stall_inherited:
             limit_stall(self.raw, self.registry.stall_limit)
         # picows keeps the upgrade request and response for the connection's lifetime; what they
         # hold is dead weight once connected (header maps about 0.6 KB; method, path and version
@@ -1069,12 +1069,34 @@ class ConnectionRegistry:
         # A connection whose output made no progress for this long is one the heartbeat would have
         # closed (a peer that reads nothing sees no ping): the kernel may drop it, orphan or not.
         self.stall_limit = self.heartbeat + self.timeout + CLOSE_GRACE_S if heartbeat_ms > 0 else 0.0
+        # True once the listening sockets carry it (limit_stall_on_accept): accepted sockets inherit it.
+        self.stall_inherited = False
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._on_timeout = on_timeout
 
     def now(self) -> float:
         return self._loop.time()
+
+    def limit_stall_on_accept(self, server: asyncio.Server) -> None:
+        """Set ``stall_limit`` on the listening sockets instead of on each accepted one.
+
+        Linux copies a listening socket's TCP_USER_TIMEOUT into every socket it accepts (the new
+        socket is a clone of the listener), so one ``setsockopt`` per listener replaces one per
+        connection (a ``socket.socket`` built on the fd and detached, and a syscall, each connect).
+        A listener that refuses the option (another platform, a transport without sockets) leaves
+        it per connection, as before.
+        """
+        if not self.stall_limit:
+            return
+        ms = max(1, int(self.stall_limit * 1000))
+        try:
+            sockets = list(server.sockets)
+            for sock in sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+        except (AttributeError, OSError):
+            return
+        self.stall_inherited = bool(sockets)
 
     def add(self, c: Assembler) -> None:
         self.connections.add(c)

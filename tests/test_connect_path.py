@@ -265,3 +265,47 @@ def test_one_timer_bounds_every_pending_handshake() -> None:
     during, connections, dropped = uvloop.run(_timers_for_silent_connections(20))
     # the sweep's timer, and the one of this test's own sleep not yet freed; picows' way: one per connection
     assert during <= 2 and dropped == connections
+
+
+async def _stall_limits(connections: int) -> tuple[int, list[int], int]:
+    """(the listening socket's TCP_USER_TIMEOUT, each of ``connections`` accepted joined sockets',
+    the node's stall limit), all in ms."""
+    import socket
+
+    from wsfan.server.app import Node
+    from wsfan.server.config import Settings
+
+    def user_timeout(fd: int) -> int:
+        sock = socket.socket(fileno=fd)
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        finally:
+            sock.detach()
+
+    node = Node(Settings(port=0, rate_limit=0))
+    await node.start()
+    listener = node.server.sockets[0]  # type: ignore[union-attr]
+    clients = []
+    try:
+        for i in range(connections):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+            clients.append(writer)
+            writer.write(_UPGRADE + _masked(1, b'{"type":"join","room":"r%d","id":"j"}' % i))
+            seen = b""
+            while b'"ack"' not in seen:
+                seen += await reader.read(4096)
+        accepted = [user_timeout(c.raw.get_extra_info("socket").fileno()) for c in node.registry.connections]
+        return user_timeout(listener.fileno()), accepted, int(node.registry.stall_limit * 1000)
+    finally:
+        for w in clients:
+            w.close()
+        await node.drain()
+
+
+def test_accepted_sockets_inherit_the_stall_limit_from_the_listener() -> None:
+    """TCP_USER_TIMEOUT (heartbeat + timeout + close grace) is set once, on the listening socket, and
+    every accepted socket has it from there (Linux clones the listener): no setsockopt per connect."""
+    listener, accepted, stall_ms = uvloop.run(_stall_limits(10))
+    assert stall_ms > 0
+    assert listener == stall_ms
+    assert accepted == [stall_ms] * 10
