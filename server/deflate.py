@@ -135,7 +135,17 @@ class TooLarge(Exception):
 
 
 class CorruptData(Exception):
-    """The data is not a valid deflate stream (the caller fails the connection with 1002, as python-websockets does)."""
+    """The payload of a compressed message is not valid permessage-deflate data; ``str()`` is the
+    close reason (fixed sentences). The caller fails the connection with 1007, RFC 6455 §7.4.1's
+    code for payload data not consistent with the message's type (Node's ``ws`` does the same)."""
+
+
+#: After a final block (BFINAL=1), what may follow in the inflater's input: the tail the receiver
+#: appended itself (a sender that ended with Z_FINISH), or the one 0x00 octet RFC 7692 §7.2.3.4
+#: shows (an empty non-final stored block's header, which the tail completes) and the tail.
+_AFTER_FINAL: Final = (TAIL, b"\x00" + TAIL)
+INVALID: Final = "invalid permessage-deflate data"
+AFTER_FINAL: Final = "data after the final deflate block"
 
 
 def compressed_limit(limit: int) -> int:
@@ -153,15 +163,24 @@ def inflate(data: bytes | bytearray | memoryview, limit: int) -> bytes:
 
     Raises ``TooLarge`` as soon as the output would pass ``limit`` (memory stays
     bounded by it, whatever the compression ratio) and ``CorruptData`` on invalid
-    deflate data.
+    deflate data (``INVALID``) or on data after a final block (``AFTER_FINAL``): a deflate
+    stream ends at its BFINAL block, so bytes of the message past it are not part of what it
+    inflates to, and taking the first part as the message would drop the rest unseen. RFC 7692
+    §7.2.3.4 allows a final block followed by one 0x00 octet (with the tail the receiver
+    appends, an empty stored block; §7.2.2 inflates it "in the same manner"), and a sender that
+    ended the stream with a final block and sent nothing after it leaves only that tail: both
+    pass. Empty blocks before the end are valid deflate and cost no output: they pass too (the
+    transport's limit on the compressed size, ``compressed_limit``, bounds them).
     """
     d = zlib.decompressobj(-MAX_WINDOW_BITS)
     try:
         out = d.decompress(bytes(data) + TAIL, limit + 1)
     except zlib.error:
-        raise CorruptData from None
+        raise CorruptData(INVALID) from None
     if len(out) > limit or d.unconsumed_tail:
         raise TooLarge
+    if d.eof and d.unused_data not in _AFTER_FINAL:
+        raise CorruptData(AFTER_FINAL)
     return out
 
 

@@ -72,8 +72,14 @@ Router = Callable[[WSUpgradeRequest, Callable[[], "str | None"]], Any]
 
 
 def too_big(limit: int) -> str:
-    """The reason of every 1009 close: the limit is the client's to know (docs/PROTOCOL.md)."""
+    """The reason of a 1009 close for a message past ``--max-message-size`` (docs/PROTOCOL.md)."""
     return f"message larger than {limit} bytes"
+
+
+def too_big_compressed(wire_limit: int) -> str:
+    """The reason of a 1009 close for a compressed message whose payload on the wire passed
+    ``wire_limit`` (``deflate.compressed_limit`` of the message limit), whatever it inflates to."""
+    return f"compressed message larger than {wire_limit} bytes"
 
 
 # picows' parser closes the connection itself for what it finds wrong in a frame header, with its
@@ -91,6 +97,7 @@ _FRAMING_REASONS = (
     ("Received CLOSE for the second time", "second close frame"),
 )
 _message_limit = 0  # the process's --max-message-size, for picows' own 1009 (set by create_server)
+_frame_limit = 0  # picows' frame limit: compressed_limit(--max-message-size) with --compression
 
 
 class _FramingError(WSProtocolError):
@@ -104,6 +111,10 @@ class _FramingError(WSProtocolError):
 def framing_reason(code: int, picows_text: str) -> str:
     """Our close reason for a frame picows refused with ``code`` and ``picows_text``."""
     if code == CloseCode.MESSAGE_TOO_BIG:
+        # One frame over picows' limit, refused on its header: plain or compressed is not known
+        # there, so with compression on (a wider frame limit) the reason names both limits.
+        if _frame_limit > _message_limit:
+            return f"{too_big(_message_limit)} (or {_frame_limit} bytes compressed)"
         return too_big(_message_limit)
     for opening, reason in _FRAMING_REASONS:
         if picows_text.startswith(opening):
@@ -133,8 +144,9 @@ async def create_server(
     as the header announces it); ``max_message_size`` (default: the same) is the limit its 1009
     reason names.
     """
-    global _message_limit
+    global _message_limit, _frame_limit
     _message_limit = max_message_size if max_message_size is not None else max_frame_size
+    _frame_limit = max_frame_size
     _picows_module.WSProtocolError = _FramingError  # type: ignore[attr-defined]
     loop = asyncio.get_running_loop()
     # picows gives each connection its own ``logging.Logger`` (named after the fd; about 340 B and
@@ -672,8 +684,8 @@ class Assembler(WSListener):
         except TooLarge:
             self.close(CloseCode.MESSAGE_TOO_BIG, too_big(self.limits.max_message_size))
             return
-        except CorruptData:
-            self.close(CloseCode.PROTOCOL_ERROR, "invalid permessage-deflate data")
+        except CorruptData as exc:  # our fixed sentences (deflate.INVALID, deflate.AFTER_FINAL)
+            self.close(CloseCode.INVALID_PAYLOAD, str(exc))
             return
         if op is TEXT:
             try:
@@ -728,7 +740,10 @@ class Assembler(WSListener):
             limit = compressed_limit(limit)  # inflate() has the real limit, on the inflated size
         if buf is not None and len(buf) > limit:
             self._frag = None
-            self.close(CloseCode.MESSAGE_TOO_BIG, too_big(self.limits.max_message_size))
+            # A compressed message over its wire limit need not inflate past the message limit (empty
+            # deflate blocks inflate to nothing): the reason names the limit it passed.
+            reason = too_big_compressed(limit) if self._inflate else too_big(limit)
+            self.close(CloseCode.MESSAGE_TOO_BIG, reason)
             return False
         return True
 

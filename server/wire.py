@@ -107,6 +107,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     INVALID_UTF8 = 1007
+    INVALID_PAYLOAD = 1007  # RFC 6455's name for 1007: also invalid permessage-deflate data (an alias)
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011

@@ -3,8 +3,9 @@
 
 Rules tested, one per test: negotiation and its answer; deliveries compressed once and shared;
 small messages left plain; inbound compressed and fragmented compressed messages; the inflated
-size limit (decompression bomb -> 1009); RSV1 where it is not allowed (-> 1002); corrupt data
-(-> 1002); the server's window honoured; off by default.
+size limit (decompression bomb -> 1009) and the compressed one (padding -> 1009, its own reason);
+RSV1 where it is not allowed (-> 1002); corrupt data and data after a final block (-> 1007);
+the server's window honoured; off by default.
 """
 
 from __future__ import annotations
@@ -262,7 +263,6 @@ def test_one_byte_over_the_limit_is_1009_with_our_reason(zsmall: ServerProcess, 
         ),
         ("rsv1 on a ping", lambda ws: ws.send_frame(PING, b"x", rsv=RSV1)),
         ("rsv2", lambda ws: ws.send_frame(TEXT, b"{}", rsv=0x2)),
-        ("corrupt deflate data", lambda ws: ws.send_frame(TEXT, b"\xff\xfe\xfd garbage", rsv=RSV1)),
     ],
 )
 def test_misuse_of_the_extension_fails_the_connection_with_1002(
@@ -272,6 +272,90 @@ def test_misuse_of_the_extension_fails_the_connection_with_1002(
         welcome(ws)
         send(ws)  # type: ignore[operator]
         assert ws.expect_close()[0] == 1002, what
+
+
+def finished(data: bytes) -> bytes:
+    """``data`` deflated into one stream ended by a final block (BFINAL=1, zlib's Z_FINISH)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush(zlib.Z_FINISH)
+
+
+PING_A = b'{"type":"ping","id":"a"}'
+PING_B = b'{"type":"ping","id":"b"}'
+
+
+@pytest.mark.parametrize(
+    ("what", "payload", "reason"),
+    [
+        ("corrupt deflate data", b"\xff\xfe\xfd garbage", "invalid permessage-deflate data"),
+        ("a second stream after a final block", finished(PING_A) + deflate(PING_B), "data after the final deflate block"),
+        ("junk after a final block", finished(PING_A) + b"\x00\x01", "data after the final deflate block"),
+        ("a final block, 0x00, then more", finished(PING_A) + b"\x00\x00\x00\xff\xff" + deflate(PING_B),
+         "data after the final deflate block"),
+    ],
+    ids=["corrupt", "second stream", "junk", "0x00 then more"],
+)  # fmt: skip
+def test_invalid_deflate_data_fails_the_connection_with_1007(
+    zserver: ServerProcess, what: str, payload: bytes, reason: str
+) -> None:
+    """A compressed message whose payload does not inflate, or goes on after its final block (the
+    inflater stops there: before, the rest was dropped unseen and the first part handled as the
+    message), is invalid payload data: 1007 (RFC 6455 §7.4.1) with a fixed reason, as Node's ws.
+    Corrupt data was closed 1002 before."""
+    with connect(zserver, headers=OFFER) as ws:
+        welcome(ws)
+        ws.send_frame(TEXT, payload, rsv=RSV1)
+        assert ws.expect_close() == (1007, reason), what
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [finished(PING_A) + b"\x00", finished(PING_A)],
+    ids=["rfc 7692 7.2.3.4: final block and 0x00", "final block alone"],
+)
+def test_a_message_ended_by_a_final_block_is_accepted(zserver: ServerProcess, payload: bytes) -> None:
+    """RFC 7692 §7.2.3.4: a sender without an empty-stored-block flush may end a message with a final
+    block and one 0x00 octet; one that sends the final block alone has nothing after it either."""
+    with connect(zserver, headers=OFFER) as ws:
+        welcome(ws)
+        ws.send_frame(TEXT, payload, rsv=RSV1)
+        assert json.loads(ws.recv_frame().payload) == {"type": "pong", "requestId": "a"}
+
+
+def padded(data: bytes, blocks: int) -> bytes:
+    """``data`` deflated, then ``blocks`` empty stored blocks (valid deflate that inflates to nothing)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return (c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH) + b"\x00\x00\x00\xff\xff" * blocks)[:-4]
+
+
+WIRE = SMALL + SMALL // 64 + 1024  # deflate.compressed_limit(SMALL)
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["one frame", "fragmented"])
+def test_a_compressed_message_padded_past_its_wire_limit_is_1009_naming_that_limit(
+    zsmall: ServerProcess, fragmented: bool
+) -> None:
+    """Empty blocks inflate to nothing: a 4-byte message padded to 5 KB on the wire is over the
+    compressed limit, not the message limit. The reason names the limit passed (before: 'message
+    larger than 1024 bytes' for a 4-byte message). One frame is refused on its header, where plain or
+    compressed is not known yet: its reason names both limits. Padding under the limit passes."""
+    assert zlib.decompressobj(-15).decompress(padded(b"tiny", 1000) + TAIL) == b"tiny"
+    with connect(zsmall, path="/echo", headers=OFFER) as ws:
+        ws.send_frame(BINARY, padded(b"tiny", 100), rsv=RSV1)  # 500 B of padding: under the limit
+        op, data = ws.recv_message()
+        assert (op, data) == (BINARY, b"tiny")
+        wire = padded(b"tiny", 1000)
+        if fragmented:
+            ws.send_frame(BINARY, wire[:1000], fin=False, rsv=RSV1)  # each frame under picows' limit
+            for at in range(1000, len(wire), 1000):
+                ws.send_frame(CONT, wire[at : at + 1000], fin=at + 1000 >= len(wire))
+            assert ws.expect_close() == (1009, f"compressed message larger than {WIRE} bytes")
+        else:
+            ws.send_frame(BINARY, wire, rsv=RSV1)
+            assert ws.expect_close() == (
+                1009,
+                f"message larger than {SMALL} bytes (or {WIRE} bytes compressed)",
+            )
 
 
 def test_compressed_invalid_utf8_is_closed_with_1007(zserver: ServerProcess) -> None:

@@ -99,8 +99,19 @@ def test_inflate_stops_a_decompression_bomb_at_the_limit() -> None:
 
 
 def test_inflate_refuses_corrupt_data() -> None:
-    with pytest.raises(CorruptData):
+    with pytest.raises(CorruptData, match="^invalid permessage-deflate data$"):
         inflate(b"\xff\xff\xff\xff garbage", 1000)
+
+
+def test_inflate_takes_rfc_7692s_final_block_example_and_refuses_data_after_a_final_block() -> None:
+    """RFC 7692 §7.2.3.4's "Hello" in a final block plus one 0x00 octet inflates; anything more
+    after the final block (a second stream, junk) is refused instead of dropped."""
+    hello = bytes([0xF3, 0x48, 0xCD, 0xC9, 0xC9, 0x07, 0x00, 0x00])
+    assert inflate(hello, 1000) == b"Hello"
+    assert inflate(hello[:-1], 1000) == b"Hello"  # the final block alone
+    for extra in (b"\x01", b"\x00\x00", hello[:-1], compress(b"more")):
+        with pytest.raises(CorruptData, match="^data after the final deflate block$"):
+            inflate(hello + extra, 1000)
 
 
 @settings(max_examples=200, deadline=None)
