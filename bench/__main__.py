@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from wsfan.bench.scenarios import SCENARIOS
 
@@ -23,7 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (a test's or CI's timeout) unwinds like Ctrl-C: every scenario's ``finally`` and
+    ``with`` stop the servers and load generators it started (Python's default would exit at once
+    and leave them running)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     if getattr(args, "smoke", False):
         args.quick = True  # a smoke run is a quick run in every other respect (results/tmp/, no --publish)

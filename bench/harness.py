@@ -13,6 +13,7 @@ the figures.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -131,6 +132,48 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
 # ---------------------------------------------------------------- processes
 
 
+def _die_with_parent() -> None:
+    """In a child between fork and exec (``preexec_fn``): on Linux, SIGKILL it when the benchmark
+    process dies, even by SIGKILL (a test's timeout); the exec'd program keeps the setting
+    (``prctl(2)``: PR_SET_PDEATHSIG survives execve; ``taskset`` execs in place)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen`` for a benchmark's child (server, load generator, Redis): in a process
+    group of its own, so ``end_tree`` can kill all it started (a supervisor's workers), and
+    killed with the benchmark process if that dies first (``_die_with_parent``)."""
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)  # noqa: PLW1509
+
+
+def end_tree(popen: subprocess.Popen[Any], proc: psutil.Process | None, grace: float) -> int:
+    """Stop ``popen`` and everything it started; its exit code.
+
+    SIGTERM first (a server drains and exits 0) and ``grace`` seconds to exit; then SIGKILL to its
+    whole process group (``spawn`` made it a group leader; it is not reaped yet, so the group's id
+    is still its own). Its descendants, taken before the SIGTERM (``psutil`` refuses a pid that was
+    reused meanwhile), are killed too when still alive: one that left the group or was orphaned
+    when its parent exited would outlive the run (the leak this replaced: a start that timed out,
+    or a run killed by a test's timeout, left servers and workers behind).
+    """
+    family = _children(proc) if proc is not None else []
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return popen.returncode
+
+
 class ServerProcess:
     """A server under test: started pinned, ready when its port accepts TCP, stopped with SIGTERM."""
 
@@ -145,25 +188,32 @@ class ServerProcess:
         self.exit_code: int | None = None
 
     def start(self, ready_timeout: float = 20.0) -> ServerProcess:
+        """Start it and wait until its port accepts TCP; on any failure (exit, timeout, an exception
+        such as Ctrl-C) it and everything it started are stopped (``end_tree``) before raising."""
         LOGS.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
+            self.popen = spawn(
                 pinned(self.argv, self.cpu),
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self.proc = psutil.Process(self.popen.pid)
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.popen.returncode}: {self.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise BenchError(f"{self.name} did not accept connections on port {self.port} in {ready_timeout}s")
+        try:
+            self.proc = psutil.Process(self.popen.pid)
+            deadline = time.monotonic() + ready_timeout
+            while time.monotonic() < deadline:
+                if self.popen.poll() is not None:
+                    raise BenchError(f"{self.name} exited with {self.popen.returncode}: {self.log_tail()}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                    return self
+                time.sleep(0.05)
+            raise BenchError(
+                f"{self.name} did not accept connections on port {self.port} in {ready_timeout}s"
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def cpu_seconds(self) -> float:
         return sum(self.cpu_times())
@@ -180,18 +230,12 @@ class ServerProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait (the server drains and exits 0); SIGKILL after ``timeout``."""
+        """SIGTERM and wait (the server drains and exits 0); SIGKILL to its whole process group
+        after ``timeout``; whatever it started is gone after (``end_tree``)."""
         p = self.popen
         if p is None:
             return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.exit_code = p.returncode
+        self.exit_code = end_tree(p, self.proc, timeout)
         return self.exit_code
 
     def log_tail(self, lines: int = 15) -> str:
@@ -222,7 +266,7 @@ class LoadGen:
         LOGS.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "wsfan.bench.loadgen", json.dumps(self.config)]
         with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
+            self.popen = spawn(
                 pinned(argv, self.cpu),
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
@@ -277,16 +321,16 @@ class LoadGen:
         return tree_cpu_seconds(self.proc)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """``quit``, then ``timeout`` s to exit; then as ``ServerProcess.stop`` (``end_tree``)."""
         p = self.popen
-        if p is None or p.poll() is not None:
+        if p is None:
             return
-        with contextlib.suppress(BenchError):
-            self.send(cmd="quit")
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        if p.poll() is None:
+            with contextlib.suppress(BenchError):
+                self.send(cmd="quit")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout)
+        end_tree(p, self.proc, 5.0)
 
     def log_tail(self, lines: int = 15) -> str:
         with contextlib.suppress(OSError):

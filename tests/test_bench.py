@@ -13,8 +13,10 @@ covers it where a full run installed it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,16 +38,36 @@ PERCENTILES = ("p50", "p90", "p99", "p99_9", "max")
 BUDGET_S = 60.0
 
 
-def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def _bench(*args: str, timeout: float, grace: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``python -m wsfan.bench *args``; past ``timeout`` it is stopped with everything it started.
+
+    On timeout: SIGTERM (the CLI unwinds and each scenario stops its servers and load generators),
+    ``grace`` seconds, then SIGKILL to its process group (its children die with it:
+    ``harness.spawn``), and ``subprocess.TimeoutExpired`` is raised. ``subprocess.run(timeout=)``
+    killed the CLI alone, and its servers, workers and load generators outlived the test.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "wsfan.bench", *args],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: the group id is still its own
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,18 @@ def start_redis(ctx: Context, binary: str) -> ServerProcess:
 def start_redis_cluster(ctx: Context, binary: str, masters: int = 3) -> dict[str, ServerProcess]:
     """``masters`` redis-servers in cluster mode (bus ports given), joined by ``redis-cli --cluster create``."""
     folder = tempfile.mkdtemp(prefix="wsfan-bench-cluster-")
-    procs = {}
+    procs: dict[str, ServerProcess] = {}
+    try:
+        return _cluster_up(ctx, binary, masters, folder, procs)
+    except BaseException:
+        for p in procs.values():  # the ones started before the failure
+            p.stop()
+        raise
+
+
+def _cluster_up(
+    ctx: Context, binary: str, masters: int, folder: str, procs: dict[str, ServerProcess]
+) -> dict[str, ServerProcess]:
     for i in range(masters):
         port = free_port()
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
