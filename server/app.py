@@ -222,16 +222,19 @@ class Node:
 
     def admit(self, peer: Callable[[], str | None]) -> WSUpgradeResponseWithListener | None:
         """Admission control: refuse early and cheaply (503 + Retry-After) so a reconnection storm backs off."""
-        refusal = self.admission(client_ip(peer()))
+        refusal = self.admission(lambda: client_ip(peer()))
         if refusal is None:
             return None
         return self._refuse(
             refusal.kind, 503, refusal.why, peer, {"Retry-After": refusal.retry_after}, refusal.counted
         )
 
-    def admission(self, ip: str) -> Admission | None:
-        """Why a new client connection from ``ip`` (a ``/ws`` upgrade or a ``GET /sse`` stream) is
+    def admission(self, ip: Callable[[], str]) -> Admission | None:
+        """Why a new client connection from ``ip()`` (a ``/ws`` upgrade or a ``GET /sse`` stream) is
         refused now, or None: the one rule for both, each refusal a 503 with ``Retry-After``.
+
+        ``ip()`` is asked only with ``--max-connections-per-ip`` on: through uvloop a peer's address
+        is a ``getpeername`` syscall and a tuple kept with the transport, per connect.
 
         In order: draining; ``--max-connections`` and ``--max-connections-per-ip`` (open WebSocket
         connections and SSE streams together, ``_client_sockets`` and the registry's per-IP count);
@@ -243,7 +246,7 @@ class Node:
         if limit and self._client_sockets() >= limit:
             return Admission("max_connections", "too many connections")
         per_ip = self.settings.max_connections_per_ip
-        if per_ip and self.registry.open_from(ip) >= per_ip:
+        if per_ip and self.registry.open_from(ip()) >= per_ip:
             return Admission("max_connections_per_ip", "too many connections from this address")
         if not self.fds.room_for_client():
             # The last --fd-reserve fds are the broker's and the HTTP side's (server/fds.py).

@@ -709,7 +709,7 @@ class HttpSide:
         node = self.node
         peername = request.transport.get_extra_info("peername") if request.transport is not None else None
         ip = str(peername[0]) if isinstance(peername, tuple) and peername else ""
-        refusal = node.admission(ip)
+        refusal = node.admission(lambda: ip)
         if refusal is not None:
             if refusal.counted:
                 node._reject(refusal.kind)

@@ -309,3 +309,41 @@ def test_accepted_sockets_inherit_the_stall_limit_from_the_listener() -> None:
     assert stall_ms > 0
     assert listener == stall_ms
     assert accepted == [stall_ms] * 10
+
+
+async def _peer_lookups(**settings: Any) -> tuple[int, int]:
+    """(HTTP status of a valid /ws upgrade routed by a Node with ``settings``, times it asked for the
+    client's address)."""
+    from multidict import CIMultiDict
+    from picows import WSUpgradeRequest
+
+    from wsfan.server.app import Node
+    from wsfan.server.config import Settings
+
+    node = Node(Settings(port=1, **settings))
+    request = WSUpgradeRequest()
+    request.method, request.path, request.version = b"GET", b"/ws", b"HTTP/1.1"
+    request.headers = CIMultiDict(
+        {
+            "Host": "x",
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+    )
+    asked = []
+
+    def peer() -> str:
+        asked.append(1)
+        return "127.0.0.1:5"
+
+    reply = node.route(request, peer)
+    return reply.response.status, len(asked)
+
+
+def test_an_upgrade_asks_for_the_clients_address_only_to_count_it_per_ip() -> None:
+    """Admission needs the client's IP for --max-connections-per-ip alone; without it an accepted upgrade
+    does not ask (through uvloop: a getpeername syscall and an address tuple per connect)."""
+    assert uvloop.run(_peer_lookups()) == (101, 0)
+    assert uvloop.run(_peer_lookups(max_connections_per_ip=2)) == (101, 1)
