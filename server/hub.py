@@ -233,6 +233,14 @@ class Room:
     def __len__(self) -> int:
         return sum(len(members) for _, members in self.groups)
 
+    def __bool__(self) -> bool:
+        # Asked at every leave (is the room empty now?): a loop that stops at the first member,
+        # not __len__'s generator over every group (Python's truth test falls back to __len__).
+        for _, members in self.groups:
+            if members:
+                return True
+        return False
+
     def members(self, kind: int) -> dict[Session, None]:
         if kind == Encoding.JSON:
             return self.json

@@ -433,3 +433,17 @@ def test_a_join_through_a_broker_does_not_wait_for_a_quiet_room() -> None:
         return peer.messages()[1:]
 
     assert [(m["type"], m["seq"]) for m in asyncio.run(go())] == [("subscribed", 3)]
+
+
+def test_a_room_is_true_while_any_group_has_a_member() -> None:
+    """Room.__bool__ (asked at every leave) agrees with its length over every delivery kind."""
+    from wsfan.server.hub import Room
+
+    room = Room("r")
+    room.groups.append((99, {}))  # a compressed kind, appended at its first subscriber
+    assert not room and len(room) == 0
+    for _, members in room.groups:
+        members["s"] = None  # type: ignore[index]
+        assert room and len(room) == 1
+        del members["s"]  # type: ignore[arg-type]
+        assert not room
