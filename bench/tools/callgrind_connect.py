@@ -61,16 +61,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_argv(kind: str, port: int, extra: list[str]) -> list[str]:
+#: ``python -c`` for a module run with the cyclic collector off (``-c`` puts the working directory
+#: first on sys.path, as ``-m`` does).
+GC_OFF = (
+    "import gc, runpy, sys; gc.disable(); module = sys.argv.pop(1); "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+
+
+def server_argv(kind: str, port: int, extra: list[str], gc_off: bool = False) -> list[str]:
     """The server's command line (run in the folder ``tree(ref)`` gives for wsfan at another commit)."""
     if kind == "wsfan":
-        argv = [sys.executable, "-m", "wsfan", "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--rate-limit", "0", "--log-level", "warning"]
+        module, args = "wsfan", ["--host", "127.0.0.1", "--port", str(port), "--rate-limit", "0"]
+        args += ["--log-level", "warning"]
     elif kind == "naive":
-        argv = [sys.executable, "-m", "wsfan.bench.baselines.naive_picows", "--port", str(port)]
+        module, args = "wsfan.bench.baselines.naive_picows", ["--port", str(port)]
     else:
         raise ValueError(f"unknown server {kind!r}")
-    return argv + extra
+    if gc_off:
+        return [sys.executable, "-c", GC_OFF, module, *args, *extra]
+    return [sys.executable, "-m", module, *args, *extra]
 
 
 def cpu_ticks(pid: int) -> float:
@@ -154,7 +164,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     binary = build_client(out)
     port = free_port()
-    argv = server_argv(args.server, port, args.server_args)
+    argv = server_argv(args.server, port, args.server_args, args.gc_off)
     # ``python -m`` imports from its working directory first: the commit's tree, not this checkout
     cwd = tree(args.ref)[0] if args.ref and args.server == "wsfan" else None
     if not args.cpu_time:
@@ -207,6 +217,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "server": args.server,
         "ref": resolve(args.ref) if args.ref else None,
         "server_args": args.server_args,
+        "gc_off": args.gc_off,
         "unit": "µs on CPU" if args.cpu_time else "instructions",
         "clients": args.clients,
         "in_flight": args.in_flight,
@@ -233,6 +244,12 @@ def main() -> None:
     p.add_argument("--server-cpu", type=int, default=0, help="-1: unpinned")
     p.add_argument("--client-cpu", type=int, default=1, help="-1: unpinned")
     p.add_argument("--cpu-time", action="store_true", help="no valgrind: server CPU time per connection")
+    p.add_argument(
+        "--gc-off",
+        action="store_true",
+        help="the server with the cyclic collector off: the code's own cost, without the collections "
+        "(whose timing moves a few K instructions between rounds); the difference is the collector's share",
+    )
     p.add_argument("--out", help="folder for the client binary and the dumps (default: a new temp folder)")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--verbose", action="store_true", help="show the server's (and valgrind's) stderr")
