@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from wsfan.bench.baselines.commit import resolve, tree
+from wsfan.bench.harness import end_tree, spawn
 
 HERE = Path(__file__).resolve().parent
 CLIENT_SOURCE = HERE / "connect_client.c"
@@ -140,7 +141,7 @@ class Crowd:
         argv += [str(args.rooms), args.path]
         if args.client_cpu >= 0:
             argv = ["taskset", "-c", str(args.client_cpu), *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, cmd: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -156,7 +157,7 @@ class Crowd:
             self.ask("quit")
         except (SystemExit, BrokenPipeError):
             pass
-        self.proc.wait(10)
+        end_tree(self.proc, None, 10.0)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +172,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out.%p", *argv]
     if args.server_cpu >= 0:
         argv = ["taskset", "-c", str(args.server_cpu), *argv]
-    server = subprocess.Popen(argv, cwd=cwd, stderr=subprocess.DEVNULL if not args.verbose else None)
+    server = spawn(argv, cwd=cwd, stderr=subprocess.DEVNULL if not args.verbose else None)
     phases: dict[str, list[float]] = {"connect": [], "close": []}
     try:
         wait_listening(port, server)
@@ -207,11 +208,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             crowd.quit()
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        end_tree(server, None, 60.0)  # valgrind may take a while to write its last dump
     kept = {k: v[1:] if len(v) > 1 else v for k, v in phases.items()}
     result = {
         "server": args.server,
