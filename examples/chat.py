@@ -1,6 +1,7 @@
 """The design's chat: join/leave announcements, typed messages, ping (built in).
 
-Run: ``wsfan run examples.chat:app --port 8765`` and connect with ``?name=alice``.
+Run (from any directory, with the file's path): ``python examples/chat.py --port 8765`` (any server
+flag) or ``wsfan run examples/chat.py:app --port 8765``, and connect with ``?name=alice``.
 
 Client -> server (each may carry an ``id``; the ack's data is shown):
   {"type": "join", "room": "chat:lobby", "id": "1"}      -> built-in join; rooms outside chat:* are FORBIDDEN

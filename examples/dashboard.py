@@ -1,6 +1,6 @@
 """A live dashboard fed by a background task: every ``TICK_S`` the server publishes a sample.
 
-Run: ``wsfan run examples.dashboard:app`` (add ``--broker redis://...`` and ``--workers N``: each
+Run (from any directory): ``python examples/dashboard.py`` or ``wsfan run examples/dashboard.py:app`` (add ``--broker redis://...`` and ``--workers N``: each
 worker has its own feed, tagged with its node). Clients ``join`` the room ``dashboard:load`` and
 receive ``{"type":"message","room":"dashboard:load","from":"server","payload":{"tick","node","load1","connections"}}``.
 A ``snapshot`` request (``{"type":"snapshot","id":"1"}``) answers the latest sample at once.

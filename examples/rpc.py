@@ -3,7 +3,8 @@
 Answers ``{"type":"ack","requestId":"7","success":true,"data":<result>}``, or an ``error`` reply:
 ``METHOD_NOT_FOUND`` (no such method), ``INVALID_PARAMS`` (wrong params for it),
 ``INVALID_MESSAGE`` (not a call at all). Methods may be async; a connection's calls are answered
-in the order sent. Run: ``wsfan run examples.rpc:app``.
+in the order sent. Run (from any directory): ``python examples/rpc.py`` or
+``wsfan run examples/rpc.py:app``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["run"]:  # uvicorn's habit: wsfan run myapp:app [flags] is --app myapp:app
         if len(args) < 2 or args[1].startswith("-"):
             print(
-                "wsfan: error: wsfan run MODULE:APP [flags], e.g. wsfan run myapp:app --port 9000",
+                "wsfan: error: wsfan run MODULE:APP [flags], e.g. wsfan run myapp:app --port 9000"
+                " (or a file: wsfan run path/to/myapp.py:app)",
                 file=sys.stderr,
             )
             return EXIT_USAGE

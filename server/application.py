@@ -9,10 +9,14 @@ connect/disconnect hooks run once per connection. See docs/app-api.md.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
@@ -358,12 +362,14 @@ class App:
         """Serve this App: ``app.run(port=9000, workers=2)`` is ``wsfan run <this app> --port 9000 --workers 2``.
 
         Flags as keyword arguments (``_`` for ``-``; True/False for switches) or as strings.
+        Without either, the command line's (``sys.argv[1:]``): ``python myapp.py --port 9000``
+        with ``app.run()`` under ``if __name__ == "__main__"``; a bad flag exits with the usage error.
         Returns the exit code when the server stops (SIGTERM/SIGINT).
         """
         global RUNNING
         from wsfan.__main__ import main
 
-        args = list(argv)
+        args = list(argv) if argv or flags else sys.argv[1:]
         for name, value in flags.items():
             flag = "--" + name.replace("_", "-")
             if value is True:
@@ -640,6 +646,35 @@ def _takes_payload(fn: Callable[..., Any]) -> bool:
     return positional >= 3
 
 
+def _from_file(path: str) -> ModuleType:
+    """The module of a Python file (``load``): imported once under the file's name, its folder on
+    ``sys.path``. ``FileNotFoundError`` when there is no such file; ``ImportError`` when the name is
+    another module's already."""
+    file = Path(path).resolve(strict=True)
+    if not file.is_file():
+        raise FileNotFoundError(path)
+    name = file.stem
+    known = sys.modules.get(name)
+    if known is not None:
+        if getattr(known, "__file__", None) and Path(known.__file__).resolve() == file:  # type: ignore[arg-type]
+            return known
+        raise ImportError(f"a module named {name!r} is imported already, from elsewhere")
+    folder = str(file.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path!r} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: what it defines (msgspec Structs) names its module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 async def _logged(aw: Awaitable[Any], what: str) -> None:
     try:
         await aw
@@ -648,12 +683,24 @@ async def _logged(aw: Awaitable[Any], what: str) -> None:
 
 
 def load(spec: str) -> App:
-    """``"package.module:attribute"`` to the App it names; ``ValueError`` with what is wrong."""
+    """``"package.module:attribute"`` or ``"path/to/file.py:attribute"`` to the App it names;
+    ``ValueError`` with what is wrong.
+
+    A module is imported from ``sys.path`` (``wsfan run`` puts the current directory first, as
+    uvicorn does). A file (the part before ``:`` ends in ``.py``; relative to the current
+    directory) is run as ``python path/to/file.py`` would run it, but under its own name: its
+    folder first on ``sys.path`` (its sibling modules import), imported once as the module named
+    after the file, so an app runs the same from any directory (``wsfan run examples/chat.py:app``).
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--app {spec!r}: give module:attribute, e.g. myapp:app")
     try:
-        module = importlib.import_module(module_name)
+        module = (
+            _from_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+        )
+    except FileNotFoundError:
+        raise ValueError(f"--app {spec!r}: no such file {module_name!r}") from None
     except ImportError as exc:
         raise ValueError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
     app: Any = module

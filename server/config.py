@@ -118,7 +118,8 @@ HELP: dict[str, str] = {
     "allow_history; unset keys inherit the default namespace. TOML: [namespaces.NAME] tables",
     "echo_endpoint": "serve /echo, which echoes every message verbatim (for RFC 6455 conformance suites)",
     "log_level": "debug, info, warning or error",
-    "app": "application to serve, as module:attribute naming a wsfan.App (what `wsfan run module:app` sets); "
+    "app": "application to serve, as module:attribute or path/to/file.py:attribute naming a wsfan.App (what "
+    "`wsfan run module:app` sets); "
     "imported by every worker (docs/app-api.md)",
     "drain_timeout": "seconds to wait for close handshakes on shutdown before dropping connections",
     "read_buffer_size": "initial per-connection read buffer in bytes (grows on demand); small keeps idle connections cheap",

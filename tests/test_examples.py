@@ -176,3 +176,40 @@ def test_rpc(served: str) -> None:
             assert await quick == 2
 
     run(go())
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["python examples/X.py", "wsfan run examples/X.py:app", "python -m wsfan run examples/X.py:app"],
+)
+@pytest.mark.parametrize("name", ["chat", "dashboard", "rpc"])
+def test_each_example_starts_from_another_directory(tmp_path: Path, how: str, name: str) -> None:
+    """From a directory that is not the repository (no PYTHONPATH either), an example runs as a
+    script with the server's flags (``app.run()`` takes the command line) or as a file given to
+    ``wsfan run``. Before, the script ignored its flags (it listened on 8765 whatever was given)
+    and ``wsfan run examples.X:app`` found no module outside the repository root."""
+    port = free_port()
+    script = ROOT / "examples" / f"{name}.py"
+    if how.startswith("python examples"):
+        argv = [sys.executable, str(script)]
+    elif how.startswith("wsfan"):
+        argv = [str(Path(sys.executable).with_name("wsfan")), "run", f"{script}:app"]
+    else:
+        argv = [sys.executable, "-m", "wsfan", "run", f"{script}:app"]
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port), "--drain-timeout", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc=proc)
+
+        async def go() -> None:
+            async with connect(f"ws://127.0.0.1:{port}/ws?name=ann") as c:
+                assert (await c.ping()) >= 0
+
+        run(go())
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
