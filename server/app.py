@@ -39,7 +39,7 @@ from wsfan.server.handshake import (
 from wsfan.server.http import HttpSide
 from wsfan.server.hub import Hub, Session
 from wsfan.server.keys import JwksKeys, load_public_key
-from wsfan.server.logs import Throttle, fields
+from wsfan.server.logs import Throttle, fields, target_text
 from wsfan.server.metrics import CONTENT_TYPE, Metrics, start_internal
 from wsfan.server.protocol import Encoding
 from wsfan.server.ratelimit import TokenBucket
@@ -54,6 +54,8 @@ log = logging.getLogger("wsfan")
 EXIT_ABANDONED = 70
 # After the drain: how long each remaining step (HTTP side, leftover tasks) may take.
 STOP_STEP_TIMEOUT_S = 2.0
+# The body of an upgrade that failed on our side (or in the application's on_connect): never an exception's text.
+INTERNAL_BODY = b"internal server error\n"
 
 try:
     import aiofastnet  # noqa: F401 - only its presence matters
@@ -138,8 +140,22 @@ class Node:
         try:
             return self._route(request, peer)
         except Exception:
-            log.exception("error while routing %r", request.path[:200], extra=fields(remote=peer()))
-            return _plain(500, b"internal server error\n")
+            return self._failed("route_error", "error while routing %s", request.path, peer)
+
+    def _failed(
+        self, kind: str, what: str, target: bytes, peer: Callable[[], str | None]
+    ) -> WSUpgradeResponseWithListener:
+        """A failure of ours (or of the application's ``on_connect``) on an upgrade: 500 with the
+        fixed body ``internal server error``, counted as ``kind``, logged at ERROR with the
+        traceback at most once a second per kind (``Throttle``: a client that can trigger it
+        cannot flood the log); the target through ``target_text`` (no query values: tokens)."""
+        self._reject(kind)
+        skipped = self.refusals.ready(kind)
+        if skipped is not None:
+            log.error(what, target_text(target), exc_info=True, extra=fields(
+                code=500, remote=peer(), path=target_text(target), event=kind, suppressed=skipped
+            ))  # fmt: skip
+        return _plain(500, INTERNAL_BODY)
 
     def _route(
         self, request: WSUpgradeRequest, peer: Callable[[], str | None]
@@ -208,6 +224,10 @@ class Node:
             except AppError as exc:
                 extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
                 return self._refuse("app", exc.status, f"{exc.code}: {exc.message}", peer, extra)
+            except Exception:  # an application bug: never its text, one log line a second
+                return self._failed(
+                    "app_error", "on_connect hook failed on %s; answered 500", request.path, peer
+                )
         request.headers = picows_headers(upgrade)
         bits = agreement.window_bits if agreement else 0
         encoding = Encoding.MSGPACK if MSGPACK_SUBPROTOCOL in upgrade.protocols else Encoding.JSON

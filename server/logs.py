@@ -12,14 +12,19 @@ site passes in ``extra=``, with these names (see ``fields``):
 ``suppressed`` lines of the same event left out since the previous one (``Throttle``)
 
 Secrets never reach a log line: call sites pass only the reason a token or key was
-refused, never the token, the key or an ``Authorization`` header.
-Nothing on the hot path (decode, fan-out, frames) logs.
+refused, never the token, the key or an ``Authorization`` header, and a request target
+only through ``target_text`` (the query's values left out: ``?token=<jwt>`` is how browsers
+authenticate). Behind them one filter on the handler (``_Redact``, installed by ``setup``)
+runs ``redact`` over every record's message, string fields and traceback, so that text the
+server does not choose (an application's exception, a library's message) cannot carry a
+token either. Nothing on the hot path (decode, fan-out, frames) logs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -57,6 +62,48 @@ def fields(
         "suppressed": suppressed or None,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+MAX_TARGET_TEXT = 200  # characters of a request target kept in a log line
+
+# What ``redact`` replaces, in order. A JWT (compact JWS: three base64url parts, the first the
+# base64url of '{"', RFC 7515 section 7.1), the credential after an HTTP auth scheme (RFC 9110
+# section 11), and the value of every query parameter of a request target (a token, a key, an
+# application's own secret parameter: which one is a secret is not ours to guess).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+_SCHEME = re.compile(r"(?i)\b(bearer|basic|digest)(\s+|%20|\+)[^\s'\",;<][^\s'\",;]*")
+_QUERY_VALUE = re.compile(r"([?&][^=&?#\s'\"]{1,64}=)[^&#\s'\"<][^&#\s'\"]*")
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials replaced by ``<redacted>``: JWTs, what follows ``Bearer``/``Basic``,
+    and the value of every ``?name=value`` / ``&name=value`` (the names are kept, for the operator).
+
+    A placeholder in angle brackets (``Bearer <jwt>`` in a sentence of ours) is left as it is.
+    Used by the log handler's filter on every record, so it must not raise: any string goes in.
+    """
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    text = _SCHEME.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    if "=" in text:
+        text = _QUERY_VALUE.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+def target_text(target: bytes | str) -> str:
+    """A request target (path and query, as sent) for a log line: the path, then the query's
+    parameter names with their values left out (``/ws?token=<redacted>&x=<redacted>``), at most
+    ``MAX_TARGET_TEXT`` characters. Bytes are read as Latin-1 (never fails); control characters
+    are escaped, so a line cannot be split or forged."""
+    if isinstance(target, bytes):
+        target = target.decode("latin-1")
+    path, sep, query = target.partition("?")
+    if sep:
+        names = [part.partition("=")[0][:64] for part in query.split("&") if part]
+        path += "?" + "&".join(f"{name}={REDACTED}" for name in names)
+    text = path[:MAX_TARGET_TEXT].encode("unicode_escape").decode("ascii")
+    return redact(text)
 
 
 def peer_text(peername: Any) -> str | None:
@@ -100,6 +147,34 @@ class _ContextFilter(logging.Filter):
             if not hasattr(record, key):
                 setattr(record, key, value)
         return True
+
+
+class _Redact(logging.Filter):
+    """``redact`` over what a record will print: its message (formatted here, then frozen), its
+    string fields (``reason``, ``path``...) and its traceback, before any formatter sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string: logging's own error handling shows it
+            return True
+        record.msg, record.args = redact(message), None
+        for name in _FIELD_NAMES:
+            value = getattr(record, name, None)
+            if isinstance(value, str):
+                setattr(record, name, redact(value))
+        if record.exc_info:
+            # Formatted once here (both formatters print exc_text when exc_info is gone).
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+_FIELD_NAMES = ("conn", "user", "room", "remote", "reason", "path", "event")
 
 
 class _PeerFaults(logging.Filter):
@@ -158,5 +233,6 @@ def setup(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     handler.addFilter(_PeerFaults(root.level))
+    handler.addFilter(_Redact())  # last: _PeerFaults reads picows' record.args
     # picows logs every disconnect at INFO; at scale that is noise on the hot path.
     logging.getLogger("picows").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
