@@ -44,7 +44,10 @@ class Announce(wsfan.Message, tag="announce"):
 @app.on_connect
 def operator(request: wsfan.ConnectRequest) -> dict[str, bool]:
     given = parse_qs(request.query.decode("latin-1")).get("operator", [""])[0]
-    return {"operator": bool(OPERATOR_KEY) and hmac.compare_digest(given, OPERATOR_KEY)}
+    # Bytes, not str: compare_digest refuses a str with non-ASCII characters (TypeError), and
+    # ?operator= is whatever a client sends.
+    key = OPERATOR_KEY.encode()
+    return {"operator": bool(key) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key)}
 
 
 @app.before_join

@@ -155,6 +155,25 @@ def test_dashboard_announcement_reaches_every_connection(
     run(go())
 
 
+def test_dashboard_any_operator_parameter_is_an_answer_not_a_crash(make_server: type[ServerProcess]) -> None:
+    """A ?operator= with non-ASCII characters (or bytes that are not UTF-8) is a wrong key: the
+    connection opens as a screen. hmac.compare_digest raised TypeError on a non-ASCII str, so
+    each such upgrade was a 500 and a traceback in the log (hostile finding 01)."""
+    env = {"PYTHONPATH": str(ROOT), "DASHBOARD_TICK_S": "5", "DASHBOARD_OPERATOR_KEY": "op-key"}
+    srv = make_server("--app", "examples.dashboard:app", env=env).start()
+
+    async def go() -> None:
+        for given in ("%C3%A9", "%FF%FE", "op-key%C3%A9", "\u00e9"):
+            async with connect(srv.url + "?operator=" + given) as c:
+                with pytest.raises(Forbidden):
+                    await c.request(dashboard.Announce(text="not an operator"))
+        async with connect(srv.url + "?operator=op-key") as op:
+            await op.request(dashboard.Announce(text="still works"))
+
+    run(go())
+    assert "Traceback" not in srv.output()
+
+
 @pytest.mark.parametrize("served", [("python", "rpc")], indirect=True)
 def test_rpc(served: str) -> None:
     async def go() -> None:

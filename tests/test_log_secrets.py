@@ -116,3 +116,17 @@ def test_no_token_reaches_the_log_on_any_path(make_server: type[ServerProcess], 
     assert "on_connect hook failed on /ws?token=<redacted>&crash=<redacted>" in out, out[-3000:]
     assert "handler failed for ?token=<redacted>" in out or "handler failed for ?token=\\u003credacted" in out
     assert "join refused for token <redacted>" in out
+
+
+def test_a_failing_on_connect_is_a_fixed_500_logged_once_a_second(make_server: type[ServerProcess]) -> None:
+    """An on_connect hook that raises (not ``wsfan.Error``) answers 500 ``internal server error``
+    (never the exception's text) and logs its traceback at most once a second: a client that can
+    make it fail cannot flood the log (hostile finding 01: one ERROR traceback per request)."""
+    srv = make_server("--app", "apps.leaky:app", env=ENV).start()
+    for _ in range(20):
+        status, _, body = send_head(HOST, srv.port, upgrade_head("/ws?crash=1"))
+        assert (status, body) == (500, b"internal server error\n")
+    assert srv.stop() == 0
+    out = srv.output()
+    assert 1 <= out.count("Traceback") <= 2, out[-3000:]
+    assert "cannot serve" in out  # the application's own text is for the operator, in the log
