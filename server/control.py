@@ -13,7 +13,9 @@ node publishes a ``RoomsQuery`` to the control room; every node answers with a `
 (its own rooms, a bounded page of them) published to the asking node's reply room
 ``$wsfan.reply.<node>``, which only that node's control member joins. Which nodes to wait for is
 the control room's presence: each node's control member is an entry there (kept alive in Redis
-with ``--presence-ttl`` like any presence entry, so a dead node drops out of it within the TTL).
+with ``--presence-ttl`` like any presence entry, so a dead node drops out of it within the TTL),
+less those with no subscriber to their reply room through the broker now (``Broker.listeners``):
+a node killed -9 is still in presence until its TTL, but its broker connection is closed.
 Nothing is kept or refreshed for the survey between queries: its cost is paid when asked.
 
 Both rooms are reserved (``broker.reserved``): every broker delivers their publications without
@@ -269,18 +271,34 @@ class Control:
             entries = await entries
         return {e.user for e in entries} | {self.hub.node_id}
 
+    async def reachable(self, nodes: set[str]) -> set[str]:
+        """Of ``nodes``, this one and those subscribed to their reply room through the broker now
+        (``Broker.listeners``). A node killed -9 stays in the control room's presence until its
+        entry's TTL (``--presence-ttl``, 60 s) passes, but its broker connection closes with it:
+        it cannot receive a query, so it is not waited for."""
+        me = self.hub.node_id
+        others = sorted(nodes - {me})
+        if not others:
+            return {me}
+        counts = self.hub.broker.listeners([reply_room(n) for n in others])
+        if inspect.isawaitable(counts):
+            counts = await counts
+        return {me} | {n for n in others if counts.get(reply_room(n), 0) > 0}
+
     async def rooms(
         self, prefix: str = "", after: str = "", limit: int = 1000, timeout: float = SURVEY_TIMEOUT_S
     ) -> RoomsPage:
         """Rooms with subscribers on every node, counts summed: the first ``limit`` named after ``after``.
 
-        Waits for every node in the control room's presence, at most ``timeout`` s; the page
-        names the nodes that did not answer in time (their rooms are not in it). Raises
-        ``BrokerUnavailable`` when the query cannot be sent.
+        Asks every node in the control room's presence and waits for those reachable through the
+        broker now (``reachable``), at most ``timeout`` s: the answer comes as soon as each of
+        them replied. The page names the nodes that did not answer (unreachable or late: their
+        rooms are not in it). Raises ``BrokerUnavailable`` when the query cannot be sent.
         """
         expected = await self.nodes()
+        awaited = await self.reachable(expected)
         query = RoomsQuery(secrets.token_hex(8), self.hub.node_id, prefix, after, limit)
-        survey = self.peer.surveys[query.id] = Survey(expected)
+        survey = self.peer.surveys[query.id] = Survey(awaited)
         try:
             result = send(self.hub, query)
             if not isinstance(result, Publication):

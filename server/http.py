@@ -599,7 +599,8 @@ class HttpSide:
 
         200 ``{"node","rooms":[{"room","subscribers"}],"next","nodes","missing"}``: subscribers
         (WebSocket and SSE) summed over every worker and node that answered within
-        ``control.SURVEY_TIMEOUT_S`` (``nodes``; ``missing``: those that did not), sorted by room
+        ``control.SURVEY_TIMEOUT_S`` (``nodes``; ``missing``: those that did not, or could not: a node
+        not connected to the broker, killed -9, is not waited for; ``Control.reachable``), sorted by room
         name, at most ``limit`` (1-10000, default 1000) named after ``after`` and starting with
         ``prefix``; ``next`` is the ``after`` of the following page (null on the last). 400 bad
         parameter; 503 broker unavailable. A survey over the control room (server/control.py).

@@ -434,6 +434,26 @@ class Events:
         return self.of(room)
 
 
+async def test_listeners_count_the_nodes_subscribed_to_a_room_and_drop_a_closed_one(
+    make_node: Any, kind: str, room: str
+) -> None:
+    """``listeners`` (what GET /rooms uses to skip a node killed -9): how many nodes are subscribed
+    to each room now, through the broker; a node whose connection closed is not counted."""
+    a = await make_node()
+    await a.join(room)
+    assert await settle(a.broker.listeners([room, room + "-none"])) == {room: 1, room + "-none": 0}
+    assert await settle(a.broker.listeners([])) == {}
+    if kind == "memory":
+        return  # one process is the whole cluster
+    b = await make_node()
+    await b.join(room)
+    assert await settle(a.broker.listeners([room])) == {room: 2}
+    await b.broker.close()
+    async with asyncio.timeout(5):
+        while (await settle(a.broker.listeners([room])))[room] != 1:
+            await asyncio.sleep(0.02)
+
+
 async def test_presence_lists_entries_and_counts_users_once(node: Node, room: str) -> None:
     b = node.broker
     entries = [PresenceEntry("c1", "ann", 1), PresenceEntry("c2", "ann", 2), PresenceEntry("c3", "bob", 3)]

@@ -6,6 +6,7 @@ Real server processes: one node, ``--workers 2`` over a real redis-server, and t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from helpers.peers import PicowsPeer, WebsocketsPeer
 from helpers.ports import free_port
 from helpers.servers import ServerProcess
 from helpers.waiting import run
+from wsfan.server.control import SURVEY_TIMEOUT_S
 
 
 def counts(reply: dict[str, Any]) -> dict[str, int]:
@@ -150,6 +152,34 @@ def test_a_node_that_does_not_answer_is_named(redis_server, make_server: type[Se
             b.resume()
         status, reply = await call("GET", base_a + "/rooms")
         assert counts(reply) == {"r": 2} and reply["missing"] == []
+        await pa.close()
+        await pb.close()
+
+    run(go())
+
+
+def test_a_killed_node_is_named_and_not_waited_for(redis_server, make_server: type[ServerProcess]) -> None:
+    """kill -9 leaves a node in the control room's presence for --presence-ttl (60 s), but its Redis
+    connection closes at once: GET /rooms answers as soon as the live nodes replied (before: after
+    the whole 2 s survey timeout, on every request for a minute) and names it in ``missing``. A
+    paused node (connection open, no answer) is still waited for: test above."""
+    a, base_a = start(make_server, "--broker", redis_server.url)
+    b, _ = start(make_server, "--broker", redis_server.url)
+    c, _ = start(make_server, "--broker", redis_server.url)
+
+    async def go() -> None:
+        pa, pb, pc = [await joined(s.url, "r") for s in (a, b, c)]
+        node_a, node_b, node_c = (p.welcome["node"] for p in (pa, pb, pc))
+        status, reply = await call("GET", base_a + "/rooms")
+        assert status == 200 and counts(reply) == {"r": 3} and reply["missing"] == [], reply
+        c.kill()  # SIGKILL: no leave, its presence entry stays until its TTL
+        for _ in range(3):
+            started = time.monotonic()
+            status, reply = await call("GET", base_a + "/rooms")
+            took = time.monotonic() - started
+            assert status == 200 and counts(reply) == {"r": 2}, reply
+            assert reply["nodes"] == sorted([node_a, node_b]) and reply["missing"] == [node_c], reply
+            assert took < SURVEY_TIMEOUT_S / 2, f"waited {took:.2f} s for a dead node"
         await pa.close()
         await pb.close()
 

@@ -139,6 +139,11 @@ class Broker(Protocol):
     ) -> None | Awaitable[None]:
         """A connection left or disconnected: drop it from presence, send ``left``."""
 
+    def listeners(self, rooms: list[str]) -> dict[str, int] | Awaitable[dict[str, int]]:
+        """How many node processes are subscribed to each room now, through the broker, cluster-wide
+        (Redis ``PUBSUB NUMSUB``: a node killed -9 drops out as soon as its connection closes,
+        without waiting for any TTL). ``BrokerUnavailable`` as for presence."""
+
     def presence(self, room: str) -> list[PresenceEntry] | Awaitable[list[PresenceEntry]]:
         """Every connection in the room's presence, across the cluster, in one round trip at most."""
 

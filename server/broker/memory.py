@@ -190,6 +190,10 @@ class MemoryBroker:
     def unsubscribe(self, room: str) -> None:
         self.subscribed.discard(room)
 
+    def listeners(self, rooms: list[str]) -> dict[str, int]:
+        """This process is the whole cluster: 1 for a room it subscribed to, else 0."""
+        return {room: int(room in self.subscribed) for room in rooms}
+
     # ------------------------------------------------------------ presence
 
     def join_presence(self, room: str, entry: PresenceEntry, presence: bool, announce: bool) -> None:

@@ -548,6 +548,26 @@ class RedisBroker:
         reply = await self._read_presence(room, "stats")
         return int(reply[0]), int(reply[1])
 
+    async def listeners(self, rooms: list[str]) -> dict[str, int]:
+        """Subscribers of each room's channel on this Redis (``PUBSUB NUMSUB``, ``SHARDNUMSUB`` in a
+        cluster shard): one per node process subscribed, gone the moment its connection closes."""
+        if not rooms:
+            return {}
+        if not self.available or self._redis is None:
+            raise BrokerUnavailable(self._why)
+        channels = [channel_name(room) for room in rooms]
+        count = self._redis.pubsub_shardnumsub if self.sharded else self._redis.pubsub_numsub
+        try:
+            reply = await count(*channels)
+        except _LOST as exc:
+            self._lost(exc)
+            raise BrokerUnavailable(self._why) from None
+        except ResponseError as exc:
+            log.warning("redis refused PUBSUB NUMSUB: %s", exc)
+            raise BrokerUnavailable("broker refused the subscriber count") from None
+        found = {(ch.decode() if isinstance(ch, bytes) else str(ch)): int(n) for ch, n in reply}
+        return {room: found.get(ch, 0) for room, ch in zip(rooms, channels, strict=True)}
+
     async def _read_presence(self, room: str, mode: str) -> Any:
         if not self.available or self._redis is None:
             raise BrokerUnavailable(self._why)

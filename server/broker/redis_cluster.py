@@ -233,6 +233,16 @@ class RedisClusterBroker:
     def presence(self, room: str) -> Awaitable[list[PresenceEntry]]:
         return self.shard(room).presence(room)
 
+    async def listeners(self, rooms: list[str]) -> dict[str, int]:
+        """Each room asked of the master that owns it (a node SSUBSCRIBEs there only)."""
+        by_shard: dict[RedisBroker, list[str]] = {}
+        for room in rooms:
+            by_shard.setdefault(self.shard(room), []).append(room)
+        out: dict[str, int] = {}
+        for part in await asyncio.gather(*(s.listeners(rs) for s, rs in by_shard.items())):
+            out.update(part)
+        return out
+
     def presence_stats(self, room: str) -> Awaitable[tuple[int, int]]:
         return self.shard(room).presence_stats(room)
 
