@@ -10,6 +10,7 @@ in the order sent. Run (from any directory): ``python examples/rpc.py`` or
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -35,7 +36,10 @@ class SleepParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def add(p: AddParams, conn: wsfan.Conn) -> float:
-    return p.a + p.b
+    total = p.a + p.b
+    if not math.isfinite(total):  # 1e308 + 1e308: a result no payload may carry (the payload rule)
+        raise wsfan.Error("INVALID_PARAMS", "the sum is out of range")
+    return total
 
 
 async def sleep(p: SleepParams, conn: wsfan.Conn) -> dict[str, float]:

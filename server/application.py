@@ -25,7 +25,7 @@ from wsfan.server import control
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
 from wsfan.server.logs import fields
-from wsfan.server.protocol import Encoding, payload_problem
+from wsfan.server.protocol import WIRE_ENCODINGS, Encoding, PayloadRefused, encode_payload, payload_problem
 from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, room_problem, valid_room
 
 if TYPE_CHECKING:
@@ -161,8 +161,10 @@ class Conn:
         """Send one message to this connection only, in its encoding: a msgspec Struct (a tagged
         one carries its ``type``) or a dict, e.g. ``conn.send({"type": "notice", "text": "hi"})``.
         Sent as one WebSocket message after what is already queued; dropped once closed."""
-        if not self._s.closed:
-            self._hub.reply(self._s, message)
+        s = self._s
+        data = encode_payload(message, s.encoding if s.encoding in WIRE_ENCODINGS else Encoding.JSON)
+        if not s.closed:
+            self._hub.reply(s, msgspec.Raw(data))
 
     def join(self, room: str) -> None:
         """Subscribe the connection to ``room``, telling it: ``{"type":"subscribed","room","seq","epoch"}``
@@ -320,7 +322,7 @@ class App:
         ``BrokerUnavailable`` when the broker cannot be reached; nothing is published then."""
         _check_room(room)
         hub = self._attached()
-        result = hub.publish(room, "server", msgspec.json.encode(payload), Encoding.JSON)
+        result = hub.publish(room, "server", encode_payload(payload, Encoding.JSON), Encoding.JSON)
         if isinstance(result, Publication):
             return result.seq
         pub = await result  # type: ignore[misc]
@@ -335,7 +337,7 @@ class App:
         payload not deliverable in both encodings and ``BrokerUnavailable`` when the broker
         cannot be reached."""
         hub = self._attached()
-        result = control.broadcast(hub, msgspec.json.encode(payload))
+        result = control.broadcast(hub, encode_payload(payload, Encoding.JSON))
         if not isinstance(result, Publication):
             await result
 
@@ -406,7 +408,7 @@ class App:
             if inspect.isawaitable(result):
                 hub._spawn_held(s, self._finish(hub, s, msg, result))
             elif msg.id is not None:
-                hub.ack(s, msg.id, result)
+                _answer(hub, s, msg, fn, result)
 
         return handle
 
@@ -423,7 +425,7 @@ class App:
             hub.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
             return
         if msg.id is not None and not s.closed:
-            hub.ack(s, msg.id, result)
+            _answer(hub, s, msg, pending, result)
 
     def _gate(
         self, s: Session, action: str, room: str, payload: bytes | None, request_id: str | None
@@ -585,13 +587,9 @@ class _HookRun:
             return self.room, self.raw
         fn = self.hooks[-1][0]
         try:
-            payload = self.s.codec.encode_value(self.value)
-        except Exception as exc:  # noqa: BLE001 - msgspec.EncodeError, TypeError, OverflowError...
-            self._bad(fn, f"chose a payload that cannot be encoded ({exc})", "a payload it cannot send")
-            return None
-        problem = payload_problem(payload, self.s.encoding)
-        if problem is not None:
-            self._bad(fn, f"chose a payload that is not deliverable: {problem}", "a payload it cannot send")
+            payload = encode_payload(self.value, self.s.encoding)
+        except PayloadRefused as exc:  # the payload rule, as for App.publish and a handler's result
+            self._bad(fn, f"chose a payload that is not deliverable: {exc}", "a payload it cannot send")
             return None
         return self.room, payload
 
@@ -618,6 +616,26 @@ class _HookRun:
 
     def _hook_kind(self) -> str:
         return "publish" if self.action == "publish" else "join"
+
+
+def _answer(hub: Hub, s: Session, msg: Any, fn: Any, result: Any) -> None:
+    """A handler's result as the ack's ``data``, held to the payload rule (``encode_payload``): a
+    value both encodings carry exactly. Anything else (NaN, an infinity, 2**70, bytes...) is the
+    handler's bug: logged at ERROR, answered ``INTERNAL`` "the server's handler gave a result it
+    cannot send" (never null in JSON and inf in MessagePack)."""
+    try:
+        data = msgspec.Raw(encode_payload(result, s.encoding)) if result is not None else None
+    except PayloadRefused as exc:
+        log.error(
+            "handler %s for %s returned a value that is not deliverable: %s; answered INTERNAL",
+            _name(fn), type(msg).__name__, exc, extra=fields(conn=s.conn_id, user=s.user),
+        )  # fmt: skip
+        hub.error(s, msg.id, ErrorCode.INTERNAL, HANDLER_RESULT_REFUSED)
+        return
+    hub.ack(s, msg.id, data)
+
+
+HANDLER_RESULT_REFUSED: Final = "the server's handler gave a result it cannot send"
 
 
 def _check_room(room: Any) -> None:

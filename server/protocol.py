@@ -199,6 +199,48 @@ def payload_problem(payload: bytes, encoding: int) -> str | None:
     return _portable(value, MAX_PAYLOAD_DEPTH)
 
 
+_app_packer: Final = msgspec.msgpack.Encoder()
+
+
+def encode_payload(value: Any, encoding: int) -> bytes:
+    """A value from application code, encoded in ``encoding`` (JSON or MessagePack), held to the
+    payload rule of ``payload_problem``: ``PayloadRefused`` (a ``ValueError``) saying why, else the
+    bytes. The one gate for every value the application hands the server to send: a before_publish
+    hook's payload, a handler's result, ``App.publish``, ``App.broadcast``, ``Conn.send``.
+
+    msgspec writes NaN and infinities as JSON ``null`` and ``2**70`` not at all, so a value is not
+    judged by its JSON: it is encoded as MessagePack first, which keeps every value as it is
+    (a float stays a float, a datetime an extension, a key an integer), and that is checked; a JSON
+    connection then gets the value's JSON. Any encodable Python value goes in (Structs, dataclasses,
+    tuples...); what neither encoding carries is refused, never coerced.
+    """
+    try:
+        packed = _app_packer.encode(value)
+    except OverflowError:
+        raise PayloadRefused("payload has an integer outside -2^63..2^64-1") from None
+    except RecursionError:
+        raise PayloadRefused(f"payload nested deeper than {MAX_PAYLOAD_DEPTH}") from None
+    except Exception as exc:  # noqa: BLE001 - TypeError, msgspec.EncodeError: msgspec's text is not ours
+        raise PayloadRefused(
+            f"payload has a value neither JSON nor MessagePack carries ({_kind(exc)})"
+        ) from None
+    problem = payload_problem(packed, Encoding.MSGPACK)
+    if problem is not None:
+        raise PayloadRefused(problem)
+    if encoding == Encoding.MSGPACK:
+        return packed
+    return CODECS[Encoding.JSON].encode_value(value)
+
+
+def _kind(exc: Exception) -> str:
+    """The type msgspec could not encode, named from its message (``Encoding objects of type X is
+    unsupported``), or the exception's class."""
+    text = str(exc)
+    if text.startswith("Encoding objects of type ") and text.endswith(" is unsupported"):
+        return "type " + text[len("Encoding objects of type ") : -len(" is unsupported")][:64]
+    return type(exc).__name__
+
+
 def _portable(value: Any, depth: int) -> str | None:
     t = type(value)
     if t is str or t is bool or value is None:

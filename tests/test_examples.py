@@ -186,6 +186,9 @@ def test_rpc(served: str) -> None:
             with pytest.raises(ProtocolError) as err:
                 await c.request(rpc.Call(method="add", params={"a": "x"}))
             assert err.value.code == "INVALID_PARAMS"
+            with pytest.raises(ProtocolError) as err:  # was null (JSON) / inf (MessagePack): finding 10
+                await c.request(rpc.Call(method="add", params={"a": 1e308, "b": 1e308}))
+            assert str(err.value) == "INVALID_PARAMS: the sum is out of range"
             # Calls overlap, answers come in the order sent (the slow one first).
             slow = asyncio.ensure_future(c.request(rpc.Call(method="sleep", params={"seconds": 0.2})))
             await asyncio.sleep(0)
