@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsfan.http")
 
 SSE_KEEPALIVE_S = 15.0
+# One DEBUG line a second for a client gone mid-response, on every connection of this process.
+_gone = Throttle()
 
 
 class _QuietHandler(RequestHandler):
@@ -74,6 +76,17 @@ class _QuietHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status >= 500:
+            transport = request.transport
+            if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+                # A handler's write found its client gone ("Connection lost", a reset): the client's
+                # doing, not an error of ours (README, logging), and nobody is left to answer. aiohttp
+                # would log it at ERROR with a traceback, once per request.
+                skipped = _gone.ready("http_client_gone")
+                if skipped is not None:
+                    log.debug("client %s gone mid-response: %s", request.remote, type(exc).__name__, extra=fields(
+                        remote=request.remote, path=request.path, event="http_client_gone", suppressed=skipped,
+                    ))  # fmt: skip
+                raise ConnectionError("client gone")  # aiohttp's own "premature client disconnection"
             return super().handle_error(request, status, exc, message)
         log.debug("malformed request from %s: %s", request.remote, message)
         if request.writer.output_size > 0:
@@ -439,8 +452,8 @@ class HttpSide:
         """The request body, read within ``--request-timeout`` (408) and ``--max-message-size`` (413,
         at once when ``Content-Length`` announces more).
 
-        A client that disconnects before the whole body arrived is logged at DEBUG (aiohttp would log
-        its ``ConnectionResetError`` with a traceback at ERROR, once per such request).
+        A client that disconnects before the whole body arrived (any ``ConnectionError``) is logged at
+        DEBUG (aiohttp would log it with a traceback at ERROR, once per such request).
         """
         too_big = _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
         announced = request.content_length
@@ -453,7 +466,7 @@ class HttpSide:
                 return await request.read()
         except TimeoutError:
             return _json_error(408, "request body not received in time")
-        except ConnectionResetError:  # the client went away mid-body: its doing, nobody to answer
+        except ConnectionError:  # the client went away mid-body (reset, lost): its doing, nobody to answer
             log.debug("admin request body cut short by %s", request.remote)
             return _json_error(400, "request body cut short")
         except web.HTTPRequestEntityTooLarge:
@@ -731,7 +744,12 @@ class HttpSide:
             node.registry.release_ip(held)
 
     async def _stream(self, request: web.Request, room: str, since: int | None) -> web.StreamResponse:
-        """An admitted ``GET /sse``: the token, then the stream until it ends."""
+        """An admitted ``GET /sse``: the token, then the stream until it ends.
+
+        A client that goes while it is written to (``ConnectionError``: aiohttp's ``Connection
+        lost``, ``ClientConnectionResetError``, a reset) is its doing: one DEBUG line a second
+        (``_client_gone``), never aiohttp's ERROR traceback.
+        """
         identity = await self._identity(request, room, "join", "sse")
         if isinstance(identity, web.Response):
             return identity
@@ -742,7 +760,11 @@ class HttpSide:
                 "X-Accel-Buffering": "no",
             }
         )
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            self._client_gone(request, room)
+            return resp
         hub = self.node.hub
         peer = SsePeer(self.node.settings.slow_consumer_limit)
         if isinstance(request.protocol, _QuietHandler):
@@ -753,11 +775,21 @@ class HttpSide:
             # took effect in (a before_join hook may move it); a refused join gets none.
             hub.join(s, room, since)
             await self._pump(resp, peer, identity, s)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionError:
+            self._client_gone(request, room)
+        except asyncio.CancelledError:
             pass
         finally:
             hub.close(s)
         return resp
+
+    def _client_gone(self, request: web.Request, room: str) -> None:
+        """A stream's client went while the server wrote to it: DEBUG, one line a second."""
+        skipped = _gone.ready("sse_client_gone")
+        if skipped is not None:
+            log.debug("SSE client %s gone mid-write", request.remote, extra=fields(
+                room=room, remote=request.remote, event="sse_client_gone", suppressed=skipped,
+            ))  # fmt: skip
 
     async def _pump(
         self, resp: web.StreamResponse, peer: SsePeer, identity: Identity | None, s: Session

@@ -1,0 +1,140 @@
+"""SSE streams against clients that misbehave (PROTOCOL.md, "HTTP beside the WebSocket"; README, logging).
+
+A real server process and raw client sockets: a client that resets mid-write costs one DEBUG
+line, not an ERROR traceback; a client that closes its socket leaves its room at once.
+Loopback takes about 3 MB into the kernel's send queue of a client that reads nothing
+(tcp_wmem 4 MB): the amounts published here are past that.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import struct
+import time
+from typing import Any
+
+import jwt
+
+from helpers.ports import free_port
+from helpers.servers import ServerProcess
+
+SECRET = "sse-robust-test-secret-0123456789abcdef"
+ADMIN = "sse-robust-admin-key"
+TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp.h)
+
+
+def token(sub: str) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time() + 600)}, SECRET, algorithm="HS256")
+
+
+def start(make_server: type[ServerProcess], *flags: str) -> tuple[ServerProcess, int]:
+    """A server with an HTTP port, tokens and the admin key; returns it and its HTTP port."""
+    port = free_port()
+    args = ("--jwt-secret", SECRET, "--admin-key", ADMIN, "--http-port", str(port), "--rate-limit", "0")
+    return make_server(*args, *flags).start(), port
+
+
+def admin(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body)
+        conn.request(method, path, body=data, headers={"Authorization": f"Bearer {ADMIN}"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def publish(port: int, room: str, count: int, size: int) -> None:
+    payload = "x" * size
+    for _ in range(count):
+        status, _ = admin(port, "POST", "/publish", {"room": room, "payload": payload})
+        assert status == 200
+
+
+def subscribers(port: int, prefix: str) -> list[dict[str, Any]]:
+    status, reply = admin(port, "GET", f"/rooms?prefix={prefix}")
+    assert status == 200
+    return reply["rooms"]
+
+
+def open_stream(port: int, room: str, rcvbuf: int = 4096) -> socket.socket:
+    """``GET /sse?room=`` from a socket with a ``rcvbuf``-byte receive buffer, read up to its
+    ``: joined`` comment (the join took effect); nothing more is read from it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET /sse?room={room}&token={token('eve')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b": joined" not in head:
+        chunk = s.recv(1)
+        assert chunk, head
+        head += chunk
+    return s
+
+
+def tcp_state(s: socket.socket) -> int:
+    return struct.unpack("B", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+
+
+def until(check: Any, timeout: float, what: str) -> float:
+    """Poll ``check()`` every 50 ms until true; the seconds it took (AssertionError after ``timeout``)."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def read_to_end(s: socket.socket, timeout: float = 10) -> bytes:
+    s.settimeout(timeout)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def closes_4008(ws_port: int) -> float:
+    """``wsfan_closes_total{code="4008"}`` from the WebSocket port's ``/metrics``."""
+    conn = http.client.HTTPConnection("127.0.0.1", ws_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.search(r'^wsfan_closes_total\{code="4008",reason="slow_consumer"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_resets_mid_write_is_not_an_error(make_server):
+    """A client that resets while the server holds output for it (the transport paused) costs no
+    ERROR and no traceback: the stream leaves its room. Before, aiohttp's drain raised
+    ConnectionError('Connection lost'), which the stream did not catch: 'Error handling request'
+    with a traceback at ERROR, once per stream."""
+    srv, port = start(make_server)
+    for n in range(2):
+        s = open_stream(port, f"rst{n}")
+        publish(port, f"rst{n}", 85, 60_000)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST
+        until(lambda n=n: subscribers(port, f"rst{n}") == [], 2, "the reset stream left its room")
+    time.sleep(0.3)
+    log = srv.output()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert closes_4008(srv.port) == 0, "the client left: not a slow consumer"
+
+
+def test_streams_whose_clients_closed_leave_their_rooms_at_once(make_server):
+    """50 streams whose clients close their sockets are out of their rooms within a second (the
+    connection handler tells each stream; it waits for nothing the client sends, and aiohttp does
+    not cancel it). Before 3489c4d they stayed until their next keepalive write, up to 15 s."""
+    _, port = start(make_server)
+    socks = [open_stream(port, f"gone{i}", rcvbuf=65536) for i in range(50)]
+    assert len(subscribers(port, "gone")) == 50
+    for s in socks:
+        s.close()
+    assert until(lambda: subscribers(port, "gone") == [], 5, "closed streams left their rooms") < 1
