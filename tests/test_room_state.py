@@ -9,8 +9,12 @@ never wall time.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from helpers.peers import PicowsPeer
+from helpers.servers import ServerProcess
 from wsfan.server.broker import BrokerUnavailable
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.namespaces import Namespace, Namespaces
@@ -45,3 +49,69 @@ def test_a_refusal_at_max_rooms_never_sweeps():
     assert broker.refusals == 400 and len(broker.rooms) == 1_000
     broker.subscribe("full-0")
     broker.publish("full-0", "u", b"2", 0, "c")  # existing rooms are unaffected
+
+
+async def _ack(peer: PicowsPeer, kind: str, **fields: object) -> dict:
+    reply = await peer.request(kind, **fields)
+    assert reply["type"] == "ack", reply
+    return reply["data"]
+
+
+async def test_rooms_never_published_in_go_with_their_last_subscriber(make_server):
+    """Finding 11: join/leave churn (or connections that joined and left) filled ``--max-rooms``
+    without holding anything: each room outlived its last subscriber for ``history_ttl``."""
+    srv = make_server("--max-rooms", "50", "--rate-limit", "0", "--namespaces", "chat:presence=true").start()
+    p = await PicowsPeer.connect(srv.url)
+    for i in range(150):  # three times the limit, one room at a time
+        room = f"chat:churn-{i}" if i % 2 else f"churn-{i}"
+        await _ack(p, "join", room=room)
+        await _ack(p, "leave", room=room)
+    for _ in range(3):  # connections that join rooms and go away
+        q = await PicowsPeer.connect(srv.url)
+        for i in range(40):
+            await _ack(q, "join", room=f"gone-{_}-{i}")
+        await q.close()
+    async with asyncio.timeout(10):  # the server reads each close, then the rooms go with it
+        while not await _joins(srv):
+            await asyncio.sleep(0.05)
+    await p.close()
+
+
+async def _joins(srv: ServerProcess) -> bool:
+    """True once 50 new rooms can be joined at once (the whole --max-rooms 50)."""
+    p = await PicowsPeer.connect(srv.url)
+    try:
+        for i in range(50):
+            if (await p.request("join", room=f"fresh-{i}"))["type"] != "ack":
+                return False
+        return True
+    finally:
+        await p.close()
+
+
+async def test_a_forgotten_unpublished_room_keeps_its_epoch_and_a_published_one_does_not(make_server):
+    """The epoch rule (docs/protocol-choices.md, "Epochs") with rooms forgotten at their last leave:
+    one never published in comes back under its epoch, so a rejoin with since 0 is recovered as
+    when it was kept; once published in and forgotten, a rejoin with the old epoch never is."""
+    srv = make_server("--rate-limit", "0", "--history-ttl", "0.3").start()
+    p = await PicowsPeer.connect(srv.url)
+    first = await _ack(p, "join", room="quiet")
+    await _ack(p, "leave", room="quiet")
+    again = await _ack(p, "join", room="quiet", since=0, epoch=first["epoch"])
+    assert (again["seq"], again["recovered"], again["epoch"]) == (0, True, first["epoch"])
+    for i in range(2):
+        await _ack(p, "publish", room="quiet", payload=i)
+    await _ack(p, "leave", room="quiet")
+    kept = await _ack(p, "join", room="quiet", since=0, epoch=first["epoch"])
+    assert (kept["seq"], kept["recovered"], kept["epoch"]) == (2, True, first["epoch"]), "published: kept"
+    assert [(await p.recv())["seq"] for _ in range(2)] == [1, 2]
+    await _ack(p, "leave", room="quiet")
+    async with asyncio.timeout(15):  # the sweep forgets it past its TTL (0.3 s)
+        while (back := await _ack(p, "join", room="quiet", since=2, epoch=first["epoch"]))["recovered"]:
+            await _ack(p, "leave", room="quiet")
+            await asyncio.sleep(0.1)
+    assert (back["seq"], back["epoch"] != first["epoch"]) == (0, True), "a new numbering, a new epoch"
+    await _ack(p, "leave", room="quiet")
+    since0 = await _ack(p, "join", room="quiet", since=0, epoch=first["epoch"])
+    assert since0["recovered"] is False, "a since 0 of the old numbering may have missed 1 and 2"
+    await p.close()

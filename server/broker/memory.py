@@ -3,8 +3,10 @@
 Rooms do not live forever: one sweep timer (not a timer per room) drops a room's history
 once no publication came for its namespace's ``history_ttl``, and forgets the room
 altogether (seq and epoch too) when it also has no subscriber and no presence. A room
-that comes back gets a new epoch, so a client rejoining with ``since`` and the old epoch
-is told ``recovered: false`` instead of being handed another incarnation's messages.
+never published in is forgotten as soon as nobody is in it (nothing to recover). A room
+that was published in comes back under a new epoch, so a client rejoining with ``since``
+and the old epoch is told ``recovered: false`` instead of being handed another
+incarnation's messages (one never published in keeps its epoch: ``epoch_of``).
 ``max_rooms`` bounds how many rooms exist at once: past it, creating one more raises
 ``BrokerUnavailable`` (clients get ``UNAVAILABLE``) until the sweep timer forgets idle
 rooms; a refusal costs O(1), it never sweeps.
@@ -13,7 +15,7 @@ rooms; a refusal costs O(1), it never sweeps.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import secrets
 import time
 from collections import deque
@@ -28,6 +30,9 @@ from wsfan.server.namespaces import Namespace, Namespaces
 # Sweep period bounds, seconds: a quarter of the shortest history_ttl, within these.
 SWEEP_MIN_S = 0.05
 SWEEP_MAX_S = 5.0
+# Epoch generations: a room's epoch names its bucket's generation, which grows each time a room
+# of the bucket that was published in is forgotten. A fixed table, whatever the rooms.
+EPOCH_BUCKETS = 4096
 
 
 class RoomLog:
@@ -62,9 +67,11 @@ class MemoryBroker:
         self.namespaces = namespaces or Namespaces(Namespace(history_size=history_size))
         self.history_size = self.namespaces.default.kept_history
         self.max_rooms = max_rooms  # 0: no limit
-        # Epochs are this process's random prefix plus a counter: unique per room incarnation.
+        # Epochs: this process's random prefix, a keyed hash of the room name and its bucket's
+        # generation (``epoch_of``).
         self.epoch = secrets.token_hex(4)
-        self._incarnations = itertools.count(1)
+        self._key = secrets.token_bytes(16)
+        self._generations = [0] * EPOCH_BUCKETS
         self.rooms: dict[str, RoomLog] = {}
         self.subscribed: set[str] = set()
         self.presences: dict[str, dict[str, PresenceEntry]] = {}
@@ -74,6 +81,7 @@ class MemoryBroker:
         self._sweeper: asyncio.TimerHandle | None = None
         self.expired = 0  # rooms forgotten by the sweep, for tests and metrics
         self.refusals = 0  # new rooms refused at max_rooms
+        self.released = 0  # rooms never published in, forgotten when their last subscriber left
         # Past heap.COMPACT_AFTER forgotten rooms: this broker's tables, then the hub's (a hook).
         self.compaction = Compaction()
         self.compaction.hooks.append(self._compact_tables)
@@ -105,9 +113,13 @@ class MemoryBroker:
         self._schedule_sweep()
 
     def sweep(self) -> int:
-        """Drop the history of rooms idle past their TTL; forget those nobody is in. Returns rooms forgotten."""
+        """Drop the history of rooms idle past their TTL; forget those nobody is in. Returns rooms forgotten.
+
+        A room never published in (seq 0) that nobody is in goes at once, whatever its age:
+        e.g. one an admin ``GET /history`` created (``unsubscribe`` forgets the others).
+        """
         now = self._clock()
-        idle = [name for name, log in self.rooms.items() if now - log.last >= log.ttl]
+        idle = [name for name, log in self.rooms.items() if not log.seq or now - log.last >= log.ttl]
         forgotten = 0
         for name in idle:
             log = self.rooms[name]
@@ -115,6 +127,8 @@ class MemoryBroker:
             if name not in self.subscribed and name not in self.presences:
                 del self.rooms[name]
                 forgotten += 1
+                if log.seq:  # its numbering is gone: the next incarnation gets another epoch
+                    self._generations[self._bucket(name)[0]] += 1
         self.expired += forgotten
         if self.compaction.forgot(forgotten, len(self.rooms)):
             self.compact()
@@ -134,6 +148,24 @@ class MemoryBroker:
         self.subscribed = compacted(self.subscribed)
         self.presences = compacted(self.presences)
 
+    def _bucket(self, room: str) -> tuple[int, str]:
+        digest = hashlib.blake2b(room.encode(), key=self._key, digest_size=8).digest()
+        return int.from_bytes(digest[:2]) % EPOCH_BUCKETS, digest[2:].hex()
+
+    def epoch_of(self, room: str) -> str:
+        """The epoch a new incarnation of ``room`` gets: ``<process><room hash><generation>``, 21+ hex digits.
+
+        The rule (docs/protocol-choices.md, "Epochs"): two incarnations of a room that were
+        published in never share an epoch, so a ``since`` of one is never recovered in the
+        other. Forgetting a room that was published in moves its bucket to a new generation
+        (``sweep``); a room never published in is forgotten without it (``unsubscribe``), so it
+        comes back under the same epoch while its bucket's generation stands: its rejoining
+        subscribers (``since`` 0) are recovered, as when it was kept, and nothing of it is
+        remembered per room. Between those two incarnations no other could be published in.
+        """
+        bucket, tag = self._bucket(room)
+        return f"{self.epoch}{tag}{self._generations[bucket]:x}"
+
     def _log(self, room: str) -> RoomLog:
         log = self.rooms.get(room)
         if log is None:
@@ -147,8 +179,9 @@ class MemoryBroker:
                     public=f"room limit reached ({self.max_rooms} rooms); retry once idle rooms expire"
                 )
             ns = self.namespaces.of(room)
-            epoch = f"{self.epoch}{next(self._incarnations):x}"
-            log = self.rooms[room] = RoomLog(ns.kept_history, epoch, ns.history_ttl, self._clock())
+            log = self.rooms[room] = RoomLog(
+                ns.kept_history, self.epoch_of(room), ns.history_ttl, self._clock()
+            )
         return log
 
     # ------------------------------------------------------------ Broker
@@ -189,6 +222,25 @@ class MemoryBroker:
 
     def unsubscribe(self, room: str) -> None:
         self.subscribed.discard(room)
+        self._forget_if_unpublished(room)
+
+    def _forget_if_unpublished(self, room: str) -> None:
+        """Forget a room nobody is in (no subscriber, no presence) that was never published in.
+
+        It has nothing to recover (seq 0, no history), so keeping it for ``history_ttl`` only
+        held a ``max_rooms`` slot: join/leave (or SSE open/close) churn filled the node's room
+        table without holding a connection (hostile finding 11). Its next join creates it again
+        under the same epoch unless a room of its epoch bucket was published in and forgotten
+        meanwhile (``epoch_of``). A room with publications waits for the sweep, its history kept
+        until its TTL.
+        """
+        log = self.rooms.get(room)
+        if log is None or log.seq or room in self.subscribed or room in self.presences:
+            return
+        del self.rooms[room]
+        self.released += 1
+        if self.compaction.forgot(1, len(self.rooms)):
+            self.compaction.run_soon()  # not inside the hub's leave: between callbacks
 
     def listeners(self, rooms: list[str]) -> dict[str, int]:
         """This process is the whole cluster: 1 for a room it subscribed to, else 0."""
@@ -209,6 +261,7 @@ class MemoryBroker:
                 members.pop(entry.conn, None)
                 if not members:
                     del self.presences[room]
+                    self._forget_if_unpublished(room)
         if announce:
             self._announce(PresenceEvent(room, False, entry.user, entry.conn))
 
