@@ -282,7 +282,8 @@ class App:
 
     def before_join(self, fn: F) -> F:
         """``@app.before_join``: ``fn(conn, room)`` (sync or async) before a client's ``join``,
-        ``presence`` and ``presence_stats`` (and an SSE stream's join): allow, refuse or rewrite.
+        ``presence`` and ``presence_stats``, an SSE stream's join and a user's ``GET /presence`` /
+        ``/presence_stats`` (not the admin key's): allow, refuse or rewrite.
 
         Returns None or True (go on), False (``FORBIDDEN``), or ``Join(room=...)`` (go on in that
         room); ``raise Error(code, message)`` answers that error. Any other exception or result is

@@ -44,6 +44,26 @@ SSE_KEEPALIVE_S = 15.0
 _gone = Throttle()
 
 
+class RequestPeer:
+    """The peer of ``Hub.request_session``: an HTTP request, which is sent nothing; a refusal of
+    its read is kept (``refusal``: code, message) for the HTTP answer."""
+
+    __slots__ = ("refusal",)
+
+    def __init__(self) -> None:
+        self.refusal: tuple[str, str] | None = None
+
+    def flush(self, session: Session) -> None:
+        session.out.clear()
+
+    def close(self, code: int, reason: str) -> None:
+        return None
+
+    def refused(self, code: str, message: str) -> None:
+        if self.refusal is None:
+            self.refusal = (code, message)
+
+
 class _QuietHandler(RequestHandler):
     """aiohttp's connection handler, but a request it cannot parse is the client's fault, not ours.
 
@@ -660,10 +680,12 @@ class HttpSide:
         return await self._presence(request, stats=True)
 
     async def _presence(self, request: web.Request, stats: bool) -> web.Response:
-        """Admin key (any room) or a user's JWT (rooms its ``rooms`` claim allows); open on an anonymous server.
+        """Admin key (any room: the operator's API) or a user's JWT (rooms its ``rooms`` claim allows,
+        then the application's before_join hooks, as a WebSocket ``presence``: ``_gated_read``); open
+        to anyone on an anonymous server, hooks included.
 
-        400 bad room, 401 bad credentials, 403 room not allowed, 404 presence off in the room's
-        namespace, 503 broker unavailable.
+        400 bad room, 401 bad credentials, 403 room not allowed (by the claim or a hook), 404
+        presence off in the room's namespace, 500 a hook failed, 503 broker unavailable.
         """
         room = _room_param(request)
         if isinstance(room, web.Response):
@@ -671,11 +693,17 @@ class HttpSide:
         admin = self._is_admin(request)
         if isinstance(admin, Refusal):
             return _json_error(admin.status, admin.reason)
+        hub = self.node.hub
         if not admin:
             identity = await self._identity(request, room, "see who is in", "presence")
             if isinstance(identity, web.Response):
                 return identity
-        hub = self.node.hub
+            # A user's read: the rule of a WebSocket presence request, the application's
+            # before_join hooks included (which may refuse it or choose another room).
+            chosen = await self._gated_read(room, identity)
+            if isinstance(chosen, web.Response):
+                return chosen
+            room = chosen
         if not hub.namespaces.of(room).presence:
             return _json_error(404, f"presence is off for {room!r} (its namespace)")
         broker = hub.broker
@@ -688,6 +716,26 @@ class HttpSide:
         return web.Response(
             body=msgspec.json.encode(presence_data(room, result)), content_type="application/json"
         )
+
+    async def _gated_read(self, room: str, identity: Identity | None) -> str | web.Response:
+        """``Hub.read_gate`` for one request: the room to read, or the refusal as
+        ``{"error": message, "code": code}``: 403 for ``FORBIDDEN`` and an application's own
+        code, 500 ``INTERNAL``, 503 ``UNAVAILABLE`` (with ``Retry-After: 1``)."""
+        hub = self.node.hub
+        if hub.gate is None:
+            return room
+        peer = RequestPeer()
+        s = hub.request_session(peer, identity.user if identity is not None else None, identity)
+        try:
+            chosen = await hub.read_gate(s, room)
+        finally:
+            hub.end_request(s)
+        if chosen is not None:
+            return chosen
+        code, message = peer.refusal or (ErrorCode.INTERNAL, "internal error")
+        status = 500 if code == ErrorCode.INTERNAL else 503 if code == ErrorCode.UNAVAILABLE else 403
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return web.json_response({"error": message, "code": code}, status=status, headers=headers)
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         """``GET /sse?room=R[&since=N][&token=T]``: a room's deliveries as Server-Sent Events.

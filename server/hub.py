@@ -403,6 +403,46 @@ class Hub:
         self.stats.connections_opened += 1
         return s
 
+    def request_session(self, peer: StreamPeer, user: str | None = None, claims: Any = None) -> Session:
+        """A session for one HTTP request that reads a room on a user's behalf (``GET /presence``,
+        ``GET /presence_stats`` with a token, or on a server without auth): the ``conn`` the
+        application's hooks see, with a fresh id and the token's user. Not a connection: not in
+        ``sessions``, not counted, sent nothing; its refusals go to ``peer.refused`` (as an SSE
+        stream's). ``end_request`` ends it."""
+        conn_id = self.new_id()
+        s = Session(peer, conn_id, user or conn_id, self.codecs[Encoding.JSON], None)
+        s.encoding = Encoding.SSE
+        s.kind = Encoding.SSE
+        s.claims = claims
+        return s
+
+    async def read_gate(self, s: Session, room: str) -> str | None:
+        """The rule of a ``presence`` / ``presence_stats`` message for a request session
+        (``request_session``; the token's ``rooms`` claim already checked on ``room``): the
+        application's gate (before_join hooks), then the claim again on a room a hook chose.
+        The room to read, or None once refused (told to ``s.peer.refused``: code, message)."""
+        if self.gate is None:
+            return room
+        chosen: list[str] = []
+        try:
+            verdict = self.gate(s, "presence", room, None, None)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+        except Exception:  # the gate answers its hooks' failures; this would be a bug of its own
+            log.exception("presence gate failed", extra=fields(conn=s.conn_id, user=s.user, room=room))
+            self.error(s, None, ErrorCode.INTERNAL, "internal error")
+            return None
+        self._go(s, "presence", room, None, verdict, lambda name, _: chosen.append(name))
+        return chosen[0] if chosen else None
+
+    def end_request(self, s: Session) -> None:
+        """End a request session: out of any room a hook joined it to, its peer dropped."""
+        s.closed = True
+        for name in list(s.rooms):
+            self._remove(s, name)
+        s.out = []
+        s.peer = GONE
+
     def join(
         self,
         s: Session,

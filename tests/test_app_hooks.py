@@ -418,3 +418,66 @@ def test_the_python_client_follows_a_join_a_hook_moved(hooks: ServerProcess, p: 
             await other.close()
 
     run(go())
+
+
+# ---------------------------------------------------------------- HTTP presence: the same hooks
+
+ADMIN = "app-hooks-admin-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def hooks_presence() -> Iterator[tuple[ServerProcess, int]]:
+    http_port = free_port()
+    srv = ServerProcess(
+        "--app", "apps.hooks:app", "--jwt-secret", SECRET, "--rate-limit", "0", "--presence",
+        "--admin-key", ADMIN, "--http-port", str(http_port), env=ENV,
+    ).start()  # fmt: skip
+    yield srv, http_port
+    srv.kill()
+
+
+@pytest.mark.parametrize("path", ["presence", "presence_stats"])
+@pytest.mark.parametrize("p", ["s", "a"], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("what", "status"),
+    [
+        ("allow", 200),
+        ("deny", 403),
+        ("refuse", 403),
+        ("lobby", 200),
+        ("escape", 403),
+        ("bad", 500),
+        ("crash", 500),
+    ],
+)
+def test_http_presence_by_a_user_runs_the_hooks_a_websocket_request_does(
+    hooks_presence: tuple[ServerProcess, int], path: str, p: str, what: str, status: int
+) -> None:
+    """``GET /presence`` and ``/presence_stats`` with a user's token answer what a WebSocket
+    ``presence`` / ``presence_stats`` of the same user gets: the before_join hooks run (refuse,
+    move, fail), then the token's claim on a room a hook chose (docs/app-api.md). They were
+    skipped: a room the application refuses to show was listed (hostile finding 02). The admin
+    key (the operator's API) sees any room, hooks not run."""
+    srv, http_port = hooks_presence
+    room = f"{p}-{what}"
+
+    async def go() -> None:
+        c = await peer(srv)
+        ws = await c.request(path, room=room)
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{http_port}/{path}"
+            async with http.get(url, params={"room": room, "token": token()}) as r:
+                assert r.status == status, await r.text()
+                body = await r.json()
+            async with http.get(
+                url, params={"room": room}, headers={"Authorization": f"Bearer {ADMIN}"}
+            ) as r:
+                assert r.status == 200 and (await r.json())["room"] == room  # the operator: no hooks
+        if status == 200:
+            assert ws["success"] and body == ws["data"], (body, ws)
+            assert body["room"] == (room + ".eu" if what == "lobby" else room)
+        else:
+            assert (body["code"], body["error"]) == error(ws), (body, ws)
+        await c.close()
+
+    run(go())
