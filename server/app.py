@@ -213,8 +213,13 @@ class Node:
             try:
                 identity = self.authenticator.verify(token_from_request(request.headers, query))
             except AuthError as exc:
-                extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-                return self._refuse("auth", exc.status, f"unauthorized: {exc}", peer, extra)
+                # A 401 says why the token was refused; a 400 (two tokens) is a malformed request,
+                # with the sentence of any other one (``more than one token parameter``).
+                if exc.status == 401:
+                    return self._refuse(
+                        "auth", 401, f"unauthorized: {exc}", peer, {"WWW-Authenticate": "Bearer"}
+                    )
+                return self._refuse("auth", exc.status, str(exc), peer, {})
         # picows re-checks the upgrade headers after this function, stricter than RFC 6455 in
         # places: hand it the canonical form of what check_upgrade() accepted.
         data = None
