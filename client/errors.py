@@ -127,18 +127,53 @@ class NotConnected(ClientError, ConnectionError):
     """A fire-and-forget send was attempted while no connection is open (e.g. while reconnecting)."""
 
 
+class InvalidURL(ClientError, ValueError):
+    """The URL is not a WebSocket URL the client can connect to, raised by ``connect()`` before any I/O.
+
+    ``ws://`` or ``wss://``, a host, a port in 0..65535, no fragment (RFC 6455 section 3).
+    The message says what is wrong without quoting the URL (it may carry a token);
+    ``url`` holds it.
+    """
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"invalid WebSocket URL: {problem}")
+        self.url = url
+        self.problem = problem
+
+
+REASON_LIMIT = 200
+"""Characters of a refusal's body quoted in ``str(HandshakeRejected)`` at most."""
+
+
+def refusal_reason(body: bytes) -> str:
+    """The reason a refused upgrade's body gives, fit for an exception message, or "".
+
+    wsfan answers a refused upgrade with one fixed sentence of its own as ``text/plain``
+    (``token expired``, ``invalid token signature``...; never a header, query or token,
+    PROTOCOL.md). Any other server (a proxy's HTML page) is cut down to its first line,
+    printable characters only, at most ``REASON_LIMIT`` characters.
+    """
+    line = body.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
+    line = "".join(ch if ch.isprintable() else " " for ch in line)
+    return line if len(line) <= REASON_LIMIT else line[: REASON_LIMIT - 3] + "..."
+
+
 class HandshakeRejected(ClientError, ConnectionError):
     """The server answered the WebSocket upgrade with an HTTP error instead of 101.
 
-    ``retry_after`` holds the parsed ``Retry-After`` header in seconds (503 while
-    draining), which the reconnect loop honours.
+    ``str(exc)`` is ``upgrade refused with HTTP <status>: <reason>``, the reason being the
+    server's (``refusal_reason`` of ``body``; wsfan's are fixed sentences such as ``token
+    expired``). ``retry_after`` holds the parsed ``Retry-After`` header in seconds (503
+    while draining), which the reconnect loop honours; ``body`` the raw response body.
     """
 
     def __init__(self, status: int, retry_after: float | None = None, body: bytes = b"") -> None:
-        super().__init__(f"upgrade refused with HTTP {status}")
+        reason = refusal_reason(body)
+        super().__init__(f"upgrade refused with HTTP {status}" + (f": {reason}" if reason else ""))
         self.status = status
         self.retry_after = retry_after
         self.body = body
+        self.reason = reason
 
 
 class Unauthorized(HandshakeRejected):

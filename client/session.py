@@ -51,7 +51,7 @@ from wsfan.client.events import (
 from wsfan.client.inbox import Router
 from wsfan.client.reconnect import Reconnector, TokenFn
 from wsfan.client.rooms import RoomTracker
-from wsfan.client.transport import Connection, open_connection
+from wsfan.client.transport import Connection, check_url, open_connection
 from wsfan.server.wire import (
     Ack,
     EchoReply,
@@ -117,6 +117,7 @@ class Session:
         headers: Iterable[tuple[str, str]] = (),
         compression: bool = False,
     ) -> None:
+        check_url(url)
         self.url = url
         self.compression = compression
         self.token = token

@@ -19,8 +19,10 @@ from typing import Any
 from picows import (
     WSAutoPingStrategy,
     WSCloseCode,
+    WSError,
     WSFrame,
     WSHandshakeError,
+    WSInvalidURL,
     WSListener,
     WSMsgType,
     WSTransport,
@@ -28,10 +30,11 @@ from picows import (
     WSUpgradeResponse,
     ws_connect,
 )
+from picows.url import parse_url
 
 from wsfan.client.backoff import parse_retry_after
 from wsfan.client.codec import Codec
-from wsfan.client.errors import ClientError, ConnectionClosed, HandshakeRejected, Unauthorized
+from wsfan.client.errors import ClientError, ConnectionClosed, HandshakeRejected, InvalidURL, Unauthorized
 from wsfan.server.wire import MSGPACK_SUBPROTOCOL, Broadcast, Message, Outbound, Welcome
 
 log = logging.getLogger(__name__)
@@ -257,8 +260,9 @@ async def open_connection(
     is inflated here; what this client sends goes uncompressed (§6 lets a sender choose).
 
     Raises ``Unauthorized`` (401), ``HandshakeRejected`` (other HTTP status, with
-    ``retry_after``), ``ConnectionClosed`` (closed before the welcome),
-    ``TimeoutError`` or ``OSError``.
+    ``retry_after`` and the server's reason in its message), ``InvalidURL``,
+    ``ConnectionClosed`` (closed before the welcome, or an upgrade answer picows could not
+    use), ``TimeoutError`` or ``OSError``; never picows' own exceptions.
     """
     extra = list(headers)
     if token:
@@ -308,7 +312,9 @@ async def open_connection(
                         f"server did not accept subprotocol {MSGPACK_SUBPROTOCOL!r} (got {chosen!r})"
                     )
             welcome = await asyncio.shield(listener.welcome)
-    except WSHandshakeError as exc:
+    except WSError as exc:
+        if transport is not None:
+            transport.disconnect(graceful=False)
         raise _rejected(exc) from exc
     except BaseException:
         if transport is not None:
@@ -323,10 +329,30 @@ async def open_connection(
     return conn
 
 
-def _rejected(exc: WSHandshakeError) -> BaseException:
-    response = exc.response
+def check_url(url: str) -> None:
+    """Raise ``InvalidURL`` unless picows can connect to ``url`` (ws/wss, a host, a valid port, no fragment).
+
+    The same parse ``ws_connect`` runs (picows.url.parse_url), done once when the client is
+    created, so a bad URL is a ``ClientError`` at once, never picows' own exception later.
+    """
+    if not isinstance(url, str):
+        raise InvalidURL(repr(url), "the URL must be a string")
+    try:
+        parse_url(url)
+    except WSInvalidURL as exc:
+        problem = str(exc).rpartition(": ")[2] or "not a ws:// or wss:// URL"
+        raise InvalidURL(url, problem) from None
+    except (ValueError, UnicodeError) as exc:  # urllib: bad port, bad IPv6 literal; idna: bad host
+        raise InvalidURL(url, str(exc) or type(exc).__name__) from None
+
+
+def _rejected(exc: WSError) -> BaseException:
+    """A wsfan ``ClientError`` for what picows raised while connecting (never picows' own exception)."""
+    if isinstance(exc, WSInvalidURL):
+        return InvalidURL(exc.url, str(exc).rpartition(": ")[2])
+    response = exc.response if isinstance(exc, WSHandshakeError) else None
     if response is None:
-        return exc
+        return ConnectionClosed(ABNORMAL_CLOSURE, f"handshake failed ({type(exc).__name__})")
     status = int(response.status)
     body = exc.raw_body or b""
     if status == 401:

@@ -33,6 +33,7 @@ from wsfan.client import (
     HandshakeRejected,
     InternalError,
     InvalidMessage,
+    InvalidURL,
     Message,
     MessagesDropped,
     NotConnected,
@@ -742,3 +743,77 @@ def test_rejoin_refused_for_good_drops_the_room_and_its_stream_raises():
 
     with ServerProcess("--jwt-secret", secret) as server:
         run(body(server), timeout=15)
+
+
+def test_unauthorized_says_the_servers_reason():
+    """str(Unauthorized) carries the server's fixed sentence (expired, bad signature), not only the status."""
+    import jwt
+
+    secret = "client-test-secret-of-at-least-32-bytes"
+
+    def token(key: str = secret, ttl: int = 60) -> str:
+        return jwt.encode({"sub": "x", "exp": int(time.time()) + ttl}, key, algorithm="HS256")
+
+    async def body(server: ServerProcess) -> None:
+        cases = [
+            (token(ttl=-60), "token expired"),
+            (token(key="another-secret-of-at-least-32-bytes!!"), "bad token signature"),
+            (None, "missing token"),
+        ]
+        for bad, reason in cases:
+            with pytest.raises(Unauthorized) as info:
+                await connect(server.url, bad)
+            assert str(info.value) == f"upgrade refused with HTTP 401: {info.value.reason}"
+            assert reason in str(info.value), (str(info.value), info.value.body)
+            assert info.value.status == 401
+        async with connect(server.url, token()) as ok:
+            assert await ok.echo(1) == 1
+
+    with ServerProcess("--jwt-secret", secret) as server:
+        run(body(server), timeout=15)
+
+
+def test_a_refusal_body_from_another_server_is_cut_to_one_printable_line():
+    async def body():
+        async def respond(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            page = b"<html>\x1b[31mnope\r\n<body>" + b"x" * 5000 + b"</body></html>"
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(page) + page)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(respond, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(HandshakeRejected) as info:
+            await connect(f"ws://127.0.0.1:{port}/ws")
+        server.close()
+        assert str(info.value) == "upgrade refused with HTTP 403: <html> [31mnope"
+        assert info.value.body.startswith(b"<html>")
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "http://127.0.0.1:9/ws",
+        "ws://",
+        "ws://127.0.0.1:99999/ws",
+        "ws://[::1/ws",
+        "ws://h:x/ws",
+        "ws://h/ws#frag",
+        "",
+        b"ws://h/ws",
+    ],
+)
+def test_a_bad_url_is_an_invalid_url_client_error_before_any_io(url):
+    async def body():
+        with pytest.raises(InvalidURL) as info:
+            await connect(url)  # type: ignore[arg-type]
+        assert isinstance(info.value, ClientError) and isinstance(info.value, ValueError)
+        assert str(info.value).startswith("invalid WebSocket URL: ")
+        if isinstance(url, str) and "?" not in url and url:
+            assert url not in str(info.value)  # the URL (which may carry a token) is not quoted
+
+    run(body())
