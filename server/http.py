@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
 from wsfan.server import control
@@ -32,6 +33,13 @@ from wsfan.server.hub import Session, presence_data
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.metrics import CONTENT_TYPE
 from wsfan.server.protocol import Encoding, PayloadRefused, describe_invalid, payload_problem
+from wsfan.server.transport import (
+    CLOSE_GRACE_S,
+    MAX_GRACE_EXTENSIONS,
+    MIN_CLOSE_PROGRESS,
+    reset,
+    unsent_bytes,
+)
 from wsfan.server.wire import ROOM_RULE, SEQ_MAX, CloseCode, ErrorCode, RoomName, parse_seq, valid_room
 
 if TYPE_CHECKING:
@@ -77,9 +85,13 @@ class _QuietHandler(RequestHandler):
     nothing the client sends (an SSE stream), which aiohttp does not cancel on a disconnect
     (``handler_cancellation`` off): without it a stream whose client left would be noticed only
     at its next write, the keepalive up to 15 s later, holding its places in the limits until then.
+    ``on_resume``: called when the transport's write buffer fell below its low-water mark again
+    (``resume_writing``), set by the same handler: an SSE stream writes nothing more while the
+    client has not read what the transport holds, and waits for this instead of aiohttp's drain,
+    which has no timeout.
     """
 
-    __slots__ = ("on_lost",)
+    __slots__ = ("on_lost", "on_resume")
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -87,6 +99,12 @@ class _QuietHandler(RequestHandler):
         if on_lost is not None:
             self.on_lost = None
             on_lost()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        on_resume: Callable[[], None] | None = getattr(self, "on_resume", None)
+        if on_resume is not None:
+            on_resume()
 
     def handle_error(
         self,
@@ -300,16 +318,28 @@ class SseError(msgspec.Struct):
 
 
 class SsePeer:
-    """A hub peer that hands SSE event bytes to the stream's writer task, bounded like a slow consumer."""
+    """A hub peer that hands SSE event bytes to the stream's writer task, bounded like a slow consumer.
 
-    def __init__(self, limit: int) -> None:
+    What the server holds for one stream is the queue here (``backlog`` bytes) plus the
+    transport's write buffer (``buffered``); past ``limit`` (``--slow-consumer-limit``) the stream
+    is a slow consumer: the queue is dropped and the stream ends with 4008, as a WebSocket
+    connection is closed at the same limit (PROTOCOL.md, close codes).
+    """
+
+    def __init__(self, limit: int, transport: asyncio.Transport | None = None) -> None:
         self.chunks: deque[bytes] = deque()
         self.backlog = 0
         self.limit = limit
+        self.transport = transport
         self.wakeup = asyncio.Event()
         self.close_code: int | None = None
         self.refusal: tuple[str, str] | None = None  # (code, message) of a refused join
         self.gone = False  # the client's connection is closed (``lost``)
+
+    def buffered(self) -> int:
+        """Bytes the server holds for this stream: our queue plus the transport's write buffer."""
+        t = self.transport
+        return self.backlog + (t.get_write_buffer_size() if t is not None else 0)
 
     def refused(self, code: str, message: str) -> None:
         """The stream's join was refused: an ``error`` event with ``code`` and ``message``, then
@@ -327,22 +357,39 @@ class SsePeer:
     def flush(self, session: Session) -> None:
         if not session.out:
             return
+        if self.close_code == CloseCode.SLOW_CONSUMER:
+            session.out.clear()  # dropped: nothing more is queued for a slow consumer
+            return
         data = b"".join(session.out)
         session.out.clear()
         self.chunks.append(data)
         self.backlog += len(data)
-        if self.backlog > self.limit:
-            self.chunks.clear()
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+        if self.buffered() > self.limit:
+            self.slow()
+        self.wakeup.set()
+
+    def slow(self) -> None:
+        """A slow consumer (over ``limit``, or a write that waited too long): drop the queue, end with 4008."""
+        self.chunks.clear()
+        self.backlog = 0
+        self.close_code = (
+            CloseCode.SLOW_CONSUMER
+        )  # wins over an end asked for before: nothing queued is written
         self.wakeup.set()
 
     def close(self, code: int, reason: str) -> None:
-        self.close_code = code
+        """End the stream with ``event: close`` / ``data: <code>``; the first end asked for wins."""
+        if self.close_code is None:
+            self.close_code = code
         self.wakeup.set()
 
     def lost(self) -> None:
         """The client is gone (its connection closed): the stream ends, nothing more is written."""
         self.gone = True
+        self.wakeup.set()
+
+    def resumed(self) -> None:
+        """The transport's write buffer drained below its low-water mark: the writer may go on."""
         self.wakeup.set()
 
 
@@ -352,6 +399,7 @@ class HttpSide:
         self.runner: web.AppRunner | None = None
         self.streams: set[asyncio.Task[None]] = set()
         self.refusals = Throttle()
+        self.ends = Throttle()  # streams ended as slow consumers
         # A payload of --max-message-size fits, with room for the JSON around it.
         self.body_limit = node.settings.max_message_size + 1024
         app = web.Application(client_max_size=self.body_limit, middlewares=[_routing_errors_in_json])
@@ -808,27 +856,55 @@ class HttpSide:
                 "X-Accel-Buffering": "no",
             }
         )
+        protocol = request.protocol
+        transport = request.transport
         try:
-            await resp.prepare(request)
+            writer = await resp.prepare(request)
         except ConnectionError:
             self._client_gone(request, room)
             return resp
+        if (
+            transport is None
+            or not isinstance(writer, StreamWriter)
+            or not isinstance(protocol, _QuietHandler)
+        ):
+            return resp  # gone before the stream began (or not our connection handler: no stream)
         hub = self.node.hub
-        peer = SsePeer(self.node.settings.slow_consumer_limit)
-        if isinstance(request.protocol, _QuietHandler):
-            request.protocol.on_lost = peer.lost
+        peer = SsePeer(self.node.settings.slow_consumer_limit, transport)
+        protocol.on_lost = peer.lost
+        protocol.on_resume = peer.resumed
         s = hub.open_stream(peer, identity.user if identity else None, identity)
+        tail: bytes | None = None
         try:
             # ``: joined <room>`` comes from the hub once the join took effect, naming the room it
             # took effect in (a before_join hook may move it); a refused join gets none.
             hub.join(s, room, since)
-            await self._pump(resp, peer, identity, s)
+            tail = await self._pump(writer, protocol, peer, identity, s)
         except ConnectionError:
             self._client_gone(request, room)
         except asyncio.CancelledError:
             pass
         finally:
-            hub.close(s)
+            hub.close(s)  # out of its room now, not once the client has read the closing events
+            protocol.on_resume = None
+        if peer.close_code == CloseCode.SLOW_CONSUMER:
+            hub.stats.slow_consumer_closes += 1
+            skipped = self.ends.ready("sse_slow_consumer")
+            if skipped is not None:
+                log.info(
+                    "ending SSE stream of %s with 4008: slow consumer", s.user, extra=fields(
+                        user=s.user, room=room, code=CloseCode.SLOW_CONSUMER, reason="slow consumer",
+                        remote=peer_text(transport.get_extra_info("peername")),
+                        event="sse_slow_consumer", suppressed=skipped,
+                    ),
+                )  # fmt: skip
+        if tail is not None and not peer.gone:
+            try:
+                await self._finish(resp, writer, transport, peer, tail)
+            except ConnectionError:
+                self._client_gone(request, room)
+            except asyncio.CancelledError:
+                pass
         return resp
 
     def _client_gone(self, request: web.Request, room: str) -> None:
@@ -840,40 +916,114 @@ class HttpSide:
             ))  # fmt: skip
 
     async def _pump(
-        self, resp: web.StreamResponse, peer: SsePeer, identity: Identity | None, s: Session
-    ) -> None:
-        """Write the stream's events until it ends; what the hub queued before the end is written
-        before the closing events (an ``unsubscribed``), unless the stream ended for being slow."""
+        self,
+        writer: StreamWriter,
+        protocol: _QuietHandler,
+        peer: SsePeer,
+        identity: Identity | None,
+        s: Session,
+    ) -> bytes | None:
+        """Write the stream's events until it ends; return its closing events (None: the client left).
+
+        Writes never wait (aiohttp's drain has no timeout): while the transport holds more than
+        its high-water mark (``writing_paused``: the client has not read it) nothing more goes in,
+        deliveries wait in ``peer``'s queue, and ``SsePeer.flush`` ends the stream with 4008 once
+        queue and transport buffer pass ``--slow-consumer-limit``. A wait longer than the stall
+        limit (``ConnectionRegistry.stall_limit``: --heartbeat + --heartbeat-timeout + the 2 s
+        close grace, 42 s by default, the bound of a WebSocket connection whose output made no
+        progress; none with --heartbeat 0) ends it with 4008 too. What the hub queued before the
+        end is part of the closing events (an ``unsubscribed``), unless the stream ended for being slow.
+        """
+        loop = asyncio.get_running_loop()
         expires = identity.expires_at if identity is not None else None
+        stall = self.node.registry.stall_limit
+        paused_at: float | None = None
         while peer.close_code is None:
             if peer.gone:
-                return
+                return None
             timeout = SSE_KEEPALIVE_S
             if expires is not None:
                 left = expires - time.time()
                 if left <= 0:
-                    await resp.write(b"event: close\ndata: token expired\n\n")
-                    return
+                    return b"event: close\ndata: token expired\n\n"
                 timeout = min(timeout, left)
             peer.wakeup.clear()
-            if not peer.chunks:
-                try:
-                    await asyncio.wait_for(peer.wakeup.wait(), timeout)
-                except TimeoutError:
-                    # A comment line: keeps proxies and load balancers from closing an idle stream.
-                    await resp.write(b": keepalive\n\n")
-                    continue
-            while peer.chunks:
-                data = peer.chunks.popleft()
-                peer.backlog -= len(data)
-                await resp.write(data)
-        if peer.close_code is not None:
-            if peer.close_code != CloseCode.SLOW_CONSUMER:
-                peer.flush(s)  # queued but not flushed yet: the hub flushes at the end of the loop turn
-                while peer.chunks:
-                    await resp.write(peer.chunks.popleft())
-            if peer.refusal is not None:
-                code, message = peer.refusal
-                event = msgspec.json.encode(SseError(code, message))  # one line: JSON escapes newlines
-                await resp.write(b"event: error\ndata: %s\n\n" % event)
-            await resp.write(b"event: close\ndata: %d\n\n" % peer.close_code)
+            if protocol.writing_paused:
+                now = loop.time()
+                if paused_at is None:
+                    paused_at = now
+                if stall:
+                    if now - paused_at >= stall:
+                        peer.slow()
+                        break
+                    timeout = min(timeout, paused_at + stall - now)
+                await _wait(peer, timeout)
+                continue
+            paused_at = None
+            if peer.chunks:
+                data = peer.chunks[0] if len(peer.chunks) == 1 else b"".join(peer.chunks)
+                peer.chunks.clear()
+                peer.backlog = 0
+                await writer.write(data, drain=False)
+            elif not await _wait(peer, timeout):
+                # A comment line: keeps proxies and load balancers from closing an idle stream.
+                await writer.write(b": keepalive\n\n", drain=False)
+        if peer.close_code != CloseCode.SLOW_CONSUMER:
+            peer.flush(s)  # queued but not flushed yet: the hub flushes at the end of the loop turn
+        code = peer.close_code
+        parts = [] if code == CloseCode.SLOW_CONSUMER else list(peer.chunks)
+        peer.chunks.clear()
+        peer.backlog = 0
+        if peer.refusal is not None and code != CloseCode.SLOW_CONSUMER:
+            error = msgspec.json.encode(SseError(*peer.refusal))  # one line: JSON escapes newlines
+            parts.append(b"event: error\ndata: %s\n\n" % error)
+        parts.append(b"event: close\ndata: %d\n\n" % code)
+        return b"".join(parts)
+
+    async def _finish(
+        self,
+        resp: web.StreamResponse,
+        writer: StreamWriter,
+        transport: asyncio.Transport,
+        peer: SsePeer,
+        tail: bytes,
+    ) -> None:
+        """End a stream: ``tail`` (its closing events), the end of the chunked body, and the connection.
+
+        The client gets the close grace of a WebSocket close to read what is still unsent
+        (``transport.unsent_bytes``: our transport's buffer and the kernel's): ``CLOSE_GRACE_S``,
+        again while it reads at least ``MIN_CLOSE_PROGRESS`` bytes per grace, at most
+        ``MAX_GRACE_EXTENSIONS`` times. One that does not is reset (``transport.reset``), which
+        frees at once what the kernel holds for it instead of leaving an orphan socket with it.
+        """
+        resp.force_close()  # the stream was this connection's purpose; a client reconnects anew
+        await writer.write(tail, drain=False)
+        loop = asyncio.get_running_loop()
+        left = 0 if transport.is_closing() else unsent_bytes(transport)
+        before, extensions = left, 0
+        deadline = loop.time() + CLOSE_GRACE_S
+        poll = 0.005
+        while left and not transport.is_closing():  # closing: lost, or reset (its fd is gone)
+            now = loop.time()
+            if now >= deadline:
+                if before - left >= MIN_CLOSE_PROGRESS and extensions < MAX_GRACE_EXTENSIONS:
+                    before, extensions = left, extensions + 1
+                    deadline = now + CLOSE_GRACE_S
+                else:
+                    reset(transport)
+                    return
+            peer.wakeup.clear()
+            await _wait(peer, min(poll, deadline - now))
+            poll = min(poll * 2, 0.25)
+            left = 0 if transport.is_closing() else unsent_bytes(transport)
+        await resp.write_eof()  # ConnectionError once the client is gone (the caller's to catch)
+
+
+async def _wait(peer: SsePeer, timeout: float) -> bool:
+    """Wait for ``peer``'s wakeup at most ``timeout`` seconds: True when it came."""
+    try:
+        async with asyncio.timeout(timeout):
+            await peer.wakeup.wait()
+    except TimeoutError:
+        return False
+    return True

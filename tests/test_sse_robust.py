@@ -1,9 +1,11 @@
 """SSE streams against clients that misbehave (PROTOCOL.md, "HTTP beside the WebSocket"; README, logging).
 
-A real server process and raw client sockets: a client that resets mid-write costs one DEBUG
-line, not an ERROR traceback; a client that closes its socket leaves its room at once.
-Loopback takes about 3 MB into the kernel's send queue of a client that reads nothing
-(tcp_wmem 4 MB): the amounts published here are past that.
+A real server process and raw client sockets: a client that stops reading (a receive buffer of
+4 KiB that it never empties) is dropped at ``--slow-consumer-limit`` or once its output stalls,
+leaving its room at once and its socket soon after (reset once the close grace passed); a
+client that resets mid-write costs one DEBUG line, not an ERROR traceback; a client that closes
+its socket leaves its room at once. Loopback takes about 3 MB into the kernel's send queue of a
+client that reads nothing (tcp_wmem 4 MB): the amounts published here are past that.
 """
 
 from __future__ import annotations
@@ -108,6 +110,54 @@ def closes_4008(ws_port: int) -> float:
         conn.close()
     found = re.search(r'^wsfan_closes_total\{code="4008",reason="slow_consumer"\} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def test_a_stream_that_stops_reading_is_dropped_at_the_slow_consumer_limit(make_server):
+    """Past --slow-consumer-limit (64 KiB here, counted over our queue and the transport's buffer)
+    the stream leaves its room at once and its socket is reset once the 2 s close grace passed
+    without the client reading; counted as a 4008 close. Before, the writer waited in aiohttp's
+    drain forever: 4.8 MB later the stream was still subscribed and its socket established."""
+    srv, port = start(make_server, "--slow-consumer-limit", "65536")
+    s = open_stream(port, "slow")
+    publish(port, "slow", 80, 60_000)
+    until(lambda: subscribers(port, "slow") == [], 2, "the slow stream left its room")
+    took = until(lambda: tcp_state(s) != TCP_ESTABLISHED, 8, "the slow stream's socket was dropped")
+    assert took < 6
+    s.close()
+    assert closes_4008(srv.port) == 1
+    assert "ending SSE stream of eve with 4008: slow consumer" in srv.output()
+
+
+def test_a_slow_reader_reads_what_was_sent_then_close_4008_and_the_end(make_server):
+    """A client that pauses past the limit and then reads gets a prefix of the room's deliveries (what
+    the kernel and the transport held; the rest was dropped), then ``event: close`` / ``data: 4008``,
+    then the end of the response: the stream is out of its room before the client read anything."""
+    _, port = start(make_server, "--slow-consumer-limit", "65536")
+    s = open_stream(port, "lag")
+    publish(port, "lag", 80, 60_000)
+    until(lambda: subscribers(port, "lag") == [], 2, "the slow stream left its room")
+    body = read_to_end(s)
+    s.close()
+    text = re.sub(rb"\r\n[0-9a-f]+\r\n", b"", body).decode()  # chunk framing out (payloads are x only)
+    ids = [int(i) for i in re.findall(r"^id: (\d+)$", text, re.M)]
+    assert ids == list(range(1, len(ids) + 1)) and 0 < len(ids) < 80, ids
+    # The last event, then the chunked body's end (RFC 9112 7.1: a chunk of size 0).
+    assert body.endswith(b"event: close\ndata: 4008\n\n\r\n0\r\n\r\n"), body[-200:]
+
+
+def test_a_stream_whose_output_stalls_under_the_limit_is_dropped_after_the_stall_limit(make_server):
+    """Under the limit (4 MiB) but not read: the writer waits for the transport at most the stall limit
+    (--heartbeat + --heartbeat-timeout + 2 s: 3 s here, a WebSocket connection's bound), then the
+    stream ends with 4008 and, unread, is reset 2 s later. Before, it waited forever."""
+    _, port = start(make_server, "--heartbeat", "500", "--heartbeat-timeout", "500")
+    s = open_stream(port, "stall")
+    publish(port, "stall", 85, 60_000)  # ~3 MB in the kernel, ~2 MB in the server: under 4 MiB
+    t0 = time.monotonic()
+    assert subscribers(port, "stall") == [{"room": "stall", "subscribers": 1}], "under the limit: kept"
+    until(lambda: subscribers(port, "stall") == [], 6, "the stalled stream left its room")
+    assert time.monotonic() - t0 > 2, "not before the stall limit"
+    until(lambda: tcp_state(s) != TCP_ESTABLISHED, 6, "the stalled stream's socket was dropped")
+    s.close()
 
 
 def test_a_client_that_resets_mid_write_is_not_an_error(make_server):
