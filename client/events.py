@@ -5,6 +5,13 @@ keeps the constructor short and lets an application log everything with a
 single ``print``, while ``match``/``isinstance`` picks out the kinds it acts on.
 Events are reported synchronously from the event loop; a callback returning an
 awaitable has it scheduled as a task, so a slow handler never stalls frames.
+
+Order (the same in the JS client, client/js/wsfan.js): ``Connected`` is the first event of
+every connection. A reconnect reports ``Disconnected``, then ``Reconnecting`` before each
+attempt, then ``Connected(reconnect=True)`` once every room is rejoined, then, in the order
+they happened, the events of that rejoin and of the new connection so far (``Recovered`` or
+``Gap`` per room, ``RejoinFailed``, ``Subscribed``, ``Joined``...). An attempt that fails
+before that reports what it held when it fails, without a ``Connected``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ Left = LeftEvent
 
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """A connection is open and (on a reconnect) every room has been rejoined."""
+    """A connection is open and (on a reconnect) every room has been rejoined; the first event of each connection.
+
+    The ``Recovered``/``Gap``/``RejoinFailed`` events of the rejoin follow it (module docstring).
+    """
 
     welcome: Welcome
     reconnect: bool

@@ -150,10 +150,36 @@ class Session:
         self._stopped: BaseException | None = None  # why the session will never connect again
         self._done: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._held_events: list[Event] | None = None  # events of a connection not yet reported Connected
 
     # ------------------------------------------------------------ connections
 
     async def _open(self, reconnect: bool) -> Connection:
+        """Open a connection, rejoin every room on a reconnect, then report ``Connected``.
+
+        ``Connected`` is the first event of each connection: what happens on it before every
+        room is rejoined (``Recovered``, ``Gap``, ``RejoinFailed``, ``Subscribed``, ``Joined``...)
+        is held and reported right after it, in order. An attempt that fails first reports
+        what it held when it fails, without a ``Connected`` (client.events).
+        """
+        self._held_events = []
+        try:
+            conn = await self._open_held(reconnect)
+        except BaseException:
+            self._release_events()
+            raise
+        held, self._held_events = self._held_events, None
+        self._emit(Connected(conn.welcome, reconnect))
+        for event in held or ():
+            self._emit(event)
+        return conn
+
+    def _release_events(self) -> None:
+        held, self._held_events = self._held_events, None
+        for event in held or ():
+            self._emit(event)
+
+    async def _open_held(self, reconnect: bool) -> Connection:
         conn = await open_connection(
             self.url,
             self._codec,
@@ -182,7 +208,6 @@ class Session:
         if not conn.is_open:
             raise ConnectionClosed(*conn.closed.result()) if conn.closed.done() else NotConnected()
         self._ready.set()
-        self._emit(Connected(conn.welcome, reconnect))
         return conn
 
     def _reopen(self) -> Awaitable[Connection]:
@@ -295,6 +320,7 @@ class Session:
         if self._stopped is not None:
             return
         self._closing = True
+        self._release_events()  # what an attempt in progress held is reported now
         self._stopped = error if error is not None else ConnectionClosed(1000, "client closed")
         self._conn = None
         self._fail_pending(self._stopped)
@@ -373,6 +399,10 @@ class Session:
         self._run_callback(callback, msg, "on_push")
 
     def _emit(self, event: Event) -> None:
+        held = self._held_events
+        if held is not None:  # a connection is being opened: its events follow its Connected
+            held.append(event)
+            return
         handler = self._on_event
         if handler is not None:
             self._run_callback(handler, event, "on_event")

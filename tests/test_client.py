@@ -535,6 +535,8 @@ def test_reconnect_rejoins_with_since_and_recovers_each_missed_message_once(live
             await until(lambda: a.connected, timeout=5)
             assert [(await stream.get(2)).payload for _ in range(3)] == ["m4", "m5", "m6"]
             assert Recovered("rec", since=3, seq=6) in events
+            kinds = [type(e) for e in events if not isinstance(e, Reconnecting)]
+            assert kinds == [Connected, Disconnected, Connected, Recovered], events  # Connected first
             await b.publish("rec", "m7")
             assert (await stream.get(2)).seq == 7
             assert len(stream) == 0 and a._rooms.duplicates == 0
@@ -562,6 +564,10 @@ def test_server_restart_reconnects_rejoins_and_reports_the_seq_reset():
             await until(lambda: a.connected and b.connected, timeout=10)
             assert Gap("restart", since=3, seq=0, reset=True) in events_a
             assert Gap("restart", since=3, seq=0, reset=True) in events_b  # b's own seqs count as seen
+            for events in (events_a, events_b):  # Connected first, then what the rejoin found
+                kinds = [type(e) for e in events if not isinstance(e, Reconnecting)]
+                assert kinds == [Connected, Disconnected, Connected, Gap], events
+                assert events[-2] == Connected(events[-2].welcome, reconnect=True)
             assert a.rooms == ["restart"] and b.rooms == ["restart"]
             assert await b.publish("restart", "after") == {"room": "restart", "seq": 1}
             after = await stream.get(2)

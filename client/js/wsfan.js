@@ -761,7 +761,10 @@ function resolveUrl(url, token) {
  * {attempt, delay, error}, `recovered` {room, since, seq}, `gap` {room, since, seq,
  * reset}, `rejoinfailed` {room, error}, `servererror` {code, message}, `overflow`
  * {room, dropped}, `subscribed` {room, seq, epoch} and `unsubscribed` {room, reason} (the server
- * joined this connection to a room / took it out of one), `closed` {error}.
+ * joined this connection to a room / took it out of one), `closed` {error}. `connected` is the first
+ * event of each connection: a reconnect emits `disconnected`, `reconnecting` (each attempt),
+ * `connected` {reconnect: true} once every room is rejoined, then each room's `recovered` or
+ * `gap` (and any other event of the new connection so far), as the Python client does.
  */
 export class Client extends EventTarget {
   constructor(url, options = {}) {
@@ -801,6 +804,7 @@ export class Client extends EventTarget {
     this._stopped = null;
     this._started = false;
     this._sleeper = null;
+    this._held = null; // events of a connection not yet announced by `connected`
     this._done = new Promise((resolve, reject) => {
       this._resolveDone = resolve;
       this._rejectDone = reject;
@@ -1119,6 +1123,10 @@ export class Client extends EventTarget {
   }
 
   _emit(type, detail) {
+    if (this._held) {
+      this._held.push([type, detail]); // a connection is being opened: its events follow its `connected`
+      return;
+    }
     if (this.onEvent) this._runCallback(this.onEvent, { type, ...detail }, `onEvent for ${type}`);
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
@@ -1134,7 +1142,36 @@ export class Client extends EventTarget {
 
   // ---------------------------------------------------------------- internals: connections
 
+  /**
+   * Open a connection, rejoin every room on a reconnect, then emit `connected`: the first event of
+   * each connection. What happens on it before every room is rejoined (`recovered`, `gap`,
+   * `rejoinfailed`, `subscribed`, `joined`...) is held and emitted right after it, in order; an
+   * attempt that fails first emits what it held when it fails, without a `connected` (as
+   * client/events.py).
+   */
   async _open(reconnect) {
+    this._held = [];
+    let conn;
+    try {
+      conn = await this._openHeld(reconnect);
+    } catch (e) {
+      this._releaseEvents();
+      throw e;
+    }
+    const held = this._held;
+    this._held = null;
+    this._emit("connected", { welcome: conn.welcome, reconnect });
+    for (const [type, detail] of held) this._emit(type, detail);
+    return conn;
+  }
+
+  _releaseEvents() {
+    const held = this._held || [];
+    this._held = null;
+    for (const [type, detail] of held) this._emit(type, detail);
+  }
+
+  async _openHeld(reconnect) {
     const conn = new Connection(this, resolveUrl(this.url, this.token));
     await conn.opened;
     if (this._closing) {
@@ -1157,7 +1194,6 @@ export class Client extends EventTarget {
       throw new ConnectionClosed(info.code, info.reason);
     }
     this._setReady();
-    this._emit("connected", { welcome: conn.welcome, reconnect });
     return conn;
   }
 
@@ -1298,6 +1334,7 @@ export class Client extends EventTarget {
     this._readyWaiters.clear();
     for (const w of waiters) w.reject(this._stopped);
     this._endStreams(undefined, error);
+    this._releaseEvents(); // what an attempt in progress held comes before `closed`
     this._emit("closed", { error });
     if (error) this._rejectDone(error);
     else this._resolveDone();
