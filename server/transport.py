@@ -984,9 +984,16 @@ class Connection(Assembler):
         s = self.session
         if s is not None and s.close_code == NO_CLOSE_FRAME and not self.closing:
             s.close_code = code  # what the application's on_disconnect sees
-        if s is not None and s.out and not self.closing:
+        first = not self.closing
+        if s is not None and s.out and first:
             self.flush(s)
         super().close(code, reason, grace)
+        if s is not None and first and not s.closed and self.transport is not None:
+            # The server decided: the session ends now (its rooms, presence, on_disconnect), at the
+            # next loop turn (not inside whatever called close), not when the peer answers the
+            # close frame or the grace ends, up to CLOSE_GRACE_S later (a POST /disconnect left
+            # the user in presence that long). closed() finds it ended.
+            asyncio.get_running_loop().call_soon(self.hub.close, s)
 
     def _on_close_frame(self, frame: WSFrame) -> None:
         s = self.session

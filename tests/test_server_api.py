@@ -5,6 +5,7 @@ Real server processes over real sockets; the cluster cases run two nodes on a re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from helpers.peers import WebsocketsPeer
 from helpers.ports import free_port
+from helpers.rawws import RawWS
 from helpers.servers import ServerProcess
 from helpers.waiting import run
 
@@ -255,6 +257,35 @@ def test_disconnect_closes_every_connection_of_the_user(auth_nodes: list[tuple[S
         assert status == 200 and await other.wait_closed() == 4003  # the default code
 
     run(go())
+
+
+def test_a_disconnected_user_leaves_presence_at_once(make_server: type[ServerProcess]) -> None:
+    """POST /disconnect: the user's connection leaves presence (and its rooms) as soon as the server
+    closes it, not when its client answers the close frame. A client that never answers (here a raw
+    socket that stops reading) stayed in presence for the close grace, 2 s (hostile finding)."""
+    srv, base = start(make_server, "--jwt-secret", SECRET, "--presence")
+    ws = RawWS.connect("127.0.0.1", srv.port, path=f"/ws?token={_token('ann')}")
+    ws.recv_message()  # welcome
+    ws.send_text(b'{"type":"join","id":"j","room":"lobby"}')
+    ws.recv_message()  # the ack
+
+    async def stats() -> int:
+        status, reply = await call("GET", base + "/presence_stats?room=lobby")
+        assert status == 200, reply
+        return int(reply["connections"])
+
+    async def go() -> None:
+        assert await stats() == 1
+        status, _ = await call("POST", base + "/disconnect", {"user": "ann"})
+        assert status == 200
+        started = time.monotonic()
+        while await stats() and time.monotonic() - started < 5:
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - started < 0.5, "still in presence while its close handshake is pending"
+
+    run(go())
+    assert ws.recv_frame(timeout=2).close_info()[0] == 4003  # the close frame came all the same
+    ws.close()
 
 
 def test_unsubscribe_takes_the_user_out_of_one_room(auth_nodes: list[tuple[ServerProcess, str]]) -> None:
