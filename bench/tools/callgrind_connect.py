@@ -6,7 +6,8 @@ The server runs pinned to ``--server-cpu`` (under ``valgrind --tool=callgrind`` 
 ``--cpu-time``); ``bench/tools/connect_client.c`` (built here with ``cc -O2``) runs pinned to
 ``--client-cpu`` and, per round, opens ``--clients`` connections with ``--in-flight`` handshakes
 at once, each waiting for the welcome, joining room ``r<i % rooms>`` and waiting for the ack
-(*connect*), then closes them all with a close handshake (*close*). The server is left to go
+(*connect*), then closes them all with a close handshake (*close*; ``--close drop``: every socket
+closed at once without a close frame, as the connect bench's reconnect wave). The server is left to go
 quiet after each phase (its CPU over 0.3 s under 3 % of a core), then the phase is read:
 
 - callgrind: ``callgrind_control --dump`` ends each phase; a dump's total instructions ÷ clients
@@ -184,7 +185,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     ["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True
                 )
             for r in range(args.rounds):
-                for phase, cmd in (("connect", "connect"), ("close", "close")):
+                for phase, cmd in (("connect", "connect"), ("close", args.close)):
                     before = on_cpu_ns(server.pid)
                     reply = crowd.ask(cmd)
                     wait_quiet(server.pid)
@@ -218,6 +219,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "unit": "µs on CPU" if args.cpu_time else "instructions",
         "clients": args.clients,
         "in_flight": args.in_flight,
+        "close": args.close,
         "rounds": phases,
         "median": {k: statistics.median(v) for k, v in kept.items()},
         "dumps": str(out),
@@ -238,6 +240,13 @@ def main() -> None:
     p.add_argument("--rooms", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--path", default="/ws")
+    p.add_argument(
+        "--close",
+        choices=("close", "drop"),
+        default="close",
+        help="how the crowd leaves: a close handshake (default) or every socket closed at once, no close "
+        "frame (as after a network blip: the reconnect storm's cleanup)",
+    )
     p.add_argument("--server-cpu", type=int, default=0, help="-1: unpinned")
     p.add_argument("--client-cpu", type=int, default=1, help="-1: unpinned")
     p.add_argument("--cpu-time", action="store_true", help="no valgrind: server CPU time per connection")
