@@ -237,6 +237,10 @@ class HandshakeDeadlines:
             protocol._handshake_timeout_callback()  # picows': INFO line, the handshake future, disconnect()
         if pending:
             self._timer = self._loop.call_later(self.tick, self.sweep)
+        else:
+            # A dict never shrinks as entries leave: a storm's table (about 36 B per handshake that
+            # was pending at once) would stay; a new one costs nothing until the next accept.
+            self.pending = {}
 
 
 # One scratch buffer for every connection still in its handshake: a read is copied out of it

@@ -347,3 +347,30 @@ def test_an_upgrade_asks_for_the_clients_address_only_to_count_it_per_ip() -> No
     does not ask (through uvloop: a getpeername syscall and an address tuple per connect)."""
     assert uvloop.run(_peer_lookups()) == (101, 0)
     assert uvloop.run(_peer_lookups(max_connections_per_ip=2)) == (101, 1)
+
+
+async def _table_after_a_burst(handshakes: int) -> tuple[int, int]:
+    """(size in bytes of HandshakeDeadlines' table right after ``handshakes`` came and completed, after its next sweep)."""
+    import sys
+
+    from wsfan.server.transport import HandshakeDeadlines
+
+    deadlines = HandshakeDeadlines(0.04, asyncio.get_running_loop())  # a sweep every 0.01 s
+    burst = [object() for _ in range(handshakes)]
+    for p in burst:
+        deadlines.add(p)  # type: ignore[arg-type]
+    for p in burst:
+        deadlines.discard(p)  # type: ignore[arg-type]
+    right_after = sys.getsizeof(deadlines.pending)
+    await asyncio.sleep(0.05)
+    return right_after, sys.getsizeof(deadlines.pending)
+
+
+def test_a_handshake_burst_leaves_no_table_behind() -> None:
+    """The pending handshakes' dict does not keep a storm's table (about 36 B per handshake pending at
+    once) once the storm is over: the next sweep finds it empty and starts a new one."""
+    import sys
+
+    right_after, later = uvloop.run(_table_after_a_burst(1000))
+    assert right_after > 30_000
+    assert later == sys.getsizeof({})
