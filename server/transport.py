@@ -500,8 +500,11 @@ def _setsockopt(raw: Any, level: int, option: int, value: int | bytes) -> None:
     if sock is not None:
         try:
             # uvloop's PseudoSocket.setsockopt builds a socket.socket (Python __init__) per call;
-            # the C type on the same fd, detached after, sets the option without it.
-            s = _socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+            # the C type on the same fd, detached after, sets the option without it. Its family and
+            # type are given, not asked: setsockopt never reads them, and PseudoSocket's ``family`` and
+            # ``type`` each build an enum member (about 9,000 instructions for the two, callgrind,
+            # docs/connection-cost.md); without them the type would ask the kernel (getsockopt).
+            s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, sock.fileno())
             try:
                 s.setsockopt(level, option, value)
             finally:

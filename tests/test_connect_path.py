@@ -263,8 +263,9 @@ def test_one_timer_bounds_every_pending_handshake() -> None:
     """picows arms a timer per connection for its handshake timeout; HandshakeDeadlines sweeps them all
     with one (and still drops the silent ones in time)."""
     during, connections, dropped = uvloop.run(_timers_for_silent_connections(20))
-    # the sweep's timer, and the one of this test's own sleep not yet freed; picows' way: one per connection
-    assert during <= 2 and dropped == connections
+    # the sweep's timer (and the next one while a sweep runs), this test's own sleep's, not yet freed:
+    # a few, however many connections wait; picows' way is one per connection (21 here)
+    assert during <= 5 and dropped == connections
 
 
 async def _stall_limits(connections: int) -> tuple[int, list[int], int]:
@@ -374,3 +375,46 @@ def test_a_handshake_burst_leaves_no_table_behind() -> None:
     right_after, later = uvloop.run(_table_after_a_burst(1000))
     assert right_after > 30_000
     assert later == sys.getsizeof({})
+
+
+async def _options_set_on_an_ipv6_connection() -> tuple[int, bytes]:
+    """(TCP_USER_TIMEOUT in ms, SO_LINGER) of an accepted IPv6 socket after limit_stall(3 s) and the
+    SO_LINGER half of reset(), set through transport._setsockopt."""
+    import socket
+
+    from wsfan.server.transport import _LINGER_RESET, _setsockopt, limit_stall
+
+    accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            accepted.set_result(transport)
+
+    server = await asyncio.get_running_loop().create_server(Keep, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("::1", port)
+    raw = await accepted
+    try:
+        limit_stall(raw, 3.0)
+        _setsockopt(raw, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock = socket.socket(fileno=raw.get_extra_info("socket").fileno())
+        try:
+            return (
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(_LINGER_RESET)),
+            )
+        finally:
+            sock.detach()
+    finally:
+        writer.close()
+        raw.close()
+        server.close()
+
+
+def test_socket_options_are_set_on_ipv6_sockets_too() -> None:
+    """_setsockopt wraps the fd as an AF_INET socket object whatever its family (setsockopt does not
+    read it; asking uvloop's PseudoSocket for it costs an enum per call): an IPv6 socket gets the
+    options all the same."""
+    from wsfan.server.transport import _LINGER_RESET
+
+    assert uvloop.run(_options_set_on_an_ipv6_connection()) == (3000, _LINGER_RESET)
