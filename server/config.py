@@ -104,7 +104,8 @@ HELP: dict[str, str] = {
     "history_size": "publications kept per room for recovery with `since`; 0 keeps none (default namespace)",
     "history_ttl": "seconds without a publication after which a room's history is dropped (default namespace)",
     "history_meta_ttl": "seconds a room's seq and epoch outlive its last publication or join (with --broker; "
-    "when they lapse the room starts over under a new epoch)",
+    "when they lapse the room starts over under a new epoch; a room never published in keeps its epoch "
+    "only --presence-ttl past its last subscriber)",
     "max_rooms": "rooms with history or subscribers a single node keeps at most; past it a join or publish "
     "that would create a room gets UNAVAILABLE until idle rooms expire",
     "presence": "answer presence and presence_stats requests (default namespace)",

@@ -15,6 +15,7 @@ import pytest
 
 from helpers.peers import PicowsPeer
 from helpers.servers import ServerProcess
+from helpers.waiting import wait_until
 from wsfan.server.broker import BrokerUnavailable
 from wsfan.server.broker.memory import MemoryBroker
 from wsfan.server.namespaces import Namespace, Namespaces
@@ -114,4 +115,30 @@ async def test_a_forgotten_unpublished_room_keeps_its_epoch_and_a_published_one_
     await _ack(p, "leave", room="quiet")
     since0 = await _ack(p, "join", room="quiet", since=0, epoch=first["epoch"])
     assert since0["recovered"] is False, "a since 0 of the old numbering may have missed 1 and 2"
+    await p.close()
+
+
+async def test_redis_keeps_nothing_of_rooms_nobody_published_in_once_nobody_holds_them(
+    redis_server, make_server
+):
+    """Finding 13: every join wrote ``wsfan:{room}:m`` for ``--history-meta-ttl`` (a day), published in
+    or not. Now a room's meta lives ``--presence-ttl`` until its first publish, kept alive while a
+    node holds subscribers, so its epoch stands for them; a publish gives it the meta TTL."""
+    srv = make_server("--broker", redis_server.url, "--rate-limit", "0", "--presence-ttl", "2").start()
+    p = await PicowsPeer.connect(srv.url)
+    held = await _ack(p, "join", room="held")
+    for i in range(100):
+        await _ack(p, "join", room=f"churn-{i}")
+        await _ack(p, "leave", room=f"churn-{i}")
+    ttls = [redis_server.command("TTL", f"wsfan:{{churn-{i}}}:m") for i in range(100)]
+    assert all(t <= 2 for t in ttls), "the hold TTL, not the meta TTL"
+    assert wait_until(lambda: not redis_server.command("KEYS", "wsfan:{churn-*"), timeout=15), "all gone"
+    assert redis_server.command("EXISTS", "wsfan:{held}:m") == 1, "held by a subscriber: kept alive"
+
+    await _ack(p, "publish", room="held", payload=1)
+    assert redis_server.command("TTL", "wsfan:{held}:m") > 3600, "published: the meta TTL (a day)"
+    q = await PicowsPeer.connect(srv.url)
+    back = await _ack(q, "join", room="held", since=0, epoch=held["epoch"])
+    assert (back["seq"], back["recovered"], back["epoch"]) == (1, True, held["epoch"])
+    await q.close()
     await p.close()

@@ -38,6 +38,7 @@ from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Public
 from wsfan.server.broker.redis_layout import (
     EVENT_SEQ,
     HISTORY_LUA,
+    HOLD_LUA,
     PRESENCE_ADD_LUA,
     PRESENCE_READ_LUA,
     PRESENCE_REFRESH_LUA,
@@ -445,6 +446,7 @@ class RedisBroker:
         args = (
             2, meta_key(room), history_key(room),
             "" if since is None else str(since), epoch or "", secrets.token_hex(4), self.meta_ttl,
+            self.presence_ttl,
         )  # fmt: skip
         try:
             try:
@@ -594,15 +596,35 @@ class RedisBroker:
             except TimeoutError:
                 pass
             self._presence_wake.clear()
-            if not self.available or self._redis is None or not self.local_presence:
+            if not self.available or self._redis is None:
                 continue
             try:
-                await self._refresh_presence(rewrite)
-                rewrite = False
+                await self._hold_unpublished()
+                if self.local_presence:
+                    await self._refresh_presence(rewrite)
+                    rewrite = False
             except _LOST as exc:
                 self._lost(exc)
             except Exception:  # a bug must not end presence for the life of the process
                 log.exception("refreshing presence failed")
+
+    async def _hold_unpublished(self) -> None:
+        """Keep alive the meta hash (the epoch its joins acked) of each subscribed room not yet published in.
+
+        Such a hash lives ``presence_ttl`` (``HISTORY_LUA``), so joins of rooms nobody publishes
+        in leave nothing in Redis once no node holds them; while one does, its subscribers'
+        epoch stands and a rejoin with ``since`` is recovered. One script per room (Redis Cluster:
+        one slot per script), all in one pipeline, every third of ``presence_ttl``.
+        """
+        assert self._redis is not None
+        rooms = [r.name for r in self._rooms.values() if not r.last and not reserved(r.name)]
+        if not rooms:
+            return
+        hold = self._script(HOLD_LUA)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                await hold(keys=[meta_key(room)], args=[self.presence_ttl], client=pipe)
+            await pipe.execute(raise_on_error=False)
 
     async def _refresh_presence(self, rewrite: bool) -> None:
         assert self._redis is not None

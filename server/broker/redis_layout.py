@@ -4,7 +4,11 @@ Per room, these Redis names, hash-tagged on the room so that a Redis Cluster
 keeps them on one shard and one script may touch them together:
 
 - ``wsfan:{room}:m``  hash: ``s`` = the room's last seq, ``e`` = its epoch; TTL ``history_meta_ttl``,
-  refreshed by every publish and join
+  refreshed by every publish and by every join of a room published in. Before its first
+  publish (no ``s``) the hash holds only the epoch its joins acked, with TTL ``presence_ttl``
+  (a join creates it), kept alive by every node subscribed to the room (``HOLD_LUA``, every
+  third of it): it goes soon after its last subscriber, so joins of names nobody publishes
+  in leave nothing in Redis (hostile finding 13: each one left a key for a day)
 - ``wsfan:{room}:h``  stream: the last ~``history_size`` envelopes, entry id ``<seq>-0``; TTL
   ``history_ttl``, refreshed by every publish
 - ``wsfan:{room}:p``  hash: conn id -> msgpack ``[user, joined_at ms]``, the room's presence
@@ -15,7 +19,10 @@ keeps them on one shard and one script may touch them together:
 
 Every key has a TTL, so a room nobody uses leaves Redis by itself. When the meta hash
 expires the room's next publish or join creates it again under a new epoch: the seq
-restarts, and the epoch tells clients so (``recovered: false``), never wrong data.
+restarts, and the epoch tells clients so (``recovered: false``), never wrong data. A
+room never published in has nothing a client could miss, so its short-lived hash costs
+only this: a subscriber that rejoins after nobody held the room for ``presence_ttl`` gets
+``recovered: false`` and a new epoch, with nothing to replay.
 
 ``joined``/``left`` events travel on the room's channel as envelopes with seq 0 (seqs start
 at 1), ``[0, [user, 1 joined | 0 left, conn, ts, b""]]``, so that they keep their order
@@ -65,15 +72,20 @@ return seq
 """
 
 # KEYS: meta hash, history stream. ARGV: since ('' = none), the client's epoch ('' = none),
-# epoch for a new room, meta TTL (s). Returns {seq, epoch, envelope...}: the envelopes after since, or all
-# of them when the client's epoch is not the room's (its since belongs to another numbering).
-# A room is created here too, so that the epoch a first join acks is the one later publishes keep.
+# epoch for a new room, meta TTL (s), hold TTL (s). Returns {seq, epoch, envelope...}: the envelopes
+# after since, or all of them when the client's epoch is not the room's (its since belongs to another
+# numbering). A room is created here too, so that the epoch a first join acks is the one later
+# publishes keep; until its first publish (no 's') it lives the hold TTL, not the meta TTL.
 HISTORY_LUA = """
 if redis.call('HSETNX', KEYS[1], 'e', ARGV[3]) == 1 then
   redis.call('DEL', KEYS[2])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
 local meta = redis.call('HMGET', KEYS[1], 's', 'e')
+if meta[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
 local seq = tonumber(meta[1]) or 0
 local out = {seq, meta[2]}
 if ARGV[1] ~= '' then
@@ -93,6 +105,16 @@ end
 return out
 """
 
+# KEYS: the meta hash of a room this node is subscribed to and has seen no publication of (one room
+# per call: a Redis Cluster runs a script on one slot). ARGV: hold TTL (s). Keeps the epoch of a room
+# not yet published in while a node has subscribers to it: a hash with a seq (published meanwhile)
+# keeps its meta TTL, and a hash that is gone is not made again.
+HOLD_LUA = """
+if redis.call('HEXISTS', KEYS[1], 's') == 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+"""
 
 _NOW_LUA = """
 local t = redis.call('TIME')
