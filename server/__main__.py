@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         preflight(settings)
     except StartupError as exc:
         print(f"wsfan: error: {exc}", file=sys.stderr)
+        if exc.detail:
+            print(exc.detail, end="", file=sys.stderr)
         return EXIT_USAGE
     cores = os.cpu_count() or 1
     if settings.production and settings.workers == 1 and cores > 1 and not settings.broker:

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -665,25 +666,76 @@ def _takes_payload(fn: Callable[..., Any]) -> bool:
     return positional >= 3
 
 
+class AppImportFailed(ValueError):
+    """``load``: the application's module raised while it was imported (its bug, not a usage error).
+
+    ``str()`` is the one line saying which; ``traceback()`` is the exception's traceback with
+    wsfan's and importlib's frames left out (the application's own frames and the libraries it
+    called), ``traceback(full=True)`` all of it.
+    """
+
+    def __init__(self, line: str, exc: BaseException) -> None:
+        super().__init__(line)
+        self.exc = exc
+
+    def traceback(self, full: bool = False) -> str:
+        te = traceback.TracebackException.from_exception(self.exc)
+        if not full:
+            seen: set[int] = set()
+            todo: list[traceback.TracebackException | None] = [te]
+            while todo:
+                one = todo.pop()
+                if one is None or id(one) in seen:
+                    continue
+                seen.add(id(one))
+                one.stack = traceback.StackSummary.from_list([f for f in one.stack if not _ours(f.filename)])
+                todo += [one.__cause__, one.__context__]
+        return "".join(te.format())
+
+
+def _ours(filename: str) -> bool:
+    """A frame of wsfan's own code or of the import machinery (left out of an application's traceback)."""
+    if filename.startswith(("<frozen importlib", _IMPORTLIB)):
+        return True
+    return any(filename.startswith(folder) for folder in _OUR_FOLDERS)
+
+
+_IMPORTLIB = str(Path(importlib.__file__ or ".").resolve().parent) + "/"
+_OUR_FOLDERS = tuple(
+    str(Path(p).resolve()) + "/"
+    for p in {Path(__file__).parent, Path(sys.modules["wsfan"].__file__ or ".").parent}
+    if p is not None
+)
+
+
+class _NotAFile(Exception):
+    """``_from_file``'s own refusal (no such file, a name taken): one line, no traceback."""
+
+
 def _from_file(path: str) -> ModuleType:
     """The module of a Python file (``load``): imported once under the file's name, its folder on
-    ``sys.path``. ``FileNotFoundError`` when there is no such file; ``ImportError`` when the name is
-    another module's already."""
-    file = Path(path).resolve(strict=True)
-    if not file.is_file():
-        raise FileNotFoundError(path)
+    ``sys.path``. ``_NotAFile`` with what is wrong when there is no such file or its name is another
+    module's already; what the module raises while it runs propagates."""
+    try:
+        file = Path(path).resolve(strict=True)
+    except OSError:
+        file = None
+    if file is None or not file.is_file():
+        raise _NotAFile(f"no such file {path!r}")
     name = file.stem
     known = sys.modules.get(name)
     if known is not None:
         if getattr(known, "__file__", None) and Path(known.__file__).resolve() == file:  # type: ignore[arg-type]
             return known
-        raise ImportError(f"a module named {name!r} is imported already, from elsewhere")
+        raise _NotAFile(
+            f"cannot import {path!r}: a module named {name!r} is imported already, from elsewhere"
+        )
     folder = str(file.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
-        raise ImportError(f"{path!r} is not a Python module")
+        raise _NotAFile(f"{path!r} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # before it runs: what it defines (msgspec Structs) names its module
     try:
@@ -710,6 +762,10 @@ def load(spec: str) -> App:
     directory) is run as ``python path/to/file.py`` would run it, but under its own name: its
     folder first on ``sys.path`` (its sibling modules import), imported once as the module named
     after the file, so an app runs the same from any directory (``wsfan run examples/chat.py:app``).
+
+    A module or file that does not exist, or an attribute that is not there or not an App, is a
+    ``ValueError`` whose text is one line for the operator; a module that raised while it was
+    imported is ``AppImportFailed`` (a ``ValueError``) carrying that exception for its traceback.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -718,21 +774,42 @@ def load(spec: str) -> App:
         module = (
             _from_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
         )
-    except FileNotFoundError:
-        raise ValueError(f"--app {spec!r}: no such file {module_name!r}") from None
-    except ImportError as exc:
-        raise ValueError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
+    except ModuleNotFoundError as exc:
+        # The module itself (or a package above it) is missing: the spec is wrong. A module the
+        # application imports is missing: the application's problem, reported with its traceback.
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ValueError(
+                f"--app {spec!r}: no module named {exc.name!r} (looked in the current directory and sys.path)"
+            ) from None
+        raise AppImportFailed(_raised(spec, module_name, exc), exc) from None
+    except _NotAFile as exc:
+        raise ValueError(f"--app {spec!r}: {exc}") from None
+    except Exception as exc:
+        raise AppImportFailed(_raised(spec, module_name, exc), exc) from None
     app: Any = module
+    where = module_name
     for part in attr.split("."):
-        app = getattr(app, part, None)
+        if not hasattr(app, part):
+            raise ValueError(f"--app {spec!r}: {where!r} has no attribute {part!r}")
+        app = getattr(app, part)
+        where = f"{where}.{part}" if where != module_name else f"{module_name}:{part}"
     if not isinstance(app, App):
-        raise ValueError(f"--app {spec!r}: {attr!r} in {module_name!r} is not a wsfan.App")
+        raise ValueError(
+            f"--app {spec!r}: {attr!r} in {module_name!r} is not a wsfan.App (it is of type {type(app).__name__})"
+        )
     return app
+
+
+def _raised(spec: str, module_name: str, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"--app {spec!r}: importing {module_name!r} raised {what} (the application's traceback follows)"
 
 
 __all__ = [
     "KEEP",
     "App",
+    "AppImportFailed",
     "BrokerUnavailable",
     "ConnectRequest",
     "Conn",

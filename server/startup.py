@@ -19,7 +19,15 @@ EXIT_USAGE = 2
 
 
 class StartupError(Exception):
-    """A one-line, operator-facing reason not to start; ``__main__`` prints it and exits with 2."""
+    """A one-line, operator-facing reason not to start; ``__main__`` prints it and exits with 2.
+
+    ``detail`` (may be empty) is printed after the line: the traceback of an application module
+    that raised while it was imported (its own frames; every frame at ``--log-level debug``).
+    """
+
+    def __init__(self, line: str, detail: str = "") -> None:
+        super().__init__(line)
+        self.detail = detail
 
 
 def preflight(settings: Settings) -> None:
@@ -36,6 +44,8 @@ def preflight(settings: Settings) -> None:
 
         try:
             application.load(settings.app)
+        except application.AppImportFailed as exc:
+            raise StartupError(str(exc), exc.traceback(full=settings.log_level.lower() == "debug")) from None
         except ValueError as exc:
             raise StartupError(str(exc)) from None
     check_port(settings.host, settings.port, "--port")

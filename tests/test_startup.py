@@ -167,3 +167,66 @@ def test_bad_env_or_config_value_names_the_setting_not_the_validator(tmp_path, e
     )
     assert_one_line_usage_error(r, needle, "expected")
     assert "$." not in r.stderr and "`" not in r.stderr
+
+
+def test_an_app_module_that_raises_at_import_is_one_line_and_its_own_traceback(tmp_path):
+    """docs/app-api.md: exit 2, one line naming the exception, then the traceback of the
+    application's frames only (was: exit 1 and a traceback through wsfan and importlib)."""
+    (tmp_path / "badapp.py").write_text(
+        'import wsfan\n\n\ndef boom():\n    raise RuntimeError("x")\n\n\nboom()\n'
+    )
+    for spec in ("badapp:app", "badapp.py:app"):
+        r = subprocess.run(
+            [sys.executable, "-m", "wsfan", "run", spec],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        first, *rest = r.stderr.splitlines()
+        assert first.startswith(f"wsfan: error: --app '{spec}': importing ")
+        assert "raised RuntimeError: x" in first
+        trace = "\n".join(rest)
+        assert 'badapp.py", line 8, in <module>' in trace and "line 5, in boom" in trace
+        assert rest[-1] == "RuntimeError: x"
+        assert "importlib" not in trace and "application.py" not in trace and "wsfan" not in trace, trace
+    full = subprocess.run(
+        [sys.executable, "-m", "wsfan", "run", "badapp:app", "--log-level", "debug"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert full.returncode == 2 and "importlib" in full.stderr and "application.py" in full.stderr
+
+
+def test_an_app_module_whose_import_is_missing_is_its_own_error_not_the_specs(tmp_path):
+    (tmp_path / "depapp.py").write_text("import no_such_dependency_xyz\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "wsfan", "run", "depapp:app"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.returncode == 2
+    assert (
+        "importing 'depapp' raised ModuleNotFoundError: No module named 'no_such_dependency_xyz'" in r.stderr
+    )
+    assert 'depapp.py", line 1' in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("okapp:nope", "'okapp' has no attribute 'nope'"),
+        ("okapp:app.nope", "'okapp:app' has no attribute 'nope'"),
+        ("okapp:x", "'x' in 'okapp' is not a wsfan.App (it is of type int)"),
+        ("no_such_app_module:app", "no module named 'no_such_app_module'"),
+        ("no_such_file.py:app", "no such file 'no_such_file.py'"),
+    ],
+)
+def test_an_app_spec_that_names_nothing_says_so_in_one_line(tmp_path, spec, needle):
+    (tmp_path / "okapp.py").write_text("import wsfan\n\napp = wsfan.App()\nx = 1\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "wsfan", "run", spec], cwd=tmp_path, capture_output=True, text=True, timeout=20
+    )
+    assert_one_line_usage_error(r, needle)
