@@ -12,12 +12,13 @@ import argparse
 import os
 import ssl
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import msgspec
 
 from wsfan.server import namespaces as ns_config
+from wsfan.server.values import KINDS, BadValue, convert_kind
 
 ENV_PREFIX = "WSFAN_"
 
@@ -181,6 +182,84 @@ HELP: dict[str, str] = {
 }
 
 
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: v >= low
+
+
+#: Rules on one setting's value: (the test, what is allowed). Settings without one accept any value of
+#: their kind. Rules between settings (--tls-cert with --tls-key, --workers with --broker) are in validate.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "port": (lambda v: 0 < v < 65536, "a port number 1..65535"),
+    "http_port": (lambda v: 0 <= v < 65536, "a port number 1..65535, or 0 (off)"),
+    "metrics_port": (lambda v: 0 <= v < 65536, "a port number 1..65535, or 0 (off)"),
+    "workers": (_at_least(1), "a whole number >= 1"),
+    "rate_limit": (_at_least(0), "a number >= 0 (0: no limit)"),
+    "rate_burst": (_at_least(1), "a number >= 1"),
+    "max_message_size": (_at_least(1), "a whole number of bytes >= 1"),
+    "max_control_frames": (lambda v: v == 0 or v >= 1, "0 (no limit) or a number >= 1"),
+    "max_fragments": (_at_least(0), "a whole number >= 0 (0: no limit)"),
+    "heartbeat": (_at_least(0), "a whole number of ms >= 0 (0: off)"),
+    "heartbeat_timeout": (lambda v: v > 0, "a whole number of ms > 0"),
+    "slow_consumer_limit": (_at_least(1024), "a whole number of bytes >= 1024"),
+    "history_size": (_at_least(0), "a whole number >= 0"),
+    "history_ttl": (lambda v: v > 0, "a number of seconds > 0"),
+    "history_meta_ttl": (_at_least(1), "a number of seconds >= 1"),
+    "presence_ttl": (_at_least(1), "a number of seconds >= 1"),
+    "max_rooms": (_at_least(1), "a whole number >= 1"),
+    "log_level": (
+        lambda v: v.lower() in ("debug", "info", "warning", "error"),
+        "debug, info, warning or error",
+    ),
+    "log_format": (lambda v: v in ("text", "json"), "text or json"),
+    "backlog": (_at_least(1), "a whole number >= 1"),
+    "cork_ms": (lambda v: 0 <= v <= 50, "a number of ms from 0 to 50"),
+    "compression_level": (lambda v: 1 <= v <= 9, "a zlib level 1..9"),
+    "compression_threshold": (_at_least(0), "a whole number of bytes >= 0"),
+    "request_timeout": (lambda v: 0 < v <= 300, "a number of seconds > 0 and <= 300"),
+    "jwks_refresh": (_at_least(1), "a number of seconds >= 1"),
+    "fd_reserve": (_at_least(0), "a whole number >= 0"),
+    "max_connections": (_at_least(0), "a whole number >= 0 (0: no limit)"),
+    "max_connections_per_ip": (_at_least(0), "a whole number >= 0 (0: no limit)"),
+    "max_handshake_rate": (_at_least(0), "a number >= 0 (0: off)"),
+    "worker_timeout": (lambda v: v > 0, "a number of seconds > 0"),
+    "drain_spread": (_at_least(0), "a number of seconds >= 0"),
+    "drain_timeout": (_at_least(0), "a number of seconds >= 0"),
+    "jwt_leeway": (_at_least(0), "a number of seconds >= 0"),
+    "read_buffer_size": (_at_least(1), "a whole number of bytes >= 1"),
+    "rate_abuse_strikes": (_at_least(0), "a whole number >= 0"),
+}
+
+
+def allowed(name: str) -> str:
+    """What setting ``name`` accepts, as a phrase: its rule's text, else its kind's."""
+    rule = RULES.get(name)
+    return rule[1] if rule else KINDS[Settings.__annotations__[name]]
+
+
+def convert(name: str, value: Any) -> Any:
+    """``value`` (a TOML value, or text from an environment variable or a flag) as setting ``name``'s
+    kind, checked against its rule; ``BadValue`` otherwise. Whole numbers are decimal digits (a TOML
+    float that is whole passes); numbers are finite (nan and inf are not); booleans are true/false
+    (any case) or 1/0."""
+    kind = Settings.__annotations__[name]
+    out = convert_kind(kind, value, allowed(name))
+    rule = RULES.get(name)
+    if rule is not None and not rule[0](out):
+        raise BadValue(rule[1])
+    return out
+
+
+def _arg_type(name: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return convert(name, text)
+        except BadValue as exc:
+            raise argparse.ArgumentTypeError(f"expected {exc}, got {text!r}") from None
+
+    parse.__name__ = Settings.__annotations__[name]
+    return parse
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -189,6 +268,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line that says what to do, not the whole usage block."""
 
     def error(self, message: str) -> NoReturn:
+        message = message.removeprefix("argument ")  # argparse's "argument --port: ...": the flag is enough
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -215,8 +295,7 @@ def build_parser(prog: str = "wsfan") -> argparse.ArgumentParser:
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
-            py_type = {"int": int, "float": float, "str": str}[field_type]
-            parser.add_argument(_flag(name), dest=name, type=py_type, default=None, help=help_text)
+            parser.add_argument(_flag(name), dest=name, type=_arg_type(name), default=None, help=help_text)
     return parser
 
 
@@ -238,24 +317,27 @@ def _from_toml(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in section.items()}
 
 
-def _invalid(text: str) -> str:
-    """A settings validation error in the words of the flag and env variable the user set, not msgspec's."""
-    if text.startswith("Object contains unknown field"):
-        name = text.split("`")[1] if text.count("`") >= 2 else "?"
-        return f"unknown setting {name!r}: not a flag, {ENV_PREFIX} variable or --config key"
-    expected, _, where = text.partition(" - at `$.")
-    field = where.split(".")[0].split("[")[0].rstrip("`")
-    if not field or field not in HELP:
-        return "invalid setting; see --help"
-    kind = expected.split("`")[1] if expected.count("`") >= 2 else "a valid value"
-    return f"--{field.replace('_', '-')} (or {ENV_PREFIX}{field.upper()}, or {field} in --config): expected {kind}"
+def _label(name: str, origin: str, config_path: str) -> str:
+    """Where a setting was given, in the user's words: the flag, the variable or the TOML key."""
+    if origin == "env":
+        return f"{ENV_PREFIX}{name.upper()} ({_flag(name)})"
+    if origin == "toml":
+        return f"{name} in --config {config_path} ({_flag(name)})"
+    return _flag(name)
 
 
 def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Merge all sources into one validated ``Settings``; raises ``SystemExit`` with a clear message on bad input."""
+    """Merge all sources into one validated ``Settings``; raises ``SystemExit`` (exit 2) with one line on bad input.
+
+    Every refusal names where the setting came from (``--port``, ``WSFAN_PORT``, ``port in --config
+    FILE``, ``--namespaces chat``...), the value and what is allowed (``KINDS``, ``RULES``,
+    ``namespaces.ALLOWED``); no validator's own text reaches the user.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    config_path = args.config or ""
     if args.config:
         try:
             merged.update(_from_toml(args.config))
@@ -263,30 +345,45 @@ def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             parser.error(f"--config {args.config}: cannot read it ({exc.strerror or type(exc).__name__})")
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             parser.error(f"--config {args.config}: not valid TOML ({exc})")
+        origin.update(dict.fromkeys(merged, "toml"))
     table: dict[str, Any] = merged.pop("namespaces", None) or {}
     if not isinstance(table, dict):
-        parser.error("namespaces in the TOML file must be tables: [namespaces.NAME]")
+        parser.error(f"namespaces in --config {config_path} must be tables: [namespaces.NAME]")
+    ns_origin = {name: f"[namespaces.{name}] in --config {config_path}" for name in table}
     env = _from_env(dict(os.environ) if environ is None else environ)
-    specs = [env.pop("namespaces")] if "namespaces" in env else []
-    specs += args.namespaces or []
+    specs = [(f"{ENV_PREFIX}NAMESPACES", env.pop("namespaces"))] if "namespaces" in env else []
+    specs += [("--namespaces", spec) for spec in args.namespaces or []]
     args.namespaces = None
-    for spec in specs:
+    for where, spec in specs:
         try:
             for name, options in ns_config.parse_specs(spec).items():
                 table[name] = {**(table.get(name) or {}), **options}
+                ns_origin[name] = f"{where} {name}"
         except ValueError as exc:
-            parser.error(f"--namespaces: {exc}")
+            parser.error(f"{where}: {exc}")
     merged.update(env)
-    merged.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    origin.update(dict.fromkeys(env, "env"))
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    merged.update(flags)
+    origin.update(dict.fromkeys(flags, "flag"))
+    for name in list(merged):
+        if name not in Settings.__annotations__:
+            parser.error(
+                f"{name} in --config {config_path}: not a setting (the keys are the flag names without --)"
+            )
+        try:
+            merged[name] = convert(name, merged[name])
+        except BadValue as exc:
+            label = _label(name, origin.get(name, "flag"), config_path)
+            parser.error(f"{label}: expected {exc}, got {merged[name]!r}")
     merged["namespaces"] = table
     try:
-        # strict=False lets env strings like "9000" or "true" convert to their field types.
-        settings = msgspec.convert(merged, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        parser.error(_invalid(str(exc)))
+        settings = msgspec.convert(merged, Settings)
+    except msgspec.ValidationError:  # every field was converted above: a bug here, not the user's input
+        parser.error("invalid settings; see wsfan --help")
     if settings.production:
         settings = production_profile(settings, given=set(merged))
-    problems = validate(settings)
+    problems = validate(settings, ns_origin)
     if problems:
         parser.error("; ".join(problems))
     return settings
@@ -314,10 +411,15 @@ def warnings(s: Settings) -> list[str]:
     return out
 
 
-def validate(s: Settings) -> list[str]:
+def validate(s: Settings, ns_origin: dict[str, str] | None = None) -> list[str]:
+    """What is wrong with settings as a whole (empty when nothing): each setting's ``RULES`` (``load``
+    applies them first, naming where the value came from) and the rules between settings.
+    ``ns_origin`` names where each namespace was configured (``--namespaces``, ``--config FILE``)."""
     problems = []
-    if s.workers < 1:
-        problems.append("workers must be >= 1")
+    for name, (ok, text) in RULES.items():
+        value = getattr(s, name)
+        if not ok(value):
+            problems.append(f"{_flag(name)}: expected {text}, got {value!r}")
     if s.workers > 1 and not s.broker:
         problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
     if s.broker.startswith(("redis+cluster://", "redis+sentinel://")):
@@ -327,10 +429,10 @@ def validate(s: Settings) -> list[str]:
         try:
             (seeds if s.broker.startswith("redis+cluster://") else parse)(s.broker)
         except ValueError as exc:
-            problems.append(f"broker: {exc}")
+            problems.append(f"--broker: {exc}")
     elif s.broker and not s.broker.startswith(("redis://", "rediss://", "unix://")):
         problems.append(
-            "broker must be a redis:// URL (or rediss://, redis+cluster://host:port,host:port, "
+            "--broker must be a redis:// URL (or rediss://, redis+cluster://host:port,host:port, "
             "redis+sentinel://host:port,host:port/master-name)"
         )
     if bool(s.tls_cert) != bool(s.tls_key):
@@ -341,9 +443,7 @@ def validate(s: Settings) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
     if s.jwks_url and not s.jwks_url.startswith(("https://", "http://")):
-        problems.append("jwks-url must be an https:// (or http://) URL")
-    if s.jwks_refresh < 1:
-        problems.append("jwks-refresh must be at least 1 second")
+        problems.append("--jwks-url must be an https:// (or http://) URL")
     if (
         s.production
         and not s.allow_anonymous
@@ -352,54 +452,15 @@ def validate(s: Settings) -> list[str]:
         problems.append(
             "--production needs --jwt-secret, --jwt-public-key or --jwks-url, and --admin-key (or --allow-anonymous)"
         )
-    if s.log_format not in ("text", "json"):
-        problems.append("log-format must be text or json")
-    if s.fd_reserve < 0:
-        problems.append("fd-reserve must be >= 0")
-    if s.max_connections < 0 or s.max_handshake_rate < 0 or s.max_connections_per_ip < 0:
-        problems.append("max-connections, max-connections-per-ip and max-handshake-rate must be >= 0")
-    if s.metrics_port and not 0 < s.metrics_port < 65536:
-        problems.append("metrics-port must be 1..65535 (0 = off)")
     if s.metrics_port and s.metrics_port in (s.port, s.http_port):
-        problems.append("metrics-port must differ from port and http-port")
-    if s.worker_timeout <= 0 or s.drain_spread < 0:
-        problems.append("worker-timeout must be > 0 and drain-spread >= 0")
-    if not 0 < s.port < 65536:
-        problems.append("port must be 1..65535")
-    if s.rate_limit < 0 or s.rate_burst < 1:
-        problems.append("rate-limit must be >= 0 and rate-burst >= 1")
-    if s.max_message_size < 1:
-        problems.append("max-message-size must be positive")
-    if s.max_control_frames < 0 or s.max_fragments < 0:
-        problems.append("max-control-frames and max-fragments must be >= 0")
-    if 0 < s.max_control_frames < 1:
-        problems.append("max-control-frames must be 0 (off) or at least 1")
-    if s.heartbeat < 0 or s.heartbeat_timeout <= 0:
-        problems.append("heartbeat must be >= 0 and heartbeat-timeout > 0")
-    if not 0 <= s.cork_ms <= 50:
-        problems.append("cork-ms must be between 0 and 50")
-    if not 1 <= s.compression_level <= 9 or s.compression_threshold < 0:
-        problems.append("compression-level must be 1..9 and compression-threshold >= 0")
-    if not 0 < s.request_timeout <= 300:
-        problems.append("request-timeout must be > 0 and <= 300 seconds")
-    if s.backlog < 1:
-        problems.append("backlog must be >= 1")
-    if s.history_size < 0:
-        problems.append("history-size must be >= 0")
-    if s.max_rooms < 1:
-        problems.append("max-rooms must be >= 1")
-    if not s.presence_ttl >= 1 or not s.history_meta_ttl >= 1:
-        problems.append("presence-ttl and history-meta-ttl must be >= 1 second")
-    problems += namespaces(s)[1]
-    if s.slow_consumer_limit < 1024:
-        problems.append("slow-consumer-limit must be at least 1024 bytes")
-    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
-        problems.append("log-level must be debug, info, warning or error")
+        problems.append("--metrics-port must differ from --port and --http-port")
+    problems += namespaces(s, ns_origin)[1]
     return problems
 
 
-def namespaces(s: Settings) -> tuple[ns_config.Namespaces, list[str]]:
-    """The room namespaces these settings describe, and what is wrong with them (empty when valid)."""
+def namespaces(s: Settings, origin: dict[str, str] | None = None) -> tuple[ns_config.Namespaces, list[str]]:
+    """The room namespaces these settings describe, and what is wrong with them (empty when valid);
+    ``origin`` names where each was configured, for the problems' text."""
     default = ns_config.Namespace(
         history_size=s.history_size,
         history_ttl=s.history_ttl,
@@ -408,7 +469,7 @@ def namespaces(s: Settings) -> tuple[ns_config.Namespaces, list[str]]:
         allow_publish=s.allow_publish,
         allow_history=s.allow_history,
     )
-    return ns_config.build(default, s.namespaces)
+    return ns_config.build(default, s.namespaces, origin)
 
 
 def tls_context(s: Settings) -> ssl.SSLContext | None:

@@ -17,20 +17,11 @@ from typing import Any, Final
 
 import msgspec
 
+from wsfan.server.values import BadValue, convert_kind
+
 SEPARATOR: Final = ":"
 NAME_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,64}\Z"  # \Z: "$" would accept a trailing newline
 _NAME = re.compile(NAME_PATTERN)
-
-
-class NamespaceSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One namespace as configured: unset (None) options inherit the default namespace's."""
-
-    history_size: int | None = None
-    history_ttl: float | None = None
-    presence: bool | None = None
-    join_leave: bool | None = None
-    allow_publish: bool | None = None
-    allow_history: bool | None = None
 
 
 class Namespace(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,35 +98,51 @@ def parse_specs(text: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def build(default: Namespace, table: dict[str, Any]) -> tuple[Namespaces, list[str]]:
-    """Validate the configured namespaces; returns them and a list of problems (empty when valid)."""
-    problems = [*_check("default namespace", default)]
+#: Each option a namespace may set: (its kind, the test of its value, what is allowed).
+OPTIONS: Final[dict[str, tuple[str, Any, str]]] = {
+    "history_size": ("int", lambda v: v >= 0, "a whole number >= 0"),
+    "history_ttl": ("float", lambda v: v > 0, "a number of seconds > 0"),
+    "presence": ("bool", None, "true or false"),
+    "join_leave": ("bool", None, "true or false"),
+    "allow_publish": ("bool", None, "true or false"),
+    "allow_history": ("bool", None, "true or false"),
+}
+
+
+def build(
+    default: Namespace, table: dict[str, Any], origin: dict[str, str] | None = None
+) -> tuple[Namespaces, list[str]]:
+    """Validate the configured namespaces; returns them and a list of problems (empty when valid).
+
+    ``origin`` maps a namespace's name to where it was configured (``--namespaces chat``,
+    ``[namespaces.chat] in --config FILE``), named in its problems: ``--namespaces chat:
+    history_size: expected a whole number >= 0, got 'abc'``. The default namespace's options are the top-level settings, checked
+    by ``config``.
+    """
+    problems: list[str] = []
     named: dict[str, Namespace] = {}
     for name, raw in table.items():
+        where = (origin or {}).get(name) or f"namespace {name!r}"
         if not isinstance(name, str) or not _NAME.match(name):
-            problems.append(f"namespace name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+            problems.append(f"namespace name {name!r}: expected 1-64 characters of A-Z a-z 0-9 _ . -")
             continue
         if not isinstance(raw, dict):
-            problems.append(f"namespace {name!r} must be a table of options")
+            problems.append(f"{where}: expected a table of options ({', '.join(OPTIONS)})")
             continue
-        try:
-            spec = msgspec.convert(
-                {k.replace("-", "_"): v for k, v in raw.items()}, NamespaceSpec, strict=False
-            )
-        except msgspec.ValidationError as exc:
-            problems.append(f"namespace {name!r}: {exc}")
-            continue
-        given = {k: v for k, v in msgspec.structs.asdict(spec).items() if v is not None}
-        ns = msgspec.structs.replace(default, name=name, **given)
-        problems += _check(f"namespace {name!r}", ns)
-        named[name] = ns
+        given: dict[str, Any] = {}
+        for key, value in raw.items():
+            option = key.replace("-", "_") if isinstance(key, str) else key
+            if option not in OPTIONS:
+                problems.append(f"{where}: unknown option {key!r}; the options are {', '.join(OPTIONS)}")
+                continue
+            kind, ok, allowed = OPTIONS[option]
+            try:
+                given[option] = convert_kind(kind, value, allowed)
+            except BadValue:
+                problems.append(f"{where}: {option}: expected {allowed}, got {value!r}")
+                continue
+            if ok is not None and not ok(given[option]):
+                problems.append(f"{where}: {option}: expected {allowed}, got {value!r}")
+                del given[option]
+        named[name] = msgspec.structs.replace(default, name=name, **given)
     return Namespaces(default, named), problems
-
-
-def _check(what: str, ns: Namespace) -> list[str]:
-    problems = []
-    if ns.history_size < 0:
-        problems.append(f"{what}: history_size must be >= 0")
-    if not ns.history_ttl > 0:
-        problems.append(f"{what}: history_ttl must be > 0 seconds")
-    return problems

@@ -10,6 +10,7 @@ import pytest
 from helpers.ports import free_port
 from helpers.servers import ROOT, ServerProcess
 from wsfan.server import config
+from wsfan.server import namespaces as ns_config
 
 
 def test_help_documents_every_setting_with_its_default():
@@ -74,3 +75,126 @@ def test_server_listens_where_the_toml_file_says(tmp_path):
         assert srv.alive()
     finally:
         assert srv.stop() == 0
+
+
+# ---- every config surface refuses a bad value in wsfan's words: where, the value, what is allowed
+
+
+def _bad_of_kind(kind: str, surface: str) -> object | None:
+    """A value that is not of ``kind`` on ``surface`` (None when that surface cannot carry one)."""
+    if kind == "str":
+        return 1 if surface == "toml" else None  # flags and variables are text
+    if kind == "bool":
+        return "maybe" if surface != "flag" else None  # --presence / --no-presence take no value
+    return "abc"
+
+
+def _breaks_rule(name: str) -> object:
+    ok = config.RULES[name][0]
+    for candidate in (-1, 0, 0.5, 51, 301, 1023, 70000, "loud"):
+        try:
+            if isinstance(candidate, str) != (config.Settings.__annotations__[name] == "str"):
+                continue
+            if not ok(candidate):
+                return candidate
+        except TypeError:
+            continue
+    raise AssertionError(f"no value breaks the rule of {name}")
+
+
+def _refusal(capsys, tmp_path, name: str, surface: str, value: object) -> str:
+    argv: list[str] = []
+    environ: dict[str, str] = {}
+    if surface == "flag":
+        argv = ["--" + name.replace("_", "-"), str(value)]
+    elif surface == "env":
+        environ = {f"WSFAN_{name.upper()}": str(value)}
+    else:
+        toml = tmp_path / "c.toml"
+        toml.write_text(f"{name} = {value!r}\n".replace("'", '"'))
+        argv = ["--config", str(toml)]
+    with pytest.raises(SystemExit) as exit_:
+        config.load(argv, environ=environ)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    for leak in ("`", "$.", "Expected", "invalid int value", "invalid float value"):
+        assert leak not in err, err
+    return err
+
+
+LABELS = {"flag": "{flag}: ", "env": "WSFAN_{upper} ({flag}): ", "toml": "{name} in --config "}
+
+
+KIND_CASES = [
+    (name, surface, value)
+    for name, kind in config.Settings.__annotations__.items()
+    if not kind.startswith("dict")  # namespaces: test_a_bad_namespace_option_is_refused_in_wsfans_words
+    for surface in ("flag", "env", "toml")
+    if (value := _bad_of_kind(kind, surface)) is not None
+]
+
+
+@pytest.mark.parametrize(("name", "surface", "value"), KIND_CASES)
+def test_a_value_not_of_the_settings_kind_is_refused_naming_where_value_and_kind(
+    capsys, tmp_path, name, surface, value
+):
+    err = _refusal(capsys, tmp_path, name, surface, value)
+    flag = "--" + name.replace("_", "-")
+    assert LABELS[surface].format(flag=flag, upper=name.upper(), name=name) in err, err
+    assert f"expected {config.allowed(name)}, got {value!r}" in err, err
+
+
+@pytest.mark.parametrize("surface", ["flag", "env", "toml"])
+@pytest.mark.parametrize("name", list(config.RULES))
+def test_a_value_that_breaks_the_settings_rule_is_refused_naming_where_value_and_rule(
+    capsys, tmp_path, name, surface
+):
+    value = _breaks_rule(name)
+    err = _refusal(capsys, tmp_path, name, surface, value)
+    flag = "--" + name.replace("_", "-")
+    assert LABELS[surface].format(flag=flag, upper=name.upper(), name=name) in err, err
+    shown = value if surface == "toml" else str(value)
+    assert f"expected {config.RULES[name][1]}, got {shown!r}" in err, err
+
+
+def test_non_finite_numbers_are_refused(capsys, tmp_path):
+    for text in ("nan", "inf", "-inf"):
+        assert "expected a number of seconds > 0, got" in _refusal(
+            capsys, tmp_path, "history_ttl", "env", text
+        )
+
+
+@pytest.mark.parametrize("surface", ["flag", "env", "toml"])
+@pytest.mark.parametrize("option", [*ns_config.OPTIONS, "bogus"])
+def test_a_bad_namespace_option_is_refused_in_wsfans_words(capsys, tmp_path, option, surface):
+    kind = ns_config.OPTIONS[option][0] if option in ns_config.OPTIONS else "int"
+    value = {"int": "abc", "float": "abc", "bool": "maybe"}[kind]
+    argv: list[str] = []
+    environ: dict[str, str] = {}
+    if surface == "flag":
+        argv, where = ["--namespaces", f"chat:{option}={value}"], "--namespaces chat: "
+    elif surface == "env":
+        environ, where = {"WSFAN_NAMESPACES": f"chat:{option}={value}"}, "WSFAN_NAMESPACES chat: "
+    else:
+        (tmp_path / "c.toml").write_text(f'[namespaces.chat]\n{option} = "{value}"\n')
+        argv, where = ["--config", str(tmp_path / "c.toml")], "[namespaces.chat] in --config "
+    with pytest.raises(SystemExit) as exit_:
+        config.load(argv, environ=environ)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and where in err, err
+    if option == "bogus":
+        assert "unknown option 'bogus'; the options are history_size, history_ttl" in err, err
+    else:
+        assert f"{option}: expected {ns_config.OPTIONS[option][2]}, got '{value}'" in err, err
+    for leak in ("`", "$.", "Expected", "Object contains"):
+        assert leak not in err, err
+
+
+def test_a_namespace_option_out_of_range_names_the_value(capsys):
+    with pytest.raises(SystemExit):
+        config.load(["--namespaces", "chat:history_size=-1;news:history_ttl=0"], environ={})
+    err = capsys.readouterr().err
+    assert "--namespaces chat: history_size: expected a whole number >= 0, got '-1'" in err
+    assert "--namespaces news: history_ttl: expected a number of seconds > 0, got '0'" in err
