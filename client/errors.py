@@ -61,6 +61,12 @@ class RateLimited(ProtocolError):
     transient = True
 
 
+class LimitExceeded(ProtocolError):
+    """The connection is in as many rooms as the server allows (``--max-rooms-per-connection``)."""
+
+    code_name = "LIMIT_EXCEEDED"
+
+
 class Unavailable(ProtocolError):
     """The server could not take the request right now (e.g. its broker is down); retrying may work."""
 
@@ -82,6 +88,7 @@ _BY_CODE: dict[str, type[ProtocolError]] = {
         NotJoined,
         NotAvailable,
         RateLimited,
+        LimitExceeded,
         Unavailable,
         InternalError,
     )

@@ -86,6 +86,7 @@ class Node:
             rate_limit=settings.rate_limit,
             rate_burst=settings.rate_burst,
             rate_abuse_strikes=settings.rate_abuse_strikes,
+            max_rooms_per_connection=settings.max_rooms_per_connection,
         )
         self.registry = ConnectionRegistry(
             settings.heartbeat, settings.heartbeat_timeout, self._count_heartbeat_close

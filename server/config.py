@@ -39,6 +39,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     history_ttl: float = 300.0
     history_meta_ttl: float = 86_400.0
     max_rooms: int = 1_000_000
+    max_rooms_per_connection: int = 100
     presence: bool = False
     join_leave: bool = False
     allow_publish: bool = True
@@ -109,6 +110,8 @@ HELP: dict[str, str] = {
     "only --presence-ttl past its last subscriber)",
     "max_rooms": "rooms with history or subscribers a single node keeps at most; past it a join or publish "
     "that would create a room gets UNAVAILABLE until idle rooms expire",
+    "max_rooms_per_connection": "rooms one connection may be in at once; a join past it gets LIMIT_EXCEEDED "
+    "(the server's own joins, Conn.join, are not refused)",
     "presence": "answer presence and presence_stats requests (default namespace)",
     "join_leave": "send joined/left events to a room's other subscribers (default namespace)",
     "allow_publish": "clients may publish; when off only POST /publish can (default namespace)",
@@ -206,6 +209,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "history_meta_ttl": (_at_least(1), "a number of seconds >= 1"),
     "presence_ttl": (_at_least(1), "a number of seconds >= 1"),
     "max_rooms": (_at_least(1), "a whole number >= 1"),
+    "max_rooms_per_connection": (_at_least(1), "a whole number >= 1"),
     "log_level": (
         lambda v: v.lower() in ("debug", "info", "warning", "error"),
         "debug, info, warning or error",

@@ -267,6 +267,7 @@ class Hub:
         rate_limit: float = 100.0,
         rate_burst: float = 200.0,
         rate_abuse_strikes: int = 50,
+        max_rooms_per_connection: int = 0,
         codecs: dict[Encoding, Codec] | None = None,
         cork_delay: float = 0.0,
         schedule_later: Callable[[float, Callable[[], None]], Any] | None = None,
@@ -280,6 +281,8 @@ class Hub:
         self.rate_limit = rate_limit
         self.rate_burst = rate_burst
         self.rate_abuse_strikes = rate_abuse_strikes
+        # Rooms a connection may join itself (0: no limit; --max-rooms-per-connection, default 100).
+        self.max_rooms_per_connection = max_rooms_per_connection
         self.stats = Stats()
         self.sessions: dict[str, Session] = {}
         self.rooms: dict[str, Room] = {}
@@ -698,8 +701,22 @@ class Hub:
         go(room, payload)
 
     def _join(self, s: Session, m: Join, server: bool = False) -> None:
-        """Join ``s`` to ``m.room``; ``server``: the server's decision, told with a ``subscribed`` push."""
+        """Join ``s`` to ``m.room``; ``server``: the server's decision, told with a ``subscribed`` push.
+
+        A connection's own join of one more room than ``max_rooms_per_connection`` is refused
+        with ``LIMIT_EXCEEDED`` (PROTOCOL.md; Centrifugo's channel limit per connection): each
+        room costs a slot of the node's ``--max-rooms``, a broker subscription and fan-out
+        tables, and nothing else bounded how many one connection could hold. Its joins run one
+        at a time (``Pending``), so ``s.rooms`` is its count. The server's own joins are not refused.
+        """
         room = m.room
+        limit = self.max_rooms_per_connection
+        if limit and not server and len(s.rooms) >= limit and room not in s.rooms:
+            self.error(
+                s, m.id, ErrorCode.LIMIT_EXCEEDED,
+                f"in {len(s.rooms)} rooms, the most a connection may join; leave one first",
+            )  # fmt: skip
+            return
         ns = self.namespaces.of(room)
         try:
             # Without allow_history a since is not honoured: recovered false, nothing replayed.

@@ -142,3 +142,30 @@ async def test_redis_keeps_nothing_of_rooms_nobody_published_in_once_nobody_hold
     assert (back["seq"], back["recovered"], back["epoch"]) == (1, True, held["epoch"])
     await q.close()
     await p.close()
+
+
+async def test_a_connection_joins_at_most_max_rooms_per_connection(make_server):
+    """Rooms per connection had no bound: one connection could hold --max-rooms of the node's rooms
+    (Centrifugo's channel limit per connection is the model; default 100)."""
+    srv = make_server("--rate-limit", "0").start()
+    p = await PicowsPeer.connect(srv.url)
+    for i in range(100):
+        await _ack(p, "join", room=f"many-{i}")
+    err = await p.request("join", room="many-100")
+    assert (err["type"], err["code"]) == ("error", "LIMIT_EXCEEDED"), err
+    assert "100 rooms" in err["message"] and err["requestId"]
+    await _ack(p, "join", room="many-0", since=0)  # a room it is in: a rejoin, not one more
+    await _ack(p, "leave", room="many-0")
+    await _ack(p, "join", room="many-100")
+    q = await PicowsPeer.connect(srv.url)
+    await _ack(q, "join", room="many-101")  # per connection, not per node
+    await q.close()
+    await p.close()
+
+    small = make_server("--rate-limit", "0", "--max-rooms-per-connection", "2").start()
+    p = await PicowsPeer.connect(small.url)
+    for room in ("a", "b"):
+        await _ack(p, "join", room=room)
+    assert (await p.request("join", room="c"))["code"] == "LIMIT_EXCEEDED"
+    assert (await p.request("echo", payload=1))["type"] == "echo", "the connection stays usable"
+    await p.close()
