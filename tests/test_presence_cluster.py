@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any
 
 from helpers.peers import PicowsPeer
 from helpers.redis_server import RedisServer
 from helpers.servers import ServerProcess
+from helpers.tcp_proxy import TcpProxy
 from helpers.waiting import wait_until
 
 NS = ("--namespaces", "chat:presence=true,join_leave=true", "--presence-ttl", "1", "--rate-limit", "0")
@@ -170,3 +172,52 @@ async def test_a_drained_node_leaves_presence_at_once_not_after_the_ttl(redis_se
     assert await presence(pa, room) == [pa.welcome["conn"]], "gone now, not after the 60 s TTL"
     assert b.proc.wait(15) == 0
     await pa.close()
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> bool:
+    """Poll an async predicate every 50 ms until it is true (True) or ``timeout`` passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_a_leave_while_redis_is_away_leaves_presence_when_it_is_back(redis_server, make_server):
+    """A connection that leaves while its node is cut off from Redis (a partition: Redis keeps its
+    data) gets its ack; its presence entry is removed as soon as the node reaches Redis again, not
+    at the end of --presence-ttl (60 s here): the node remembers the leaves it could not write."""
+    proxy = TcpProxy(redis_server.port).start()
+    try:
+        args = ("--presence-ttl", "60")
+        a = make_server("--broker", f"redis://127.0.0.1:{proxy.port}/0", "--node-id", "A", *NS, *args).start()
+        b = node(make_server, redis_server, "B", *args)
+        room = "chat:partition"
+        pa = await joined(a.url, room)
+        pb = await joined(b.url, room)
+        assert await presence(pb, room) == sorted([pa.welcome["conn"], pb.welcome["conn"]])
+        proxy.cut()
+
+        async def away() -> bool:
+            return (await pa.request("presence", room=room)).get("code") == "UNAVAILABLE"
+
+        assert await until(away)
+        assert (await pa.request("leave", room=room))["type"] == "ack"
+        assert await presence(pb, room) == sorted([pa.welcome["conn"], pb.welcome["conn"]])  # not written
+        proxy.start()
+
+        async def back() -> bool:
+            return (await pa.request("presence", room=room))["type"] == "ack"
+
+        assert await until(back)
+        started = time.monotonic()
+
+        async def gone() -> bool:
+            return await presence(pb, room) == [pb.welcome["conn"]]
+
+        assert await until(gone) and time.monotonic() - started < 3, time.monotonic() - started
+        await pa.close()
+        await pb.close()
+    finally:
+        proxy.stop()

@@ -143,6 +143,10 @@ class RedisBroker:
         # This node's presence entries (room -> conn -> packed info): refreshed in Redis every
         # third of the TTL, and written again after a reconnect.
         self.local_presence: dict[str, dict[str, bytes]] = {}
+        # Presence entries of this node that left while Redis was away (room -> conns): removed
+        # from Redis as soon as it is back, with the rewrite of local_presence. Without it an entry
+        # Redis kept (a partition, not a restart) stayed listed until its TTL ran out.
+        self.unwritten_leaves: dict[str, set[str]] = {}
         self._presence_wake = asyncio.Event()
         self._scripts: dict[str, Any] = {}
         self._on_event: EventFn | None = None
@@ -500,6 +504,7 @@ class RedisBroker:
         info = encode_body(PresenceInfo(entry.user, entry.joined_at)) if presence else b""
         if presence:
             self.local_presence.setdefault(room, {})[entry.conn] = info
+            self._written_leave(room, entry.conn)  # back in: its removal is no longer due
         args = [entry.conn, info, self.presence_ttl, channel_name(room), self._event(entry, True, announce)]
         await self._presence_write(PRESENCE_ADD_LUA, room, args)
 
@@ -513,7 +518,16 @@ class RedisBroker:
                     if room not in self._rooms:
                         self._forgot()
         args = [entry.conn, "1" if presence else "", channel_name(room), self._event(entry, False, announce)]
-        await self._presence_write(PRESENCE_REMOVE_LUA, room, args)
+        if not await self._presence_write(PRESENCE_REMOVE_LUA, room, args) and presence:
+            self.unwritten_leaves.setdefault(room, set()).add(entry.conn)
+            self._presence_wake.set()  # written at the refresh after the reconnect (or now, if back already)
+
+    def _written_leave(self, room: str, conn: str) -> None:
+        pending = self.unwritten_leaves.get(room)
+        if pending is not None:
+            pending.discard(conn)
+            if not pending:
+                del self.unwritten_leaves[room]
 
     @staticmethod
     def _event(entry: PresenceEntry, joined: bool, announce: bool) -> bytes:
@@ -522,16 +536,20 @@ class RedisBroker:
         body = Body(entry.user, 1 if joined else 0, entry.conn, time.time(), b"")
         return encode_body(Envelope(EVENT_SEQ, body))
 
-    async def _presence_write(self, lua: str, room: str, args: list[Any]) -> None:
-        """Best effort: while Redis is away the entry stays local and is written again on reconnect."""
+    async def _presence_write(self, lua: str, room: str, args: list[Any]) -> bool:
+        """Best effort: while Redis is away the entry stays local and is written again on reconnect
+        (a leave: ``unwritten_leaves``). Whether Redis has it (False: away, lost or refused)."""
         if not self.available or self._redis is None:
-            return
+            return False
         try:
             await self._script(lua)(keys=presence_keys(room), args=args)
         except _LOST as exc:
             self._lost(exc)
+            return False
         except ResponseError as exc:
             log.warning("redis refused a presence update of %r: %s", room, exc)
+            return False
+        return True
 
     async def presence(self, room: str) -> list[PresenceEntry]:
         reply = await self._read_presence(room, "list")
@@ -600,7 +618,7 @@ class RedisBroker:
                 continue
             try:
                 await self._hold_unpublished()
-                if self.local_presence:
+                if self.local_presence or self.unwritten_leaves:
                     await self._refresh_presence(rewrite)
                     rewrite = False
             except _LOST as exc:
@@ -629,7 +647,18 @@ class RedisBroker:
     async def _refresh_presence(self, rewrite: bool) -> None:
         assert self._redis is not None
         ttl = self.presence_ttl
+        leaves = self.unwritten_leaves
+        self.unwritten_leaves = {}
         async with self._redis.pipeline(transaction=False) as pipe:
+            try:
+                for room, conns in leaves.items():
+                    for conn in conns:  # no left event: the room's subscribers were told at the leave
+                        await self._script(PRESENCE_REMOVE_LUA)(
+                            keys=presence_keys(room), args=[conn, "1", "", ""], client=pipe
+                        )  # queued in the pipeline
+            except BaseException:
+                self._keep_leaves(leaves)
+                raise
             for room, members in list(self.local_presence.items()):
                 keys = presence_keys(room)
                 if rewrite:
@@ -640,7 +669,17 @@ class RedisBroker:
                 announce = "1" if self.namespaces.of(room).join_leave else ""
                 args = [ttl, announce, channel_name(room), *members]
                 await self._script(PRESENCE_REFRESH_LUA)(keys=keys, args=args, client=pipe)
-            await pipe.execute(raise_on_error=False)
+            try:
+                await pipe.execute(raise_on_error=False)
+            except BaseException:
+                self._keep_leaves(leaves)  # Redis went away again: still due
+                raise
+
+    def _keep_leaves(self, leaves: dict[str, set[str]]) -> None:
+        """Leaves a refresh could not write, due again (minus conns that joined back meanwhile)."""
+        for room, conns in leaves.items():
+            back = self.local_presence.get(room, {})
+            self.unwritten_leaves.setdefault(room, set()).update(c for c in conns if c not in back)
 
     def _publication(self, room: str, data: bytes, live: bool) -> Publication:
         env = decode_envelope(data)

@@ -1,0 +1,80 @@
+"""``TcpProxy``: a TCP relay on a free 127.0.0.1 port to a target port, which a test can cut (every
+relayed connection reset, new ones refused) and restore: a network partition between a node and
+Redis while Redis keeps its data (a restart would lose it)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+
+from helpers.ports import free_port
+
+
+class TcpProxy:
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.target = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._stopped = False
+
+    def start(self) -> TcpProxy:
+        """Listen (again) and relay."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        """Stop listening and reset every relayed connection (both sides see the loss at once)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            socks, self._open = self._open, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((self.host, self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
