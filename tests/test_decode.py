@@ -268,6 +268,9 @@ async def admin_publish(server: ServerProcess, body: bytes) -> tuple[int, dict]:
         (b'{"room":"a","x":' + deep_json(DEEP) + b',"payload":1}', "not in the schema"),
         (b'{"room":"a","payload":123456789012345678901234567890}', "payload has an integer"),
         (b'{"room":"a","payload":1e400}', "payload is not a valid value"),
+        (b'{"room":"a","payload":{"x":[-1e400]}}', "payload is not a valid value"),
+        (b'{"room":"a","payload":NaN}', "not parseable"),  # no NaN or Infinity in JSON (RFC 8259 section 6)
+        (b'{"room":"a","payload":[Infinity]}', "not parseable"),
         (b'{"room":"a","payload":"\xff"}', "payload is not a valid value"),
         (b'{"room":"a","payload":' + deep_json(65) + b"}", "payload nested deeper than 64"),
         (b'{"room":"a\\n","payload":1}', "room must be"),
