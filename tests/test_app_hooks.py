@@ -481,3 +481,25 @@ def test_http_presence_by_a_user_runs_the_hooks_a_websocket_request_does(
         await c.close()
 
     run(go())
+
+
+def test_http_presence_on_a_server_without_auth_runs_the_hooks(make_server: type[ServerProcess]) -> None:
+    """No --jwt-secret: anyone may ask GET /presence, and the application's before_join still
+    decides, as for a WebSocket client (examples/chat.py shows chat:* rooms only)."""
+    http_port = free_port()
+    make_server("--app", "examples.chat:app", "--presence", "--http-port", str(http_port), env=ENV).start()
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as http:
+            for path in ("presence", "presence_stats"):
+                url = f"http://127.0.0.1:{http_port}/{path}"
+                async with http.get(url, params={"room": "secret"}) as r:
+                    assert r.status == 403
+                    assert await r.json() == {
+                        "error": "not allowed to see who is in 'secret'",
+                        "code": "FORBIDDEN",
+                    }
+                async with http.get(url, params={"room": "chat:lobby"}) as r:
+                    assert r.status == 200 and (await r.json())["room"] == "chat:lobby"
+
+    run(go())
