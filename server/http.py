@@ -172,7 +172,9 @@ class QuietRunner(web.AppRunner):
         return server
 
 
-class AdminPublish(msgspec.Struct, forbid_unknown_fields=True):
+# The server API's bodies ignore fields they do not know, as WebSocket messages do
+# (docs/protocol-choices.md: newer callers can talk to older servers).
+class AdminPublish(msgspec.Struct):
     room: RoomName
     payload: msgspec.Raw
 
@@ -181,7 +183,7 @@ _admin_decoder = msgspec.json.Decoder(AdminPublish)
 MAX_BROADCAST_ROOMS = 1000
 
 
-class AdminBroadcast(msgspec.Struct, forbid_unknown_fields=True):
+class AdminBroadcast(msgspec.Struct):
     """``POST /broadcast`` body: one payload to 1-1000 distinct rooms, or (no ``rooms``) to every connection."""
 
     payload: msgspec.Raw
@@ -191,7 +193,7 @@ class AdminBroadcast(msgspec.Struct, forbid_unknown_fields=True):
 _broadcast_decoder = msgspec.json.Decoder(AdminBroadcast)
 
 
-class AdminDisconnect(msgspec.Struct, forbid_unknown_fields=True):
+class AdminDisconnect(msgspec.Struct):
     """``POST /disconnect`` body: close every connection of ``user``, cluster-wide."""
 
     user: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -199,7 +201,7 @@ class AdminDisconnect(msgspec.Struct, forbid_unknown_fields=True):
     reason: str = "disconnected by the server"
 
 
-class AdminUnsubscribe(msgspec.Struct, forbid_unknown_fields=True):
+class AdminUnsubscribe(msgspec.Struct):
     """``POST /unsubscribe`` body: take ``user``'s connections out of ``room``, cluster-wide."""
 
     user: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -208,6 +210,16 @@ class AdminUnsubscribe(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
+#: The server API's sentences for a body field that fails its schema (protocol.describe_invalid).
+BODY_RULES: dict[str, str] = {
+    "room": ROOM_RULE,
+    "rooms": f"rooms must be a list of 1 to {MAX_BROADCAST_ROOMS} distinct room names "
+    "(or absent, to send to every connection)",
+    "rooms[]": "{path}: " + ROOM_RULE,
+    "user": "user must be a string of 1-256 characters",
+    "code": "code must be an integer: 1000, 1001, 1008, 1011 or 4000-4999 (RFC 6455 7.4)",
+    "reason": "reason must be a string (of at most 256 characters for /unsubscribe)",
+}
 _disconnect_decoder = msgspec.json.Decoder(AdminDisconnect)
 _unsubscribe_decoder = msgspec.json.Decoder(AdminUnsubscribe)
 
@@ -393,6 +405,17 @@ class SsePeer:
         self.wakeup.set()
 
 
+def _body_problem(exc: BaseException, shape: str) -> str:
+    """Why a server API body was refused, in our words: ``body must be a JSON object {'room','payload'}``,
+    then what is wrong with it (a field's rule from ``BODY_RULES``, a missing field, not JSON at all)."""
+    expected = f"body must be a JSON object {shape}"
+    if isinstance(exc, msgspec.ValidationError):
+        text = str(exc)
+        if " - at `$" not in text and not text.startswith("Object missing required field"):
+            return expected  # the body is JSON, but not an object (an array, a number...)
+    return f"{expected}: {describe_invalid(exc, 'JSON', BODY_RULES)}"
+
+
 class HttpSide:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -523,7 +546,11 @@ class HttpSide:
         A client that disconnects before the whole body arrived (any ``ConnectionError``) is logged at
         DEBUG (aiohttp would log it with a traceback at ERROR, once per such request).
         """
-        too_big = _json_error(413, f"body larger than {self.node.settings.max_message_size} bytes")
+        too_big = _json_error(
+            413,
+            f"body larger than {self.body_limit} bytes (--max-message-size "
+            f"{self.node.settings.max_message_size} + 1024 for the JSON around the payload)",
+        )
         announced = request.content_length
         if announced is not None and announced > self.body_limit:
             # Refused on its Content-Length, before a byte of it is read (else: 408 after the timeout).
@@ -545,7 +572,8 @@ class HttpSide:
     ) -> Any:
         """The admin key, the bounded body, then the decoded body: the message, or the refusal to send.
 
-        Any decoder failure (RecursionError too) is a 400 naming ``shape`` in our words.
+        Any decoder failure (RecursionError too) is a 400 naming ``shape`` in our words
+        (``_body_problem``).
         """
         refused = self._admin_only(request)
         if refused is not None:
@@ -556,7 +584,7 @@ class HttpSide:
         try:
             return decoder.decode(body)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad body
-            return _json_error(400, f"body must be {shape} JSON: {describe_invalid(exc)}")
+            return _json_error(400, _body_problem(exc, shape))
 
     async def publish(self, request: web.Request) -> web.Response:
         msg = await self._admin_request(request, _admin_decoder, "{'room','payload'}")

@@ -14,6 +14,7 @@ import enum
 import math
 import re
 import struct
+from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
@@ -59,15 +60,18 @@ FIELD_RULES: Final = {
 _AT_PATH = re.compile(
     r" - at `\$\.?([A-Za-z_][A-Za-z0-9_]{0,63}(?:\[[0-9]{1,9}\]|\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,16})[^`]*`\Z"
 )
+_INDEX = re.compile(r"\[[0-9]+\]")
 _MISSING = re.compile(r"^Object missing required field `([A-Za-z_][A-Za-z0-9_]{0,63})`")
 
 
-def describe_invalid(exc: BaseException, what: str = "JSON") -> str:
+def describe_invalid(exc: BaseException, what: str = "JSON", rules: Mapping[str, str] = FIELD_RULES) -> str:
     """A client-facing reason for a message that msgspec refused, in this project's words.
 
     Only the name of the offending field is taken from msgspec's error (it names a field
     of our schema, matched by pattern); the rest of its text never reaches a client.
     ``RecursionError`` (nesting past the interpreter's limit) is a decoder failure too.
+    ``rules``: the sentence for a field (``FIELD_RULES`` for WebSocket messages; the HTTP API's
+    own for its bodies); an item of a list field, ``rooms[3]``, is looked up as ``rooms[]``.
     """
     if isinstance(exc, RecursionError):
         return "not parseable: nested too deeply"
@@ -80,7 +84,8 @@ def describe_invalid(exc: BaseException, what: str = "JSON") -> str:
         return f"missing field {m.group(1)!r}"
     if (m := _AT_PATH.search(text)) is not None:
         path = m.group(1)
-        return FIELD_RULES.get(path, f"invalid value for {path!r}")
+        rule = rules.get(path) or rules.get(_INDEX.sub("[]", path))
+        return rule.format(path=path) if rule else f"invalid value for {path!r}"
     return f"the message must be a {what} object (map) with a 'type' field"
 
 
@@ -175,6 +180,8 @@ MAX_PAYLOAD_DEPTH: Final = 64  # arrays/objects inside a payload, counting the o
 _INT_MIN: Final = -(2**63)  # MessagePack int 64
 _UINT_MAX: Final = 2**64 - 1  # MessagePack uint 64
 _json_values: Final = msgspec.json.Decoder()
+# One sentence for MessagePack's NaN and infinities and JSON's numbers past the float range (1e400).
+NON_FINITE: Final = "payload has a NaN or infinite float (or a number past the float range)"
 _msgpack_values: Final = msgspec.msgpack.Decoder()
 
 
@@ -194,7 +201,9 @@ def payload_problem(payload: bytes, encoding: int) -> str | None:
         value = (_json_values if encoding == Encoding.JSON else _msgpack_values).decode(payload)
     except RecursionError:
         return f"payload nested deeper than {MAX_PAYLOAD_DEPTH}"
-    except Exception:  # noqa: BLE001 - DecodeError, number out of range, invalid UTF-8
+    except msgspec.ValidationError:  # a JSON number past the float range (1e400): infinite as a float
+        return NON_FINITE
+    except Exception:  # noqa: BLE001 - DecodeError, invalid UTF-8
         return "payload is not a valid value"
     return _portable(value, MAX_PAYLOAD_DEPTH)
 
@@ -248,7 +257,7 @@ def _portable(value: Any, depth: int) -> str | None:
     if t is int:
         return None if _INT_MIN <= value <= _UINT_MAX else "payload has an integer outside -2^63..2^64-1"
     if t is float:
-        return None if math.isfinite(value) else "payload has a NaN or infinite float"
+        return None if math.isfinite(value) else NON_FINITE
     if depth == 0:
         return f"payload nested deeper than {MAX_PAYLOAD_DEPTH}"
     # Strings and 64-bit integers, the common leaves, are checked inline: no call for them.

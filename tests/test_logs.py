@@ -244,7 +244,10 @@ async def test_admin_publish_errors_are_our_words(json_server: ServerProcess) ->
             (b'{"room": "bad room", "payload": 1}', FIELD_RULES["room"]),
             (b'{"payload": 1}', "missing field 'room'"),
             (b"[1, 2]", "must be a JSON object"),
-            (b'{"room": "r", "payload": "' + b"x" * 4000 + b'"}', "body larger than 1024 bytes"),
+            (
+                b'{"room": "r", "payload": "' + b"x" * 4000 + b'"}',
+                "body larger than 2048 bytes (--max-message-size 1024 + 1024",
+            ),
         ):
             async with http.post(f"{json_server.http}/publish", data=body) as r:
                 assert r.status in (400, 413)
