@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+import re
 import ssl
 import time
 from collections import deque
@@ -296,6 +297,30 @@ def _number(text: str, name: str, low: int, high: int) -> int | web.Response:
     if value is None or not low <= value <= high:
         return _json_error(400, number_rule(name, low, high))
     return value
+
+
+# The epoch part of an SSE event id: visible ASCII, at most the 64 characters of a join's epoch.
+_EPOCH_TEXT = re.compile(r"[!-~]{1,64}\Z")
+LAST_EVENT_ID_RULE = (
+    "Last-Event-ID must be <epoch>:<seq> (this server's event ids) or <seq>, "
+    "the seq one integer from 0 to 2^63-1 in ASCII digits"
+)
+
+
+def _event_id(text: str) -> tuple[int, str | None] | web.Response:
+    """A ``Last-Event-ID`` as ``(since, epoch)``, or the 400 (``LAST_EVENT_ID_RULE``).
+
+    ``<epoch>:<seq>`` is an id this server wrote (``sse_delivery``): the stream resumes as a
+    WebSocket join with ``since`` and ``epoch`` does, so another incarnation of the room is told
+    (``event: gap``), never continued. A bare ``<seq>`` (ids written before they carried the
+    epoch, or a page's own) resumes as a join with ``since`` alone: only a seq past the room's is
+    found out (docs/protocol-choices.md, "Epochs"). The seq is :func:`parse_seq`'s (ASCII digits).
+    """
+    epoch, colon, seq = text.rpartition(":")
+    value = parse_seq(seq)
+    if value is None or value > SEQ_MAX or (colon and not _EPOCH_TEXT.match(epoch)):
+        return _json_error(400, LAST_EVENT_ID_RULE)
+    return value, epoch if colon else None
 
 
 def _query_number(
@@ -817,8 +842,9 @@ class HttpSide:
         """``GET /sse?room=R[&since=N][&token=T]``: a room's deliveries as Server-Sent Events.
 
         Every input is checked before the stream opens, each with a 400 and a fixed reason:
-        ``room`` (one, :func:`valid_room`), ``since`` / ``Last-Event-ID`` (one, ASCII digits,
-        :func:`_query_number`; an empty ``since=`` is 400, an empty ``Last-Event-ID`` is none),
+        ``room`` (one, :func:`valid_room`), ``since`` (one, ASCII digits, :func:`_query_number`; an
+        empty ``since=`` is 400), ``Last-Event-ID`` (one, :func:`_event_id`: ``<epoch>:<seq>`` or
+        ``<seq>``; an empty one is none),
         ``Origin`` (403 outside ``--allowed-origins``), admission (``Node.admission``, the rule of a
         WebSocket upgrade: 503 with ``Retry-After`` while draining, past ``--max-connections`` or
         ``--max-connections-per-ip``, which count streams and WebSocket connections together, once
@@ -833,10 +859,12 @@ class HttpSide:
         since = _query_number(request, "since", 0, SEQ_MAX, None)
         if isinstance(since, web.Response):
             return since
+        epoch: str | None = None
         if last_event_id:  # an EventSource's reconnect: it wins over the URL's since (an empty one is none)
-            since = _number(last_event_id, "Last-Event-ID", 0, SEQ_MAX)
-            if isinstance(since, web.Response):
-                return since
+            resumed = _event_id(last_event_id)
+            if isinstance(resumed, web.Response):
+                return resumed
+            since, epoch = resumed
         refused = self.node.origins.check(request.headers)
         if refused is not None:
             return self._refused(
@@ -862,12 +890,14 @@ class HttpSide:
         self.streams.add(task)
         held = node.registry.hold_ip(peername)
         try:
-            return await self._stream(request, room, since)
+            return await self._stream(request, room, since, epoch)
         finally:
             self.streams.discard(task)
             node.registry.release_ip(held)
 
-    async def _stream(self, request: web.Request, room: str, since: int | None) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, room: str, since: int | None, epoch: str | None
+    ) -> web.StreamResponse:
         """An admitted ``GET /sse``: the token, then the stream until it ends.
 
         A client that goes while it is written to (``ConnectionError``: aiohttp's ``Connection
@@ -906,7 +936,7 @@ class HttpSide:
         try:
             # ``: joined <room>`` comes from the hub once the join took effect, naming the room it
             # took effect in (a before_join hook may move it); a refused join gets none.
-            hub.join(s, room, since)
+            hub.join(s, room, since, epoch=epoch)
             tail = await self._pump(writer, protocol, peer, identity, s)
         except ConnectionError:
             self._client_gone(request, room)

@@ -71,6 +71,7 @@ from wsfan.server.wire import (
     PresenceStatsRequest,
     Publish,
     PublishData,
+    SseGap,
     Subscribed,
     Unsubscribed,
     Welcome,
@@ -208,7 +209,7 @@ class Room:
     (``server/deflate.py``); each group gets one frame per publication.
     """
 
-    __slots__ = ("name", "json", "msgpack", "sse", "groups", "recovering", "last", "catchup")
+    __slots__ = ("name", "json", "msgpack", "sse", "groups", "recovering", "last", "catchup", "epoch")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -229,6 +230,10 @@ class Room:
         # joins waiting for that stream to reach the seq their history read returned (``_caught_up``).
         self.last = 0
         self.catchup: list[tuple[int, asyncio.Future[None]]] = []
+        # The room's epoch as this node last heard it (a join's history read): the incarnation
+        # its live deliveries belong to, named in their SSE ``id:``. A room lost and restarted
+        # while it kept subscribers here (Redis lost it) keeps the old one until the next join.
+        self.epoch = ""
 
     def __len__(self) -> int:
         return sum(len(members) for _, members in self.groups)
@@ -453,15 +458,17 @@ class Hub:
         since: int | None = None,
         request_id: str | None = None,
         trusted: bool = False,
+        epoch: str | None = None,
     ) -> None:
         """Subscribe with optional recovery; used by the ``join`` message, SSE streams and applications.
 
         ``trusted`` (the server's own decision, ``Conn.join``) skips ``authorize`` and the gate,
         and tells the connection: ``{"type":"subscribed","room","seq","epoch"}`` when it was not in
         the room yet, queued before any delivery of the room to it (PROTOCOL.md, server-side
-        subscriptions).
+        subscriptions). ``epoch``: the room incarnation ``since`` counts in (a join's ``epoch``,
+        an SSE ``Last-Event-ID``'s), None when unknown (docs/protocol-choices.md, "Epochs").
         """
-        m = Join(room=room, since=since, id=request_id)
+        m = Join(room=room, since=since, epoch=epoch, id=request_id)
         if trusted:
             self._join(s, m, server=True)
         else:
@@ -727,11 +734,11 @@ class Hub:
         if isinstance(hist, History):
             first = room not in s.rooms
             self._add(s, room)
-            self._joined(s, m.id, room, hist, server and first)
+            self._joined(s, m.id, room, hist, server and first, m)
             if first and (ns.presence or ns.join_leave):
                 self._presence_join(s, room, ns)
         else:
-            self._spawn_held(s, self._join_async(s, m.id, room, hist, server))
+            self._spawn_held(s, self._join_async(s, m.id, room, hist, server, m))
 
     async def _join_async(
         self,
@@ -740,6 +747,7 @@ class Hub:
         name: str,
         pending: Awaitable[History],
         server: bool = False,
+        asked: Join | None = None,
     ) -> None:
         room = self._room(name)
         parked: list[Publication] = room.recovering.setdefault(s, [])
@@ -775,11 +783,11 @@ class Hub:
             return
         first = name not in s.rooms
         self._add(s, name)
-        self._joined(s, request_id, name, hist, server and first)
+        self._joined(s, request_id, name, hist, server and first, asked)
         last = hist.publications[-1].seq if hist.publications else hist.seq
         for pub in parked:
             if pub.seq > last and pub.origin != s.conn_id:
-                self._replay(s, pub)
+                self._replay(s, pub, hist.epoch)
 
     async def _caught_up(self, room: Room, hist: History) -> None:
         """Wait until this node's live stream of ``room`` has passed ``hist.seq`` (at most ``CATCHUP_S``).
@@ -821,15 +829,30 @@ class Hub:
                 self._spawn(_await(unsub))
 
     def _joined(
-        self, s: Session, request_id: str | None, room: str, hist: History, push: bool = False
+        self,
+        s: Session,
+        request_id: str | None,
+        room: str,
+        hist: History,
+        push: bool = False,
+        asked: Join | None = None,
     ) -> None:
         # The ack (or a server join's ``subscribed``) goes first, so a client learns ``recovered``
         # and the seq it counts from before the replayed and live messages, which are all queued
         # after it on the same session queue.
+        r = self.rooms.get(room)
+        if r is not None:
+            r.epoch = hist.epoch  # the newest this node heard: SSE ids of live deliveries carry it
         if s.encoding is Encoding.SSE:
             # An SSE stream's "ack": a comment naming the room the join took effect in (a
             # before_join hook may have moved it), sent once it did, before any delivery.
             self.send(s, b": joined %s\n\n" % room.encode())
+            if asked is not None and asked.since is not None and not hist.recovered:
+                # Its Last-Event-ID (or since) could not be resumed from: a WebSocket ack's
+                # ``recovered: false``, as an event before the replay of what is kept.
+                reset = bool(asked.epoch and asked.epoch != hist.epoch) or asked.since > hist.seq
+                gap = SseGap(room=room, since=asked.since, seq=hist.seq, epoch=hist.epoch, reset=reset)
+                self.send(s, sse_event(b"gap", s.codec.encode(gap)))
         if push:
             self.reply(s, Subscribed(room=room, seq=hist.seq, epoch=hist.epoch))
         if request_id is not None:
@@ -837,10 +860,16 @@ class Hub:
                 s, request_id, JoinData(room=room, seq=hist.seq, recovered=hist.recovered, epoch=hist.epoch)
             )
         for pub in hist.publications:
-            self._replay(s, pub)
+            self._replay(s, pub, hist.epoch)
 
-    def _replay(self, s: Session, pub: Publication) -> None:
-        """Queue one publication from history (or parked during a join) for one session."""
+    def _replay(self, s: Session, pub: Publication, epoch: str = "") -> None:
+        """Queue one publication from history (or parked during a join) for one session.
+
+        ``epoch``: the room's, as the history read that returned it (or the join it was parked
+        for) said; an SSE frame's ``id:`` carries it.
+        """
+        if not pub.epoch:
+            pub.epoch = epoch
         try:
             frame = pub.frame(s.kind)
         except Exception:  # noqa: BLE001 - as in deliver: one bad publication must not fail the join
@@ -1099,6 +1128,8 @@ class Hub:
         dirty = self._dirty
         n = 0
         size = 0
+        if room.sse and not pub.epoch:
+            pub.epoch = room.epoch  # for the SSE frame's ``id: <epoch>:<seq>``
         for kind, members in room.groups:
             if not members or (len(members) == 1 and origin in members):
                 continue

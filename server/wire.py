@@ -261,6 +261,23 @@ class Unsubscribed(Outbound, tag="unsubscribed", kw_only=True, frozen=True):
     reason: str = ""
 
 
+class SseGap(Outbound, tag="gap", kw_only=True, frozen=True):
+    """An SSE stream's ``event: gap`` (SSE only: not in ``SERVER_TYPES``): its ``Last-Event-ID``
+    (or ``?since=``) could not be resumed from, a WebSocket join ack's ``recovered: false``.
+
+    ``{"type":"gap","room","since","seq","epoch","reset"}``: ``since`` the seq asked for, ``seq``
+    and ``epoch`` the room's now; ``reset`` true when the room itself was lost and renumbered
+    (the id's epoch is not the room's, or ``since`` is past its seq), false when history no
+    longer reaches back to ``since``. What history keeps of the room follows (PROTOCOL.md, SSE).
+    """
+
+    room: str
+    since: int
+    seq: int
+    epoch: str
+    reset: bool
+
+
 # ``success`` has no default on purpose: omit_defaults would otherwise drop it from the wire.
 class Ack(Outbound, tag="ack", kw_only=True):
     requestId: str | None = None  # noqa: N815 - wire name

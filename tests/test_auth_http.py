@@ -391,7 +391,7 @@ async def test_admin_publish_reaches_websocket_and_sse_with_the_same_seq(auth_se
     msg = await ws.recv()
     assert msg == {"type": "message", "room": room, "seq": 1, "from": "server", "payload": {"headline": "hi"}}
     lines = event.decode().strip().split("\n")
-    assert lines[0] == "id: 1"
+    assert lines[0].startswith("id: ") and lines[0].endswith(":1")  # id: <epoch>:<seq>
     assert json.loads(lines[1].removeprefix("data: ")) == msg
     await ws.close()
 
@@ -408,14 +408,17 @@ async def test_admin_publish_is_off_without_a_key(make_server):
 # ---------------------------------------------------------------- SSE
 
 
-async def read_events(resp: aiohttp.ClientResponse, n: int) -> list[tuple[int, dict]]:
+async def read_events(resp: aiohttp.ClientResponse, n: int) -> list[tuple[str, dict]]:
+    """The next ``n`` events as (``id``, data): the id is ``<epoch>:<seq>``, the seq the data's."""
     out = []
     while len(out) < n:
         block = (await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)).decode()
         if block.startswith(":"):
             continue
         fields = dict(line.split(": ", 1) for line in block.strip().split("\n"))
-        out.append((int(fields["id"]), json.loads(fields["data"])))
+        msg = json.loads(fields["data"])
+        assert fields["id"].endswith(f":{msg['seq']}"), fields
+        out.append((fields["id"], msg))
     return out
 
 
@@ -433,11 +436,11 @@ async def test_sse_resumes_from_last_event_id_without_loss(auth_server):
         last_id = first[-1][0]
         for i in range(3, 7):  # published while the stream is away
             await pub.request("publish", room=room, payload=i)
-        headers = {"Last-Event-ID": str(last_id)}
+        headers = {"Last-Event-ID": last_id}  # as an EventSource sends back the last id it saw
         async with http.get(f"{auth_server.http}/sse", params=params, headers=headers) as sse:
             await pub.request("publish", room=room, payload=7)
             rest = await read_events(sse, 5)
-    seqs = [i for i, _ in first + rest]
+    seqs = [m["seq"] for _, m in first + rest]
     assert seqs == list(range(1, 9)), "every seq exactly once across the reconnect"
     assert [m["payload"] for _, m in first + rest] == list(range(8))
     await pub.close()

@@ -314,7 +314,8 @@ async def test_sse_event_with_newlines_in_a_json_payload_is_one_event(server):
             assert (await pub.recv())["type"] == "ack"
             block = (await sse.content.readuntil(b"\n\n")).decode()
     lines = block.rstrip("\n").split("\n")
-    assert lines[0] == "id: 1" and all(line.startswith("data: ") for line in lines[1:]), lines
+    assert lines[0].startswith("id: ") and lines[0].endswith(":1"), lines  # id: <epoch>:<seq>
+    assert all(line.startswith("data: ") for line in lines[1:]), lines
     event = json.loads("\n".join(line[len("data: ") :] for line in lines[1:]))  # as EventSource joins them
     assert event["payload"] == {"a": 1, "b": 2}
     await pub.close()

@@ -256,12 +256,17 @@ def test_a_stream_session_gets_deliveries_only_and_the_hub_never_reads_frame_byt
     hub.send(stream, b"retry: 1000\n\n")
     run(scheduled)
     frames = [f for batch in stream_peer.writes for f in batch]
+    epoch = hub.broker.history("r", None).epoch.encode()  # the id names the room's incarnation too
     assert frames == [
         b": joined r\n\n",  # the join took effect in r: the comment, before any delivery
-        b'id: 1\ndata: {"type":"message","room":"r","seq":1,"from":"'
+        b"id: "
+        + epoch
+        + b':1\ndata: {"type":"message","room":"r","seq":1,"from":"'
         + publisher.user.encode()
         + b'","payload":{"n":1}}\n\n',
-        b'id: 2\ndata: {"type":"message","room":"r","seq":2,"from":"'
+        b"id: "
+        + epoch
+        + b':2\ndata: {"type":"message","room":"r","seq":2,"from":"'
         + publisher.user.encode()
         + b'","payload":{"n":2}}\n\n',
         b"retry: 1000\n\n",

@@ -253,9 +253,24 @@ def test_a_query_number_in_its_rule_is_taken(edge, target, name, rule, headers):
     assert http_get(edge, target, extra=headers)[0] == 200, "absent: the default"
 
 
-def test_last_event_id_out_of_the_rule_says_the_same_sentence_for_its_name(edge):
-    status, body = sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Last-Event-ID", "-1")])
-    assert (status, json.loads(body)) == (400, {"error": SINCE_RULE.replace("since", "Last-Event-ID")})
+LAST_EVENT_ID_RULE = (
+    "Last-Event-ID must be <epoch>:<seq> (this server's event ids) or <seq>, "
+    "the seq one integer from 0 to 2^63-1 in ASCII digits"
+)
+
+
+@pytest.mark.parametrize(
+    "value", ["-1", "e:", ":5", "e:-1", "e:²", "9223372036854775808", "e :1", "e" * 65 + ":1"]
+)
+def test_last_event_id_out_of_the_rule_says_its_sentence(edge, value):
+    """``<epoch>:<seq>`` (the ids /sse writes) or a bare ``<seq>``; anything else is 400 with one sentence."""
+    status, body = sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Last-Event-ID", value)])
+    assert (status, json.loads(body)) == (400, {"error": LAST_EVENT_ID_RULE}), value
+
+
+@pytest.mark.parametrize("value", ["0", "7", "5f0c2a9e:0", "a:b:9223372036854775807", "e" * 64 + ":1"])
+def test_last_event_id_in_the_rule_opens_the_stream(edge, value):
+    assert sse_get(edge, query=f"?room=ok&token={GOOD}", extra=[("Last-Event-ID", value)])[0] == 200, value
 
 
 @settings(max_examples=150, deadline=None)

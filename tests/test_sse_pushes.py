@@ -97,7 +97,7 @@ def test_an_sse_stream_gets_broadcasts_as_named_events_without_an_id(node: tuple
         async with sse(base, "feed", "sam") as stream:
             assert (await call("POST", base + "/publish", {"room": "feed", "payload": "before"}))[0] == 200
             first = await stream.event()
-            assert first["id"] == "1" and data(first)["payload"] == "before"
+            assert first["id"].endswith(":1") and data(first)["payload"] == "before"  # <epoch>:<seq>
             assert (await call("POST", base + "/broadcast", {"payload": {"to": "all"}}))[0] == 200
             pushed = await stream.event()
             assert set(pushed) == {"event", "data"} and pushed["event"] == "broadcast"
@@ -105,7 +105,8 @@ def test_an_sse_stream_gets_broadcasts_as_named_events_without_an_id(node: tuple
             assert (await ws.recv_type("broadcast"))["payload"] == {"to": "all"}  # the same push as /ws
             assert (await call("POST", base + "/publish", {"room": "feed", "payload": "after"}))[0] == 200
             after = await stream.event()
-            assert after["id"] == "2" and "event" not in after and data(after)["payload"] == "after"
+            assert after["id"] == first["id"][:-1] + "2" and "event" not in after
+            assert data(after)["payload"] == "after"
         await ws.close()
 
     run(go())
@@ -145,8 +146,11 @@ def test_unsubscribe_ends_an_sse_stream_after_telling_it(node: tuple[ServerProce
             reason = {"user": "sue", "room": "desk", "reason": "moved"}
             assert (await call("POST", base + "/unsubscribe", reason))[0] == 200
             body = await stream.rest()
+            epoch = (await call("GET", base + "/history?room=desk"))[1]["epoch"].encode()
             assert body == (
-                b'id: 1\ndata: {"type":"message","room":"desk","seq":1,"from":"server","payload":1}\n\n'
+                b"id: "
+                + epoch
+                + b':1\ndata: {"type":"message","room":"desk","seq":1,"from":"server","payload":1}\n\n'
                 b'event: unsubscribed\ndata: {"type":"unsubscribed","room":"desk","reason":"moved"}\n\n'
                 b"event: close\ndata: 1000\n\n"
             ), body

@@ -30,6 +30,7 @@ class Publication:
         "encoding",
         "origin",
         "published_at",
+        "epoch",
         "_json",
         "_msgpack",
         "_sse",
@@ -53,6 +54,9 @@ class Publication:
         self.encoding = encoding
         self.origin = origin
         self.published_at = published_at
+        # The room's epoch (its incarnation), for an SSE event's ``id:``; set by the hub before an
+        # SSE frame is built (``Hub.deliver``, ``Hub._replay``), "" while unknown.
+        self.epoch = ""
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
         self._sse: bytes | None = None
@@ -68,7 +72,7 @@ class Publication:
         if encoding == Encoding.SSE:
             f = self._sse
             if f is None:
-                f = self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, sse_data(self.json()))
+                f = self._sse = sse_delivery(self.epoch, self.seq, self.json())
             return f
         if encoding == Encoding.MSGPACK:
             f = self._msgpack
@@ -151,6 +155,20 @@ def sse_data(text: bytes) -> bytes:
     if b"\n" in text or b"\r" in text:
         return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\ndata: ")
     return text
+
+
+def sse_delivery(epoch: str, seq: int, text: bytes) -> bytes:
+    """A delivery as an SSE event: ``id: <epoch>:<seq>`` (``id: <seq>`` without an epoch) and the
+    delivery JSON ``text`` as ``data:`` (PROTOCOL.md, SSE).
+
+    The id names the room's incarnation as well as the seq, so that an ``EventSource`` that
+    reconnects with it (``Last-Event-ID``) after the room was lost and restarted is told so
+    (``event: gap``), as a WebSocket join with ``since`` and ``epoch`` is (``recovered: false``),
+    instead of being handed the new numbering's messages past that seq as a continuation.
+    """
+    if epoch:
+        return b"id: %s:%d\ndata: %s\n\n" % (epoch.encode(), seq, sse_data(text))
+    return b"id: %d\ndata: %s\n\n" % (seq, sse_data(text))
 
 
 def sse_event(name: bytes, text: bytes) -> bytes:
