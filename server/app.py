@@ -344,6 +344,7 @@ class Node:
             await self.http.start(s.host, s.http_port, tls)
         if s.metrics_port and s.workers == 1:
             self.internal = await start_internal(self, s.metrics_host or s.host, s.metrics_port)
+            log.info("metrics on http://%s:%d (/healthz /metrics)", s.metrics_host or s.host, s.metrics_port)
         if self.app is not None:
             await self.app.started()
         self.listening.set()

@@ -441,6 +441,10 @@ def _body_problem(exc: BaseException, shape: str) -> str:
     return f"{expected}: {describe_invalid(exc, 'JSON', BODY_RULES)}"
 
 
+#: The server API's endpoints: 404 without --admin-key (``HttpSide._admin_only``).
+ADMIN_PATHS = frozenset({"/publish", "/broadcast", "/history", "/rooms", "/disconnect", "/unsubscribe"})
+
+
 class HttpSide:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -481,8 +485,19 @@ class HttpSide:
             self.runner, host, port, reuse_port=self.node.settings.workers > 1, ssl_context=tls
         )
         await site.start()
-        paths = " ".join(sorted({r.resource.canonical for r in self.runner.app.router.routes()}))
-        log.info("HTTP endpoints on %s://%s:%d (%s)", "http" if tls is None else "https", host, port, paths)
+        scheme = "http" if tls is None else "https"
+        log.info("HTTP endpoints on %s://%s:%d (%s)", scheme, host, port, " ".join(self.served_paths()))
+
+    def served_paths(self) -> list[str]:
+        """The paths of this listener that answer, for the startup line: without them it would list
+        endpoints that only say 404 here (``/metrics`` under ``--metrics-port`` or ``--workers`` > 1,
+        the server API without ``--admin-key``)."""
+        paths = {r.resource.canonical for r in self.app.router.routes() if r.resource is not None}
+        if not self.node.public_metrics:
+            paths.discard("/metrics")
+        if not self.node.settings.admin_key:
+            paths -= ADMIN_PATHS
+        return sorted(paths)
 
     async def stop(self) -> None:
         for task in list(self.streams):

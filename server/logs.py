@@ -178,23 +178,14 @@ _FIELD_NAMES = ("conn", "user", "room", "remote", "reason", "path", "event")
 
 
 class _PeerFaults(logging.Filter):
-    """picows logs a frame it refuses (too big, unmasked, bad opcode...) at ERROR; it is the peer's
-    fault, closed with 1002/1007/1009, so it becomes INFO here with its close code as ``code``."""
-
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+    """picows logs a frame it refuses (too big, unmasked, bad opcode...) at ERROR, without the
+    connection: ``WS parser error: (<WSCloseCode.PROTOCOL_ERROR: 1002>, '...')``. It is the peer's
+    fault, closed with 1002/1007/1009, and the connection logs it itself, in our format with its
+    ``conn`` and ``remote`` (``transport.Assembler.peer_fault``, event ``peer_protocol_error``, INFO):
+    picows' line is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("picows.") and str(record.msg).startswith("WS parser error"):
-            if self.level > logging.INFO:
-                return False
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            info = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            if isinstance(info, tuple) and info:
-                record.code = int(info[0])
-            record.event = "peer_protocol_error"
-        return True
+        return not (record.name.startswith("picows.") and str(record.msg).startswith("WS parser error"))
 
 
 class _Json(JsonFormatter):
@@ -232,7 +223,7 @@ def setup(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    handler.addFilter(_PeerFaults(root.level))
-    handler.addFilter(_Redact())  # last: _PeerFaults reads picows' record.args
+    handler.addFilter(_PeerFaults())
+    handler.addFilter(_Redact())
     # picows logs every disconnect at INFO; at scale that is noise on the hot path.
     logging.getLogger("picows").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)

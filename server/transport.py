@@ -38,7 +38,7 @@ from wsfan.server.handshake import (
     request_start,
 )
 from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
-from wsfan.server.logs import fields, peer_text
+from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.protocol import Encoding
 from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.wire import CloseCode
@@ -620,6 +620,13 @@ class Assembler(WSListener):
         self.opened()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.closing:
+            # picows closed it on a frame it refused (unmasked, too big, bad opcode...): its close
+            # frame went first (not an answer to the peer's close). Logged here, in our format with the
+            # connection's fields; picows' own line (no conn, no remote) is dropped (logs._PeerFaults).
+            hs = transport.close_handshake
+            if hs is not None and hs.sent is not None and not hs.recv_then_sent:
+                self.peer_fault(int(hs.sent.code), hs.sent.reason)
         self.registry.discard(self)
         if self._close_timer is not None:
             self._close_timer.cancel()
@@ -877,6 +884,26 @@ class Assembler(WSListener):
     def log_fields(self, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
         return fields(conn=self.name(), code=code, reason=reason, remote=self.remote())
 
+    def peer_fault(self, code: int, reason: bytes | str | None) -> None:
+        """A close picows sent for a frame it refused: one INFO line (the peer's doing), event
+        ``peer_protocol_error``, with ``conn``, ``user``, ``remote``, ``code`` and ``reason``; at most
+        one a second (``ConnectionRegistry.faults``), the next saying how many were left out."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        skipped = self.registry.faults.ready("peer_protocol_error")
+        if skipped is None:
+            return
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else (reason or "")
+        extra = self.log_fields(code, text)
+        extra.update(fields(event="peer_protocol_error", suppressed=skipped))
+        log.info(
+            "closed %s with %d: %s (a frame the peer sent breaks RFC 6455)",
+            self.name(),
+            code,
+            text,
+            extra=extra,
+        )
+
     def opened(self) -> None: ...
 
     def closed(self) -> None: ...
@@ -1103,6 +1130,7 @@ class ConnectionRegistry:
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._on_timeout = on_timeout
+        self.faults = Throttle()  # peer_fault's lines: one a second
 
     def now(self) -> float:
         return self._loop.time()
@@ -1203,6 +1231,9 @@ class ConnectionRegistry:
             elif c.transport is not None and c.transport.is_close_frame_sent:
                 # picows closed it itself (a framing error: 1002, 1009) and disconnects gracefully,
                 # which waits for a peer that may never read: give it the close grace, then reset.
+                hs = c.transport.close_handshake
+                if hs is not None and hs.sent is not None and not hs.recv_then_sent:
+                    c.peer_fault(int(hs.sent.code), hs.sent.reason)  # not logged at the disconnect then
                 c.closing = True
                 c._start_grace(CLOSE_GRACE_S)
             elif c.ping_sent_at:

@@ -97,11 +97,15 @@ async def test_json_logs_have_fields_and_no_secret(json_server: ServerProcess) -
         local_ports[code] = ws.sock.getsockname()[1]
         ws.send_raw(frame)
         assert closed_by_server(ws) == code
-    # A single frame over the limit is refused by picows itself; its log line is INFO too.
-    ws = RawWS.connect(HOST, srv.port, headers={"Authorization": f"Bearer {good}"})
-    ws.recv_message()
-    ws.send_raw(build_frame(0x1, b"x" * 2000))
-    assert closed_by_server(ws) == 1009
+    # Frames picows refuses itself (one over the limit, an unmasked one): logged by us, INFO, with
+    # the connection's fields (picows' own line had neither conn nor remote).
+    picows_ports = {}
+    for code, frame in ((1009, build_frame(0x1, b"x" * 2000)), (1002, build_frame(0x1, b"{}", mask=False))):
+        ws = RawWS.connect(HOST, srv.port, headers={"Authorization": f"Bearer {good}"})
+        ws.recv_message()
+        picows_ports[code] = ws.sock.getsockname()[1]
+        ws.send_raw(frame)
+        assert closed_by_server(ws) == code
     # 4029: still over the rate limit after the refusals allowed.
     ws = RawWS.connect(HOST, srv.port, path=f"/ws?token={good}")
     ws.recv_message()
@@ -145,7 +149,16 @@ async def test_json_logs_have_fields_and_no_secret(json_server: ServerProcess) -
     for code, port in local_ports.items():
         close = find(records, code=code, remote=f"{HOST}:{port}")
         assert close["level"] == "info" and close["user"] == "alice" and close["conn"], close
-    assert find(records, event="peer_protocol_error", code=1009)["level"] == "info"
+    for code, port in picows_ports.items():
+        fault = find(records, code=code, remote=f"{HOST}:{port}")
+        assert fault["level"] == "info" and fault["conn"] and fault["user"] == "alice" and fault["reason"], (
+            fault
+        )
+        assert fault["conn"] in fault["msg"] and "WSCloseCode" not in fault["msg"], fault
+    unmasked = find(records, event="peer_protocol_error", code=1002)
+    assert unmasked["remote"] == f"{HOST}:{picows_ports[1002]}", unmasked
+    assert unmasked["reason"] == "client frames must be masked", unmasked
+    assert not [r for r in records if "WS parser error" in r["msg"]], "picows' line without conn and remote"
     admin = find(records, event="http_refused", path="/publish")
     assert admin["level"] == "warning" and admin["code"] == 401 and admin["remote"].startswith(f"{HOST}:")
     assert admin["reason"] == "missing or wrong admin key"
@@ -304,3 +317,49 @@ def test_unparseable_input_is_our_words(data: bytes) -> None:
     with pytest.raises(DecodeFailure) as failure:
         Codec(Encoding.JSON).decode(data)
     assert failure.value.message == "not parseable as JSON"
+
+
+@pytest.mark.parametrize("admin", [False, True])
+def test_the_startup_lines_list_what_answers_where(make_server: type[ServerProcess], admin: bool) -> None:
+    """With --metrics-port, /metrics is on the metrics listener (its own line), not on --http-port
+    (whose line listed it, answering 404 there); without --admin-key the server API is off (404)
+    and not listed either. Every path a line lists answers something else than 404."""
+    http_port, metrics_port = free_port(), free_port()
+    flags = ["--http-port", str(http_port), "--metrics-port", str(metrics_port), "--log-format", "json"]
+    srv = make_server(*flags, *(["--admin-key", ADMIN] if admin else [])).start()
+    wait_for_port(http_port)
+    wait_for_port(metrics_port)
+
+    async def status(url: str) -> int:
+        async with aiohttp.ClientSession() as http:
+            method = (
+                "POST"
+                if url.rsplit("/", 1)[1] in ("publish", "broadcast", "disconnect", "unsubscribe")
+                else "GET"
+            )
+            async with http.request(
+                method, url, headers={"Authorization": f"Bearer {ADMIN}"}, data=b"{}"
+            ) as r:
+                return r.status
+
+    try:
+        time.sleep(0.3)
+        records = json_lines(srv.output())
+        lines = {r["msg"].split(" on ", 1)[0]: r["msg"] for r in records if " on http" in r["msg"]}
+        listed = {
+            "HTTP endpoints": (http_port, lines["HTTP endpoints"]),
+            "metrics": (metrics_port, lines["metrics"]),
+        }
+        for port, line in listed.values():
+            assert f"http://{HOST}:{port} (" in line, line
+            for path in line.rsplit("(", 1)[1].rstrip(")").split():
+                if path == "/sse":
+                    continue  # a stream: answered 400 without ?room=, checked below
+                assert asyncio.run(status(f"http://{HOST}:{port}{path}")) != 404, (path, line)
+        http_line = listed["HTTP endpoints"][1]
+        assert "/metrics" not in http_line and "/healthz" in http_line and "/sse" in http_line
+        assert ("/publish" in http_line) is admin and ("/rooms" in http_line) is admin
+        assert asyncio.run(status(f"http://{HOST}:{http_port}/sse")) == 400
+        assert asyncio.run(status(f"http://{HOST}:{metrics_port}/metrics")) == 200
+    finally:
+        assert srv.stop() == 0
