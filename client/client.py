@@ -49,8 +49,9 @@ class Client(Session):
     * ``push_types``: msgspec Structs with a ``tag`` (e.g. the server's own
       ``wsfan.Message`` classes) that pushes of those ``type`` values decode into;
       pushes of other application types arrive as dicts.
-    * ``max_buffered`` (10000): bound of each message buffer; overflow drops the
-      oldest and the next read raises ``MessagesDropped`` (see ``client.inbox``).
+    * ``max_buffered`` (10000): bound of the message buffer (all rooms together) and of
+      the pushes' buffer; overflow drops the oldest and the next read that could have
+      returned it raises ``MessagesDropped`` (see ``client.inbox``).
     * ``raw_payloads`` (False): deliver payloads as ``msgspec.Raw`` (undecoded).
     * ``headers``: extra ``(name, value)`` upgrade headers.
     """
@@ -263,9 +264,13 @@ class Client(Session):
 
         Rooms the server joined this connection to are included (see ``rooms``).
 
-        Each message is read once, by the most specific stream; buffering starts
-        when the client connects, so nothing is lost between ``join()`` and the
-        first read (see ``client.inbox``). Unavailable with ``on_message``.
+        A stream is a view of the client's one bounded buffer (``max_buffered``), filled from
+        the first connection on, so nothing is lost between ``join()`` and the first read:
+        ``await client.messages(room).get(timeout)`` in a loop reads every message, each once,
+        oldest first, however many stream objects it creates and drops. Each message is read
+        once, by the first read that asks for it (a waiting read of its room before a waiting
+        all-rooms read). Overflow drops the oldest and is reported once (``MessagesDropped``,
+        ``Overflow``). The rules: ``client.inbox``. Unavailable with ``on_message``.
         """
         if self._on_message is not None:
             raise ClientError("messages() is not available when the client was created with on_message")

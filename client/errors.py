@@ -117,6 +117,21 @@ class RequestTimeout(ClientError, TimeoutError):
         self.timeout = timeout
 
 
+class MessageTimeout(RequestTimeout):
+    """A message stream's ``get(timeout)`` waited ``timeout`` seconds for nothing.
+
+    The message says what it waited for (``no message in room 'chat' within 2s``); ``room``
+    is the stream's room (None for ``messages()`` and ``pushes()``). Nothing is lost: a
+    message arriving later waits in the buffer for the next read.
+    """
+
+    def __init__(self, what: str, timeout: float, room: str | None = None) -> None:
+        TimeoutError.__init__(self, f"{what} within {timeout:g}s")
+        self.kind = "message"
+        self.timeout = timeout
+        self.room = room
+
+
 class ConnectionClosed(ClientError, ConnectionError):
     """The connection ended before the request got a reply, or the client has stopped for good.
 

@@ -111,10 +111,11 @@ class ServerError:
 
 @dataclass(frozen=True, slots=True)
 class Overflow:
-    """A message buffer dropped its oldest messages; reported once per burst (until the next read).
+    """A message buffer dropped its oldest message; reported once per burst (until a read reports it).
 
-    ``room``: the room stream's, None for the all-rooms stream and for ``pushes()``
-    (``pushes`` True: the buffer of room-less pushes).
+    ``room``: the room of the dropped message (None for the buffer of room-less pushes,
+    ``pushes`` True); ``dropped``: how many that buffer dropped since the client started.
+    One event per room at the first drop of its burst (client.inbox).
     """
 
     room: str | None

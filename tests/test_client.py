@@ -8,13 +8,17 @@ freeze (SIGSTOP) or come back on the same port with its history gone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
+import uuid
 from typing import Any
 
 import msgspec
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.client_tools import assert_nothing_more, hold_reconnects, take
 from helpers.peers import PicowsPeer
@@ -36,6 +40,7 @@ from wsfan.client import (
     InvalidURL,
     Message,
     MessagesDropped,
+    MessageTimeout,
     NotConnected,
     NotJoined,
     ProtocolError,
@@ -201,6 +206,178 @@ def test_router_room_stream_takes_its_backlog_and_ends_on_leave():
         assert (await everything.get(1)).room == "a"
 
     run(body())
+
+
+ROOMS = ("a", "b", "c")
+# One step of an application reading the buffer: publish to a room; read one message through a
+# stream made for that read (the README pattern) or a held one; make or drop a held stream; collect.
+STEPS = st.one_of(
+    st.tuples(st.just("publish"), st.sampled_from(ROOMS)),
+    st.tuples(st.just("read"), st.sampled_from((*ROOMS, None))),
+    st.tuples(st.just("read held"), st.integers(0, 3)),
+    st.tuples(st.just("hold"), st.sampled_from((*ROOMS, None))),
+    st.tuples(st.just("drop"), st.integers(0, 3)),
+    st.tuples(st.just("collect"), st.none()),
+)
+
+
+class BufferModel:
+    """What the buffer must do (client.inbox): one FIFO, a read takes the oldest message it may read.
+
+    Full at ``maxsize``: the oldest is dropped and counted for its room until a read that could
+    have returned it (a read of its room, or an all-rooms read) reports it, once.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.items: list[tuple[str, int]] = []
+        self.lost: dict[str, int] = {}
+        self.seqs = dict.fromkeys(ROOMS, 0)
+
+    def publish(self, room: str) -> tuple[str, int]:
+        if len(self.items) == self.maxsize:
+            old_room, _ = self.items.pop(0)
+            self.lost[old_room] = self.lost.get(old_room, 0) + 1
+        self.seqs[room] += 1
+        self.items.append((room, self.seqs[room]))
+        return room, self.seqs[room]
+
+    def read(self, room: str | None) -> tuple[str, int] | int | None:
+        """The message the read returns, the count its MessagesDropped reports, or None (it would wait)."""
+        if room is None and self.lost:
+            count = sum(self.lost.values())
+            self.lost.clear()
+            return count
+        if room is not None and room in self.lost:
+            return self.lost.pop(room)
+        for i, item in enumerate(self.items):
+            if room is None or item[0] == room:
+                return self.items.pop(i)
+        return None
+
+
+async def apply_step(step: tuple[str, Any], model: BufferModel, streams: Any, held: list[Any], publish: Any):
+    """Run one step on the client (``streams(room)`` makes a stream) and check it against the model."""
+    kind, arg = step
+    if kind == "publish":
+        await publish(*model.publish(arg))
+        return
+    if kind == "hold":
+        held.append(streams(arg))
+        return
+    if kind == "drop":
+        if held:
+            del held[arg % len(held)]
+        return
+    if kind == "collect":
+        gc.collect(0)  # the streams die by reference counting; a collection must not change anything either
+        return
+    if kind == "read held":
+        if not held:
+            return
+        stream = held[arg % len(held)]
+    else:
+        stream = streams(arg)
+    expected = model.read(stream.room)
+    if expected is None:
+        with pytest.raises(TimeoutError):
+            await stream.get(0)
+    elif isinstance(expected, int):
+        with pytest.raises(MessagesDropped) as info:
+            await stream.get(5)
+        assert info.value.count == expected
+    else:
+        got = await stream.get(5)
+        assert (got.room, got.seq) == expected
+
+
+@settings(max_examples=300)
+@given(steps=st.lists(STEPS, max_size=60), maxsize=st.sampled_from((3, 7, 10_000)))
+def test_buffer_reads_every_message_once_whatever_streams_come_and_go(steps, maxsize):
+    """Hypothesis over interleavings of publish / messages(room).get / holding and dropping streams.
+
+    Nothing buffered is lost when a stream object goes away (newcomer finding 1: the room stream
+    was weakly referenced and what it buffered died with it), each message is read once, in order,
+    and overflow is counted and reported once per message.
+    """
+
+    async def body() -> None:
+        router = Router(maxsize)
+        model = BufferModel(maxsize)
+        held: list[Any] = []
+
+        async def publish(room: str, seq: int) -> None:
+            router.route(msg(room, seq))
+
+        for step in steps:
+            await apply_step(step, model, router.stream, held, publish)
+        while model.items or model.lost:  # and the rest is still there
+            await apply_step(("read", None), model, router.stream, held, publish)
+
+    run(body())
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_the_readme_pattern_reads_every_message(live_server, encoding):
+    """README: ``await alice.messages(room).get(timeout=...)`` per message gets all N (was 1, then timeouts)."""
+
+    async def body():
+        async with connect(live_server.url, encoding=encoding) as alice, connect(live_server.url) as bob:
+            await alice.join("chat.general")
+            await bob.join("chat.general")
+            for i in range(50):
+                await bob.publish("chat.general", {"text": i})
+            got = []
+            for _ in range(50):
+                got.append((await alice.messages("chat.general").get(timeout=2)).payload["text"])
+            assert got == list(range(50)) and alice.stats.messages == 50
+            with pytest.raises(MessageTimeout, match="no message in room 'chat.general' within 0.05s"):
+                await alice.messages("chat.general").get(timeout=0.05)
+            await bob.publish("chat.general", "late")  # a timeout loses nothing
+            assert (await alice.messages().get(timeout=2)).payload == "late"
+
+    run(body())
+
+
+@settings(max_examples=25)
+@given(steps=st.lists(STEPS, max_size=25))
+def test_interleavings_against_a_real_server_lose_nothing(live_server, steps):
+    """The interleavings above through a real server: alice reads what bob publishes, each once, in order."""
+
+    async def body() -> None:
+        tag = f"i{uuid.uuid4().hex[:12]}"  # hypothesis seeds `random`: a fresh room per example
+        async with connect(live_server.url) as alice, connect(live_server.url) as bob:
+            for room in ROOMS:
+                await alice.join(f"{tag}.{room}")
+                await bob.join(f"{tag}.{room}")
+            model = BufferModel(10_000)
+            held: list[Any] = []
+
+            def streams(room: str | None) -> Any:
+                return Renamed(alice.messages(None if room is None else f"{tag}.{room}"), tag)
+
+            async def publish(room: str, seq: int) -> None:
+                assert (await bob.publish(f"{tag}.{room}", seq))["seq"] == seq
+
+            for step in steps:
+                await apply_step(step, model, streams, held, publish)
+            while model.items:
+                await apply_step(("read", None), model, streams, held, publish)
+
+    run(body())
+
+
+class Renamed:
+    """A stream of ``<tag>.<room>`` rooms seen as ``<room>``: the model's names."""
+
+    def __init__(self, stream: Any, tag: str) -> None:
+        self.stream = stream
+        self.prefix = f"{tag}."
+        self.room = None if stream.room is None else stream.room.removeprefix(self.prefix)
+
+    async def get(self, timeout: float) -> Message:
+        got = await self.stream.get(timeout)
+        return Message(room=got.room.removeprefix(self.prefix), seq=got.seq, sender=got.sender, payload=None)
 
 
 # ---------------------------------------------------------------- reconnect policy (fake connections)
