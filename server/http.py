@@ -41,7 +41,16 @@ from wsfan.server.transport import (
     reset,
     unsent_bytes,
 )
-from wsfan.server.wire import ROOM_RULE, SEQ_MAX, CloseCode, ErrorCode, RoomName, parse_seq, valid_room
+from wsfan.server.wire import (
+    ROOM_RULE,
+    SEQ_MAX,
+    UNKNOWN_EPOCH,
+    CloseCode,
+    ErrorCode,
+    RoomName,
+    parse_seq,
+    valid_room,
+)
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -307,20 +316,21 @@ LAST_EVENT_ID_RULE = (
 )
 
 
-def _event_id(text: str) -> tuple[int, str | None] | web.Response:
+def _event_id(text: str) -> tuple[int, str] | web.Response:
     """A ``Last-Event-ID`` as ``(since, epoch)``, or the 400 (``LAST_EVENT_ID_RULE``).
 
     ``<epoch>:<seq>`` is an id this server wrote (``sse_delivery``): the stream resumes as a
     WebSocket join with ``since`` and ``epoch`` does, so another incarnation of the room is told
-    (``event: gap``), never continued. A bare ``<seq>`` (ids written before they carried the
-    epoch, or a page's own) resumes as a join with ``since`` alone: only a seq past the room's is
-    found out (docs/protocol-choices.md, "Epochs"). The seq is :func:`parse_seq`'s (ASCII digits).
+    (``event: gap``), never continued. A bare ``<seq>`` (an id written before ids carried the
+    epoch, or a page's own) counts in an unknown incarnation (``UNKNOWN_EPOCH``): after a restart
+    it would look like a resumable seq of the new numbering, so it is never taken as one: a gap,
+    and everything kept (docs/protocol-choices.md, "Epochs"). The seq is :func:`parse_seq`'s.
     """
     epoch, colon, seq = text.rpartition(":")
     value = parse_seq(seq)
     if value is None or value > SEQ_MAX or (colon and not _EPOCH_TEXT.match(epoch)):
         return _json_error(400, LAST_EVENT_ID_RULE)
-    return value, epoch if colon else None
+    return value, epoch if colon else UNKNOWN_EPOCH
 
 
 def _query_number(

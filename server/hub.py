@@ -50,6 +50,7 @@ from wsfan.server.protocol import (
 from wsfan.server.ratelimit import TokenBucket
 from wsfan.server.stats import Stats
 from wsfan.server.wire import (
+    UNKNOWN_EPOCH,
     Ack,
     CloseCode,
     Echo,
@@ -850,7 +851,8 @@ class Hub:
             if asked is not None and asked.since is not None and not hist.recovered:
                 # Its Last-Event-ID (or since) could not be resumed from: a WebSocket ack's
                 # ``recovered: false``, as an event before the replay of what is kept.
-                reset = bool(asked.epoch and asked.epoch != hist.epoch) or asked.since > hist.seq
+                known = asked.epoch and asked.epoch != UNKNOWN_EPOCH
+                reset = bool(known and asked.epoch != hist.epoch) or asked.since > hist.seq
                 gap = SseGap(room=room, since=asked.since, seq=hist.seq, epoch=hist.epoch, reset=reset)
                 self.send(s, sse_event(b"gap", s.codec.encode(gap)))
         if push:

@@ -82,6 +82,9 @@ def parse_seq(text: str) -> int | None:
 
 # Extension to v1 (docs/protocol-choices.md, "Epochs"): names a room's numbering.
 Epoch = Annotated[str, Meta(max_length=64)]
+# An epoch no room has (brokers make theirs of hex digits): a since counted in an unknown
+# incarnation, never recovered (an SSE Last-Event-ID without an epoch: http._event_id).
+UNKNOWN_EPOCH: Final = "?"
 
 MSGPACK_SUBPROTOCOL: Final = "msgpack"
 """``Sec-WebSocket-Protocol`` value that selects MessagePack (binary frames); JSON (text frames) otherwise."""
@@ -268,7 +271,8 @@ class SseGap(Outbound, tag="gap", kw_only=True, frozen=True):
     ``{"type":"gap","room","since","seq","epoch","reset"}``: ``since`` the seq asked for, ``seq``
     and ``epoch`` the room's now; ``reset`` true when the room itself was lost and renumbered
     (the id's epoch is not the room's, or ``since`` is past its seq), false when history no
-    longer reaches back to ``since``. What history keeps of the room follows (PROTOCOL.md, SSE).
+    longer reaches back to ``since`` or the id named no epoch (``UNKNOWN_EPOCH``). What history
+    keeps of the room follows (PROTOCOL.md, SSE).
     """
 
     room: str
