@@ -257,6 +257,27 @@ def test_js_client_unit_tests_pass_under_node():
 # ---------------------------------------------------------------- demo routes over plain HTTP
 
 
+def run_node_script(name: str, *args: str) -> dict[str, Any]:
+    """Run tests/browser/<name> under node against a real server; the JSON line it prints."""
+    node = require_node()
+    done = subprocess.run(
+        [node, "--experimental-websocket", "--no-warnings", str(BROWSER_DIR / name), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_js_client_reads_every_message_with_a_stream_per_get_from_a_real_server():
+    """Newcomer finding 2: a stream made after the messages arrived saw none of them, and each one leaked."""
+    with ServerProcess() as server:
+        out = run_node_script("streams_real.mjs", server.url)
+    assert out["got"] == list(range(20))
+    assert out["timeout"] == ["MessageTimeout", "no message in room 'chat.general' within 50 ms"]
+    assert out["late"] == "late"
+    assert out["handed"] == 21 and out["buffered"] == 0
+
+
 def test_demo_serves_page_and_module_with_their_content_types():
     with ServerProcess("--demo") as server:
         base = f"http://127.0.0.1:{server.port}"

@@ -31,6 +31,10 @@
  *   close 1006). So liveness is checked with app-level `ping` messages (no inbound
  *   traffic within `pingTimeout` after a ping: the socket is dropped and reconnected),
  *   and an expired token is detected by reading the JWT's `exp` before each attempt.
+ * - Deliveries wait in one bounded buffer per client, filled from the first connection on;
+ *   `messages(room)` and `messages()` are views of it: each message is read once, by the first read
+ *   that asks for it, so `await client.messages(room).get(1000)` per message reads them all
+ *   (`MessageBuffer`). `message` events (EventTarget) see every delivery as well.
  * - Join/leave events of rooms whose namespace has `join_leave` arrive as `joined` and
  *   `left` events (`{room, user, conn}`), through `onEvent` and the EventTarget alike.
  * - Room-less pushes (a server `broadcast`, an application's own message types) arrive as
@@ -83,6 +87,25 @@ export class RequestTimeout extends WsfanError {
     this.name = "RequestTimeout";
     this.kind = kind;
     this.timeout = timeout;
+  }
+}
+
+/** A stream's `get(timeout)` waited `timeout` ms for nothing; the message says for what. Nothing is lost. */
+export class MessageTimeout extends RequestTimeout {
+  constructor(what, timeout, room = null) {
+    super("message", timeout);
+    this.name = "MessageTimeout";
+    this.message = `${what} within ${timeout} ms`;
+    this.room = room;
+  }
+}
+
+/** A read after the buffer dropped messages it could have returned: `count` of them, reported once. */
+export class MessagesDropped extends WsfanError {
+  constructor(count) {
+    super("MESSAGES_DROPPED", `${count} message(s) dropped: the reader did not keep up`);
+    this.name = "MessagesDropped";
+    this.count = count;
   }
 }
 
@@ -485,104 +508,303 @@ function passOwn(state) {
   state.lastSeq = last;
 }
 
-// ------------------------------------------------------------------ message streams
+// ------------------------------------------------------------------ the message buffer and its streams
 
 /**
- * `for await (const msg of client.messages(room))`. Bounded: when the reader falls
- * behind by `maxBuffered` messages the oldest are dropped (`dropped` counts them and an
- * `overflow` event is emitted), since for live data the newest is worth more. A stream
- * sees messages from its creation on: create it before `join()` to miss nothing.
- * `break` out of the loop (or `return()`) to unsubscribe the stream.
+ * The client's one bounded buffer of deliveries, and the streams that read it (`client.messages()`).
+ * The same rules as the Python client (client/inbox.py):
+ *
+ * - One buffer per client, filled from the first connection on (unless `onMessage` takes the
+ *   deliveries instead), so nothing is lost between `join()` and the first read.
+ * - A stream is a view, not a buffer: `messages("r")` reads the buffer's messages of room `r`,
+ *   `messages()` those of every room, each oldest first. Creating one per read
+ *   (`await client.messages(r).get(1000)`) and dropping it loses nothing and holds nothing.
+ * - Each message is read once, by the first read that asks for it; a message that arrives while
+ *   reads wait goes to a waiting read of its room before a waiting all-rooms read.
+ * - Bounded: at most `maxBuffered` messages, all rooms together. When full the oldest is dropped;
+ *   the next read that could have returned it rejects with `MessagesDropped(count)` once, and an
+ *   `overflow` event {room, dropped} is emitted at the first drop of a room's burst.
+ * - After `close()` every stream drains what it can read, then ends; `leave(room)` (or a rejoin
+ *   refused for good) ends the streams of `room` made before it once they read what came before it.
+ *
+ * Messages are numbered in arrival order and kept per room, with one arrival-order list of
+ * [number, room] for all-rooms reads and for dropping the oldest: a room read leaves a stale entry
+ * there, skipped when met and compacted away once stale entries outnumber live ones.
+ */
+class Queue {
+  constructor() {
+    this.items = [];
+    this.head = 0;
+  }
+  get length() {
+    return this.items.length - this.head;
+  }
+  push(x) {
+    this.items.push(x);
+  }
+  peek() {
+    return this.items[this.head];
+  }
+  shift() {
+    const x = this.items[this.head];
+    this.items[this.head] = undefined;
+    this.head += 1;
+    if (this.head > 1024 && this.head * 2 > this.items.length) {
+      this.items = this.items.slice(this.head);
+      this.head = 0;
+    }
+    return x;
+  }
+  *[Symbol.iterator]() {
+    for (let i = this.head; i < this.items.length; i++) yield this.items[i];
+  }
+}
+
+const END = Symbol("end of stream");
+
+class MessageBuffer {
+  constructor(client, maxBuffered) {
+    if (!(maxBuffered >= 1)) throw new RangeError("maxBuffered must be >= 1");
+    this.client = client;
+    this.maxBuffered = maxBuffered;
+    this.dropped = 0; // since the client started
+    this.size = 0;
+    this.n = 0; // arrival number of the next message
+    this.rooms = new Map(); // room -> Queue of [n, msg]
+    this.order = new Queue(); // [n, room], arrival order
+    this.lost = new Map(); // room -> drops not yet reported
+    this.roomWaiters = new Map(); // room -> [resolve]
+    this.allWaiters = [];
+    this.memberships = new Map(); // room -> {end, error}: the current stretch of its streams
+    this.ended = false;
+    this.error = null;
+  }
+
+  put(msg) {
+    const n = this.n++;
+    if (this.size >= this.maxBuffered) this._dropOldest();
+    let items = this.rooms.get(msg.room);
+    if (!items) {
+      items = new Queue();
+      this.rooms.set(msg.room, items);
+    }
+    items.push([n, msg]);
+    this.order.push([n, msg.room]);
+    this.size += 1;
+    // The room's reads are woken first, so their continuations run first: a waiting room read
+    // takes the message before a waiting all-rooms read. Every woken read looks again.
+    const waiters = this.roomWaiters.get(msg.room);
+    if (waiters) {
+      this.roomWaiters.delete(msg.room);
+      for (const wake of waiters) wake(true);
+    }
+    if (this.allWaiters.length) {
+      const all = this.allWaiters;
+      this.allWaiters = [];
+      for (const wake of all) wake(true);
+    }
+  }
+
+  _dropOldest() {
+    const msg = this.popOldest();
+    if (msg === undefined) return;
+    this.dropped += 1;
+    const lost = this.lost.get(msg.room) || 0;
+    this.lost.set(msg.room, lost + 1);
+    if (lost === 0) this.client._emit("overflow", { room: msg.room, dropped: this.dropped });
+  }
+
+  popOldest() {
+    const order = this.order;
+    while (order.length) {
+      const [n, room] = order.shift();
+      const items = this.rooms.get(room);
+      if (items && items.length && items.peek()[0] === n) return this._take(room, items);
+    }
+    return undefined;
+  }
+
+  /** The oldest message of `room` numbered below `before` (any when null), or undefined. */
+  popRoom(room, before = null) {
+    const items = this.rooms.get(room);
+    if (!items || !items.length || (before != null && items.peek()[0] >= before)) return undefined;
+    const n = items.peek()[0];
+    const msg = this._take(room, items);
+    const order = this.order;
+    if (order.length && order.peek()[0] === n) order.shift(); // it was the oldest of all
+    else if (order.length > 2 * this.size + 64) this._compact();
+    return msg;
+  }
+
+  _take(room, items) {
+    const msg = items.shift()[1];
+    if (!items.length) this.rooms.delete(room);
+    this.size -= 1;
+    return msg;
+  }
+
+  _compact() {
+    const live = new Set();
+    for (const items of this.rooms.values()) for (const [n] of items) live.add(n);
+    const order = new Queue();
+    for (const entry of this.order) if (live.has(entry[0])) order.push(entry);
+    this.order = order;
+  }
+
+  /** Throw `MessagesDropped` for the drops a read of `room` (null: every room) could have returned, once. */
+  reportLost(room) {
+    if (room === null) {
+      if (!this.lost.size) return;
+      let count = 0;
+      for (const c of this.lost.values()) count += c;
+      this.lost.clear();
+      throw new MessagesDropped(count);
+    }
+    const count = this.lost.get(room);
+    if (count) {
+      this.lost.delete(room);
+      throw new MessagesDropped(count);
+    }
+  }
+
+  /** Resolves true when a message (or an end) may be there, false once `deadline` (ms, `now()`) passed. */
+  wait(room, deadline) {
+    return new Promise((resolve) => {
+      let timer = null;
+      const wake = (woken) => {
+        clearTimeout(timer);
+        resolve(woken);
+      };
+      const list = room === null ? this.allWaiters : this.roomWaiters.get(room) || [];
+      if (room !== null && !this.roomWaiters.has(room)) this.roomWaiters.set(room, list);
+      list.push(wake);
+      if (deadline != null) {
+        timer = setTimeout(() => {
+          const current = room === null ? this.allWaiters : this.roomWaiters.get(room);
+          const i = current ? current.indexOf(wake) : -1;
+          if (i >= 0) current.splice(i, 1);
+          if (room !== null && current && !current.length) this.roomWaiters.delete(room);
+          resolve(false);
+        }, Math.max(0, deadline - now()));
+      }
+    });
+  }
+
+  membership(room) {
+    let m = this.memberships.get(room);
+    if (!m) {
+      m = { end: null, error: null };
+      this.memberships.set(room, m);
+    }
+    return m;
+  }
+
+  endRoom(room, error = null) {
+    const m = this.memberships.get(room);
+    if (m) {
+      this.memberships.delete(room);
+      m.end = this.n;
+      m.error = error;
+    }
+    const waiters = this.roomWaiters.get(room);
+    if (waiters) {
+      this.roomWaiters.delete(room);
+      for (const wake of waiters) wake(true);
+    }
+  }
+
+  end(error = null) {
+    if (!this.ended) {
+      this.ended = true;
+      this.error = error;
+    }
+    for (const m of this.memberships.values()) if (m.end == null) m.end = this.n;
+    const all = this.allWaiters;
+    this.allWaiters = [];
+    for (const wake of all) wake(true);
+    for (const [room, waiters] of [...this.roomWaiters]) {
+      this.roomWaiters.delete(room);
+      for (const wake of waiters) wake(true);
+    }
+  }
+}
+
+/**
+ * `for await (const msg of client.messages(room))`, or `await stream.get(timeout)`: a view of the
+ * client's buffer (see `MessageBuffer`). Reads reject with `MessagesDropped` once after an
+ * overflow, `get(timeout)` with `MessageTimeout` ("no message in room 'r' within 1000 ms"; nothing
+ * is lost), and with `ConnectionClosed` once the stream ended. `break` (or `return()`) ends this
+ * stream only: the buffer and other streams go on.
  */
 export class MessageStream {
-  constructor(client, room, maxBuffered) {
-    this.client = client;
+  constructor(buffer, room) {
+    this._buffer = buffer;
     this.room = room;
-    this.maxBuffered = maxBuffered;
-    this.dropped = 0;
-    this._items = [];
-    this._head = 0;
-    this._waiters = [];
-    this._ended = false;
-    this._error = null;
+    this._membership = room === null ? null : buffer.membership(room);
+    this._returned = false;
   }
 
+  /** Messages buffered that this stream can read now. */
   get length() {
-    return this._items.length - this._head;
+    const buffer = this._buffer;
+    if (this.room === null) return buffer.size;
+    const items = buffer.rooms.get(this.room);
+    if (!items) return 0;
+    const end = this._membership.end;
+    if (end == null) return items.length;
+    let count = 0;
+    for (const [n] of items) if (n < end) count += 1;
+    return count;
   }
 
-  _push(msg) {
-    const waiter = this._waiters.shift();
-    if (waiter) {
-      waiter.resolve({ value: msg, done: false });
-      return;
-    }
-    this._items.push(msg);
-    if (this.length > this.maxBuffered) {
-      this._head += 1;
-      this.dropped += 1;
-      this.client._emit("overflow", { room: this.room, dropped: this.dropped });
-    }
-    if (this._head > 1024 && this._head * 2 > this._items.length) {
-      this._items = this._items.slice(this._head);
-      this._head = 0;
-    }
+  /** Messages the client's buffer dropped since the client started. */
+  get dropped() {
+    return this._buffer.dropped;
   }
 
-  _end(error) {
-    if (this._ended) return;
-    this._ended = true;
-    this._error = error || null;
-    for (const waiter of this._waiters.splice(0)) {
-      if (this._error) waiter.reject(this._error);
-      else waiter.resolve({ value: undefined, done: true });
+  async _read(timeout) {
+    const buffer = this._buffer;
+    const deadline = timeout == null ? null : now() + timeout;
+    for (;;) {
+      if (this._returned) return END;
+      buffer.reportLost(this.room);
+      const msg = this.room === null ? buffer.popOldest() : buffer.popRoom(this.room, this._membership.end);
+      if (msg !== undefined) return msg;
+      const membership = this._membership;
+      if (membership && membership.end != null) {
+        if (membership.error) throw membership.error;
+        return END;
+      }
+      if (buffer.ended) {
+        if (buffer.error) throw buffer.error;
+        return END;
+      }
+      if (!(await buffer.wait(this.room, deadline))) {
+        const what = this.room === null ? "no message in any room" : `no message in room '${this.room}'`;
+        throw new MessageTimeout(what, timeout, this.room);
+      }
     }
   }
 
   next() {
-    if (this.length > 0) {
-      const value = this._items[this._head];
-      this._items[this._head] = undefined;
-      this._head += 1;
-      return Promise.resolve({ value, done: false });
-    }
-    if (this._ended) {
-      return this._error ? Promise.reject(this._error) : Promise.resolve({ value: undefined, done: true });
-    }
-    return new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
+    return this._read(null).then((value) => (value === END ? { value: undefined, done: true } : { value, done: false }));
   }
 
-  /** One message, or a `RequestTimeout` after `timeout` ms (the waiter is removed); rejects once the stream ended. */
-  get(timeout = null) {
-    const ended = () => new ConnectionClosed(1000, "stream ended");
-    if (this.length > 0 || this._ended) return this.next().then((r) => (r.done ? Promise.reject(ended()) : r.value));
-    return new Promise((resolve, reject) => {
-      let timer = null;
-      const waiter = {
-        resolve: (r) => {
-          clearTimeout(timer);
-          if (r.done) reject(ended());
-          else resolve(r.value);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      };
-      if (timeout != null) {
-        timer = setTimeout(() => {
-          const i = this._waiters.indexOf(waiter);
-          if (i >= 0) this._waiters.splice(i, 1);
-          reject(new RequestTimeout("message", timeout));
-        }, timeout);
-      }
-      this._waiters.push(waiter);
-    });
+  /** One message within `timeout` ms (null: wait forever); rejects as the class docs say. */
+  async get(timeout = null) {
+    const value = await this._read(timeout);
+    if (value === END) throw new ConnectionClosed(1000, "stream ended");
+    return value;
+  }
+
+  /** The next buffered message, or undefined when none (overflow is not reported here). */
+  getNowait() {
+    if (this._returned) return undefined;
+    return this.room === null ? this._buffer.popOldest() : this._buffer.popRoom(this.room, this._membership.end);
   }
 
   return() {
-    this.client._streams.delete(this);
-    this._end(null);
+    this._returned = true;
     return Promise.resolve({ value: undefined, done: true });
   }
 
@@ -749,11 +971,13 @@ function resolveUrl(url, token) {
  * - `refreshToken(why)`: called with 1000/4001 (close code) or 4001 (token expired before a
  *   reconnect); returns (or resolves to) a new token, or null to stop.
  * - `onMessage(msg)`: every delivery `{type, room, seq, from, payload}`, of the rooms joined
- *   and of the rooms the server joined this connection to (`rooms` lists both).
+ *   and of the rooms the server joined this connection to (`rooms` lists both), instead of
+ *   buffering it for `messages()` (as the Python client's `on_message`).
  * - `onPush(msg)`: every room-less push, as it came: a broadcast `{type: "broadcast", payload}`
  *   or a message of the application's own type (`conn.send`, e.g. `{type: "notice", text}`).
  * - `onEvent(event)`: every lifecycle event as `{type, ...detail}`.
- * - `maxBuffered` (10000): bound of each `messages()` stream.
+ * - `maxBuffered` (10000): bound of the message buffer, all rooms together (see `MessageBuffer`);
+ *   unused with `onMessage`, which takes every delivery instead (then `messages()` throws).
  * - `WebSocket`: constructor to use instead of the global one (tests, old Node).
  *
  * Events (EventTarget; `event.detail` holds the fields): `message`, `push` (the pushed message), `connected`
@@ -799,7 +1023,7 @@ export class Client extends EventTarget {
     this._conn = null;
     this._ready = false; // a connection is open and its rooms are rejoined
     this._readyWaiters = new Set();
-    this._streams = new Set();
+    this._buffer = this.onMessage ? null : new MessageBuffer(this, this.maxBuffered); // onMessage takes them instead
     this._closing = false;
     this._stopped = null;
     this._started = false;
@@ -934,12 +1158,17 @@ export class Client extends EventTarget {
     this.stats.sent += 1;
   }
 
-  /** Deliveries of every room (`room` null) or of one, as an async iterator. */
+  /**
+   * Deliveries of every room (`room` null) or of one: a view of the client's one bounded buffer,
+   * filled from the first connection on, so nothing is lost between `join()` and the first read
+   * and `await client.messages(room).get(1000)` in a loop reads every message once, oldest first
+   * (the rules: `MessageBuffer`). Throws when the client was created with `onMessage`.
+   */
   messages(room = null) {
-    const stream = new MessageStream(this, room, this.maxBuffered);
-    if (this._stopped) stream._end(this._stopped.closeCode === 1000 ? null : this._stopped);
-    else this._streams.add(stream);
-    return stream;
+    if (!this._buffer) {
+      throw new WsfanError("NO_BUFFER", "messages() is not available when the client was created with onMessage");
+    }
+    return new MessageStream(this._buffer, room);
   }
 
   // ---------------------------------------------------------------- internals: requests
@@ -1104,10 +1333,8 @@ export class Client extends EventTarget {
 
   _handOver(msg) {
     this.stats.messages += 1;
-    this._runCallback(this.onMessage, msg, "onMessage");
-    for (const stream of this._streams) {
-      if (stream.room === null || stream.room === msg.room) stream._push(msg);
-    }
+    if (this._buffer) this._buffer.put(msg);
+    else this._runCallback(this.onMessage, msg, "onMessage");
     this.dispatchEvent(new CustomEvent("message", { detail: msg }));
   }
 
@@ -1131,13 +1358,11 @@ export class Client extends EventTarget {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 
+  /** End the streams of `room` (every stream when undefined): they drain what they can read, then end or reject. */
   _endStreams(room, error = null) {
-    for (const stream of [...this._streams]) {
-      if (room === undefined || stream.room === room) {
-        this._streams.delete(stream);
-        stream._end(error);
-      }
-    }
+    if (!this._buffer) return;
+    if (room === undefined) this._buffer.end(error);
+    else this._buffer.endRoom(room, error);
   }
 
   // ---------------------------------------------------------------- internals: connections

@@ -10,6 +10,8 @@ import {
   Backoff,
   Client,
   ConnectionClosed,
+  MessagesDropped,
+  MessageTimeout,
   ProtocolError,
   RequestTimeout,
   connect,
@@ -261,10 +263,25 @@ test("a timeout rejects, removes the pending entry, and the late reply is droppe
   await c.close();
 });
 
-test("deliveries reach the callback, the EventTarget and async iterators", async () => {
+test("deliveries reach the callback or the buffer, and the EventTarget", async () => {
   const server = new FakeServer();
   const got = [];
   const c = await connect("ws://x/ws", fastOptions(server, { onMessage: (msg) => got.push(msg.seq) }));
+  const events = [];
+  c.addEventListener("message", (e) => events.push(e.detail.payload));
+  await c.join("a");
+  server.publish("a", "a1");
+  server.publish("a", "a2");
+  assert.deepEqual(events, ["a1", "a2"]);
+  assert.deepEqual(got, [1, 2]);
+  // onMessage takes every delivery instead of the buffer, as the Python client's on_message
+  assert.throws(() => c.messages(), (e) => e.code === "NO_BUFFER");
+  await c.close();
+});
+
+test("streams are views of one buffer: each message is read once, by the first read that asks", async () => {
+  const server = new FakeServer();
+  const c = await connect("ws://x/ws", fastOptions(server));
   const events = [];
   c.addEventListener("message", (e) => events.push(e.detail.payload));
   const all = c.messages();
@@ -274,19 +291,57 @@ test("deliveries reach the callback, the EventTarget and async iterators", async
   server.publish("a", "a1");
   server.publish("b", "b1");
   server.publish("a", "a2");
-  assert.deepEqual(events, ["a1", "b1", "a2"]);
-  assert.deepEqual(got, [1, 1, 2]);
+  server.publish("a", "a3");
+  assert.deepEqual(events, ["a1", "b1", "a2", "a3"]); // the EventTarget sees every delivery
   assert.deepEqual([(await roomA.get(100)).payload, (await roomA.get(100)).payload], ["a1", "a2"]);
   const seen = [];
   for await (const msg of all) {
     seen.push(msg.payload);
-    if (seen.length === 3) break;
+    if (seen.length === 2) break;
   }
-  assert.deepEqual(seen, ["a1", "b1", "a2"]);
-  assert.equal(c._streams.has(all), false); // break unsubscribed it
-  await assert.rejects(roomA.get(20), RequestTimeout);
+  assert.deepEqual(seen, ["b1", "a3"]); // what the room stream read is not read again
+  await assert.rejects(all.get(20), ConnectionClosed); // break ended that stream only
+  await assert.rejects(roomA.get(20), MessageTimeout);
+  // a waiting room read takes its room's message before a waiting all-rooms read
+  const viaAll = c.messages().get(200);
+  const viaRoom = roomA.get(200);
+  server.publish("a", "a4");
+  server.publish("b", "b2");
+  assert.deepEqual([(await viaRoom).payload, (await viaAll).payload], ["a4", "b2"]);
+  server.publish("a", "a5");
   await c.leave("a");
-  await assert.rejects(roomA.get(20), ConnectionClosed); // leaving ends the room's stream
+  assert.equal((await roomA.get(20)).payload, "a5"); // what came before the leave is read, then
+  await assert.rejects(roomA.get(20), ConnectionClosed); // leaving ends the room's streams
+  await c.close();
+});
+
+test("the README pattern, a stream per get, reads every message and leaks no stream", async () => {
+  const server = new FakeServer();
+  const c = await connect("ws://x/ws", fastOptions(server));
+  await c.join("js");
+  for (let i = 0; i < 50; i++) server.publish("js", i);
+  const got = [];
+  for (let i = 0; i < 50; i++) got.push((await c.messages("js").get(1000)).payload);
+  assert.deepEqual(got, [...Array(50).keys()]);
+  for (let i = 0; i < 1000; i++) await assert.rejects(c.messages("js").get(0), MessageTimeout);
+  // nothing holds those 1000 streams: later messages are buffered once, not once per stream made
+  for (let i = 0; i < 3; i++) server.publish("js", 100 + i);
+  assert.equal(c._buffer.size, 3);
+  assert.equal(c._buffer.roomWaiters.size + c._buffer.allWaiters.length, 0);
+  assert.deepEqual([(await c.messages().get(100)).payload, (await c.messages("js").get(100)).payload], [100, 101]);
+  await c.close();
+});
+
+test("a stream's timeout says what it waited for", async () => {
+  const server = new FakeServer();
+  const c = await connect("ws://x/ws", fastOptions(server));
+  await assert.rejects(c.messages("chat.general").get(30), (e) => {
+    assert.ok(e instanceof MessageTimeout && e instanceof RequestTimeout);
+    assert.equal(e.message, "no message in room 'chat.general' within 30 ms");
+    assert.equal(e.room, "chat.general");
+    return true;
+  });
+  await assert.rejects(c.messages().get(30), { message: "no message in any room within 30 ms" });
   await c.close();
 });
 
@@ -396,7 +451,8 @@ test("a slow stream drops its oldest messages and reports overflow", async () =>
   await c.join("r");
   for (let i = 1; i <= 5; i++) server.publish("r", i);
   assert.equal(s.dropped, 2);
-  assert.deepEqual(overflow, [1, 2]);
+  assert.deepEqual(overflow, [1]); // once per burst, as the Python client
+  await assert.rejects(s.get(), (e) => e instanceof MessagesDropped && e.count === 2); // reported once
   assert.deepEqual([(await s.get()).payload, (await s.get()).payload, (await s.get()).payload], [3, 4, 5]);
   await c.close();
 });
