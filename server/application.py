@@ -25,7 +25,7 @@ import msgspec
 from wsfan.server import control
 from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
-from wsfan.server.logs import fields
+from wsfan.server.logs import log_app_failure
 from wsfan.server.protocol import WIRE_ENCODINGS, Encoding, PayloadRefused, encode_payload, payload_problem
 from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, room_problem, valid_room
 
@@ -421,9 +421,10 @@ class App:
             hub.error(s, msg.id, exc.code, exc.message)  # type: ignore[arg-type]
             return
         except Exception:
-            log.exception(
-                "handler for %s failed", type(msg).__name__, extra=fields(conn=s.conn_id, user=s.user)
-            )
+            log_app_failure(
+                log, "handler_failed", "handler for %s failed", type(msg).__name__,
+                exc_info=True, where=type(msg).__name__, conn=s.conn_id, user=s.user,
+            )  # fmt: skip
             hub.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
             return
         if msg.id is not None and not s.closed:
@@ -445,7 +446,10 @@ class App:
             try:
                 result = hook(conn)
             except Exception:
-                log.exception("on_open hook failed", extra=fields(conn=s.conn_id, user=s.user))
+                log_app_failure(
+                    log, "on_open_failed", "on_open hook %s failed", _name(hook),
+                    exc_info=True, where=_name(hook), conn=s.conn_id, user=s.user,
+                )  # fmt: skip
                 continue
             if inspect.isawaitable(result):
                 # The rest run after it, and the connection's messages wait for all of them.
@@ -459,7 +463,11 @@ class App:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                log.exception("on_open hook failed", extra=fields(conn=s.conn_id, user=s.user))
+                name = _name(hook) if hook is not None else "(async)"
+                log_app_failure(
+                    log, "on_open_failed", "on_open hook %s failed", name,
+                    exc_info=True, where=name, conn=s.conn_id, user=s.user,
+                )  # fmt: skip
             if s.closed:
                 return
 
@@ -471,7 +479,10 @@ class App:
                 if inspect.isawaitable(result):
                     self._attached()._spawn(_logged(result, "on_disconnect"))
             except Exception:
-                log.exception("on_disconnect hook failed", extra=fields(conn=s.conn_id, user=s.user))
+                log_app_failure(
+                    log, "on_disconnect_failed", "on_disconnect hook %s failed", _name(hook),
+                    exc_info=True, where=_name(hook), conn=s.conn_id, user=s.user,
+                )  # fmt: skip
 
     def connect(self, request: ConnectRequest) -> Any:
         """Run the on_connect hooks; the connection's initial data. ``Error`` propagates (a refusal)."""
@@ -599,18 +610,19 @@ class _HookRun:
         if isinstance(exc, Error):
             self.hub.error(self.s, self.request_id, exc.code, exc.message)  # type: ignore[arg-type]
             return None
-        log.error(
-            "before_%s hook %s failed on %r", self._hook_kind(), _name(fn), self.asked, exc_info=exc,
-            extra=fields(conn=self.s.conn_id, user=self.s.user, room=self.asked),
+        log_app_failure(
+            log, "hook_failed", "before_%s hook %s failed on %r", self._hook_kind(), _name(fn), self.asked,
+            exc_info=exc, where=_name(fn), conn=self.s.conn_id, user=self.s.user, room=self.asked,
         )  # fmt: skip
         self.hub.error(self.s, self.request_id, ErrorCode.INTERNAL, "internal error")
         return None
 
     def _bad(self, fn: Callable[..., Any], why: str, public: str) -> bool:
         kind = self._hook_kind()
-        log.error(
-            "before_%s hook %s %s; %s of %r answered INTERNAL", kind, _name(fn), why, self.action, self.asked,
-            extra=fields(conn=self.s.conn_id, user=self.s.user, room=self.asked),
+        log_app_failure(
+            log, "hook_result_refused", "before_%s hook %s %s; %s of %r answered INTERNAL",
+            kind, _name(fn), why, self.action, self.asked, where=_name(fn),
+            conn=self.s.conn_id, user=self.s.user, room=self.asked,
         )  # fmt: skip
         message = f"the server's before_{kind} hook gave {public}"
         self.hub.error(self.s, self.request_id, ErrorCode.INTERNAL, message)
@@ -628,9 +640,10 @@ def _answer(hub: Hub, s: Session, msg: Any, fn: Any, result: Any) -> None:
     try:
         data = msgspec.Raw(encode_payload(result, s.encoding)) if result is not None else None
     except PayloadRefused as exc:
-        log.error(
-            "handler %s for %s returned a value that is not deliverable: %s; answered INTERNAL",
-            _name(fn), type(msg).__name__, exc, extra=fields(conn=s.conn_id, user=s.user),
+        log_app_failure(
+            log, "handler_result_refused", "handler %s for %s returned a value that is not deliverable: %s; "
+            "answered INTERNAL", _name(fn), type(msg).__name__, exc, where=type(msg).__name__,
+            conn=s.conn_id, user=s.user,
         )  # fmt: skip
         hub.error(s, msg.id, ErrorCode.INTERNAL, HANDLER_RESULT_REFUSED)
         return
@@ -750,7 +763,7 @@ async def _logged(aw: Awaitable[Any], what: str) -> None:
     try:
         await aw
     except Exception:
-        log.exception("%s hook failed", what)
+        log_app_failure(log, f"{what}_failed", "%s hook failed", what, exc_info=True, where="(async)")
 
 
 def load(spec: str) -> App:

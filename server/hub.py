@@ -37,7 +37,7 @@ from wsfan.server.broker import (
 from wsfan.server.broker.publication import sse_event
 from wsfan.server.deflate import delivery_kind
 from wsfan.server.heap import compacted
-from wsfan.server.logs import fields
+from wsfan.server.logs import fields, log_app_failure
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import (
     WIRE_ENCODINGS,
@@ -555,9 +555,10 @@ class Hub:
         try:
             self._handlers[type(msg)](s, msg)
         except Exception:
-            log.exception(
-                "handler for %s failed", type(msg).__name__, extra=fields(conn=s.conn_id, user=s.user)
-            )
+            log_app_failure(
+                log, "handler_failed", "handler for %s failed", type(msg).__name__,
+                exc_info=True, where=type(msg).__name__, conn=s.conn_id, user=s.user,
+            )  # fmt: skip
             self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
 
     def _receive_behind(self, s: Session, p: Pending, data: bytes | memoryview, opcode: int) -> None:
@@ -580,9 +581,10 @@ class Hub:
         try:
             self._handlers[type(msg)](s, msg)
         except Exception:
-            log.exception(
-                "handler for %s failed", type(msg).__name__, extra=fields(conn=s.conn_id, user=s.user)
-            )
+            log_app_failure(
+                log, "handler_failed", "handler for %s failed", type(msg).__name__,
+                exc_info=True, where=type(msg).__name__, conn=s.conn_id, user=s.user,
+            )  # fmt: skip
             self.error(s, msg.id, ErrorCode.INTERNAL, "internal error")
 
     def _hold(self, s: Session, barrier: bool) -> None:

@@ -136,6 +136,31 @@ class Throttle:
         return self._skipped.pop(kind, 0)
 
 
+# Failures of application code a client can trigger (a handler or hook that raises on its input):
+# at most one line a second per kind, so that one client cannot flood the log with tracebacks.
+APP_FAILURES = Throttle()
+
+
+def log_app_failure(
+    logger: logging.Logger,
+    kind: str,
+    msg: str,
+    *args: Any,
+    exc_info: BaseException | bool | None = None,
+    where: str = "",
+    conn: str | None = None,
+    user: str | None = None,
+    room: str | None = None,
+) -> None:
+    """Log a failure of application code at ERROR, ``kind`` as its ``event``, at most once a second
+    per kind and ``where`` (the failing function or message type: each bug gets its own line;
+    ``APP_FAILURES``); the line after a quiet spell tells how many were left out."""
+    skipped = APP_FAILURES.ready(f"{kind}:{where}")
+    if skipped is not None:
+        extra = fields(conn=conn, user=user, room=room, event=kind, suppressed=skipped)
+        logger.error(msg, *args, exc_info=exc_info, extra=extra)
+
+
 def bind(**context: Any) -> None:
     """Fields added to every record of this process from now on (e.g. ``worker=1`` in a worker)."""
     _context.update(context)

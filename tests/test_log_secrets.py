@@ -130,3 +130,23 @@ def test_a_failing_on_connect_is_a_fixed_500_logged_once_a_second(make_server: t
     out = srv.output()
     assert 1 <= out.count("Traceback") <= 2, out[-3000:]
     assert "cannot serve" in out  # the application's own text is for the operator, in the log
+
+
+def test_failing_application_code_is_logged_once_a_second_per_kind(make_server: type[ServerProcess]) -> None:
+    """A handler or before_join hook that raises on a client's message answers INTERNAL every time,
+    and its traceback is logged at most once a second per kind (``logs.APP_FAILURES``): a client
+    sending such messages cannot flood the log (before: one ERROR traceback per message)."""
+    srv = make_server("--app", "apps.leaky:app", "--rate-limit", "0", env=ENV).start()
+    ws = RawWS.connect(HOST, srv.port, path="/ws?token=t")
+    ws.recv_message()  # welcome
+    for i in range(20):
+        ws.send_text(b'{"type":"leak","id":"%d"}' % i)
+        ws.send_text(b'{"type":"join","id":"j%d","room":"crash"}' % i)
+    replies = [ws.recv_message()[1] for _ in range(40)]
+    assert all(b'"code":"INTERNAL"' in r for r in replies), replies[:2]
+    ws.send_close()
+    ws.close()
+    assert srv.stop() == 0
+    out = srv.output()
+    assert out.count("handler for Leak failed") <= 2 and out.count("before_join hook") <= 2, out[-3000:]
+    assert 2 <= out.count("Traceback") <= 4, out[-3000:]
