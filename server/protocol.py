@@ -78,7 +78,7 @@ def describe_invalid(exc: BaseException, what: str = "JSON", rules: Mapping[str,
     text = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return f"not parseable as {what}"
-    if "unknown field" in text:
+    if text.startswith("Object contains unknown field"):  # not "in": the rest may be a client's key
         return "the object has a field that is not in the schema"
     if (m := _MISSING.match(text)) is not None:
         return f"missing field {m.group(1)!r}"
