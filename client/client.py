@@ -181,7 +181,14 @@ class Client(Session):
         return data
 
     async def publish(self, room: str, payload: Any, *, timeout: float | None = DEFAULT) -> dict[str, Any]:
-        """Publish to a joined room; returns ``{"room", "seq"}``. ``payload`` may be pre-encoded ``msgspec.Raw``."""
+        """Publish to a joined room; returns ``{"room", "seq"}``. ``payload`` may be pre-encoded ``msgspec.Raw``.
+
+        ``payload`` is held to the protocol's payload rule first: what every subscriber can receive
+        exactly, in either encoding (``None``, ``bool``, ``int`` in -2^63..2^64-1, finite ``float``,
+        ``str``, ``list``, ``dict`` with ``str`` keys, at most 64 deep); anything else raises
+        ``InvalidPayload`` before anything is sent, in both encodings (``errors.InvalidPayload``).
+        """
+        payload = self._codec.payload(payload)
         data = await self._bounded("publish", timeout, self._request("publish", room=room, payload=payload))
         self._rooms.published(room, data.get("seq") if isinstance(data, dict) else None)
         return data
@@ -202,7 +209,10 @@ class Client(Session):
         return {"connections": data["connections"], "users": data["users"]}
 
     async def echo(self, payload: Any, *, timeout: float | None = DEFAULT) -> Any:
-        """The server sends ``payload`` back to this connection only; returns it decoded."""
+        """The server sends ``payload`` back to this connection only; returns it decoded.
+
+        The payload rule of ``publish`` applies (``InvalidPayload``)."""
+        payload = self._codec.payload(payload)
         return await self._bounded("echo", timeout, self._request("echo", payload=payload))
 
     async def ping(self, *, timeout: float | None = DEFAULT) -> float:
@@ -226,7 +236,8 @@ class Client(Session):
     def publish_nowait(self, room: str, payload: Any) -> None:
         """Publish without an id, for load generation: no ack; errors arrive as ``ServerError`` events.
 
-        Raises ``NotConnected`` while there is no connection (it is not queued).
+        Raises ``NotConnected`` while there is no connection (it is not queued), ``InvalidPayload``
+        as ``publish`` does.
         """
         self._send_nowait("publish", room=room, payload=payload)
 
@@ -292,7 +303,7 @@ class Client(Session):
         return MessageStream(self._router.pushes)
 
     def encode_payload(self, value: Any) -> Raw:
-        """Encode a payload once in this client's encoding, to publish it many times for free."""
+        """Encode a payload once in this client's encoding, to publish it many times for free (``InvalidPayload`` as ``publish``)."""
         return self._codec.encode_payload(value)
 
     def decode_payload(self, payload: Any) -> Any:

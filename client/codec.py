@@ -11,6 +11,7 @@ unless the caller already holds a ``Raw``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Final, Literal
 
@@ -18,7 +19,9 @@ import msgspec
 from msgspec import Raw
 from picows import WSMsgType
 
+from wsfan.client.errors import InvalidPayload
 from wsfan.server import wire
+from wsfan.server.protocol import MAX_PAYLOAD_DEPTH
 from wsfan.server.wire import (
     BUILTIN_TYPES,
     Ack,
@@ -67,6 +70,61 @@ def _union(raw_payloads: bool) -> Any:
 # The ``type`` of every message the protocol defines from server to client (PROTOCOL.md): the
 # server's own list, so a type added there is known here.
 SERVER_TYPES: Final = frozenset(t.__struct_config__.tag for t in wire.SERVER_TYPES)  # type: ignore[misc]
+
+
+INT_MIN: Final = -(2**63)  # the payload rule's integers: MessagePack int 64 ...
+UINT_MAX: Final = 2**64 - 1  # ... and uint 64 (server.protocol.payload_problem)
+
+
+def payload_problem(value: Any) -> str | None:
+    """Why ``value`` would not reach every subscriber exactly as it is, or None (``InvalidPayload``).
+
+    The protocol's payload rule (server.protocol.payload_problem: null, booleans, integers in
+    -2^63..2^64-1, finite floats, strings, arrays, maps with string keys, at most
+    ``MAX_PAYLOAD_DEPTH`` deep) on Python values, whose types must be exactly ``None``,
+    ``bool``, ``int``, ``float``, ``str``, ``list``, ``dict``: those are what a subscriber
+    decodes, in either encoding. Strings with a lone surrogate are refused by the encoder
+    (``Codec.payload``). Never raises.
+    """
+    return _problem(value, MAX_PAYLOAD_DEPTH, "payload")
+
+
+def _problem(value: Any, depth: int, where: str) -> str | None:
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return None
+    if t is int:
+        return None if INT_MIN <= value <= UINT_MAX else f"{where} is an integer outside -2^63..2^64-1"
+    if t is float:
+        return None if math.isfinite(value) else f"{where} is a NaN or infinite float"
+    if t is list or t is dict:
+        if depth == 0:
+            return f"{where} is nested deeper than {MAX_PAYLOAD_DEPTH}"
+        if t is list:
+            for i, item in enumerate(value):
+                ti = type(item)
+                if ti is str or (ti is int and INT_MIN <= item <= UINT_MAX):
+                    continue
+                if (why := _problem(item, depth - 1, f"{where}[{i}]")) is not None:
+                    return why
+            return None
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"{where} has a map key that is not a string ({type(key).__name__}), which JSON cannot carry"
+            ti = type(item)
+            if ti is str or (ti is int and INT_MIN <= item <= UINT_MAX):
+                continue
+            if (why := _problem(item, depth - 1, f"{where}[{key[:40]!r}]")) is not None:
+                return why
+        return None
+    if t is bytes or t is bytearray or t is memoryview:
+        return f"{where} is binary data (MessagePack bin), which JSON cannot carry"
+    if t is tuple:
+        return f"{where} is a tuple, which arrives as an array (a list): send a list"
+    return (
+        f"{where} is a {t.__name__}, not a JSON value (None, bool, int, float, str, list, dict):"
+        " convert it first (msgspec.to_builtins)"
+    )
 
 
 class _Head(msgspec.Struct):
@@ -123,15 +181,32 @@ class Codec:
     def request(self, kind: str, request_id: str | None = None, **fields: Any) -> bytes:
         """Encode one client message of a built-in ``kind`` (``join``, ``publish``...); absent fields are omitted.
 
-        A ``payload`` that is not already ``Raw`` is encoded first, so publishing or
-        echoing ``None`` still sends ``"payload": null``. Raises ``KeyError`` for an
-        unknown kind and ``TypeError`` for a field the kind does not have.
+        A ``payload`` that is not already ``Raw`` is checked and encoded first (``payload``), so
+        publishing or echoing ``None`` still sends ``"payload": null``. Raises ``InvalidPayload``
+        for a payload the protocol refuses, ``KeyError`` for an unknown kind and ``TypeError``
+        for a field the kind does not have.
         """
         if "payload" in fields:
-            payload = fields["payload"]
-            if not isinstance(payload, Raw):
-                fields["payload"] = Raw(self._encode(payload))
+            fields["payload"] = self.payload(fields["payload"])
         return self._encode(REQUEST_TYPES[kind](id=request_id, **fields))
+
+    def payload(self, value: Any) -> Raw:
+        """``value`` encoded once, after the payload rule (``payload_problem``); a ``Raw`` is taken as is.
+
+        Raises ``InvalidPayload`` for a value the rule refuses, the same in both encodings
+        (a pre-encoded ``Raw`` is the caller's bytes: the server judges those).
+        """
+        if isinstance(value, Raw):
+            return value
+        problem = payload_problem(value)
+        if problem is not None:
+            raise InvalidPayload(problem)
+        try:
+            return Raw(self._encode(value))
+        except UnicodeEncodeError:
+            raise InvalidPayload(
+                "payload has a string with a lone surrogate, which is not UTF-8 text"
+            ) from None
 
     def encode(self, message: Inbound) -> bytes:
         return self._encode(message)
@@ -158,8 +233,10 @@ class Codec:
         return decode(data) if decode is not None else self._decode_value(data)
 
     def encode_payload(self, value: Any) -> Raw:
-        """Pre-encode a payload once and publish it many times without paying for encoding again."""
-        return Raw(self._encode(value))
+        """Pre-encode a payload once and publish it many times without paying for encoding again.
+
+        The payload rule applies (``InvalidPayload``), as for ``payload``."""
+        return self.payload(value)
 
     def decode_payload(self, payload: Any) -> Any:
         """Decode a ``Raw`` payload (from ``raw_payloads=True``); other values are returned unchanged."""

@@ -103,6 +103,24 @@ def error_for(code: str, message: str = "") -> ProtocolError:
     return _BY_CODE.get(code, ProtocolError)(code, message)
 
 
+class InvalidPayload(ClientError, ValueError):
+    """A payload the client refuses before sending: it would not arrive as it was sent.
+
+    The protocol's payload rule (PROTOCOL.md, docs/protocol-choices.md "Encodings"): a payload
+    is null, a boolean, an integer in -2^63..2^64-1, a finite float, a string, an array or a
+    map with string keys, nested at most 64 deep, so that every subscriber gets it exactly,
+    in either encoding. In Python that is ``None``, ``bool``, ``int``, ``float``, ``str``,
+    ``list`` and ``dict`` with ``str`` keys (exactly those types); anything else, a tuple,
+    bytes, NaN, a datetime or a Struct included, is refused the same way in both encodings
+    (JSON would have sent NaN as null, bytes as base64, ``{1: 2}`` as ``{"1": 2}``; the server
+    refuses them from MessagePack). ``problem`` says what and where.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"payload refused before sending: {problem}")
+        self.problem = problem
+
+
 class RequestTimeout(ClientError, TimeoutError):
     """No reply within the request's timeout.
 

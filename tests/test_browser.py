@@ -275,7 +275,10 @@ def test_js_client_reads_every_message_with_a_stream_per_get_from_a_real_server(
     assert out["got"] == list(range(20))
     assert out["timeout"] == ["MessageTimeout", "no message in room 'chat.general' within 50 ms"]
     assert out["late"] == "late"
-    assert out["handed"] == 21 and out["buffered"] == 0
+    assert out["handed"] == 29 and out["buffered"] == 0
+    # newcomer finding 3, JS side: the rule's edges arrive exactly, the rest is refused before sending
+    assert out["arrived"] == [True] * 8
+    assert out["refusals"] == ["refused"] * 8 and out["errors"] == {}
 
 
 def test_demo_serves_page_and_module_with_their_content_types():

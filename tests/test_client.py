@@ -37,6 +37,7 @@ from wsfan.client import (
     HandshakeRejected,
     InternalError,
     InvalidMessage,
+    InvalidPayload,
     InvalidURL,
     Message,
     MessagesDropped,
@@ -378,6 +379,147 @@ class Renamed:
     async def get(self, timeout: float) -> Message:
         got = await self.stream.get(timeout)
         return Message(room=got.room.removeprefix(self.prefix), seq=got.seq, sender=got.sender, payload=None)
+
+
+# ---------------------------------------------------------------- payloads: the protocol's payload rule
+
+
+def allowed(value: Any, depth: int = 64) -> bool:
+    """The payload rule (PROTOCOL.md) on Python values, written apart from the client's own check."""
+    if value is None or type(value) in (bool, str):
+        return type(value) is not str or not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if type(value) is int:
+        return -(2**63) <= value <= 2**64 - 1
+    if type(value) is float:
+        return value == value and value not in (float("inf"), float("-inf"))
+    if type(value) is list:
+        return depth > 0 and all(allowed(v, depth - 1) for v in value)
+    if type(value) is dict:
+        return depth > 0 and all(
+            type(k) is str and allowed(k) and allowed(v, depth - 1) for k, v in value.items()
+        )
+    return False
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal with the same types all the way down (1 == 1.0 == True in Python; -0.0 == 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        return a == b and str(a) == str(b)
+    if type(a) is list:
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is dict:
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([-(2**63), -(2**63) - 1, 2**64 - 1, 2**64, 0]),
+    st.floats(),  # NaN and infinities included
+    st.sampled_from([-0.0, 1e308, 5e-324, 1.0]),
+    st.text(max_size=12),
+    st.sampled_from(["\ud800", "a\udfffb"]),  # lone surrogates
+    st.binary(max_size=6),
+    st.datetimes(),
+    st.uuids(),
+    st.decimals(allow_nan=False, allow_infinity=False, places=2),
+    st.frozensets(st.integers(0, 3), max_size=2),
+)
+PAYLOADS = st.recursive(
+    LEAVES,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.tuples(kids, kids),
+        st.dictionaries(
+            st.one_of(st.text(max_size=6), st.integers(-2, 2), st.sampled_from(["\udc00"])), kids, max_size=4
+        ),
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=60)
+@given(values=st.lists(PAYLOADS, min_size=1, max_size=8))
+def test_a_payload_round_trips_exactly_in_both_encodings_or_is_refused_before_sending(server, values):
+    """Newcomer finding 3: NaN and inf arrived as null, b"bytes" as base64, {1: 2} as {"1": 2} from JSON,
+    and the same values were INVALID_MESSAGE from MessagePack. Now every value either reaches a JSON and
+    a MessagePack subscriber exactly as published from either encoding, or both publishers refuse it
+    with InvalidPayload before sending anything."""
+
+    async def body() -> None:
+        room = f"payload-{uuid.uuid4().hex[:12]}"
+        async with (
+            connect(server.url, encoding="json") as pub_json,
+            connect(server.url, encoding="msgpack") as pub_msgpack,
+            connect(server.url, encoding="json") as sub_json,
+            connect(server.url, encoding="msgpack") as sub_msgpack,
+        ):
+            for c in (pub_json, pub_msgpack, sub_json, sub_msgpack):
+                await c.join(room)
+            for value in values:
+                refusals = []
+                for pub in (pub_json, pub_msgpack):
+                    sent = pub.stats.sent
+                    try:
+                        await pub.publish(room, value)
+                    except InvalidPayload as exc:
+                        assert pub.stats.sent == sent  # nothing went out
+                        refusals.append(exc.problem)
+                        continue
+                    for sub in (sub_json, sub_msgpack):
+                        got = (await sub.messages(room).get(5)).payload
+                        assert same(got, value), (pub.encoding, sub.encoding, value, got)
+                if allowed(value):
+                    assert refusals == [], (value, refusals)
+                else:
+                    assert len(refusals) == 2 and refusals[0] == refusals[1], (value, refusals)
+            assert len(sub_json.messages(room)) == len(sub_msgpack.messages(room)) == 0
+
+    run(body())
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_the_newcomers_payloads_are_refused_before_sending(server, encoding):
+    async def body() -> None:
+        async with connect(server.url, encoding=encoding) as pub, connect(server.url) as sub:
+            await pub.join("conv")
+            await sub.join("conv")
+            cases = [
+                b"bytes",
+                float("nan"),
+                float("inf"),
+                float("-inf"),
+                {1: 2},
+                (1, 2),
+                2**64,
+                [[]] * 0 + [{"a": b""}],
+            ]
+            for value in cases:
+                with pytest.raises(InvalidPayload):
+                    await pub.publish("conv", value)
+                with pytest.raises(InvalidPayload):
+                    pub.publish_nowait("conv", value)
+                with pytest.raises(InvalidPayload):
+                    await pub.echo(value)
+                with pytest.raises(InvalidPayload):
+                    pub.encode_payload(value)
+            deep, deeper = [], []
+            for _ in range(63):
+                deep = [deep]
+            deeper = [deep]
+            await pub.publish("conv", deep)  # 64 arrays deep: the limit, delivered
+            assert same((await sub.messages("conv").get(5)).payload, deep)
+            with pytest.raises(InvalidPayload, match="nested deeper than 64"):
+                await pub.publish("conv", deeper)
+            await pub.publish("conv", "marker")  # nothing else was sent
+            assert (await sub.messages("conv").get(5)).payload == "marker"
+            assert pub.stats.errors == {}
+
+    run(body())
 
 
 # ---------------------------------------------------------------- reconnect policy (fake connections)

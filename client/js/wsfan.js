@@ -90,6 +90,18 @@ export class RequestTimeout extends WsfanError {
   }
 }
 
+/**
+ * A payload refused before sending: it would not arrive as it was sent (see `payloadProblem`).
+ * `problem` says what and where, e.g. `payload.a[1] is NaN or Infinity`.
+ */
+export class InvalidPayload extends WsfanError {
+  constructor(problem) {
+    super("INVALID_PAYLOAD", `payload refused before sending: ${problem}`);
+    this.name = "InvalidPayload";
+    this.problem = problem;
+  }
+}
+
 /** A stream's `get(timeout)` waited `timeout` ms for nothing; the message says for what. Nothing is lost. */
 export class MessageTimeout extends RequestTimeout {
   constructor(what, timeout, room = null) {
@@ -125,6 +137,70 @@ export class NotConnected extends WsfanError {
     super("NOT_CONNECTED", message);
     this.name = "NotConnected";
   }
+}
+
+// ------------------------------------------------------------------ payloads
+
+/** Arrays/objects a payload may nest, counting the outermost (server/protocol.py MAX_PAYLOAD_DEPTH). */
+export const MAX_PAYLOAD_DEPTH = 64;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+function wellFormed(text) {
+  return typeof text.isWellFormed === "function" ? text.isWellFormed() : !LONE_SURROGATE.test(text);
+}
+
+/**
+ * Why `value` would not reach every subscriber exactly as it is, or null: the protocol's payload rule
+ * (PROTOCOL.md; the Python client's `payload_problem`). A payload is null, a boolean, a finite number
+ * (an integer-valued one below 1e21, which JSON writes as an integer, within -2^63..2^64-1 as written), a
+ * string of well-formed UTF-16, an array without holes, or a plain object (string keys, no
+ * `toJSON`), nested at most `MAX_PAYLOAD_DEPTH` deep. `JSON.stringify` would send NaN and Infinity
+ * as null, drop `undefined`, throw on a BigInt and turn a Date, Map or Set into something else;
+ * those and every other value are refused. Never throws.
+ */
+export function payloadProblem(value, depth = MAX_PAYLOAD_DEPTH, where = "payload") {
+  if (value === null || typeof value === "boolean") return null;
+  if (typeof value === "string") return wellFormed(value) ? null : `${where} is a string with a lone surrogate`;
+  if (typeof value === "number") {
+    if (!Number.isFinite(value)) return `${where} is NaN or Infinity, which JSON writes as null`;
+    if (Number.isInteger(value) && Math.abs(value) >= 2 ** 53 && Math.abs(value) < 1e21) {
+      // JSON writes it as the shortest decimal that reads back as this double (-2^63 is written
+      // -9223372036854776000): that integer is what the server reads, and must be in range.
+      const written = BigInt(JSON.stringify(value));
+      if (written < -(2n ** 63n) || written > 2n ** 64n - 1n) return `${where} is an integer outside -2^63..2^64-1 as JSON writes it`;
+    }
+    return null;
+  }
+  if (value === undefined) return `${where} is undefined, which JSON drops`;
+  if (typeof value !== "object") return `${where} is a ${typeof value}, which JSON cannot carry`;
+  if (Array.isArray(value)) {
+    if (depth === 0) return `${where} is nested deeper than ${MAX_PAYLOAD_DEPTH}`;
+    for (let i = 0; i < value.length; i++) {
+      if (!(i in value)) return `${where}[${i}] is a hole, which JSON writes as null`;
+      const why = payloadProblem(value[i], depth - 1, `${where}[${i}]`);
+      if (why) return why;
+    }
+    return null;
+  }
+  const proto = Object.getPrototypeOf(value);
+  if (proto !== Object.prototype && proto !== null) {
+    const name = (value.constructor && value.constructor.name) || "object";
+    return `${where} is a ${name}, not a plain object: convert it first`;
+  }
+  if (depth === 0) return `${where} is nested deeper than ${MAX_PAYLOAD_DEPTH}`;
+  if (Object.getOwnPropertySymbols(value).length) return `${where} has symbol keys, which JSON drops`;
+  if (typeof value.toJSON === "function") return `${where} has a toJSON method`;
+  for (const key of Object.keys(value)) {
+    if (!wellFormed(key)) return `${where} has a key with a lone surrogate`;
+    const why = payloadProblem(value[key], depth - 1, `${where}.${key.slice(0, 40)}`);
+    if (why) return why;
+  }
+  return null;
+}
+
+function checkPayload(value) {
+  const problem = payloadProblem(value);
+  if (problem) throw new InvalidPayload(problem);
 }
 
 // ------------------------------------------------------------------ backoff
@@ -1119,15 +1195,20 @@ export class Client extends EventTarget {
     return data;
   }
 
-  /** Publish to a joined room; resolves `{room, seq}`. */
+  /**
+   * Publish to a joined room; resolves `{room, seq}`. A payload the protocol refuses (`payloadProblem`:
+   * NaN, undefined, a BigInt, a Date...) rejects with `InvalidPayload` before anything is sent.
+   */
   async publish(room, payload, { timeout } = {}) {
+    checkPayload(payload); // InvalidPayload before anything is sent (`payloadProblem`)
     const data = await this._request("publish", { room, payload }, timeout);
     this._rooms.published(room, data && data.seq);
     return data;
   }
 
   /** The server sends `payload` back to this connection only; resolves with it. */
-  echo(payload, { timeout } = {}) {
+  async echo(payload, { timeout } = {}) {
+    checkPayload(payload);
     return this._request("echo", { payload }, timeout);
   }
 
@@ -1150,8 +1231,12 @@ export class Client extends EventTarget {
     return now() - started;
   }
 
-  /** Publish without an id (no ack; errors arrive as `servererror` events). Throws NotConnected while reconnecting. */
+  /**
+   * Publish without an id (no ack; errors arrive as `servererror` events). Throws NotConnected while
+   * reconnecting, InvalidPayload as `publish` rejects.
+   */
   publishNowait(room, payload) {
+    checkPayload(payload);
     const conn = this._conn;
     if (!conn || !this._ready) throw new NotConnected(this._stopped ? "client stopped" : "not connected");
     conn.send({ type: "publish", room, payload });

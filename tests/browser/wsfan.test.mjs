@@ -10,11 +10,13 @@ import {
   Backoff,
   Client,
   ConnectionClosed,
+  InvalidPayload,
   MessagesDropped,
   MessageTimeout,
   ProtocolError,
   RequestTimeout,
   connect,
+  payloadProblem,
   tokenExpired,
 } from "../../client/js/wsfan.js";
 
@@ -713,4 +715,34 @@ test("a first connection that fails is not retried", async () => {
   if (typeof globalThis.WebSocket !== "function") {
     assert.throws(() => new Client("ws://x/ws"), TypeError); // Node 20: no global WebSocket
   }
+});
+
+test("payloads JSON would not carry exactly are refused before sending", async () => {
+  const nest = (n) => (n === 0 ? [] : [nest(n - 1)]);
+  class Point {
+    constructor() {
+      this.x = 1;
+    }
+  }
+  const refused = [
+    NaN, Infinity, -Infinity, undefined, 10n, 2 ** 64, -(2 ** 63), // JSON writes -9223372036854776000 () => 1, Symbol("s"),
+    new Date(0), new Map(), new Set([1]), new Uint8Array(2), new Point(), "\ud800", { ["a\udfff"]: 1 },
+    [1, , 3], { toJSON: () => 1 }, { [Symbol("k")]: 1 }, { a: [1, { b: NaN }] }, { a: undefined }, nest(64),
+  ];
+  for (const [i, value] of refused.entries()) assert.ok(payloadProblem(value), `refused[${i}] passed`);
+  assert.equal(payloadProblem({ a: [1, { b: NaN }] }), "payload.a[1].b is NaN or Infinity, which JSON writes as null");
+  const fine = [null, true, 0, -0.5, 1e21, 2 ** 63, -(2 ** 63) + 1024, 2 ** 64 - 4096, "ü😀", [], {}, Object.create(null), nest(63), { a: [1, "x", null] }];
+  for (const [i, value] of fine.entries()) assert.equal(payloadProblem(value), null, `fine[${i}]`);
+
+  const server = new FakeServer();
+  const c = await connect("ws://x/ws", fastOptions(server));
+  await c.join("p");
+  const before = server.received.length;
+  for (const value of [NaN, undefined, 10n, new Date(0)]) {
+    await assert.rejects(c.publish("p", value), InvalidPayload);
+    await assert.rejects(c.echo(value), InvalidPayload);
+    assert.throws(() => c.publishNowait("p", value), InvalidPayload);
+  }
+  assert.equal(server.received.length, before); // nothing was sent
+  await c.close();
 });
