@@ -651,7 +651,9 @@ class MessageBuffer {
     this.lost = new Map(); // room -> drops not yet reported
     this.roomWaiters = new Map(); // room -> [resolve]
     this.allWaiters = [];
-    this.memberships = new Map(); // room -> {end, error}: the current stretch of its streams
+    // room -> WeakRef of {end, error}: the current stretch of its streams, held by them alone (a
+    // stream made for one read and dropped leaves nothing behind), so that a leave can end them
+    this.memberships = new Map();
     this.ended = false;
     this.error = null;
   }
@@ -767,18 +769,21 @@ class MessageBuffer {
   }
 
   membership(room) {
-    let m = this.memberships.get(room);
+    let m = this.memberships.get(room)?.deref();
     if (!m) {
+      if (this.memberships.size >= 1024) {
+        for (const [r, ref] of this.memberships) if (!ref.deref()) this.memberships.delete(r);
+      }
       m = { end: null, error: null };
-      this.memberships.set(room, m);
+      this.memberships.set(room, new WeakRef(m));
     }
     return m;
   }
 
   endRoom(room, error = null) {
-    const m = this.memberships.get(room);
+    const m = this.memberships.get(room)?.deref();
+    this.memberships.delete(room);
     if (m) {
-      this.memberships.delete(room);
       m.end = this.n;
       m.error = error;
     }
@@ -794,7 +799,10 @@ class MessageBuffer {
       this.ended = true;
       this.error = error;
     }
-    for (const m of this.memberships.values()) if (m.end == null) m.end = this.n;
+    for (const ref of this.memberships.values()) {
+      const m = ref.deref();
+      if (m && m.end == null) m.end = this.n;
+    }
     const all = this.allWaiters;
     this.allWaiters = [];
     for (const wake of all) wake(true);
