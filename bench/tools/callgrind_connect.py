@@ -11,8 +11,11 @@ closed at once without a close frame, as the connect bench's reconnect wave). Th
 quiet after each phase (its CPU over 0.3 s under 3 % of a core), then the phase is read:
 
 - callgrind: ``callgrind_control --dump`` ends each phase; a dump's total instructions ÷ clients
-  is the phase's instructions per connection (user space; deterministic up to the collector's
-  timing and hash seeds, so a loaded machine does not change it);
+  is the phase's instructions per connection (user space; a loaded machine does not change the
+  code's share, but it stretches the phases, and the timer-driven tasks, mostly the heartbeat
+  sweep over every open connection each second, then hold more: reported apart, with the
+  collector's share, as "without timer-driven tasks"; ``--in-flight 1`` also takes batching
+  out, the variable part left, so that one change's few thousand instructions show);
 - ``--cpu-time``: the server's on-CPU time over the phase from ``/proc/<pid>/task/*/schedstat``
   (user + kernel, the kernel's loopback TCP share in the server's context included) ÷ clients.
 
@@ -136,6 +139,31 @@ def dump_total(path: Path) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
+#: Functions whose inclusive cost is reported apart (callgrind_annotate names): the cyclic collector,
+#: and asyncio task steps, which on this path are only timer-driven background (the registry's
+#: heartbeat sweep over every open connection each second, the broker's sweeper): how much of them a
+#: phase holds depends on how long it took, not on the connections it served.
+APART = {"gc": "gcmodule.c:gc_collect_main", "tasks": "_asynciomodule.c:task_wakeup"}
+
+
+def dump_apart(path: Path) -> dict[str, int]:
+    """Inclusive instructions of each ``APART`` function in one dump (0 if absent); {} without callgrind_annotate."""
+    if shutil.which("callgrind_annotate") is None:
+        return {}
+    out = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(path)],
+        capture_output=True,
+        text=True,
+    ).stdout
+    found = dict.fromkeys(APART, 0)
+    for line in out.splitlines():
+        fields = line.split()
+        for key, name in APART.items():
+            if not found[key] and fields and any(f.endswith(name) for f in fields[1:4]):
+                found[key] = int(fields[0].replace(",", ""))
+    return found
+
+
 class Crowd:
     def __init__(self, binary: Path, port: int, args: argparse.Namespace) -> None:
         argv = [str(binary), "127.0.0.1", str(port), str(args.clients), str(args.in_flight)]
@@ -175,6 +203,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         argv = ["taskset", "-c", str(args.server_cpu), *argv]
     server = spawn(argv, cwd=cwd, stderr=subprocess.DEVNULL if not args.verbose else None)
     phases: dict[str, list[float]] = {"connect": [], "close": []}
+    extra: dict[str, list[float]] = {}  # callgrind: per phase, the APART shares and the total without tasks
     try:
         wait_listening(port, server)
         wait_quiet(server.pid)
@@ -204,13 +233,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             raise SystemExit(f"expected one new dump, found {new}")
                         value = dump_total(new[0]) / args.clients
                         unit = "instructions"
+                        apart = {k: v / args.clients for k, v in dump_apart(new[0]).items()}
+                        for k, v in apart.items():
+                            extra.setdefault(f"{phase}_{k}", []).append(v)
+                        if apart:
+                            net = value - apart["tasks"]
+                            extra.setdefault(f"{phase}_net", []).append(net)
+                            reply += f"; without timer-driven tasks {net:,.0f}, of which collector {apart['gc']:,.0f}"
                     phases[phase].append(value)
                     print(f"round {r} {phase:<7} {value:>12,.1f} {unit} per connection ({reply})", flush=True)
         finally:
             crowd.quit()
     finally:
         end_tree(server, None, 60.0)  # valgrind may take a while to write its last dump
-    kept = {k: v[1:] if len(v) > 1 else v for k, v in phases.items()}
+    kept = {k: v[1:] if len(v) > 1 else v for k, v in {**phases, **extra}.items()}
     result = {
         "server": args.server,
         "ref": resolve(args.ref) if args.ref else None,
@@ -220,14 +256,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients,
         "in_flight": args.in_flight,
         "close": args.close,
-        "rounds": phases,
+        "rounds": {**phases, **extra},
         "median": {k: statistics.median(v) for k, v in kept.items()},
         "dumps": str(out),
     }
+    med = result["median"]
     print(
-        f"median of rounds 2..{args.rounds}: connect + join {result['median']['connect']:,.0f}, "
-        f"close {result['median']['close']:,.0f} {result['unit']} per connection; dumps in {out}"
+        f"median of rounds 2..{args.rounds}: connect + join {med['connect']:,.0f}, "
+        f"close {med['close']:,.0f} {result['unit']} per connection; dumps in {out}"
     )
+    if "connect_net" in med:
+        print(
+            f"  without timer-driven tasks: connect + join {med['connect_net']:,.0f} (collector "
+            f"{med['connect_gc']:,.0f}), close {med['close_net']:,.0f} (collector {med['close_gc']:,.0f})"
+        )
     return result
 
 
