@@ -616,7 +616,8 @@ def connect_section(doc: dict[str, Any]) -> list[str]:
         "all back and KB, above 1 for connects/s. Bun holds one process only, so the `-w2` crowds compare with "
         "the baseline commit's `-w2` alone. The naive picows server (bench/baselines/naive_picows.py: picows' "
         "own upgrade, a welcome and the join's ack, nothing else per connection) is the floor of picows on "
-        "uvloop: wsfan ÷ naive is what wsfan adds on top of its stack; it runs up to "
+        "uvloop for CPU: wsfan ÷ naive is what wsfan adds on top of its stack (not for KB: it keeps "
+        "picows' default 16 KiB read buffer per connection, wsfan 2 KiB); it runs up to "
         f"{s.get('baseline_max_size', 10_000):,} clients. The bottleneck column names the side whose core was ≥ 90 % busy "
         'over the wave (the load generators are several processes sharing one core); "one core\'s worth" is '
         "1e6 ÷ each side's CPU per connect, the rate at which that side would fill its core, so the side with "
