@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,18 +47,23 @@ _BUILTIN_TAGS = frozenset(t.__struct_config__.tag for t in BUILTIN_TYPES)
 RUNNING: App | None = None
 
 
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
 class Error(Exception):
     """Raise in a handler or hook to answer ``{"type":"error","requestId":<id>,"success":false,"code","message"}``.
 
-    ``code`` is any short upper-case string (the built-in codes are in PROTOCOL.md); ``message``
+    ``code`` is 1-64 characters of ``A-Z 0-9 _`` starting with a letter (PROTOCOL.md: codes are
+    upper case; the built-in codes are there too), else ``ValueError`` at construction; ``message``
     is shown to the client as is, so it must not carry internal detail. In ``on_connect``
     ``status`` (401 or 403) is the HTTP answer to the upgrade instead.
     """
 
     def __init__(self, code: str, message: str = "", status: int = 403) -> None:
-        if not code or not isinstance(code, str):
+        if not isinstance(code, str) or not _ERROR_CODE.fullmatch(code):
             raise ValueError(
-                "wsfan.Error needs a non-empty code, e.g. Error('NOT_FOUND', 'no such document')"
+                f"wsfan.Error's code must be upper case: 1-64 characters of A-Z 0-9 _, starting with a "
+                f"letter (PROTOCOL.md, error codes), e.g. Error('NOT_FOUND', 'no such document'); got {code!r:.80}"
             )
         if status not in (401, 403):
             raise ValueError("an on_connect refusal is 401 (who are you?) or 403 (not you)")
@@ -237,6 +243,11 @@ class App:
         """
         if not (isinstance(message_type, type) and issubclass(message_type, Inbound)):
             raise TypeError("@app.message takes a wsfan.Message subclass with a tag")
+        if message_type is Inbound:
+            raise TypeError(
+                "@app.message(wsfan.Message) would match nothing: wsfan.Message is the base class; "
+                "register a subclass with a tag, e.g. class Chat(wsfan.Message, tag='chat')"
+            )
         tag = message_type.__struct_config__.tag
         if not isinstance(tag, str):
             raise TypeError(

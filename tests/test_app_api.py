@@ -337,6 +337,36 @@ def test_wsfan_run_cli_and_bad_spec() -> None:
         assert proc.wait(15) == 0
 
 
+@pytest.mark.parametrize(
+    "code", ["lowercase", "Not_Upper", "1ABC", "_X", "A B", "A-B", "X" * 65, "É", "", None, 7]
+)
+def test_an_error_code_that_is_not_upper_case_is_refused_at_construction(code: Any) -> None:
+    """PROTOCOL.md: codes are upper case; wsfan.Error("lowercase", ...) was sent as is."""
+    import wsfan
+
+    with pytest.raises(
+        ValueError, match=r"wsfan.Error's code must be upper case: 1-64 characters of A-Z 0-9 _"
+    ):
+        wsfan.Error(code, "m")
+
+
+@pytest.mark.parametrize("code", ["X", "NOT_FOUND", "E2", "A" * 64, "OUT_OF_STOCK"])
+def test_upper_case_error_codes_are_accepted(code: str) -> None:
+    import wsfan
+
+    assert wsfan.Error(code, "m").code == code
+
+
+def test_the_message_base_class_is_refused_at_registration() -> None:
+    """@app.message(wsfan.Message) was accepted and did nothing (no message is the base class)."""
+    import wsfan
+
+    app = wsfan.App()
+    with pytest.raises(TypeError, match=r"wsfan.Message is the base class; register a subclass with a tag"):
+        app.message(wsfan.Message)
+    assert app.handlers == {}
+
+
 def test_import_wsfan_stays_cheap() -> None:
     code = "import sys, wsfan; assert 'wsfan.server' not in sys.modules; wsfan.App; assert 'wsfan.server.application' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
