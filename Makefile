@@ -24,7 +24,7 @@ help:
 	@echo "make bench-micro   pytest-benchmark micro benchmarks, compared with the last local run (results/local/micro/)"
 	@echo "make bench-publish bench-core + bench on a quiet machine, written to the committed results/ (latest.md, core-latest.md)"
 	@echo "make swarm         a short headless Locust chat run against a local server"
-	@echo "make token         print a JWT (ARGS='--sub alice --secret <32+ random bytes>')"
+	@echo "make token         print a JWT: WSFAN_JWT_SECRET=<32+ random bytes> make token ARGS='--sub alice' (the command line is not echoed)"
 	@echo "make venv-check    fail with advice if $(VENV) was made by a Python older than 3.11"
 	@echo "make clean         remove $(VENV) and the caches"
 
@@ -87,8 +87,10 @@ bench-core: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
+# @: make does not echo the command line, which would print a --secret given in ARGS (prefer the
+# environment: WSFAN_JWT_SECRET=... make token ARGS='--sub alice', out of the shell's history too).
 token: install
-	$(PY) -m wsfan token $(ARGS)
+	@$(PY) -m wsfan token $(ARGS)
 
 swarm: install
 	bash loadtest/swarm.sh $(ARGS)

@@ -301,6 +301,13 @@ def token_main(argv: Sequence[str]) -> int:
         except (OSError, ValueError, TypeError) as exc:
             p.error(f"--private-key {args.private_key}: not a usable PEM private key ({exc})")
     elif args.secret:
+        from wsfan.server.config import MIN_HS256_SECRET
+
+        if len(args.secret.encode("utf-8", "surrogatepass")) < MIN_HS256_SECRET:
+            p.error(
+                f"--secret (or WSFAN_JWT_SECRET) must be at least {MIN_HS256_SECRET} bytes, as the server's "
+                "--jwt-secret (an HS256 key has at least 256 bits, RFC 7518 section 3.2)"
+            )
         key, algorithm = args.secret, ALGORITHM
     else:
         p.error("no key: pass --secret (or set WSFAN_JWT_SECRET) or --private-key")

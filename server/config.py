@@ -138,7 +138,8 @@ HELP: dict[str, str] = {
     "compression_threshold": "with --compression: messages smaller than this many bytes are sent uncompressed",
     "compression_level": "with --compression: zlib level 1 (fastest) .. 9 (smallest)",
     "node_id": "name of this node in welcome messages and conn ids; random when empty",
-    "jwt_secret": "HS256 secret: when set, every upgrade needs a JWT (Authorization: Bearer or ?token=)",
+    "jwt_secret": "HS256 secret, at least 32 bytes (RFC 7518 section 3.2; shorter is refused): when set, every "
+    "upgrade needs a JWT (Authorization: Bearer or ?token=)",
     "jwt_leeway": "seconds of clock skew tolerated on exp/nbf/iat",
     "jwt_public_key": "PEM public key file: when set, every upgrade needs a JWT signed with its private key "
     "(RS256.. for RSA, ES256 for P-256, EdDSA for Ed25519: the key decides, never the token)",
@@ -183,6 +184,9 @@ HELP: dict[str, str] = {
     "drain_spread": "on SIGHUP (zero-downtime restart), seconds over which the old workers' connections are closed "
     "with 1001, so that clients do not all reconnect at once",
 }
+
+
+MIN_HS256_SECRET = 32  # bytes: 256 bits, the size of HS256's hash output (RFC 7518 section 3.2)
 
 
 def _at_least(low: float) -> Callable[[Any], bool]:
@@ -231,7 +235,24 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "jwt_leeway": (_at_least(0), "a number of seconds >= 0"),
     "read_buffer_size": (_at_least(1), "a whole number of bytes >= 1"),
     "rate_abuse_strikes": (_at_least(0), "a whole number >= 0"),
+    # RFC 7518 section 3.2: "A key of the same size as the hash output (for instance, 256 bits for
+    # "HS256") or larger MUST be used with this algorithm."
+    "jwt_secret": (
+        lambda v: v == "" or len(v.encode("utf-8", "surrogatepass")) >= MIN_HS256_SECRET,
+        f"empty (off) or at least {MIN_HS256_SECRET} bytes (an HS256 key has at least 256 bits, "
+        "RFC 7518 section 3.2: openssl rand -hex 32 makes one)",
+    ),
 }
+
+#: Settings whose values never appear in a message (a refusal says how long the value was instead).
+SECRETS = frozenset({"jwt_secret", "admin_key"})
+
+
+def shown(name: str, value: Any) -> str:
+    """A setting's value as a refusal quotes it: ``repr``, or its length for a secret."""
+    if name in SECRETS and isinstance(value, str):
+        return f"{len(value.encode('utf-8', 'surrogatepass'))} bytes"
+    return repr(value)
 
 
 def allowed(name: str) -> str:
@@ -258,7 +279,7 @@ def _arg_type(name: str) -> Callable[[str], Any]:
         try:
             return convert(name, text)
         except BadValue as exc:
-            raise argparse.ArgumentTypeError(f"expected {exc}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {exc}, got {shown(name, text)}") from None
 
     parse.__name__ = Settings.__annotations__[name]
     return parse
@@ -379,7 +400,7 @@ def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             merged[name] = convert(name, merged[name])
         except BadValue as exc:
             label = _label(name, origin.get(name, "flag"), config_path)
-            parser.error(f"{label}: expected {exc}, got {merged[name]!r}")
+            parser.error(f"{label}: expected {exc}, got {shown(name, merged[name])}")
     merged["namespaces"] = table
     try:
         settings = msgspec.convert(merged, Settings)
@@ -423,7 +444,7 @@ def validate(s: Settings, ns_origin: dict[str, str] | None = None) -> list[str]:
     for name, (ok, text) in RULES.items():
         value = getattr(s, name)
         if not ok(value):
-            problems.append(f"{_flag(name)}: expected {text}, got {value!r}")
+            problems.append(f"{_flag(name)}: expected {text}, got {shown(name, value)}")
     if s.workers > 1 and not s.broker:
         problems.append("--workers > 1 needs --broker redis://...: workers share rooms only through a broker")
     if s.broker.startswith(("redis+cluster://", "redis+sentinel://")):

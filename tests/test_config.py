@@ -154,8 +154,8 @@ def test_a_value_that_breaks_the_settings_rule_is_refused_naming_where_value_and
     err = _refusal(capsys, tmp_path, name, surface, value)
     flag = "--" + name.replace("_", "-")
     assert LABELS[surface].format(flag=flag, upper=name.upper(), name=name) in err, err
-    shown = value if surface == "toml" else str(value)
-    assert f"expected {config.RULES[name][1]}, got {shown!r}" in err, err
+    given = value if surface == "toml" else str(value)
+    assert f"expected {config.RULES[name][1]}, got {config.shown(name, given)}" in err, err
 
 
 def test_non_finite_numbers_are_refused(capsys, tmp_path):
@@ -198,3 +198,24 @@ def test_a_namespace_option_out_of_range_names_the_value(capsys):
     err = capsys.readouterr().err
     assert "--namespaces chat: history_size: expected a whole number >= 0, got '-1'" in err
     assert "--namespaces news: history_ttl: expected a number of seconds > 0, got '0'" in err
+
+
+@pytest.mark.parametrize("surface", ["flag", "env", "toml"])
+def test_a_jwt_secret_under_256_bits_is_refused_without_quoting_it(capsys, tmp_path, surface):
+    """RFC 7518 section 3.2: an HS256 key has at least 256 bits; deploy/production.toml says 32 bytes.
+    A shorter --jwt-secret started the server without a word; the refusal gives its length, not it."""
+    secret = "short-secret-31-bytes-long-xxxx"
+    assert len(secret) == 31
+    err = _refusal(capsys, tmp_path, "jwt_secret", surface, secret)
+    assert "at least 32 bytes" in err and "RFC 7518" in err and "got 31 bytes" in err, err
+    assert secret not in err
+    assert config.load(["--jwt-secret", secret + "x"], environ={}).jwt_secret == secret + "x"
+    assert config.load(["--jwt-secret", ""], environ={}).jwt_secret == ""
+
+
+def test_the_token_command_refuses_a_short_secret_too():
+    r = subprocess.run(
+        [sys.executable, "-m", "wsfan", "token", "--sub", "a", "--secret", "s3cret"],
+        cwd=ROOT, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert r.returncode == 2 and "at least 32 bytes" in r.stderr and "s3cret" not in r.stderr, r.stderr

@@ -178,13 +178,16 @@ def test_storm_by_server_restart(tmp_path: Path) -> None:
     assert {r for r in run.rows if run.failures(r)} <= {"close:1001", "recovered", "connect"}, run.explain()
 
 
+LT_SECRET = "loadtest-secret-of-at-least-32-bytes"
+
+
 def test_token_secret_mints_jwts(tmp_path: Path) -> None:
-    srv = ServerProcess("--jwt-secret", "s3cret").start()
+    srv = ServerProcess("--jwt-secret", LT_SECRET).start()
     try:
         # the two runs are independent users of one server: side by side
         ok, bad = side_by_side(
             lambda: locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret",
-                           "s3cret", "--token-rooms", "lt-*", tag="good"),
+                           LT_SECRET, "--token-rooms", "lt-*", tag="good"),
             lambda: locust(tmp_path, "chat", srv.host, "-u", "2", "-r", "2", "-t", "2s", "--token-secret",
                            "wrong", "--backoff-base", "0.5", tag="bad"),
         )  # fmt: skip

@@ -66,3 +66,15 @@ def test_a_too_old_python_is_refused_before_it_makes_a_venv(tmp_path: Path) -> N
 def test_the_current_venv_passes_the_check() -> None:
     r = make("venv-check")
     assert r.returncode == 0, r.stderr
+
+
+def test_make_token_does_not_print_the_secret() -> None:
+    """make echoed '.venv/bin/python -m wsfan token --sub alice --secret <the secret>' before the token."""
+    secret = "makefile-test-secret-of-32-bytes-or-more"
+    r = make("token", f"ARGS=--sub alice --secret {secret}")
+    assert r.returncode == 0, r.stderr
+    assert secret not in r.stdout + r.stderr
+    assert re.fullmatch(r"eyJ[\w-]+\.[\w-]+\.[\w-]+\n", r.stdout), r.stdout
+    import jwt
+
+    assert jwt.decode(r.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "alice"
