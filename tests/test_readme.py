@@ -58,3 +58,38 @@ def test_every_close_code_of_ours_is_in_the_readme_and_protocol() -> None:
     }
     on_websocket = {int(c) for c in CloseCode if c is not CloseCode.TRY_AGAIN_LATER}  # 1013: SSE's event only
     assert on_websocket <= table, f"PROTOCOL.md lacks {sorted(on_websocket - table)}"
+
+
+def _readme_flag_table() -> set[str]:
+    """The flags named in the first column of README's flag table (``| flag | default | meaning |``)."""
+    text = (ROOT / "README.md").read_text()
+    table = re.search(r"^\| flag \| default \| meaning \|\n(.*?)\n\n", text, flags=re.S | re.M)
+    assert table, "README.md has no '| flag | default | meaning |' table"
+    first = [row.split("|")[1] for row in table.group(1).splitlines() if row.startswith("| `")]
+    return {flag for cell in first for flag in re.findall(r"--[a-z][a-z0-9-]*", cell)}
+
+
+def test_the_readme_flag_table_lists_every_flag_of_wsfan_help() -> None:
+    """Every option of ``wsfan --help`` (--config, --tls-cert and --tls-key were missing) is in the
+    table, and nothing else is; an on/off flag that is on by default shows its --no- form, the way
+    to turn it off (--no-allow-publish was nowhere)."""
+    from wsfan.server import config
+
+    helped = subprocess.run(
+        [sys.executable, "-m", "wsfan", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    ).stdout
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", helped)) - {"--help"}
+    parser_flags = {s for a in config.build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert flags >= parser_flags - {"--help"}, parser_flags - flags
+    table = _readme_flag_table()
+    defaults = config.Settings()
+    wanted = {f for f in parser_flags - {"--help"} if not f.startswith("--no-")}
+    wanted |= {
+        "--no-" + name.replace("_", "-")
+        for name, kind in config.Settings.__annotations__.items()
+        if kind == "bool" and getattr(defaults, name) is True
+    }
+    assert wanted - table == set(), f"README's flag table lacks {sorted(wanted - table)}"
+    assert table - parser_flags == set(), (
+        f"README's flag table names flags wsfan does not have: {sorted(table - parser_flags)}"
+    )
