@@ -19,7 +19,7 @@ help:
 	@echo "make format        ruff format + ruff check --fix"
 	@echo "make conformance   RFC 6455 conformance: Autobahn|Testsuite fuzzingclient against /echo (needs a Python 2.7, see README)"
 	@echo "make bench         the full benchmark suite (~17 min) into results/local/ (git-ignored)"
-	@echo "make bench-quick   the same in CI size (under a minute) into results/tmp/ (git-ignored)"
+	@echo "make bench-quick   the same in CI size (about 2-3 min on 2 cores: 2 min 4 s measured on a shared machine) into results/tmp/ (git-ignored)"
 	@echo "make bench-core    server CPU per delivery vs a naive picows loop, memory per idle connection, into results/local/"
 	@echo "make bench-micro   pytest-benchmark micro benchmarks, compared with the last local run (results/local/micro/)"
 	@echo "make bench-publish bench-core + bench on a quiet machine, written to the committed results/ (latest.md, core-latest.md)"
