@@ -394,14 +394,20 @@ def test_grafana_dashboard_is_valid_and_queries_wsfan_series():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--port", "9000", "--metrics-port", "9000"], "metrics-port must differ from port and http-port"),
+        (
+            ["--port", "9000", "--metrics-port", "9000"],
+            "--metrics-port must differ from --port and --http-port",
+        ),
         (
             ["--http-port", "9001", "--metrics-port", "9001"],
-            "metrics-port must differ from port and http-port",
+            "--metrics-port must differ from --port and --http-port",
         ),
-        (["--metrics-port", "70000"], "metrics-port must be 1..65535"),
-        (["--worker-timeout", "0"], "worker-timeout must be > 0"),
-        (["--drain-spread", "-1"], "drain-spread >= 0"),
+        (
+            ["--metrics-port", "70000"],
+            "--metrics-port: expected a port number 1..65535, or 0 (off), got '70000'",
+        ),
+        (["--worker-timeout", "0"], "--worker-timeout: expected a number of seconds > 0, got '0'"),
+        (["--drain-spread", "-1"], "--drain-spread: expected a number of seconds >= 0, got '-1'"),
     ],
 )
 def test_operations_flags_are_validated(argv, message, capsys):
