@@ -366,7 +366,7 @@ class Node:
             if self.server is not None:
                 self.server.close()
             if self.http is not None:
-                await self.http.stop()
+                await self.http.stop(self.settings.drain_timeout)
                 self.http = None
         self.registry.stop()
         self.hub.flush()  # what was queued before the signal still goes out, ahead of the close frame
@@ -383,8 +383,12 @@ class Node:
         else:
             for c in conns:
                 c.close(CloseCode.GOING_AWAY, "server going away", grace)
+        if self.http is not None:
+            self.http.going_away()  # SSE streams: event: close / data: 1001, at the same moment
         deadline = loop.time() + (spread or 0.0) + self.settings.drain_timeout
-        while self.registry.connections and loop.time() < deadline:
+        while (
+            self.registry.connections or (self.http is not None and self.http.streams)
+        ) and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.registry.connections):
             c.abort()

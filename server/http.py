@@ -460,6 +460,7 @@ class HttpSide:
         self.node = node
         self.runner: web.AppRunner | None = None
         self.streams: set[asyncio.Task[None]] = set()
+        self.peers: set[SsePeer] = set()  # the open streams' peers (``going_away``)
         self.refusals = Throttle()
         self.ends = Throttle()  # streams ended as slow consumers
         # A payload of --max-message-size fits, with room for the JSON around it.
@@ -509,7 +510,20 @@ class HttpSide:
             paths -= ADMIN_PATHS
         return sorted(paths)
 
-    async def stop(self) -> None:
+    def going_away(self) -> None:
+        """End every open stream with ``event: close`` / ``data: 1001``, as a drain closes every
+        WebSocket connection with 1001 (PROTOCOL.md, shutdown); what was queued before goes first."""
+        for peer in list(self.peers):
+            peer.close(CloseCode.GOING_AWAY, "server going away")
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop the listener: streams get ``going_away`` and up to ``grace`` seconds to write it
+        (``_finish``), then what is left is cancelled."""
+        self.going_away()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.streams and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         for task in list(self.streams):
             task.cancel()
         if self.runner is not None:
@@ -954,6 +968,7 @@ class HttpSide:
             return resp  # gone before the stream began (or not our connection handler: no stream)
         hub = self.node.hub
         peer = SsePeer(self.node.settings.slow_consumer_limit, transport)
+        self.peers.add(peer)
         protocol.on_lost = peer.lost
         protocol.on_resume = peer.resumed
         s = hub.open_stream(peer, identity.user if identity else None, identity)
@@ -970,6 +985,7 @@ class HttpSide:
         finally:
             hub.close(s)  # out of its room now, not once the client has read the closing events
             protocol.on_resume = None
+            self.peers.discard(peer)
         if peer.close_code == CloseCode.SLOW_CONSUMER:
             hub.stats.slow_consumer_closes += 1
             skipped = self.ends.ready("sse_slow_consumer")

@@ -314,3 +314,25 @@ def test_event_ids_carry_the_redis_epoch_across_nodes(make_server, redis_server)
     gap = {"type": "gap", "room": "cl", "since": 1, "seq": 3, "epoch": epoch, "reset": True}
     assert events[0] == {"event": "gap", "data": json.dumps(gap, separators=(",", ":"))}
     assert [e["id"] for e in events[1:]] == [f"{epoch}:{n}" for n in (1, 2, 3)]
+
+
+def test_a_draining_server_ends_its_streams_with_1001_after_what_was_queued(make_server):
+    """SIGTERM: every SSE stream gets what was published before it, then ``event: close`` /
+    ``data: 1001``, as every WebSocket connection gets a 1001 close frame (PROTOCOL.md, shutdown);
+    before, the stream's task was cancelled and the body just stopped."""
+    server, port = start(make_server, "--drain-timeout", "5")
+    sock = open_stream(port, "drain-sse", rcvbuf=1 << 20)
+    publish(port, "drain-sse", 1, 10)
+    server.stop()  # SIGTERM, then waits for the exit
+    data = b""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert server.proc is not None and server.proc.returncode == 0
+    assert b"xxxxxxxxxx" in data, data
+    assert b"event: close\ndata: 1001\n\n" in data, data
+    assert data.index(b"xxxxxxxxxx") < data.index(b"event: close")
