@@ -116,6 +116,15 @@ class Node:
         if hasattr(self.broker, "on_fd_exhausted"):
             self.broker.on_fd_exhausted = lambda what: self.fds.note_exhausted("broker", what)
         self.metrics = Metrics(self.hub, lambda: len(self.registry.connections), self.broker, self.fds)
+        # After a compaction, what traffic rewrote is made anew where it keeps no arena resident (heap.relocate).
+        movers = getattr(self.broker, "compact_movers", None)
+        if movers is not None:
+            movers += (
+                self.registry.relocate,
+                self.fds.relocate,
+                self.metrics.latency.hist.relocate,
+                self._relocate,
+            )
         # /metrics on the public ports only for a lone node without --metrics-port (workers: the supervisor's).
         self.public_metrics = not settings.metrics_port and settings.workers == 1
         self.internal: Callable[[], Awaitable[None]] | None = None
@@ -311,6 +320,12 @@ class Node:
     def _reject(self, reason: str) -> None:
         rejected = self.hub.stats.rejected
         rejected[reason] = rejected.get(reason, 0) + 1
+
+    def _relocate(self, replaced: list[object]) -> None:
+        """``heap.relocate``'s mover for the node's own: the handshake-rate bucket (written per upgrade)."""
+        if self.handshakes is not None:
+            replaced.append(self.handshakes)
+            self.handshakes = self.handshakes.moved(replaced)
 
     async def start(self) -> None:
         s = self.settings

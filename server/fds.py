@@ -27,6 +27,9 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from typing import Any
+
+from wsfan.server.heap import move_slots
 
 log = logging.getLogger("wsfan.fds")
 
@@ -89,6 +92,8 @@ class FdBudget:
         self._counted_at = clock()
         self.exhausted: dict[str, int] = {}
         self._warned_at = -WARN_EVERY_S
+        self._watch: Any = None  # the recount timer's handle (watch)
+        self._tick: Callable[[], None] = lambda: None
 
     def in_use(self) -> int:
         """Open fds: exact when near the limit (recounted at most every ``RECOUNT_S``), estimated far from it."""
@@ -115,10 +120,23 @@ class FdBudget:
         loop = asyncio.get_running_loop()
 
         def tick() -> None:
+            self._watch = None  # fired: nothing for ``relocate`` to move until the next one
             self.in_use()
-            loop.call_later(every, tick)
+            self._watch = loop.call_later(every, tick)
 
-        loop.call_later(every, tick)
+        self._tick = tick
+        self._watch = loop.call_later(every, tick)
+
+    def relocate(self, replaced: list[object]) -> None:
+        """``heap.relocate``'s mover: the counts and the recount timer, each made anew."""
+        move_slots(self, ("_base", "_counted_at", "_warned_at", "exhausted"), replaced)
+        timer = self._watch
+        if timer is not None:
+            import asyncio
+
+            timer.cancel()
+            replaced.append(timer)
+            self._watch = asyncio.get_running_loop().call_at(timer.when(), self._tick)
 
     def room_for_client(self) -> bool:
         """False once fewer than ``reserve`` fds are left: the upgrade is refused."""

@@ -25,19 +25,31 @@ The survivors, found with tracemalloc started at the cold baseline:
    reuse, scattered over the arenas. Only a full collection (``gc.collect()``) empties them.
 3. Tables that never shrink: a dict or set keeps the table it had at its largest
    (``compacted``).
+4. Small objects that traffic rewrites, last made while the burst ran: every ``+= 1`` past 256
+   is a new int and every timestamp a new float, so a node counter (``Stats``, histograms, the
+   broker's), a connection's heartbeat timestamps and ping-rate bucket, a session's rate-limit
+   bucket (made at its first message: during the burst), the flush queues and the periodic
+   timers' handles (sweeps, fd recount) all sit wherever the allocator had a free block at that
+   moment. Found by walking pymalloc's arenas and the traceback of every block allocated after
+   the cold baseline (tracemalloc), 50,000 rooms: 128 such blocks (6.9 KB) held 12 arenas that
+   had nothing else. Once the burst is freed, re-creating them gives the arenas back:
+   pymalloc serves a size class from its partly used pools, which have live blocks, so a copy
+   lands where memory is kept anyway and the old block's arena can go. ``relocate`` has each
+   holder re-create them (and says why the copies are not steered elsewhere). The
+   connection's frame counter is gone instead (a flag: a frame allocates nothing that outlives it).
 
 ``release_memory`` does 1, 2 and ``malloc_trim(0)``, in that order. ``Compaction`` decides when:
 every broker (``broker/memory.py`` after a sweep, ``broker/redis.py`` and through it the
 cluster and sentinel brokers after an unsubscribe) counts the rooms it forgot and, past
-``COMPACT_AFTER``, shrinks its tables, the hub's (a hook) and calls ``release_memory``; never
-on the publish or fan-out path.
+``COMPACT_AFTER``, shrinks its tables, the hub's (a hook), calls ``release_memory``, then
+``relocate`` with every mover (the broker's, the hub's, the connection registry's, the fd
+budget's, the node's); never on the publish or fan-out path.
 
-What it cannot release: blocks that outlive the burst because they were last written during
-it (every ``+= 1`` past 256 allocates a new int: per-connection and node counters) and
-buffers grown under it; they pin about ten arenas. Bench ``rooms``, 200,000 rooms on a
-loaded 2-core VM: 1.18x the cold RSS after the TTL (was 1.56x in the same conditions);
-with ``PYTHONMALLOC=malloc``, where a survivor pins a 4 KiB page, 1.14x
-(docs/protocol-choices.md, "Memory comes back when rooms go").
+What is left, not identified block by block: about 5 MiB after the first burst of 200,000
+rooms and next to nothing after the second (bench ``rooms``: 1.00-1.02x warm): what the
+first burst makes once and keeps (first use of the join, publish, sweep and compaction paths
+costs 0.7 MiB with 1,000 rooms; buffers of uvloop and picows grown under load) and glibc's
+heap. Figures: docs/protocol-choices.md, "Memory comes back when rooms go".
 """
 
 from __future__ import annotations
@@ -45,7 +57,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -57,7 +71,12 @@ SHRINK_MIN_BYTES = 16 * 1024
 #: as many as it has left, its tables and the hub's are compacted and memory is released.
 COMPACT_AFTER = 1024
 
+log = logging.getLogger("wsfan.heap")
+
 _T = TypeVar("_T", dict, set)  # type: ignore[type-arg]
+_V = TypeVar("_V")
+#: A mover re-creates long-lived small objects (``relocate``) and appends what it replaced.
+Mover = Callable[[list[object]], None]
 
 try:  # the process's own symbols include the C library's (no ldconfig/gcc lookup at startup)
     _trim: Any = ctypes.CDLL(None).malloc_trim
@@ -80,6 +99,88 @@ def release_memory() -> None:
     gc.collect()  # a full collection also empties the interpreter's free lists
     if _trim is not None:
         _trim(0)
+
+
+def fresh(value: _V) -> _V:
+    """A new object equal to ``value`` when it is an ``int`` or ``float`` that is not cached; else ``value``.
+
+    ``x + 0`` and ``x * 1.0`` allocate a new block (``-0.0``, NaN and infinities keep their
+    value); ints from -5 to 256 are the interpreter's shared objects and stay as they are,
+    as does every other type (bool included).
+    """
+    kind = type(value)
+    if kind is int:
+        return value if -5 <= value <= 256 else value + 0  # type: ignore[operator,return-value]
+    if kind is float:
+        return value * 1.0  # type: ignore[operator,no-any-return]
+    return value
+
+
+def moved(value: _V, memo: dict[int, object], replaced: list[object]) -> _V:
+    """``fresh(value)``, made once per object: ``memo`` maps an old object's id to its copy, so that
+    values shared before (a sweep's timestamp in every connection) stay shared. The old one goes
+    to ``replaced``, which keeps it alive (and its id unique) until every mover ran."""
+    kind = type(value)
+    if kind is not float and (kind is not int or -5 <= value <= 256):  # type: ignore[operator]
+        return value
+    known = memo.get(id(value))
+    if known is not None:
+        return known  # type: ignore[return-value]
+    copy = memo[id(value)] = fresh(value)
+    replaced.append(value)
+    return copy
+
+
+def move_slots(obj: object, names: tuple[str, ...], replaced: list[object]) -> None:
+    """``fresh`` every int and float in ``obj``'s attributes ``names``, and in the values of its dicts
+    and lists there (counters by key, bucket counts); the old ones go to ``replaced``."""
+    for name in names:
+        value = getattr(obj, name)
+        kind = type(value)
+        if kind is dict:  # its table too: a key added during a burst grew it then
+            items = list(value.items())
+            replaced.append(items)
+            value.clear()
+            for k, v in items:
+                value[k] = fresh(v)
+        elif kind is list:
+            for i, old in enumerate(value):
+                new = fresh(old)
+                if new is not old:
+                    replaced.append(old)
+                    value[i] = new
+        else:
+            new = fresh(value)
+            if new is not value:
+                replaced.append(value)
+                setattr(obj, name, new)
+
+
+def relocate(movers: list[Mover]) -> None:
+    """Re-create long-lived small objects that a burst of traffic made, so that they keep no arena of it.
+
+    A block that outlives a burst keeps its whole 1 MiB pymalloc arena resident (the module
+    docstring). Each mover makes new objects for what it holds and appends the replaced ones to
+    a list that keeps them alive until all movers ran (otherwise a replaced float on the float
+    free list would be the next copy's block). pymalloc serves a new block from a pool that has
+    live blocks already, so a copy does not keep an arena that would otherwise be freed; a full
+    collection then empties the free lists the replaced objects went to. Call after
+    ``release_memory`` (free lists empty).
+
+    Tried and measured worse: borrowing every free block of the pools in use first, so that the
+    copies land in empty pools of pymalloc's fullest arena. When the older arenas have no empty
+    pool that arena is one of the burst's, and the copies then keep it (bench ``rooms``, full
+    size: 1.10, 1.12 and 1.15x cold with it, 1.085 and 1.09x without, same machine and hour).
+    """
+    replaced: list[object] = []
+    try:
+        for move in movers:
+            move(replaced)
+    finally:
+        replaced.clear()
+        gc.collect()
+        if _trim is not None:
+            _trim(0)
 
 
 def compacted(table: _T) -> _T:
@@ -124,11 +225,13 @@ class Compaction:
     hub's ``Hub.compact``), then ``release_memory``; its cost is paid per thousand rooms.
     """
 
-    __slots__ = ("forgotten", "hooks", "_scheduled")
+    __slots__ = ("forgotten", "hooks", "movers", "_scheduled")
 
     def __init__(self) -> None:
         self.forgotten = 0
         self.hooks: list[Callable[[], None]] = []
+        #: ``relocate``'s movers: every holder of long-lived small state written by traffic.
+        self.movers: list[Mover] = []
         self._scheduled = False
 
     def forgot(self, rooms: int, left: int) -> bool:
@@ -137,12 +240,16 @@ class Compaction:
         return self.forgotten >= COMPACT_AFTER and self.forgotten >= left
 
     def run(self) -> None:
-        """Compact now: every hook in order, then ``release_memory``."""
+        """Compact now: every hook in order, then ``release_memory``, then ``relocate`` the movers."""
         self._scheduled = False
         self.forgotten = 0
         for hook in self.hooks:
             hook()
         release_memory()
+        if self.movers:
+            started = time.perf_counter()
+            relocate(self.movers)
+            log.debug("relocated after compaction: %.1f ms", (time.perf_counter() - started) * 1e3)
 
     def run_soon(self) -> None:
         """``run`` on the event loop's next turn (once however often asked before then).

@@ -36,7 +36,7 @@ from wsfan.server.broker import (
 )
 from wsfan.server.broker.publication import sse_event
 from wsfan.server.deflate import delivery_kind
-from wsfan.server.heap import compacted
+from wsfan.server.heap import compacted, fresh
 from wsfan.server.logs import fields, log_app_failure
 from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.protocol import (
@@ -329,6 +329,9 @@ class Hub:
         hooks = getattr(broker, "compact_hooks", None)  # every broker of server/broker/ (heap.Compaction)
         if hooks is not None:
             hooks.append(self.compact)
+        movers = getattr(broker, "compact_movers", None)
+        if movers is not None:
+            movers.append(self.relocate)
 
     # ------------------------------------------------------------ extension points
 
@@ -350,6 +353,26 @@ class Hub:
         """
         self.rooms = compacted(self.rooms)
         self.sessions = compacted(self.sessions)
+
+    def relocate(self, replaced: list[object]) -> None:
+        """``heap.relocate``'s mover for what traffic rewrites in the hub: counters, rate-limit buckets, queues.
+
+        Each of these was last made while the burst ran (a counter's ``+= 1``, a bucket made at a
+        connection's first message, the flush's fresh lists): new objects now, O(sessions).
+        """
+        self.stats.relocate(replaced)
+        for s in self.sessions.values():
+            bucket = s.bucket
+            if type(bucket) is TokenBucket and bucket is not _FIRST_MESSAGE:
+                replaced.append(bucket)
+                s.bucket = bucket.moved(replaced)
+        last = self._last_flush
+        self._last_flush = fresh(last)
+        replaced.append(last)
+        for name in ("_dirty", "_replies", "_flushed"):
+            if not getattr(self, name):
+                replaced.append(getattr(self, name))
+                setattr(self, name, [])
 
     # ------------------------------------------------------------ connection lifecycle
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from wsfan.server.heap import fresh
+
 
 class TokenBucket:
     """Classic token bucket refilled lazily on each take, so an idle connection costs no timer.
@@ -22,6 +24,17 @@ class TokenBucket:
         self.stamp = time.monotonic()
         self.strikes = 0
         self.last_strike = 0.0
+
+    def moved(self, replaced: list[object]) -> TokenBucket:
+        """A copy of this bucket made now, its numbers new objects too (``heap.relocate``); the old ones go to ``replaced``."""
+        copy = TokenBucket.__new__(TokenBucket)
+        for name in TokenBucket.__slots__:
+            value = getattr(self, name)
+            new = fresh(value)
+            if new is not value:
+                replaced.append(value)
+            setattr(copy, name, new)
+        return copy
 
     def take(self) -> bool:
         now = time.monotonic()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import bisect
 
+from wsfan.server.heap import move_slots
+
 # Publish-to-flush on one node is mostly 10-100 us (bench core): the first buckets must resolve that.
 PUBLISH_TO_FLUSH_BUCKETS = (
     0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
@@ -68,6 +70,10 @@ class Stats:
     def as_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
 
+    def relocate(self, replaced: list[object]) -> None:
+        """Every counter a new object (``heap.relocate``): each ``+= 1`` made the last one during the burst."""
+        move_slots(self, self.__slots__, replaced)
+
 
 class Histogram:
     """Bucket counts kept as plain ints; ``bounds`` are the upper bounds in seconds (``+Inf`` is implied).
@@ -83,6 +89,10 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
         self.count = 0
+
+    def relocate(self, replaced: list[object]) -> None:
+        """The counts, total and count as new objects (``heap.relocate``)."""
+        move_slots(self, ("counts", "total", "count"), replaced)
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, seconds)] += 1

@@ -37,6 +37,7 @@ from wsfan.server.handshake import (
     check_request_head,
     request_start,
 )
+from wsfan.server.heap import moved
 from wsfan.server.hub import NO_CLOSE_FRAME, Hub, Session
 from wsfan.server.logs import Throttle, fields, peer_text
 from wsfan.server.protocol import Encoding
@@ -556,8 +557,7 @@ class Assembler(WSListener):
         "transport",
         "raw",
         "limits",
-        "rx",
-        "rx_seen",
+        "heard",
         "idle_since",
         "ping_sent_at",
         "closing",
@@ -583,8 +583,9 @@ class Assembler(WSListener):
         self.raw: Any = None
         self.limits = limits
         self.registry = registry
-        self.rx = 0
-        self.rx_seen = 0
+        # A frame came since the heartbeat sweep last looked: a flag, not a counter, so that traffic
+        # allocates nothing here that outlives it (an int past 256 is a new block per frame, server/heap.py).
+        self.heard = False
         self.idle_since = 0.0
         self.ping_sent_at = 0.0
         self.closing = False
@@ -634,7 +635,7 @@ class Assembler(WSListener):
         self.closed()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        self.rx += 1
+        self.heard = True
         op = frame.msg_type
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             # RSV1 means "compressed" (RFC 7692 §6), on the first frame of a data message only.
@@ -681,7 +682,15 @@ class Assembler(WSListener):
             # Answered here rather than by picows' auto-pong, so that the RSV check above applies to pings too.
             if op is PING and not self.closing:
                 transport.send_pong(frame.get_payload_as_bytes())
-            # PONG only needs to count as traffic (rx above).
+            # PONG only needs to count as traffic (heard above).
+
+    def relocate(self, memo: dict[int, object], replaced: list[object]) -> None:
+        """Re-create what traffic rewrites on this connection (``heap.relocate``): timestamps, the ping bucket."""
+        self.idle_since = moved(self.idle_since, memo, replaced)
+        self.ping_sent_at = moved(self.ping_sent_at, memo, replaced)
+        if self._control is not None:
+            replaced.append(self._control)
+            self._control = self._control.moved(replaced)
 
     def pause_writing(self) -> None:
         self.paused(True)
@@ -958,6 +967,11 @@ class Connection(Assembler):
             encoding, identity, data, conn_id,
         )  # fmt: skip
 
+    def relocate(self, memo: dict[int, object], replaced: list[object]) -> None:
+        super().relocate(memo, replaced)
+        self.backlog = moved(self.backlog, memo, replaced)
+        self.counted = moved(self.counted, memo, replaced)
+
     def name(self) -> str:
         return self.session.conn_id if self.session is not None else "?"
 
@@ -1127,7 +1141,9 @@ class ConnectionRegistry:
         self.stall_limit = self.heartbeat + self.timeout + CLOSE_GRACE_S if heartbeat_ms > 0 else 0.0
         # True once the listening sockets carry it (limit_stall_on_accept): accepted sockets inherit it.
         self.stall_inherited = False
-        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick = 1.0
+        self._stopped = False
         self._loop = asyncio.get_running_loop()
         self._on_timeout = on_timeout
         self.faults = Throttle()  # peer_fault's lines: one a second
@@ -1200,19 +1216,38 @@ class ConnectionRegistry:
 
     def start(self) -> None:
         # Always: besides heartbeats the sweep finds stalled slow consumers (Connection.stalled).
-        self._task = self._loop.create_task(self._sweep_forever())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _sweep_forever(self) -> None:
         # A tick of a quarter of the shorter interval keeps pings and timeouts
         # within 25% of their settings while costing one pass per tick.
-        tick = max(0.02, min(1.0, min(self.heartbeat or 4.0, self.timeout) / 4))
-        while True:
-            await asyncio.sleep(tick)
+        self._tick = max(0.02, min(1.0, min(self.heartbeat or 4.0, self.timeout) / 4))
+        self._stopped = False
+        self._timer = self._loop.call_later(self._tick, self._sweep_and_reschedule)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sweep_and_reschedule(self) -> None:
+        # One timer handle at a time (not a task asleep: a future and a handle per tick), so that
+        # ``relocate`` can move it.
+        self._timer = None  # fired: nothing for ``relocate`` to move until the next one
+        try:
             self.sweep(self._loop.time())
+        finally:
+            if not self._stopped:
+                self._timer = self._loop.call_later(self._tick, self._sweep_and_reschedule)
+
+    def relocate(self, replaced: list[object]) -> None:
+        """``heap.relocate``'s mover for every open connection's small state and the sweep's timer."""
+        memo: dict[int, object] = {}
+        for c in self.connections:
+            c.relocate(memo, replaced)
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            replaced.append(timer)
+            self._timer = self._loop.call_at(timer.when(), self._sweep_and_reschedule)
 
     def sweep(self, now: float) -> None:
         hb, timeout = self.heartbeat, self.timeout
@@ -1222,8 +1257,8 @@ class ConnectionRegistry:
                 continue
             if not hb:
                 continue
-            if c.rx != c.rx_seen:
-                c.rx_seen = c.rx
+            if c.heard:
+                c.heard = False
                 c.idle_since = now
                 c.ping_sent_at = 0.0
             elif c.closing:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from wsfan.server.broker import BrokerUnavailable, DeliverFn, EventFn, reserved
 from wsfan.server.broker.history import History, history_since
 from wsfan.server.broker.publication import PresenceEntry, PresenceEvent, Publication
-from wsfan.server.heap import Compaction, compacted
+from wsfan.server.heap import Compaction, compacted, move_slots
 from wsfan.server.namespaces import Namespace, Namespaces
 
 # Sweep period bounds, seconds: a quarter of the shortest history_ttl, within these.
@@ -86,6 +86,9 @@ class MemoryBroker:
         self.compaction = Compaction()
         self.compaction.hooks.append(self._compact_tables)
         self.compact_hooks = self.compaction.hooks
+        # ... and after them, what re-creates long-lived small objects (heap.relocate): ours, the hub's.
+        self.compaction.movers.append(self._relocate)
+        self.compact_movers = self.compaction.movers
 
     def bind(self, deliver: DeliverFn) -> None:
         self._deliver = deliver
@@ -109,6 +112,7 @@ class MemoryBroker:
         self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep_and_reschedule)
 
     def _sweep_and_reschedule(self) -> None:
+        self._sweeper = None  # this one has fired: a compaction in the sweep has no timer to move
         self.sweep()
         self._schedule_sweep()
 
@@ -165,6 +169,16 @@ class MemoryBroker:
         """
         bucket, tag = self._bucket(room)
         return f"{self.epoch}{tag}{self._generations[bucket]:x}"
+
+    def _relocate(self, replaced: list[object]) -> None:
+        """The sweep's counters (expired, the epoch generations) and timer as new objects
+        (``heap.relocate``): each was last made while the burst ran."""
+        move_slots(self, ("expired", "_generations"), replaced)
+        sweeper = self._sweeper
+        if sweeper is not None:
+            sweeper.cancel()
+            replaced.append(sweeper)
+            self._sweeper = asyncio.get_running_loop().call_at(sweeper.when(), self._sweep_and_reschedule)
 
     def _log(self, room: str) -> RoomLog:
         log = self.rooms.get(room)

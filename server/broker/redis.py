@@ -177,6 +177,8 @@ class RedisBroker:
         self.compaction = Compaction()
         self.compaction.hooks.append(self._compact_tables)
         self.compact_hooks = self.compaction.hooks
+        self.compaction.movers.append(self._relocate)
+        self.compact_movers = self.compaction.movers
 
     # ------------------------------------------------------------ lifecycle
 
@@ -328,6 +330,10 @@ class RedisBroker:
         """A room is in none of this node's tables any more (unsubscribed, no local presence)."""
         if self.compaction.forgot(1, len(self._rooms)):
             self.compaction.run_soon()  # not inside the hub's leave: between callbacks
+
+    def _relocate(self, replaced: list[object]) -> None:
+        """``heap.relocate``'s mover: the publish round-trip histogram, written per batch."""
+        self.publish_rtt.relocate(replaced)
 
     def _compact_tables(self) -> None:
         """Shrink every per-room table a burst of rooms grew (``heap.compact_in_place``).

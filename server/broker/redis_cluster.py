@@ -95,6 +95,8 @@ class RedisClusterBroker:
         self.publish_rtt = Histogram(BROKER_PUBLISH_BUCKETS)  # every shard's publishes, one histogram
         # Run by whichever shard compacts (heap.Compaction, per shard): the hub's tables.
         self.compact_hooks: list[Callable[[], None]] = []
+        # ... and after them the hub's movers (heap.relocate; the shards move the shared publish_rtt).
+        self.compact_movers: list[Callable[[list[object]], None]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -122,6 +124,7 @@ class RedisClusterBroker:
                 shard.on_fd_exhausted = self.on_fd_exhausted
                 shard.publish_rtt = self.publish_rtt
                 shard.compaction.hooks.append(self._compact)
+                shard.compaction.movers.append(self._relocate)
             self._first_slot.setdefault(shard, start)
             self._starts.append(start)
             self._owners.append(shard)
@@ -135,6 +138,10 @@ class RedisClusterBroker:
     def _compact(self) -> None:
         for hook in self.compact_hooks:
             hook()
+
+    def _relocate(self, replaced: list[object]) -> None:
+        for move in self.compact_movers:
+            move(replaced)
 
     async def _follow_failovers(self) -> None:
         """While a shard is down, re-read the slot map and point the shard at its slots' new master."""
