@@ -24,7 +24,7 @@ from apps import probe as probe_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers.peers import WebsocketsPeer
+from helpers.peers import WebsocketsPeer, ask
 from helpers.ports import free_port, wait_for_port
 from helpers.servers import ROOT, ServerProcess
 from helpers.waiting import run
@@ -43,15 +43,6 @@ def probe() -> Iterator[ServerProcess]:
     srv = ServerProcess("--app", "apps.probe:app", "--rate-limit", "0", env=ENV).start()
     yield srv
     srv.kill()
-
-
-async def ask(p: WebsocketsPeer, rid: str, type_: str, **fields: Any) -> dict[str, Any]:
-    """Send ``{"type": type_, "id": rid, **fields}``; the reply carrying ``rid`` (other messages are skipped)."""
-    await p.send({"type": type_, "id": rid, **fields})
-    while True:
-        msg = await p.recv()
-        if msg.get("requestId") == rid:
-            return msg
 
 
 def test_return_value_is_the_ack_data_and_no_id_means_no_reply(probe: ServerProcess) -> None:

@@ -26,7 +26,7 @@ from test_hub import RecordingPeer, make_hub
 from test_hub import run as run_hub
 
 import wsfan
-from helpers.peers import WebsocketsPeer
+from helpers.peers import WebsocketsPeer, ask
 from helpers.servers import ServerProcess
 from helpers.waiting import run
 from wsfan.server.application import HANDLER_RESULT_REFUSED
@@ -41,14 +41,6 @@ def server() -> Iterator[ServerProcess]:
     srv = ServerProcess("--app", "apps.values:app", "--rate-limit", "0", env=ENV).start()
     yield srv
     srv.kill()
-
-
-async def ask(p: WebsocketsPeer, rid: str, type_: str, **fields: Any) -> dict[str, Any]:
-    await p.send({"type": type_, "id": rid, **fields})
-    while True:
-        msg = await p.recv()
-        if msg.get("requestId") == rid:
-            return msg
 
 
 def same(got: Any, want: Any) -> bool:

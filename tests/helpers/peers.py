@@ -192,3 +192,12 @@ class WebsocketsPeer(Peer):
 
 
 PEERS = {"picows": PicowsPeer, "websockets": WebsocketsPeer}
+
+
+async def ask(p: Peer, rid: str, type_: str, **fields: Any) -> dict[str, Any]:
+    """Send ``{"type": type_, "id": rid, **fields}``; the reply carrying ``rid`` (other messages are skipped)."""
+    await p.send({"type": type_, "id": rid, **fields})
+    while True:
+        msg = await p.recv()
+        if msg.get("requestId") == rid:
+            return msg
