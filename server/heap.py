@@ -46,8 +46,8 @@ cluster and sentinel brokers after an unsubscribe) counts the rooms it forgot an
 budget's, the node's); never on the publish or fan-out path.
 
 What is left, not identified block by block: 4-7 MiB after the first burst of 200,000
-rooms (1.08-1.12x cold in five runs) and nothing more after the second (bench ``rooms``:
-0.97-1.02x warm): what the
+rooms (1.08-1.12x cold in six runs, 1.10x in the quiet one: the 10 % check is not met
+reliably) and nothing more after the second (bench ``rooms``: 0.97-1.02x warm): what the
 first burst makes once and keeps (first use of the join, publish, sweep and compaction paths
 costs 0.7 MiB with 1,000 rooms; buffers of uvloop and picows grown under load) and glibc's
 heap. Figures: docs/protocol-choices.md, "Memory comes back when rooms go".
