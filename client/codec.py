@@ -21,7 +21,7 @@ from picows import WSMsgType
 
 from wsfan.client.errors import InvalidPayload
 from wsfan.server import wire
-from wsfan.server.protocol import MAX_PAYLOAD_DEPTH
+from wsfan.server.protocol import INT_MIN, MAX_PAYLOAD_DEPTH, UINT_MAX
 from wsfan.server.wire import (
     BUILTIN_TYPES,
     Ack,
@@ -70,10 +70,6 @@ def _union(raw_payloads: bool) -> Any:
 # The ``type`` of every message the protocol defines from server to client (PROTOCOL.md): the
 # server's own list, so a type added there is known here.
 SERVER_TYPES: Final = frozenset(t.__struct_config__.tag for t in wire.SERVER_TYPES)  # type: ignore[misc]
-
-
-INT_MIN: Final = -(2**63)  # the payload rule's integers: MessagePack int 64 ...
-UINT_MAX: Final = 2**64 - 1  # ... and uint 64 (server.protocol.payload_problem)
 
 
 def payload_problem(value: Any) -> str | None:

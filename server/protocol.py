@@ -177,8 +177,8 @@ class Codec:
 # ---------------------------------------------------------------- payloads in every encoding
 
 MAX_PAYLOAD_DEPTH: Final = 64  # arrays/objects inside a payload, counting the outermost
-_INT_MIN: Final = -(2**63)  # MessagePack int 64
-_UINT_MAX: Final = 2**64 - 1  # MessagePack uint 64
+INT_MIN: Final = -(2**63)  # the payload rule's integers: MessagePack int 64 ...
+UINT_MAX: Final = 2**64 - 1  # ... and uint 64 (the client's own check uses these too)
 _json_values: Final = msgspec.json.Decoder()
 # One sentence for MessagePack's NaN and infinities and JSON's numbers past the float range (1e400).
 NON_FINITE: Final = "payload has a NaN or infinite float (or a number past the float range)"
@@ -255,7 +255,7 @@ def _portable(value: Any, depth: int) -> str | None:
     if t is str or t is bool or value is None:
         return None
     if t is int:
-        return None if _INT_MIN <= value <= _UINT_MAX else "payload has an integer outside -2^63..2^64-1"
+        return None if INT_MIN <= value <= UINT_MAX else "payload has an integer outside -2^63..2^64-1"
     if t is float:
         return None if math.isfinite(value) else NON_FINITE
     if depth == 0:
@@ -264,7 +264,7 @@ def _portable(value: Any, depth: int) -> str | None:
     if t is list:
         for item in value:
             ti = type(item)
-            if ti is str or (ti is int and _INT_MIN <= item <= _UINT_MAX):
+            if ti is str or (ti is int and INT_MIN <= item <= UINT_MAX):
                 continue
             if (why := _portable(item, depth - 1)) is not None:
                 return why
@@ -274,7 +274,7 @@ def _portable(value: Any, depth: int) -> str | None:
             if type(key) is not str:
                 return "payload has a map key that is not a string"
             ti = type(item)
-            if ti is str or (ti is int and _INT_MIN <= item <= _UINT_MAX):
+            if ti is str or (ti is int and INT_MIN <= item <= UINT_MAX):
                 continue
             if (why := _portable(item, depth - 1)) is not None:
                 return why
