@@ -40,7 +40,7 @@ venv-check:
 		exit 1; \
 	fi
 
-$(VENV)/.installed: pyproject.toml | venv-check
+$(VENV)/.installed: pyproject.toml server/_pools.c | venv-check
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
@@ -86,7 +86,8 @@ bench-core: install
 	$(PY) -m wsfan.bench core $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build
+	rm -f server/_pools.*.so
 
 # @: make does not echo the command line, which would print a --secret given in ARGS (prefer the
 # environment: WSFAN_JWT_SECRET=... make token ARGS='--sub alice', out of the shell's history too).

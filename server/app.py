@@ -16,6 +16,7 @@ from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
+from wsfan.server import heap
 from wsfan.server.application import App, ConnectRequest
 from wsfan.server.application import Error as AppError
 from wsfan.server.auth import Authenticator, AuthError, token_from_request
@@ -577,6 +578,12 @@ async def serve(settings: Settings, attach: Callable[[Node, asyncio.Event], None
     ``attach(node, stop)`` (the worker side of a supervisor) is called before the node starts.
     """
     raise_soft_limit()
+    # From here on every pymalloc arena is known, so that a compaction can give back the empty pools
+    # of the arenas a burst of rooms left behind (server/heap.py, point 5).
+    if not heap.track_arenas():
+        log.debug(
+            "memory: empty pymalloc pools are not given back (wsfan.server._pools not built or not usable)"
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM that arrives as soon as the port is open must still drain cleanly.

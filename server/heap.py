@@ -37,20 +37,23 @@ The survivors, found with tracemalloc started at the cold baseline:
    lands where memory is kept anyway and the old block's arena can go. ``relocate`` has each
    holder re-create them (and says why the copies are not steered elsewhere). The
    connection's frame counter is gone instead (a flag: a frame allocates nothing that outlives it).
+5. Empty pools in an arena that a survivor keeps: pymalloc never gives a pool's pages back while
+   its arena lives, so an arena kept by one block stays resident in full (every pool the burst
+   touched). After 1-4, the first burst of 200,000 rooms still left 6-7 such arenas (bench
+   ``rooms``: 4-7 MiB, 1.08-1.12x cold); which blocks keep them changes from run to run
+   (tuples on the interpreter's free list, copies that ``relocate`` made in the only partly
+   used pool of their size class). ``release_pools`` gives back every empty pool's pages but
+   the first (the header, which links the arena's free pools), through a C module
+   (``server/_pools.c``) that tracks the arenas made after ``track_arenas`` and reads the pool
+   headers: 1.00x cold after the first burst in the probe run, 1.02x after the second.
 
-``release_memory`` does 1, 2 and ``malloc_trim(0)``, in that order. ``Compaction`` decides when:
+``release_memory`` does 1, 2, ``malloc_trim(0)`` and 5, in that order. ``Compaction`` decides when:
 every broker (``broker/memory.py`` after a sweep, ``broker/redis.py`` and through it the
 cluster and sentinel brokers after an unsubscribe) counts the rooms it forgot and, past
 ``COMPACT_AFTER``, shrinks its tables, the hub's (a hook), calls ``release_memory``, then
 ``relocate`` with every mover (the broker's, the hub's, the connection registry's, the fd
-budget's, the node's); never on the publish or fan-out path.
-
-What is left, not identified block by block: 4-7 MiB after the first burst of 200,000
-rooms (1.08-1.12x cold in six runs, 1.10x in the quiet one: the 10 % check is not met
-reliably) and nothing more after the second (bench ``rooms``: 0.97-1.02x warm): what the
-first burst makes once and keeps (first use of the join, publish, sweep and compaction paths
-costs 0.7 MiB with 1,000 rooms; buffers of uvloop and picows grown under load) and glibc's
-heap. Figures: docs/protocol-choices.md, "Memory comes back when rooms go".
+budget's, the node's), then 5 again; never on the publish or fan-out path. Figures:
+docs/protocol-choices.md, "Memory comes back when rooms go".
 """
 
 from __future__ import annotations
@@ -87,6 +90,39 @@ except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
 
 _clear_type_cache: Callable[[], None] | None = getattr(sys, "_clear_type_cache", None)
 
+try:  # optional C module (pyproject.toml): absent where the install had no C compiler
+    from wsfan.server import _pools  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - built on every machine the tests run on (test_heap checks)
+    _pools = None
+
+
+def track_arenas() -> bool:
+    """Know every pymalloc arena allocated from now on, so that ``release_pools`` can give their empty
+    pools back; call once at startup, before traffic. False where that is not possible: the C
+    module was not built (no compiler at install), or the interpreter's pool headers are not
+    the ones it knows (CPython 3.10-3.13 with the GIL); the server then runs as before."""
+    return bool(_pools is not None and _pools.track())
+
+
+def release_pools() -> int:
+    """Give back the pages of every empty pool in the arenas tracked since ``track_arenas`` (all but
+    the pool's first page, its header); the number of pools. 0 when not tracking.
+
+    An arena whose pool headers do not look as expected is left alone and logged (once per
+    call): the module never writes to memory it does not recognise.
+    """
+    if _pools is None:
+        return 0
+    released, skipped = _pools.release()
+    if skipped:
+        log.warning("memory: %d pymalloc arenas did not look as expected and were left alone", skipped)
+    return int(released)
+
+
+def pool_stats() -> dict[str, Any]:
+    """``_pools.stats()``: tracking (bool), arenas tracked, arena and pool size (bytes), totals; {} without it."""
+    return dict(_pools.stats()) if _pools is not None else {}
+
 
 def release_memory() -> None:
     """Drop what pins freed memory (see the module docstring) and return free heap pages to the OS.
@@ -100,6 +136,7 @@ def release_memory() -> None:
     gc.collect()  # a full collection also empties the interpreter's free lists
     if _trim is not None:
         _trim(0)
+    release_pools()
 
 
 def fresh(value: _V) -> _V:
@@ -182,6 +219,7 @@ def relocate(movers: list[Mover]) -> None:
         gc.collect()
         if _trim is not None:
             _trim(0)
+        release_pools()
 
 
 def compacted(table: _T) -> _T:
@@ -247,10 +285,19 @@ class Compaction:
         for hook in self.hooks:
             hook()
         release_memory()
+        before = pool_stats()
+        started = time.perf_counter()
         if self.movers:
-            started = time.perf_counter()
             relocate(self.movers)
-            log.debug("relocated after compaction: %.1f ms", (time.perf_counter() - started) * 1e3)
+        else:
+            release_pools()
+        after = pool_stats()
+        log.debug(
+            "compacted: relocated in %.1f ms; empty pymalloc pools given back: %d, arenas tracked: %d",
+            (time.perf_counter() - started) * 1e3,
+            after.get("pools_released", 0) - before.get("pools_released", 0),
+            after.get("arenas", 0),
+        )
 
     def run_soon(self) -> None:
         """``run`` on the event loop's next turn (once however often asked before then).

@@ -126,9 +126,8 @@ def _copy_distribution(dist: metadata.Distribution, site: Path) -> None:
         shutil.copy2(src, dst)
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    base = tmp_path_factory.mktemp("packaging")
+def _build_and_install(base: Path, env: dict[str, str] | None = None) -> Installed:
+    """Build the wheel from a copy of the tracked tree (``env``: the build's environment) and install it."""
     src = _copy_source(base / "src")
     dist = base / "dist"
     built = subprocess.run(
@@ -146,7 +145,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
+        env=env,
     )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = dist.glob("wsfan-*.whl")
@@ -166,6 +166,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     workdir = base / "work"
     workdir.mkdir()
     return Installed(wheel=wheel, venv=env_dir, workdir=workdir)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    return _build_and_install(tmp_path_factory.mktemp("packaging"))
+
+
+@pytest.fixture(scope="module")
+def installed_without_compiler(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The same, built where the C compiler fails (``CC=false``): the optional C module is left out."""
+    return _build_and_install(tmp_path_factory.mktemp("packaging-nocc"), env={**os.environ, "CC": "false"})
 
 
 # ---------------------------------------------------------------- the wheel's contents
@@ -216,6 +227,10 @@ def test_installed_wsfan_help_lists_the_server_flags(installed: Installed) -> No
 
 
 def test_installed_server_welcomes_a_client_and_exits_0_on_sigterm(installed: Installed) -> None:
+    _welcomes_and_stops(installed)
+
+
+def _welcomes_and_stops(installed: Installed) -> None:
     port = free_port()
     log = installed.workdir / "server.log"
     with open(log, "wb") as out:
@@ -240,6 +255,33 @@ def test_installed_server_welcomes_a_client_and_exits_0_on_sigterm(installed: In
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+_TRACKS = "from wsfan.server import heap; print(heap.track_arenas())"
+
+
+def test_wheel_carries_the_pools_module_and_the_installed_server_gives_pools_back(
+    installed: Installed,
+) -> None:
+    """server/_pools.c (server/heap.py, point 5) is compiled into the wheel and usable where it is installed."""
+    with zipfile.ZipFile(installed.wheel) as zf:
+        built = [n for n in zf.namelist() if n.startswith("wsfan/server/_pools.") and n.endswith(".so")]
+    assert built, "the wheel has no compiled wsfan/server/_pools module"
+    assert "-none-any" not in installed.wheel.name, "a wheel with a C module is tagged for its platform"
+    r = installed.run(installed.python, "-c", _TRACKS)
+    assert r.stdout.split() == ["True"], r.stderr
+
+
+def test_without_a_c_compiler_the_install_goes_on_and_the_server_runs_without_the_module(
+    installed_without_compiler: Installed,
+) -> None:
+    """The C module is optional (pyproject.toml): where it cannot be compiled, the wheel is pure Python,
+    ``track_arenas`` says False and the server works as before."""
+    with zipfile.ZipFile(installed_without_compiler.wheel) as zf:
+        assert not [n for n in zf.namelist() if n.endswith(".so")]
+    r = installed_without_compiler.run(installed_without_compiler.python, "-c", _TRACKS)
+    assert r.stdout.split() == ["False"], r.stderr
+    _welcomes_and_stops(installed_without_compiler)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,252 @@
+"""pymalloc's empty pools given back to the OS (server/_pools.c, server/heap.py point 5).
+
+The module writes into the allocator's own pool headers, so every test runs it in a fresh
+interpreter (a subprocess) and checks what a wrong write would break: the contents of every
+object that survived, objects made afterwards in the pools it gave back (every size class),
+pymalloc's own statistics walk, and the debug allocator's checks (``PYTHONMALLOC=pymalloc_debug``
+verifies the guard bytes around every block on free). RSS is read from /proc, not timed.
+
+Where the C module could not be built the tests skip, except under ``WSFAN_REQUIRE_POOLS=1``
+(set by ``.ci/run``): CI machines have a compiler, and a missing module there is a defect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import websockets
+
+from helpers.servers import ServerProcess
+from helpers.waiting import run, wait_until
+
+ROOMS = 3_000
+
+try:
+    from wsfan.server import _pools  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - skipped or failed below
+    _pools = None
+
+
+def _needs_module() -> None:
+    if _pools is None:
+        if os.environ.get("WSFAN_REQUIRE_POOLS") == "1":
+            pytest.fail(
+                "wsfan.server._pools was not built (server/_pools.c); WSFAN_REQUIRE_POOLS=1", pytrace=False
+            )
+        pytest.skip("wsfan.server._pools was not built (no C compiler at install)")
+
+
+def _run(script: str, *, allocator: str | None = None, timeout: float = 120) -> list[str]:
+    _needs_module()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "PYTHONTRACEMALLOC")}
+    if allocator:
+        env["PYTHONMALLOC"] = allocator
+    done = subprocess.run(
+        [sys.executable, "-c", _PRELUDE + script], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout.split()
+
+
+_PRELUDE = r"""
+import gc, os, random, re, sys, tempfile, zlib
+from wsfan.server import _pools, heap
+
+assert heap.track_arenas(), "not tracking"
+
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+def mallocstats():
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()  # walks every arena and pool header
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        return out.read().decode()
+
+def arenas():
+    found = re.search(r"# arenas allocated current\s*=\s*([\d,]+)", mallocstats())
+    return int(found.group(1).replace(",", ""))
+
+def burst(n, keep_every, seed):
+    # n objects of every pymalloc size class (bytes of 1..480 payload bytes, tuples, floats, strs),
+    # every keep_every-th kept with its checksum
+    rnd = random.Random(seed)
+    made, kept = [], []
+    for i in range(n):
+        size = rnd.randrange(1, 480)
+        obj = (rnd.randbytes(size), float(i), str(i) * (1 + i % 7))
+        made.append(obj)
+        if i % keep_every == 0:
+            kept.append((obj, zlib.crc32(obj[0]), i))
+    return made, kept
+
+def intact(kept):
+    return all(zlib.crc32(b) == crc and f == float(i) and s == str(i) * (1 + i % 7)
+               for (b, f, s), crc, i in kept)
+"""
+
+
+def test_the_module_is_built_and_tracks_arenas_made_after_track() -> None:
+    out = _run(
+        r"""
+before = _pools.stats()["arenas"]
+made, kept = burst(100_000, 10**9, 1)
+during = _pools.stats()
+del made, kept
+gc.collect()
+after = _pools.stats()
+print(before, during["arenas"], during["arena_size"], during["pool_size"], after["arenas"])
+"""
+    )
+    before, during, arena_size, pool_size, after = map(int, out)
+    assert before == 0, "arenas made before track() are not known"
+    assert during > 10, "every arena the burst made is known"
+    assert (arena_size, pool_size) == (1 << 20, 1 << 14), (
+        "CPython 3.10+ on 64-bit: 1 MiB arenas, 16 KiB pools"
+    )
+    assert after < during, "arenas pymalloc freed are forgotten (the arena allocator's free is wrapped too)"
+
+
+def test_release_gives_back_the_empty_pools_of_arenas_that_survivors_keep() -> None:
+    """One survivor per few hundred objects keeps every arena of a burst; their empty pools come back."""
+    out = _run(
+        r"""
+gc.collect(); heap.release_memory()
+base = rss_kib()
+made, kept = burst(300_000, 400, 2)
+peak = rss_kib()
+del made
+gc.collect()
+heap._trim(0)
+held = rss_kib()
+pools = heap.release_pools()
+released = rss_kib()
+again = heap.release_pools()
+print(base, peak, held, pools, released, again, int(intact(kept)))
+"""
+    )
+    base, peak, held, pools, released, again, ok = map(int, out)
+    assert ok == 1, "a survivor's contents changed"
+    assert held - base > (peak - base) // 2, "the cause is there: freed, yet most of the burst stays resident"
+    assert pools > 100
+    # Each empty pool keeps its first 4 KiB page of 16 KiB: at most a quarter stays, plus the survivors.
+    assert released - base < (held - base) // 2, f"RSS {held} -> {released} KiB (cold {base})"
+    assert again == 0, "a pool given back is not given back twice"
+
+
+@pytest.mark.parametrize("allocator", [None, "pymalloc_debug"])
+def test_pools_given_back_are_taken_again_by_every_size_class_intact(allocator: str | None) -> None:
+    """Rounds of burst, release, burst: objects made in released pools and the survivors stay intact,
+    pymalloc's statistics walk runs, and the debug allocator's guard bytes hold."""
+    out = _run(
+        r"""
+survivors = []
+for round_ in range(6):
+    made, kept = burst(60_000, 97 + round_, 10 + round_)
+    survivors.extend(kept)
+    assert intact(made and [(m, zlib.crc32(m[0]), i) for i, m in enumerate(made)][::13]), round_
+    del made
+    gc.collect()
+    heap.release_memory()  # gc, trim, and release_pools
+    assert intact(survivors), round_
+    if round_ % 2:
+        survivors = survivors[::2]  # some survivors go too: their pools empty in later rounds
+stats = mallocstats()
+assert "# arenas allocated current" in stats
+print(_pools.stats()["pools_released"], int(intact(survivors)))
+""",
+        allocator=allocator,
+    )
+    released, ok = map(int, out)
+    assert released > 0 and ok == 1
+
+
+def test_random_alloc_free_release_sequences_keep_every_object_intact() -> None:
+    """Hypothesis: any sequence of making objects of random sizes, dropping some, releasing and
+    collecting leaves every live object as it was made."""
+    out = _run(
+        r"""
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+live = {}
+serial = [0]
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("make"), st.integers(1, 3_000), st.integers(0, 512)),
+        st.tuples(st.just("drop"), st.floats(0, 1)),
+        st.just(("release",)),
+        st.just(("collect",)),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops)
+def check(seq):
+    for op in seq:
+        if op[0] == "make":
+            for _ in range(op[1]):
+                serial[0] += 1
+                data = os.urandom(op[2])
+                live[serial[0]] = (data, zlib.crc32(data), [serial[0]] * (serial[0] % 5))
+        elif op[0] == "drop":
+            for k in [k for k in live if random.random() < op[1]]:
+                del live[k]
+        elif op[0] == "release":
+            heap.release_pools()
+        else:
+            gc.collect()
+        for k, (data, crc, lst) in live.items():
+            assert zlib.crc32(data) == crc and lst == [k] * (k % 5), k
+
+check()
+print(_pools.stats()["pools_released"])
+""",
+        timeout=240,
+    )
+    assert int(out[0]) > 0, "the sequences never gave a pool back: the property checked nothing"
+
+
+def test_a_server_gives_back_pools_when_it_compacts_after_many_rooms() -> None:
+    """The real server tracks arenas from startup and tries to give pools back at each compaction:
+    3,000 one-shot rooms (join, publish, leave), a 1 s TTL, then the debug line of
+    ``heap.Compaction.run``. (How many pools come back depends on what survived; the tests above
+    check that they do, the bench ``rooms`` scenario what it is worth.)"""
+    _needs_module()
+
+    async def rooms(url: str) -> None:
+        async with websockets.connect(url) as ws:
+            await ws.recv()  # welcome
+            for i in range(ROOMS):
+                room = f"p-{i}"
+                await ws.send(json.dumps({"type": "join", "room": room}))
+                await ws.send(json.dumps({"type": "publish", "room": room, "payload": i}))
+                await ws.send(json.dumps({"type": "leave", "room": room, "id": str(i)}))
+            acks = 0
+            while acks < ROOMS:  # one reply per leave (the only messages with an id); errors fail below
+                reply = json.loads(await ws.recv())
+                assert reply["type"] == "ack", reply
+                acks += 1
+
+    with ServerProcess("--history-ttl", "1", "--log-level", "debug", "--rate-limit", "0") as srv:
+        run(rooms(srv.url), timeout=60)
+        line = wait_until(
+            lambda: next((x for x in srv.output().splitlines() if "pools given back" in x), None),
+            timeout=30,
+        )
+    assert line is not None, "no compaction ran, or it did not try to give pools back"
+    tracked = int(line.rsplit("arenas tracked: ", 1)[1].split()[0])
+    assert tracked > 0, f"the server did not track its arenas from startup: {line}"
