@@ -99,22 +99,67 @@ class _QuietHandler(RequestHandler):
     (``resume_writing``), set by the same handler: an SSE stream writes nothing more while the
     client has not read what the transport holds, and waits for this instead of aiohttp's drain,
     which has no timeout.
+
+    Every other response (the server API's ``/history``, up to ``--history-size`` publications of
+    ``--max-message-size``, about 19 MB by default; ``/rooms``; ``/presence``; ``/metrics``; any
+    answer a client pipelines requests for) is written by aiohttp, whose drain has no timeout
+    either: a client that stops reading would keep the handler, its response and its socket for
+    ever. So the rule of an SSE stream (``HttpSide._pump``) holds for them too: a connection whose
+    write buffer stays over its high-water mark (``pause_writing`` with no ``resume_writing``) for
+    the stall limit (``stall_limit``: ``ConnectionRegistry.stall_limit``, --heartbeat +
+    --heartbeat-timeout + the 2 s close grace, 42 s by default; none with --heartbeat 0) is
+    reset (``transport.reset``: RST, the kernel's queue freed), counted in
+    ``wsfan_http_stalled_total`` (``on_stall``). A client that reads, however slowly, resumes the
+    transport and restarts the wait. An SSE stream (``on_resume`` set) keeps its own rule: 4008 and
+    the close grace.
     """
 
-    __slots__ = ("on_lost", "on_resume")
+    __slots__ = ("on_lost", "on_resume", "stall_limit", "on_stall", "_stall_timer")
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self._cancel_stall()
         on_lost: Callable[[], None] | None = getattr(self, "on_lost", None)
         if on_lost is not None:
             self.on_lost = None
             on_lost()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        stall: float = getattr(self, "stall_limit", 0.0)
+        if stall and getattr(self, "on_resume", None) is None:
+            self._cancel_stall()
+            self._stall_timer = self._loop.call_later(stall, self._stalled)
+
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._cancel_stall()
         on_resume: Callable[[], None] | None = getattr(self, "on_resume", None)
         if on_resume is not None:
             on_resume()
+
+    def _cancel_stall(self) -> None:
+        timer: asyncio.TimerHandle | None = getattr(self, "_stall_timer", None)
+        if timer is not None:
+            self._stall_timer = None
+            timer.cancel()
+
+    def _stalled(self) -> None:
+        """The client read nothing for the stall limit while a response waited: reset the connection.
+
+        The handler's pending write then fails with ``ConnectionError`` (``handle_error``: one DEBUG
+        line), which ends it and lets its response go.
+        """
+        self._stall_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.writing_paused:
+            return
+        if getattr(self, "on_resume", None) is not None:
+            return  # an SSE stream since: its writer bounds its own stall
+        on_stall: Callable[[], None] | None = getattr(self, "on_stall", None)
+        if on_stall is not None:
+            on_stall()
+        reset(transport)
 
     def handle_error(
         self,
@@ -169,16 +214,41 @@ def _parser_answer(status: int, message: str | None) -> tuple[int, str]:
 
 
 class _QuietServer(web.Server):
+    stall_limit: float = 0.0
+    on_stall: Callable[[], None] | None = None
+
     def __call__(self) -> RequestHandler:
-        return _QuietHandler(self, loop=self._loop, **self._kwargs)
+        handler = _QuietHandler(self, loop=self._loop, **self._kwargs)
+        handler.stall_limit = self.stall_limit
+        handler.on_stall = self.on_stall
+        return handler
 
 
 class QuietRunner(web.AppRunner):
-    """An AppRunner whose connections use :class:`_QuietHandler` (aiohttp has no handler-class option)."""
+    """An AppRunner whose connections use :class:`_QuietHandler` (aiohttp has no handler-class option).
+
+    ``stall_limit`` (seconds, 0: none) and ``on_stall`` go to every connection: how long a
+    response may wait for a client that reads nothing, and what to count when one is given up.
+    """
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        stall_limit: float = 0.0,
+        on_stall: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self.stall_limit = stall_limit
+        self.on_stall = on_stall
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _QuietServer  # same object and state, one method more
+        assert isinstance(server, _QuietServer)
+        server.stall_limit = self.stall_limit
+        server.on_stall = self.on_stall
         return server
 
 
@@ -490,6 +560,8 @@ class HttpSide:
             access_log=None,
             handle_signals=False,
             keepalive_timeout=self.node.settings.request_timeout,
+            stall_limit=self.node.registry.stall_limit,
+            on_stall=self._stalled,
         )
         await self.runner.setup()
         site = web.TCPSite(
@@ -509,6 +581,14 @@ class HttpSide:
         if not self.node.settings.admin_key:
             paths -= ADMIN_PATHS
         return sorted(paths)
+
+    def _stalled(self) -> None:
+        """A response given up: its client read nothing for the stall limit (``_QuietHandler._stalled``)."""
+        self.node.hub.stats.http_stalled += 1
+        skipped = self.ends.ready("http_stalled")
+        if skipped is not None:
+            log.info("resetting an HTTP connection: its client read nothing for %.0f s", self.node.registry.stall_limit,
+                     extra=fields(event="http_stalled", suppressed=skipped))  # fmt: skip
 
     def going_away(self) -> None:
         """End every open stream with ``event: close`` / ``data: 1001``, as a drain closes every
@@ -746,6 +826,8 @@ class HttpSide:
 
         200 ``{"room","seq","epoch","publications":[{"seq","from","payload"}]}`` (publications after
         ``since``, default all kept, oldest first); 400 bad room or since; 503 broker unavailable.
+        Up to ``--history-size`` x ``--max-message-size`` (about 19 MB by default): a client that
+        stops reading it is reset after the stall limit (``_QuietHandler``, PROTOCOL.md).
         """
         refused = self._admin_only(request)
         if refused is not None:

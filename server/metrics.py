@@ -122,6 +122,11 @@ class HubCollector:
             ("wsfan_replies", "Acks sent", st.replies),
             ("wsfan_rate_limited_messages", "Messages refused by the rate limit", st.rate_limited),
             ("wsfan_rooms_created", "Rooms that got their first local subscriber", st.rooms_created),
+            (
+                "wsfan_http_stalled",
+                "HTTP connections reset because a response waited the stall limit on a client that read nothing",
+                st.http_stalled,
+            ),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -40,6 +40,7 @@ class Stats:
         "token_expired_closes",
         "rejected",
         "rooms_created",
+        "http_stalled",
         "close_codes",
     )
 
@@ -65,6 +66,7 @@ class Stats:
         self.token_expired_closes = 0
         self.rejected: dict[str, int] = {}
         self.rooms_created = 0
+        self.http_stalled = 0  # HTTP connections reset: a response waited the stall limit (server/http.py)
         self.close_codes: dict[int, int] = {}
 
     def as_dict(self) -> dict[str, object]:
