@@ -182,10 +182,32 @@ class Conn:
         server decided. On a cluster the join takes effect once the broker answered.
 
         ``ValueError`` when ``room`` is not a room name a client could send (1-128 characters
-        of ``A-Z a-z 0-9 _ . : -``, PROTOCOL.md), open or closed connection alike."""
+        of ``A-Z a-z 0-9 _ . : -``, PROTOCOL.md), open or closed connection alike.
+
+        ``ValueError`` too on an SSE stream (``GET /sse``) for a room it is not in: a stream
+        carries the one room it was opened for (the one its ``before_join`` hooks chose), because
+        its event ids are ``<epoch>:<seq>`` of that room and a browser resumes with one
+        ``Last-Event-ID`` (WHATWG HTML 9.2): ids of a second room would be taken for the first's
+        (docs/app-api.md, "SSE streams"; PROTOCOL.md, SSE). Likewise on the ``conn`` of an HTTP
+        read (``GET /presence`` with a user's token), which is no connection. Raised in a
+        ``before_join`` hook and not caught there, it refuses the stream's join as any failing
+        hook does (``INTERNAL``, logged with this message)."""
         _check_room(room)
-        if not self._s.closed:
-            self._hub.join(self._s, room, trusted=True)
+        s = self._s
+        if s.closed:
+            return
+        if s.encoding is Encoding.SSE and room not in s.rooms:
+            if s.conn_id in self._hub.sessions:
+                raise ValueError(
+                    f"conn.join({room!r}) on SSE stream {s.conn_id}: a stream carries only the room it "
+                    "was opened for (its event ids are that room's); open another GET /sse for "
+                    f"{room!r}, or rewrite the stream's own join with return wsfan.Join(room=...)"
+                )
+            raise ValueError(
+                f"conn.join({room!r}) on {s.conn_id}: the conn of an HTTP request (GET /presence), "
+                "not a connection: it cannot join rooms"
+            )
+        self._hub.join(s, room, trusted=True)
 
     def leave(self, room: str, reason: str = "") -> None:
         """Unsubscribe from ``room``, telling the connection: ``{"type":"unsubscribed","room","reason"?}``

@@ -503,3 +503,27 @@ def test_http_presence_on_a_server_without_auth_runs_the_hooks(make_server: type
                     assert r.status == 200 and (await r.json())["room"] == "chat:lobby"
 
     run(go())
+
+
+def test_a_hook_cannot_join_an_sse_stream_to_a_second_room(hooks_http: tuple[ServerProcess, int]) -> None:
+    """``conn.join`` on an SSE stream for a room it is not in raises ``ValueError``
+    (``Conn.join``): a stream carries one room, since a browser resumes it with one
+    ``Last-Event-ID`` and ids are ``<epoch>:<seq>`` of one room. Uncaught in the hook, it refuses
+    the stream's join as any failing hook does (``INTERNAL``, 1011) and is logged with the rule.
+    Before, the stream was in both rooms, the second's ids mixed into the first's numbering.
+    A WebSocket connection, which names the room of every delivery, is joined to both."""
+    srv, http_port = hooks_http
+    status, events = run(sse_events(http_port, "s-also"))
+    assert status == 200
+    assert events == [("error", '{"code":"INTERNAL","message":"internal error"}'), ("close", "1011")]
+    assert "a stream carries only the room it was opened for" in srv.output()
+
+    async def websocket() -> None:
+        async with websockets.connect(f"{srv.url}?token={token()}") as ws:
+            await ws.recv()  # welcome
+            await ws.send(json.dumps({"type": "join", "id": "1", "room": "s-also"}))
+            got = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+            assert {"type": "subscribed", "room": "s-also.also"}.items() <= got[0].items(), got
+            assert got[1]["type"] == "ack" and got[1]["data"]["room"] == "s-also", got
+
+    run(websocket())

@@ -5,7 +5,7 @@ The room name picks the hook and the outcome: ``s-<what>`` is decided by the syn
 ``allow``, ``deny``, ``refuse``, ``lobby`` (rewrite the room to ``<room>.eu``), ``censor``
 (publish only: rewrite the payload), ``bad`` (rewrite to an invalid room name), ``escape``
 (rewrite to ``secret.vault``, outside the test token's claim), ``crash`` (a plain exception),
-``weird`` (a result that is not a verdict), ``huge`` / ``unsendable`` (publish only: a payload
+``weird`` (a result that is not a verdict), ``also`` (join only: ``conn.join(<room>.also)``, then allow), ``huge`` / ``unsendable`` (publish only: a payload
 that is not deliverable / not encodable). Any other room is let through untouched.
 """
 
@@ -42,6 +42,12 @@ def _join_outcome(room: str) -> Any:
     return True if what == "allow" else None
 
 
+def _join_also(conn: wsfan.Conn, room: str) -> None:
+    """``also``: the hook joins the connection to ``<room>.also`` too (``conn.join``), then allows."""
+    if room[2:] == "also":
+        conn.join(room + ".also")
+
+
 def _publish_outcome(room: str, payload: Any) -> Any:
     what = room[2:]
     if what == "deny":
@@ -76,6 +82,7 @@ def mine(conn: wsfan.Conn, msg: Mine) -> list[str]:
 @app.before_join
 def sync_join(conn: wsfan.Conn, room: str) -> Any:
     if room.startswith("s-"):
+        _join_also(conn, room)
         return _join_outcome(room)
     return None
 
