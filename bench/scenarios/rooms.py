@@ -12,9 +12,11 @@ of them are alive at the peak). RSS is read right after (peak) and then every ha
 until it is back within 10 % of the cold baseline or ``settle_timeout`` seconds past the
 TTL: the check fails unless it returns within 10 % of cold. What used to keep it at 3x
 cold after the sweep, and what gives it back, is in server/heap.py. The memory run is
-made twice: with CPython's default allocator (pymalloc: a block that outlives the burst
-keeps its 1 MiB arena resident) and with ``PYTHONMALLOC=malloc`` (it keeps a 4 KiB page),
-each with its own cold baseline and verdict.
+made twice, each with its own cold baseline: with CPython's default allocator (pymalloc: a
+block that outlives the burst keeps its 1 MiB arena resident; the server gives back the
+empty pools of such arenas) and with ``PYTHONMALLOC=malloc`` (glibc: a survivor keeps its
+4 KiB page). The check is the default allocator's, the server as it runs; the malloc run
+is reported beside it with its verdict, which does not fail the scenario.
 
 **Churn.** Two nodes in turn, presence off (default namespace) and on (``--presence
 --join-leave``): ``listeners`` connections stay in one room, ``churners`` connections
@@ -38,6 +40,7 @@ NAME = "rooms"
 HELP = "RSS after 200,000 one-shot rooms once their TTL passed (vs baseline); join/leave churn, presence on vs off"
 
 SETTLED = 1.10  # RSS within 10 % of the cold baseline (issue 14)
+CHECKED = "pymalloc"  # the allocator the server runs with; the others are reported, not checked
 
 
 @dataclass
@@ -201,7 +204,7 @@ def checks(memories: list[dict[str, Any]], churn: list[dict[str, Any]], s: Setti
                 f"rooms ({memory['allocator']}): {memory['rooms']} of {s.rooms} one-shot rooms done, "
                 f"{memory['errors']} errors"
             )
-        if not memory["within_10pct_of_cold"]:
+        if memory["allocator"] == CHECKED and not memory["within_10pct_of_cold"]:
             failures.append(
                 f"rooms ({memory['allocator']}): RSS {memory['rss_after'] / 2**20:.1f} MiB is "
                 f"{memory['after_over_cold']:.2f}x the "
