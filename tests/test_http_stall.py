@@ -13,21 +13,15 @@ drain waited for ever: the response, its memory and the socket stayed.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
-import re
 import socket
-import struct
-import time
-from typing import Any
 
 import websockets
+from test_sse_robust import ADMIN, TCP_ESTABLISHED, admin, counter, tcp_state, until
 
 from helpers.ports import free_port
 from helpers.servers import ServerProcess
 
-ADMIN = "http-stall-admin-key"
-TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp.h)
 STALL_FLAGS = ("--heartbeat", "500", "--heartbeat-timeout", "500")  # stall limit 0.5 + 0.5 + 2 = 3 s
 
 
@@ -37,27 +31,9 @@ def start(make_server: type[ServerProcess], *flags: str) -> tuple[ServerProcess,
     return make_server(*args, *flags).start(), port
 
 
-def admin(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = None if body is None else json.dumps(body)
-        conn.request(method, path, body=data, headers={"Authorization": f"Bearer {ADMIN}"})
-        r = conn.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        conn.close()
-
-
 def stalled(ws_port: int) -> float:
     """``wsfan_http_stalled_total`` from the WebSocket port's ``/metrics`` (0 when absent)."""
-    conn = http.client.HTTPConnection("127.0.0.1", ws_port, timeout=5)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    found = re.search(r"^wsfan_http_stalled_total (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return counter(ws_port, "wsfan_http_stalled_total")
 
 
 def never_reading(port: int, request: bytes) -> socket.socket:
@@ -71,17 +47,6 @@ def never_reading(port: int, request: bytes) -> socket.socket:
 
 def get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\r\n".encode()
-
-
-def tcp_state(s: socket.socket) -> int:
-    return struct.unpack("B", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
-
-
-def until(check: Any, timeout: float, what: str) -> None:
-    t0 = time.monotonic()
-    while not check():
-        assert time.monotonic() - t0 < timeout, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
 
 
 def dropped_and_released(srv: ServerProcess, port: int, s: socket.socket) -> None:

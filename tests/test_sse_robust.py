@@ -100,16 +100,21 @@ def read_to_end(s: socket.socket, timeout: float = 10) -> bytes:
     return data
 
 
-def closes_4008(ws_port: int) -> float:
-    """``wsfan_closes_total{code="4008"}`` from the WebSocket port's ``/metrics``."""
+def counter(ws_port: int, series: str) -> float:
+    """The value of ``series`` (name and labels, as written) in the WebSocket port's ``/metrics``, 0 when absent."""
     conn = http.client.HTTPConnection("127.0.0.1", ws_port, timeout=5)
     try:
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode()
     finally:
         conn.close()
-    found = re.search(r'^wsfan_closes_total\{code="4008",reason="slow_consumer"\} (\S+)$', text, re.M)
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def closes_4008(ws_port: int) -> float:
+    """``wsfan_closes_total{code="4008"}`` from the WebSocket port's ``/metrics``."""
+    return counter(ws_port, 'wsfan_closes_total{code="4008",reason="slow_consumer"}')
 
 
 def test_a_stream_that_stops_reading_is_dropped_at_the_slow_consumer_limit(make_server):
