@@ -28,7 +28,7 @@ from wsfan.server.broker import BrokerUnavailable, Publication
 from wsfan.server.control import close_problem
 from wsfan.server.logs import log_app_failure
 from wsfan.server.protocol import WIRE_ENCODINGS, Encoding, PayloadRefused, encode_payload, payload_problem
-from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, room_problem, valid_room
+from wsfan.server.wire import BUILTIN_TYPES, ErrorCode, Inbound, declared_tag, room_problem, valid_room
 
 if TYPE_CHECKING:
     from wsfan.server.app import Node
@@ -255,9 +255,12 @@ class App:
     def message(self, message_type: type[M]) -> Callable[[F], F]:
         """``@app.message(Chat)``: ``handler(conn, msg)`` (sync or async) for every valid ``Chat``.
 
-        ``message_type`` subclasses ``wsfan.Message`` with a ``tag`` (its ``type`` on the wire);
-        an invalid one is answered ``INVALID_MESSAGE`` with the field path, as for built-in
-        types. When the message had an ``id``, the return value is the ``ack``'s ``data``
+        ``message_type`` subclasses ``wsfan.Message`` and declares its own ``tag=`` (its ``type``
+        on the wire; ``tag=True`` for the class name): ``TypeError`` naming the class and the fix
+        otherwise, since msgspec would silently give it its class name, or its parent's tag, as
+        its wire type (``wire.declared_tag``; docs/app-api.md, "Message types and handlers");
+        ``ValueError`` for a built-in type's tag or a second handler. An invalid message is
+        answered ``INVALID_MESSAGE`` with the field path, as for built-in types. When the message had an ``id``, the return value is the ``ack``'s ``data``
         (``{"type":"ack","requestId":id,"success":true,"data":<value>}``); ``raise Error``
         answers ``error`` with its code; any other exception is logged with its trace and
         answered ``INTERNAL`` (the connection stays open). A connection's next message waits
@@ -271,9 +274,21 @@ class App:
                 "register a subclass with a tag, e.g. class Chat(wsfan.Message, tag='chat')"
             )
         tag = message_type.__struct_config__.tag
+        name = message_type.__name__
         if not isinstance(tag, str):
+            raise TypeError(f"{name} needs a tag: class {name}(wsfan.Message, tag='...')")
+        if not declared_tag(message_type):
+            # msgspec's default (its class name) or its base's tag: a wire type nobody chose.
+            base = next((b for b in message_type.__mro__[1:] if b is not Inbound and declared_tag(b)), None)
+            if base is not None:
+                raise TypeError(
+                    f"{name} declares no tag of its own: it would share the wire type {tag!r} with "
+                    f"{base.__name__}; declare one: class {name}({base.__name__}, tag='...')"
+                )
             raise TypeError(
-                f"{message_type.__name__} needs a tag: class {message_type.__name__}(Message, tag='...')"
+                f"{name} has no tag: its wire type would silently be {tag!r} (msgspec's default, the "
+                f"class name); declare the one you mean: class {name}(wsfan.Message, tag='...') "
+                "(or tag=True for the class name)"
             )
         if tag in _BUILTIN_TAGS:
             raise ValueError(f"{tag!r} is a built-in message type (PROTOCOL.md): choose another tag")

@@ -24,7 +24,7 @@ import enum
 import re
 from typing import Annotated, Any, Final
 
-from msgspec import Meta, Raw, Struct, field
+from msgspec import Meta, Raw, Struct, StructMeta, field
 
 # ``\Z``, not ``$``: msgspec applies patterns with ``re.search``, and ``$`` also matches
 # before a trailing newline, so ``"room\n"`` would pass (issue 11, docs/protocol-choices.md).
@@ -126,7 +126,30 @@ class CloseCode(enum.IntEnum):
 # ---------------------------------------------------------------- client -> server
 
 
-class Inbound(Struct, tag_field="type", kw_only=True, omit_defaults=True):
+class _DeclaredTag(StructMeta):
+    """msgspec's Struct metaclass, keeping whether a class was declared with ``tag=`` itself.
+
+    Under ``tag_field`` msgspec gives a subclass without ``tag=`` its class name as its tag, and a
+    subclass of a tagged class inherits its parent's: either way a wire ``type`` nobody chose.
+    The class's own ``tag=`` argument is kept (``declared_tag``) so that ``App.message`` can
+    refuse such a type by name (docs/app-api.md, "Message types and handlers"). Class creation
+    only: encoding and decoding are msgspec's as before.
+    """
+
+    def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> Any:
+        cls = super().__new__(mcls, name, bases, namespace, **kwargs)
+        tag = kwargs.get("tag")
+        cls.__wsfan_declared_tag__ = tag not in (None, False)
+        return cls
+
+
+def declared_tag(cls: type) -> bool:
+    """Whether ``cls`` (an ``Inbound`` subclass) was declared with its own ``tag=``: a string, a
+    callable, or ``True`` (msgspec: the class name, asked for explicitly)."""
+    return bool(cls.__dict__.get("__wsfan_declared_tag__", False))
+
+
+class Inbound(Struct, tag_field="type", kw_only=True, omit_defaults=True, metaclass=_DeclaredTag):
     """Fields every client message may carry; unknown fields are ignored for forward compatibility.
 
     ``omit_defaults``: a client encoding one leaves absent fields out of the wire

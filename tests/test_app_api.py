@@ -363,6 +363,53 @@ def test_import_wsfan_stays_cheap() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 
+def test_an_app_whose_message_type_has_no_tag_does_not_start() -> None:
+    """``class Shout(wsfan.Message)`` without ``tag=`` would be ``{"type":"Shout"}`` on the wire
+    (msgspec's default, the class name): ``@app.message(Shout)`` raises ``TypeError`` naming the
+    class and the fix, so ``wsfan run`` stops with exit code 2 and that line. Before, the server
+    started and served ``"Shout"``, a type the developer never chose (the test timed out)."""
+    wsfan_bin = str(Path(sys.executable).with_name("wsfan"))
+    refused = subprocess.run(
+        [wsfan_bin, "run", "apps.untagged:app", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "Shout has no tag: its wire type would silently be 'Shout'" in refused.stderr
+    assert "class Shout(wsfan.Message, tag='...')" in refused.stderr
+
+
+def test_a_message_type_must_declare_its_own_tag() -> None:
+    """The rule of ``App.message`` (``wire.declared_tag``): the registered class itself says
+    ``tag=`` (a string, a callable, or True for the class name, asked for); a base class without
+    one is fine as long as it is not registered; a subclass of a tagged type that declares none
+    (it would share its parent's wire type) is refused."""
+    import wsfan
+
+    app = wsfan.App()
+
+    class Base(wsfan.Message):  # shared fields, never registered
+        room: str = ""
+
+    class Say(Base, tag="say"):
+        text: str = ""
+
+    class Loud(Say):  # inherits "say"
+        pass
+
+    class Named(wsfan.Message, tag=True):  # the class name, explicitly
+        pass
+
+    app.message(Say)(lambda conn, msg: None)
+    app.message(Named)(lambda conn, msg: None)
+    with pytest.raises(TypeError, match="Base has no tag"):
+        app.message(Base)
+    with pytest.raises(
+        TypeError, match="Loud declares no tag of its own: it would share the wire type 'say' with Say"
+    ):
+        app.message(Loud)
+    assert msgspec.json.encode(Say(text="hi")) == b'{"type":"say","text":"hi"}'
+
+
 def test_declaring_mistakes_are_refused() -> None:
     import msgspec
 
