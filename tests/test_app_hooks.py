@@ -505,14 +505,18 @@ def test_http_presence_on_a_server_without_auth_runs_the_hooks(make_server: type
     run(go())
 
 
-def test_a_hook_cannot_join_an_sse_stream_to_a_second_room(hooks_http: tuple[ServerProcess, int]) -> None:
+def test_a_hook_cannot_join_an_sse_stream_to_a_second_room(make_server: type[ServerProcess]) -> None:
     """``conn.join`` on an SSE stream for a room it is not in raises ``ValueError``
     (``Conn.join``): a stream carries one room, since a browser resumes it with one
     ``Last-Event-ID`` and ids are ``<epoch>:<seq>`` of one room. Uncaught in the hook, it refuses
     the stream's join as any failing hook does (``INTERNAL``, 1011) and is logged with the rule.
     Before, the stream was in both rooms, the second's ids mixed into the first's numbering.
-    A WebSocket connection, which names the room of every delivery, is joined to both."""
-    srv, http_port = hooks_http
+    A WebSocket connection, which names the room of every delivery, is joined to both. Its own
+    server: hook failures are logged one line a second, and the module's server has others."""
+    http_port = free_port()
+    srv = make_server(
+        "--app", "apps.hooks:app", "--jwt-secret", SECRET, "--http-port", str(http_port), env=ENV
+    ).start()  # fmt: skip
     status, events = run(sse_events(http_port, "s-also"))
     assert status == 200
     assert events == [("error", '{"code":"INTERNAL","message":"internal error"}'), ("close", "1011")]
