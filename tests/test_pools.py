@@ -40,13 +40,19 @@ def _needs_module() -> None:
         pytest.skip("wsfan.server._pools was not built (no C compiler at install)")
 
 
-def _run(script: str, *, allocator: str | None = None, timeout: float = 120) -> list[str]:
+def _run(
+    script: str, *, allocator: str | None = None, timeout: float = 120, prelude: bool = True
+) -> list[str]:
     _needs_module()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "PYTHONTRACEMALLOC")}
     if allocator:
         env["PYTHONMALLOC"] = allocator
     done = subprocess.run(
-        [sys.executable, "-c", _PRELUDE + script], capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, "-c", (_PRELUDE if prelude else "") + script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout.split()
@@ -250,3 +256,129 @@ def test_a_server_gives_back_pools_when_it_compacts_after_many_rooms() -> None:
     assert line is not None, "no compaction ran, or it did not try to give pools back"
     tracked = int(line.rsplit("arenas tracked: ", 1)[1].split()[0])
     assert tracked > 0, f"the server did not track its arenas from startup: {line}"
+
+
+# ---------------------------------------------------------------- what else the arena allocator serves
+# (a hostile review of server/_pools.c found each case; one test per case)
+
+_ARENA_API = r"""
+import ctypes
+# PYFUNCTYPE: called with the GIL held, as pymalloc calls its arena allocator (an arena made without
+# a current thread state belongs to no known interpreter and is never released)
+ALLOC = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+FREE = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+class ArenaAllocator(ctypes.Structure):  # PyObjectArenaAllocator, public C API
+    _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ALLOC), ("free", FREE)]
+
+def arena_allocator():
+    a = ArenaAllocator()
+    ctypes.pythonapi.PyObject_GetArenaAllocator(ctypes.byref(a))
+    return a
+"""
+
+
+@pytest.mark.parametrize("first", ["thread", "recursion"])
+def test_a_thread_or_a_deep_recursion_before_the_burst_does_not_turn_release_off(first: str) -> None:
+    """CPython 3.11+ takes each thread's frame data-stack chunks (16 KiB and up) from the arena
+    allocator too (pystate.c allocate_chunk); one of them came first and fixed the module's idea of
+    the arena size at 16 KiB, and ``release`` then gave back nothing for the life of the process."""
+    out = _run(
+        f"first = {first!r}\n"
+        + r"""
+import threading
+if first == "thread":
+    t = threading.Thread(target=lambda: None); t.start(); t.join()
+else:
+    def down(n): return 0 if n == 0 else down(n - 1) + 1
+    down(400)  # past the first 16 KiB chunk
+made, kept = burst(200_000, 500, 3)
+del made
+gc.collect()
+print(heap.release_pools(), _pools.stats()["arena_size"], int(intact(kept)))
+"""
+    )
+    pools, arena_size, ok = map(int, out)
+    assert arena_size == 1 << 20 and pools > 100 and ok == 1, out
+
+
+def test_an_arena_of_4_kib_pools_is_left_alone() -> None:
+    """A 64-bit CPython built without pymalloc's radix tree has 1 MiB arenas of 4 KiB pools
+    (obmalloc.c: USE_LARGE_POOLS only with the radix tree). Such pool headers, laid out in a block
+    from the (tracked) arena allocator: an empty pool at a 16 KiB boundary must not get the next
+    12 KiB, three live pools, given back."""
+    out = _run(
+        _ARENA_API
+        + r"""
+import struct
+junk = [bytes(40) for i in range(60_000)]; del junk
+cur = arena_allocator()
+SIZE, P4 = 1 << 20, 4096
+a = cur.alloc(cur.ctx, SIZE)
+first = (a + P4 - 1) & ~(P4 - 1)
+pools = list(range(first, a + SIZE - P4 + 1, P4))
+for p in pools:
+    empty = p % 16384 == 0  # empty pools at 16 KiB boundaries, the others live
+    szidx = 3
+    size = (szidx + 1) * 16
+    header = struct.pack("<QQQQIIII", 0 if empty else 5, 0, 0, 0, 7, szidx, 48 + 2 * size, P4 - size)
+    ctypes.memmove(p, header, 48)
+    if not empty:
+        ctypes.memset(p + 48, 0xAB, P4 - 48)
+live = [p for p in pools if p % 16384]
+before = sum(ctypes.string_at(p + 48, P4 - 48).count(0xAB) for p in live)
+released, skipped, looked = _pools.release()
+after = sum(ctypes.string_at(p + 48, P4 - 48).count(0xAB) for p in live)
+cur.free(cur.ctx, a, SIZE)
+print(before, after, skipped, looked)
+"""
+    )
+    before, after, skipped, looked = map(int, out)
+    assert before > 0 and after == before, f"{before - after} live bytes given back"
+    assert skipped == 1 and looked >= 1, "the arena was looked at and refused"
+
+
+def test_an_arena_allocator_replaced_after_track_stops_the_tracking_instead_of_reading_freed_arenas() -> None:
+    """Code that saved the arena allocator before ``track`` and restores it later makes pymalloc free
+    tracked arenas without telling the module; ``release`` then read unmapped memory (SIGSEGV).
+    Now it sees the allocator is no longer its own and stops for good."""
+    out = _run(
+        _ARENA_API
+        + r"""
+import gc
+saved = arena_allocator()  # what a tool saves before wsfan's track() ...
+from wsfan.server import _pools, heap
+assert heap.track_arenas()
+made = [bytes(100) for _ in range(200_000)]
+tracked = _pools.stats()["arenas"]
+ctypes.pythonapi.PyObject_SetArenaAllocator(ctypes.byref(saved))  # ... and restores when it stops
+del made
+gc.collect()  # pymalloc frees the tracked arenas through the restored allocator
+released, skipped, looked = _pools.release()
+print(tracked, released, looked, _pools.stats()["tracking"], _pools.track())
+""",
+        prelude=False,
+    )
+    assert int(out[0]) > 10 and out[1:] == ["0", "0", "False", "False"], out
+
+
+def test_a_frame_data_stack_chunk_of_an_arenas_size_is_neither_touched_nor_counted() -> None:
+    """A frame of more than 512 KiB (70,000 locals) gets a 1 MiB data-stack chunk from the arena
+    allocator: it is recorded like an arena, but ``release`` must recognise it (its size field),
+    leave it alone and not report it as an arena that did not look right."""
+    out = _run(
+        r"""
+n = 70_000
+src = "def big(release):\n" + "".join(f" v{i} = {i}\n" for i in range(n))
+src += " r = release()\n return r, " + " + ".join(f"v{i}" for i in range(0, n, 1000)) + "\n"
+ns = {}
+exec(compile(src, "big", "exec"), ns)
+made, kept = burst(100_000, 300, 4)
+del made
+gc.collect()
+(released, skipped, looked), total = ns["big"](_pools.release)
+print(skipped, total == sum(range(0, n, 1000)), int(intact(kept)))
+""",
+        timeout=180,
+    )
+    assert out == ["0", "True", "1"], out
