@@ -190,6 +190,16 @@ arena_looks_right(uintptr_t a)
     return 1;
 }
 
+/* A fork while another thread (another interpreter's, 3.12+) held the table's mutex would leave it
+ * locked for ever in the child: the child starts with a fresh one (the table itself is copied,
+ * and the arenas with it). */
+static void
+child_after_fork(void)
+{
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    table_lock = fresh;
+}
+
 static PyObject *
 pools_track(PyObject *self, PyObject *noargs)
 {
@@ -205,6 +215,7 @@ pools_track(PyObject *self, PyObject *noargs)
         mine.ctx = NULL;
         mine.alloc = arena_alloc;
         mine.free = arena_free;
+        pthread_atfork(NULL, NULL, child_after_fork);
         PyObject_GetArenaAllocator(&previous);
         PyObject_SetArenaAllocator(&mine);
         tracking = 1;

@@ -382,3 +382,26 @@ print(skipped, total == sum(range(0, n, 1000)), int(intact(kept)))
         timeout=180,
     )
     assert out == ["0", "True", "1"], out
+
+
+def test_a_forked_child_goes_on_tracking_and_giving_back_its_own_pools() -> None:
+    """The child inherits the table (its arenas are copies) and a usable lock: a burst in the child,
+    then ``release``, gives pools back and every object stays intact in both processes."""
+    out = _run(
+        r"""
+made, kept = burst(50_000, 200, 5)
+del made
+pid = os.fork()
+if pid == 0:
+    more, kept2 = burst(150_000, 400, 6)
+    del more
+    gc.collect()
+    ok = heap.release_pools() > 0 and intact(kept) and intact(kept2)
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+gc.collect()
+heap.release_pools()
+print(os.waitstatus_to_exitcode(status), int(intact(kept)))
+"""
+    )
+    assert out == ["0", "1"], out
