@@ -27,11 +27,15 @@
  *   pool must say so (maxnextoffset + block size == 16 KiB, as pymalloc's pool initialisation
  *   writes). A 64-bit build without the radix tree has 1 MiB arenas of 4 KiB pools: every
  *   arena fails the check and nothing is written.
- * - An arena is released only by the interpreter that allocated it: since 3.12 an isolated
- *   sub-interpreter has its own pymalloc state under its own GIL, while the arena allocator is
- *   one per process. The table is under a mutex for the same reason.
+ * - An arena is released only by the interpreter whose pymalloc state it belongs to (see
+ *   current_interp): since 3.12 an isolated sub-interpreter has its own under its own GIL,
+ *   while the arena allocator is one per process. The table is under a mutex for the same
+ *   reason. (An isolated interpreter cannot import this single-phase module, so release() runs
+ *   in an interpreter that shares the main state or in the main one.)
  * - If other code replaces the arena allocator after track(), arenas may be freed without our
  *   free(): release() sees that the allocator is no longer ours and stops tracking for good.
+ *   If it was put back before release() runs, release() skips (and forgets) every recorded
+ *   arena that is no longer mapped (mincore), and an address recorded twice is kept once.
  *
  * release() runs with the GIL held (METH_NOARGS), which is pymalloc's own lock.
  */
@@ -43,7 +47,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#if PY_VERSION_HEX >= 0x030A0000 && PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED) && defined(MADV_DONTNEED)
+/* 64-bit only: 32-bit builds have 4 KiB pools, nothing to give back but the header page. */
+#if PY_VERSION_HEX >= 0x030A0000 && PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED) && \
+    defined(MADV_DONTNEED) && SIZEOF_VOID_P > 4
 #define POOLS_KNOWN 1
 #else
 #define POOLS_KNOWN 0
@@ -95,11 +101,20 @@ static int tracking = 0;
 /* Totals since track(), for stats(). */
 static unsigned long long pools_released = 0, arenas_skipped = 0, releases = 0;
 
+/* Whose pymalloc state an arena belongs to. Before 3.12 there is one for the process, under one
+ * GIL: every arena is the main state's. Since 3.12 an isolated interpreter has its own (and its
+ * own GIL), so the tag is the interpreter; a legacy sub-interpreter shares the main state but is
+ * tagged with itself, so its arenas are given back only by release() called there: a missed
+ * saving, never a race. NULL: no current thread state, never released. */
 static PyInterpreterState *
 current_interp(void)
 {
+#if PY_VERSION_HEX < 0x030C0000
+    return (PyInterpreterState *)&previous; /* any fixed non-NULL tag: the one pymalloc state */
+#else
     PyThreadState *tstate = CURRENT_TSTATE();
     return tstate == NULL ? NULL : PyThreadState_GetInterpreter(tstate);
+#endif
 }
 
 static void *
@@ -121,6 +136,15 @@ arena_alloc(void *ctx, size_t size)
         }
         arenas = grown;
         cap_arenas = cap;
+    }
+    /* An address recorded before and freed without arena_free (the allocator was swapped out
+     * meanwhile) is recorded once, with its new owner. */
+    for (size_t i = 0; i < n_arenas; i++) {
+        if (arenas[i].address == (uintptr_t)p) {
+            arenas[i].interp = interp;
+            pthread_mutex_unlock(&table_lock);
+            return p;
+        }
     }
     arenas[n_arenas].address = (uintptr_t)p;
     arenas[n_arenas].interp = interp;
@@ -149,6 +173,19 @@ arena_free(void *ctx, void *ptr, size_t size)
 #define FOR_POOLS(p, a)                                                                              \
     for (uintptr_t p = ((a) + POOL_SIZE - 1) & ~(uintptr_t)(POOL_SIZE - 1); p + POOL_SIZE <= (a) + ARENA_SIZE; \
          p += POOL_SIZE)
+
+/* Every page of the arena is mapped (mincore fails with ENOMEM otherwise): an address freed
+ * behind our back is not read. One mapped by someone else since must still pass the header
+ * check before anything is written. */
+static int
+still_mapped(uintptr_t a, size_t page)
+{
+    unsigned char vec[ARENA_SIZE / 4096];
+    if (ARENA_SIZE / page > sizeof(vec)) {
+        return 0;
+    }
+    return mincore((void *)a, ARENA_SIZE, vec) == 0;
+}
 
 /* 1: every carved pool header of the arena is one pymalloc wrote for a 16 KiB pool of this arena;
  * 0: one is not (left alone, counted); -1: not an arena but a frame data-stack chunk. */
@@ -190,16 +227,6 @@ arena_looks_right(uintptr_t a)
     return 1;
 }
 
-/* A fork while another thread (another interpreter's, 3.12+) held the table's mutex would leave it
- * locked for ever in the child: the child starts with a fresh one (the table itself is copied,
- * and the arenas with it). */
-static void
-child_after_fork(void)
-{
-    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
-    table_lock = fresh;
-}
-
 static PyObject *
 pools_track(PyObject *self, PyObject *noargs)
 {
@@ -215,7 +242,6 @@ pools_track(PyObject *self, PyObject *noargs)
         mine.ctx = NULL;
         mine.alloc = arena_alloc;
         mine.free = arena_free;
-        pthread_atfork(NULL, NULL, child_after_fork);
         PyObject_GetArenaAllocator(&previous);
         PyObject_SetArenaAllocator(&mine);
         tracking = 1;
@@ -251,6 +277,11 @@ pools_release(PyObject *self, PyObject *noargs)
             continue; /* another interpreter's pymalloc state (its own GIL since 3.12) */
         }
         uintptr_t a = arenas[i].address;
+        if (!still_mapped(a, page)) {
+            /* freed without arena_free: the allocator was swapped out and back since track() */
+            arenas[i--] = arenas[--n_arenas];
+            continue;
+        }
         int right = arena_looks_right(a);
         if (right < 0) {
             continue;

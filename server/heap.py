@@ -96,6 +96,11 @@ except ImportError:  # pragma: no cover - built on every machine the tests run o
     _pools = None
 
 
+_said_unknown = False  # each warning once per process: a compaction calls release_pools twice
+_said_stopped = False
+_tracked = False  # track_arenas said True
+
+
 def track_arenas() -> bool:
     """Know every pymalloc arena allocated from now on, so that ``release_pools`` can give their empty
     pools back; call once at startup, before traffic. False where that is not possible: the C
@@ -103,7 +108,9 @@ def track_arenas() -> bool:
     ones it knows (CPython 3.10-3.13 with the GIL), or other code replaced the arena allocator
     after an earlier call; the server then runs as before. True under ``PYTHONMALLOC=malloc``
     too, where no arena is ever made and nothing is given back."""
-    return bool(_pools is not None and _pools.track())
+    global _tracked
+    _tracked = bool(_pools is not None and _pools.track())
+    return _tracked
 
 
 def release_pools() -> int:
