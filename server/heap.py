@@ -120,14 +120,25 @@ def release_pools() -> int:
     Only this interpreter's arenas, only 16 KiB pools; an arena whose pool headers do not look
     as pymalloc writes them is left alone (server/_pools.c lists what else the arena allocator
     serves, and how each is kept apart): the module never writes to memory it does not
-    recognise. A warning when no arena looked right. Cost: one ``madvise`` per empty pool the
+    recognise. A warning, once per process, when no arena looked right or when other code
+    replaced the arena allocator (tracking stops). Cost: one ``madvise`` per empty pool the
     first time (about 4 µs each: 47 ms for 12,378 pools), a header read per pool after that.
     """
+    global _said_unknown, _said_stopped
     if _pools is None:
         return 0
     released, skipped, looked = _pools.release()
+    if _tracked and not _said_stopped and not _pools.stats()["tracking"]:
+        _said_stopped = True
+        log.warning(
+            "memory: other code replaced the arena allocator; empty pymalloc pools are no longer given back"
+        )
     if skipped and skipped == looked:  # none looked right: pool headers this module does not know
-        log.warning("memory: no pymalloc arena looked as expected (%d); none was touched", skipped)
+        if not _said_unknown:
+            _said_unknown = True
+            log.warning(
+                "memory: no pymalloc arena looked as expected (%d); none is touched, now or later", skipped
+            )
     elif skipped:  # e.g. a frame's data-stack chunk of an arena's size: not pymalloc's
         log.debug(
             "memory: %d of %d tracked arenas did not look like pymalloc's and were left alone",
