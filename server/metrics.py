@@ -168,6 +168,18 @@ def broker_families(broker: Broker) -> Iterator[Metric]:
     yield histogram_family(
         "wsfan_broker_publish_seconds", "Round trip of one pipelined batch of publishes to the broker", rtt
     )
+    scripts: Histogram | None = getattr(broker, "script_rtt", None)
+    if scripts is not None:
+        yield histogram_family(
+            "wsfan_broker_script_seconds",
+            "Round trip of one pipelined batch of script calls (joins' history reads, presence writes)",
+            scripts,
+        )
+        yield CounterMetricFamily(
+            "wsfan_broker_script_calls",
+            "Script calls sent in those batches (calls per batch: this / wsfan_broker_script_seconds_count)",
+            broker.script_calls,  # type: ignore[attr-defined]
+        )
 
 
 def build_labels() -> dict[str, str]:

@@ -8,9 +8,14 @@ Connection model: one dedicated connection for pub/sub (read by one task, writte
 by one task so SUBSCRIBE/UNSUBSCRIBE keep their order), and the client's pool for
 the rest. Publishes are queued and sent as one pipeline per batch by a single
 task: one round trip for a burst, and a node's publishes reach Redis in the
-order its clients sent them. Every Redis call may fail; a failure takes the
-broker down (UNAVAILABLE for clients, one log line) until the reconnect loop,
-with backoff, has resubscribed every room and caught up what its subscribers missed.
+order its clients sent them. Joins' history reads and presence writes go the same
+way, through a second queue and task (``_call``): a storm of joins costs a round
+trip per batch, not one per join, and holds one pooled connection, not one each
+(before, 5,000 joins at once waited for the pool's 64 connections past its 5 s
+checkout timeout, which took the broker down). Every Redis call may fail; a
+failure takes the broker down (UNAVAILABLE for clients, one log line) until the
+reconnect loop, with backoff, has resubscribed every room and caught up what its
+subscribers missed.
 """
 
 from __future__ import annotations
@@ -52,12 +57,14 @@ from wsfan.server.broker.redis_layout import (
     decode_envelope,
     decode_info,
     encode_body,
+    evalsha_head,
     history_key,
     meta_key,
     presence_keys,
     publish_command_head,
     resp_arg,
     room_args,
+    script_call,
     unnumbered_command,
 )
 from wsfan.server.fds import is_exhausted
@@ -78,12 +85,27 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 CHUNK = 1000
 # Publishes per pipeline: a backlog goes out in several round trips, so none grows without bound.
 MAX_BATCH = 512
-# A batch of publishes not answered by then counts as a lost connection.
+# Script calls (joins' history reads, presence writes) per pipeline: a history reply can be
+# hundreds of envelopes, so a storm of joins goes out in several round trips of this many.
+MAX_CALLS = 256
+# A batch of publishes or of script calls not answered by then counts as a lost connection.
 REPLY_TIMEOUT_S = 5.0
 # close(): how long the broker's tasks get to end, and then the connections to close, each.
 CLOSE_TIMEOUT_S = 2.0
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class _Call:
+    """One queued script call (``RedisBroker._call``): its script, its RESP after the sha, its waiter."""
+
+    __slots__ = ("lua", "argc", "tail", "fut")
+
+    def __init__(self, lua: str, argc: int, tail: bytes, fut: asyncio.Future[Any]) -> None:
+        self.lua = lua  # the script's source as written (before ``_lua``): the key of ``_scripts``
+        self.argc = argc
+        self.tail = tail
+        self.fut = fut
 
 
 class _Room:
@@ -154,6 +176,9 @@ class RedisBroker:
         # Health for /metrics (read at scrape time): reconnections after a loss, publish round trips.
         self.reconnects = 0
         self.publish_rtt = Histogram(BROKER_PUBLISH_BUCKETS)
+        # Round trips of batched script calls (its count: pipelines sent) and the calls they carried.
+        self.script_rtt = Histogram(BROKER_PUBLISH_BUCKETS)
+        self.script_calls = 0
         self._state = "starting"
         self._why = "broker not connected yet"
         self._closing = False
@@ -168,11 +193,12 @@ class RedisBroker:
         self._ops_wake = asyncio.Event()
         self._outbox: list[tuple[str, bytes, asyncio.Future[Publication], Publication]] = []
         self._outbox_wake = asyncio.Event()
+        self._calls: list[_Call] = []
+        self._calls_wake = asyncio.Event()
         self._first_attempt = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_sha = ""
-        self._history_sha = ""
         # Past heap.COMPACT_AFTER forgotten rooms (_forgot): this broker's per-room tables, then the hub's.
         self.compaction = Compaction()
         self.compaction.hooks.append(self._compact_tables)
@@ -200,6 +226,7 @@ class RedisBroker:
             loop.create_task(self._connect_forever(), name="redis-connect"),
             loop.create_task(self._write_ops_forever(), name="redis-ops-writer"),
             loop.create_task(self._publish_forever(), name="redis-publisher"),
+            loop.create_task(self._call_forever(), name="redis-scripts"),
             loop.create_task(self._refresh_presence_forever(), name="redis-presence"),
         ]
         await self._first_attempt.wait()
@@ -246,6 +273,7 @@ class RedisBroker:
         self._why = "server shutting down"
         self._ops_wake.set()
         self._outbox_wake.set()
+        self._calls_wake.set()
         self._presence_wake.set()
         tasks = [*self._tasks, *([self._reader] if self._reader else [])]
         for t in tasks:
@@ -256,6 +284,8 @@ class RedisBroker:
             abandoned = sorted(t.get_name() for t in pending)
         self._fail(self._outbox, "server shutting down")
         self._outbox = []
+        self._fail_calls(self._calls, "server shutting down")
+        self._calls = []
         if self._redis is not None:
             closing = asyncio.get_running_loop().create_task(self._close_connections(), name="redis-close")
             _, pending = await asyncio.wait([closing], timeout=CLOSE_TIMEOUT_S)
@@ -332,8 +362,9 @@ class RedisBroker:
             self.compaction.run_soon()  # not inside the hub's leave: between callbacks
 
     def _relocate(self, replaced: list[object]) -> None:
-        """``heap.relocate``'s mover: the publish round-trip histogram, written per batch."""
+        """``heap.relocate``'s mover: the round-trip histograms, written per batch."""
         self.publish_rtt.relocate(replaced)
+        self.script_rtt.relocate(replaced)
 
     def _compact_tables(self) -> None:
         """Shrink every per-room table a burst of rooms grew (``heap.compact_in_place``).
@@ -449,24 +480,141 @@ class RedisBroker:
             if not fut.done():
                 fut.set_exception(BrokerUnavailable(why))
 
+    # ------------------------------------------------------------ script calls (joins)
+
+    def _call(
+        self, lua: str, keys: tuple[str, ...], args: tuple[bytes | str | int, ...]
+    ) -> asyncio.Future[Any]:
+        """Queue ``EVALSHA`` of ``lua`` (as ``_lua`` makes it) for the next batch; its future gets the raw reply.
+
+        The future fails with ``BrokerUnavailable`` (Redis away, or lost during the batch: every
+        call of that batch, and the broker goes down through ``_lost``) or with the
+        ``ResponseError`` of this call alone (the caller logs it and answers with its own
+        sentence). Calls go out in the order queued, ``MAX_CALLS`` per pipeline, one pipeline at
+        a time (``_call_forever``): a presence add and the leave after it reach Redis in order.
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.available:
+            fut.set_exception(BrokerUnavailable(self._why))
+            return fut
+        argc, tail = script_call(keys, args)
+        self._calls.append(_Call(lua, argc, tail, fut))
+        self._calls_wake.set()
+        return fut
+
+    async def _call_forever(self) -> None:
+        """Send the queued script calls, one pipeline per batch: what queued during a round trip
+        (or within one event-loop turn) goes in the next one."""
+        while not self._closing:
+            await self._calls_wake.wait()
+            self._calls_wake.clear()
+            while self._calls and not self._closing:
+                batch, self._calls = self._calls[:MAX_CALLS], self._calls[MAX_CALLS:]
+                try:
+                    await self._call_batch(batch)
+                except Exception:  # a bug must not stop every later join of this node
+                    log.exception("a batch of script calls failed")
+                    self._fail_calls(batch, "internal error in the broker")
+                except BaseException:  # cancelled by close(): no waiter is left hanging
+                    self._fail_calls(batch, "server shutting down")
+                    raise
+
+    async def _call_batch(self, batch: list[_Call], retried: bool = False) -> None:
+        """One round trip on one pooled connection: every call's ``EVALSHA``, then every reply, in order.
+
+        Non-transactional (no MULTI): each call succeeds or fails alone. In a Redis Cluster each
+        call's keys are one room's (one slot), and this broker talks to the master that owns them
+        (``redis_cluster.RedisClusterBroker.shard``), so a batch never needs splitting by node.
+        NOSCRIPT (Redis lost its script cache: SCRIPT FLUSH, a restart or failover between two
+        reconnects) loads each script concerned once and sends those calls again, once.
+        """
+        if not self.available or self._redis is None:
+            self._fail_calls(batch, self._why)
+            return
+        heads: dict[tuple[str, int], bytes] = {}
+        commands = []
+        for call in batch:
+            key = (call.lua, call.argc)
+            head = heads.get(key)
+            if head is None:
+                head = heads[key] = evalsha_head(self._script(call.lua).sha, call.argc)
+            commands.append(head + call.tail)
+        pool = self._redis.connection_pool
+        try:
+            conn = await pool.get_connection()
+        except _LOST as exc:
+            self._lost(exc)
+            self._fail_calls(batch, self._why)
+            return
+        results: list[Any] = []
+        clean = False
+        sent_at = time.perf_counter()
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                await conn.send_packed_command(commands, check_health=False)
+                for _ in commands:
+                    try:
+                        results.append(await conn.read_response(timeout=math.inf, disconnect_on_error=False))
+                    except ResponseError as exc:
+                        results.append(exc)
+            clean = True
+        except (*_LOST, TimeoutError) as exc:
+            self._lost(exc)
+            self._fail_calls(batch, self._why)
+            return
+        finally:
+            if not clean:  # replies may be left unread on it: never handed out again
+                await conn.disconnect(nowait=True)
+            await pool.release(conn)
+        self.script_rtt.observe(time.perf_counter() - sent_at)
+        self.script_calls += len(batch)
+        again = []
+        for call, res in zip(batch, results, strict=True):
+            fut = call.fut
+            if isinstance(res, NoScriptError) and not retried:
+                again.append(call)
+            elif fut.done():
+                continue  # its waiter was cancelled
+            elif isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+        if again:
+            try:
+                for lua in dict.fromkeys(call.lua for call in again):
+                    await self._redis.script_load(self._script(lua).script)
+            except _LOST as exc:
+                self._lost(exc)
+                self._fail_calls(again, self._why)
+                return
+            except ResponseError as exc:
+                for call in again:
+                    if not call.fut.done():
+                        call.fut.set_exception(exc)
+                return
+            await self._call_batch(again, retried=True)
+
+    @staticmethod
+    def _fail_calls(calls: Iterable[_Call], why: str) -> None:
+        for call in calls:
+            if not call.fut.done():
+                call.fut.set_exception(BrokerUnavailable(why))
+
     # ------------------------------------------------------------ history
 
     async def _read_history(self, room: str, since: int | None, epoch: str | None) -> History:
-        assert self._redis is not None
+        """``HISTORY_LUA`` on the room's keys, in the next batch of script calls (``_call``).
+
+        Raises ``BrokerUnavailable``: Redis lost (every waiter of the batch; the broker goes down)
+        or Redis refused this read (a ``ResponseError``, e.g. WRONGTYPE on the meta key: logged with
+        redis' text, and only this join fails, with our sentence).
+        """
         args = (
-            2, meta_key(room), history_key(room),
             "" if since is None else str(since), epoch or "", secrets.token_hex(4), self.meta_ttl,
             self.presence_ttl,
         )  # fmt: skip
         try:
-            try:
-                reply = await self._redis.evalsha(self._history_sha, *args)
-            except NoScriptError:
-                self._history_sha = await self._redis.script_load(HISTORY_LUA)
-                reply = await self._redis.evalsha(self._history_sha, *args)
-        except _LOST as exc:
-            self._lost(exc)
-            raise BrokerUnavailable(self._why) from None
+            reply = await self._call(HISTORY_LUA, (meta_key(room), history_key(room)), args)
         except ResponseError as exc:
             # The reason goes to the log; the client's UNAVAILABLE carries our sentence, not redis' text.
             log.warning("redis refused the history read of %r: %s", room, exc)
@@ -548,9 +696,8 @@ class RedisBroker:
         if not self.available or self._redis is None:
             return False
         try:
-            await self._script(lua)(keys=presence_keys(room), args=args)
-        except _LOST as exc:
-            self._lost(exc)
+            await self._call(lua, presence_keys(room), tuple(args))
+        except BrokerUnavailable:
             return False
         except ResponseError as exc:
             log.warning("redis refused a presence update of %r: %s", room, exc)
@@ -731,7 +878,7 @@ class RedisBroker:
         await r.ping()
         await self._count_replicas()
         self._publish_sha = await r.script_load(self._lua(PUBLISH_LUA))
-        self._history_sha = await r.script_load(HISTORY_LUA)
+        await r.script_load(HISTORY_LUA)  # every join runs it: loaded now, not after a NOSCRIPT
         conn = await r.connection_pool.get_connection()
         # From here on nothing awaits until the writer is woken: the full SUBSCRIBE below is
         # built from exactly the rooms wanted now, and later (un)subscribes queue behind it.

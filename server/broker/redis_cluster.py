@@ -93,6 +93,7 @@ class RedisClusterBroker:
         self._on_event: EventFn | None = None
         self.on_fd_exhausted = None
         self.publish_rtt = Histogram(BROKER_PUBLISH_BUCKETS)  # every shard's publishes, one histogram
+        self.script_rtt = Histogram(BROKER_PUBLISH_BUCKETS)  # every shard's batches of joins' script calls
         # Run by whichever shard compacts (heap.Compaction, per shard): the hub's tables.
         self.compact_hooks: list[Callable[[], None]] = []
         # ... and after them the hub's movers (heap.relocate; the shards move the shared publish_rtt).
@@ -123,6 +124,7 @@ class RedisClusterBroker:
                 shard.bind_events(self._on_event)
                 shard.on_fd_exhausted = self.on_fd_exhausted
                 shard.publish_rtt = self.publish_rtt
+                shard.script_rtt = self.script_rtt
                 shard.compaction.hooks.append(self._compact)
                 shard.compaction.movers.append(self._relocate)
             self._first_slot.setdefault(shard, start)
@@ -210,6 +212,11 @@ class RedisClusterBroker:
     @property
     def reconnects(self) -> int:
         return sum(s.reconnects for s in self.shards)
+
+    @property
+    def script_calls(self) -> int:
+        """Script calls (joins' history reads, presence writes) every shard sent, in ``script_rtt.count`` batches."""
+        return sum(s.script_calls for s in self.shards)
 
     # ------------------------------------------------------------ Broker
 

@@ -280,6 +280,24 @@ def unnumbered_command(channel: bytes, body: bytes, sharded: bool) -> bytes:
     return b"*3\r\n" + verb + channel + resp_arg(UNNUMBERED_HEAD + body)
 
 
+def script_call(keys: tuple[str, ...], args: tuple[bytes | str | int, ...]) -> tuple[int, bytes]:
+    """``<numkeys> <keys...> <args...>`` of an ``EVALSHA``, as RESP, and how many bulk strings that is.
+
+    The sha goes in front separately (``evalsha_head``), so a call can be sent again under a
+    reloaded script. ``str`` is sent as UTF-8, ``int`` in decimal, ``bytes`` as is.
+    """
+    parts = [resp_arg(b"%d" % len(keys))]
+    parts += [resp_arg(key.encode()) for key in keys]
+    for arg in args:
+        parts.append(resp_arg(arg if isinstance(arg, bytes) else str(arg).encode()))
+    return len(parts), b"".join(parts)
+
+
+def evalsha_head(sha: str, argc: int) -> bytes:
+    """``EVALSHA <sha>`` as the head of a RESP array of ``argc`` more bulk strings (``script_call``)."""
+    return b"*%d\r\n$7\r\nEVALSHA\r\n%b" % (argc + 2, resp_arg(sha.encode()))
+
+
 def publish_command_head(sha: str) -> bytes:
     """``EVALSHA <sha> 2`` of a publish, as RESP; keys and arguments follow (``room_args`` etc.)."""
     return b"*11\r\n$7\r\nEVALSHA\r\n%b$1\r\n2\r\n" % resp_arg(sha.encode())

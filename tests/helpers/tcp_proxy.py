@@ -1,20 +1,28 @@
 """``TcpProxy``: a TCP relay on a free 127.0.0.1 port to a target port, which a test can cut (every
 relayed connection reset, new ones refused) and restore: a network partition between a node and
-Redis while Redis keeps its data (a restart would lose it)."""
+Redis while Redis keeps its data (a restart would lose it). With ``delay`` it also adds that many
+seconds to each direction (what ``tc qdisc ... netem delay`` does, without root): every chunk is
+passed on ``delay`` s after it arrived, in order, bandwidth untouched, so a round trip costs at
+least ``2 * delay`` however idle the machine is."""
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import struct
 import threading
+import time
 
 from helpers.ports import free_port
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, host: str = "127.0.0.1", delay: float = 0.0) -> None:
         self.host = host
+        self.delay = delay
+        self.record = False  # while True, what clients send is kept in ``sent`` (one item per chunk)
+        self.sent: list[bytes] = []
         self.target = target_port
         self.port = free_port()
         self._listener: socket.socket | None = None
@@ -66,12 +74,47 @@ class TcpProxy:
             with self._lock:
                 self._open += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                if self.delay > 0:
+                    chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+                    up = a is client
+                    threading.Thread(target=self._read_into, args=(a, chunks, up), daemon=True).start()
+                    threading.Thread(target=self._write_from, args=(chunks, a, b), daemon=True).start()
+                else:
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _read_into(self, src: socket.socket, chunks: queue.SimpleQueue, up: bool) -> None:
+        """Each chunk read, stamped with when it is due on the other side; ``b""`` at the end."""
+        data = b""
+        try:
+            while data := src.recv(65536):
+                if up and self.record:
+                    self.sent.append(data)
+                chunks.put((time.monotonic() + self.delay, data))
+        except OSError:
+            pass
+        chunks.put((time.monotonic() + self.delay, b""))
+
+    @staticmethod
+    def _write_from(chunks: queue.SimpleQueue, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if not data:
+                    break
                 dst.sendall(data)
         except OSError:
             pass
