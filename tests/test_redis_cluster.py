@@ -106,6 +106,28 @@ async def test_rooms_on_every_shard_fan_out_between_nodes_with_contiguous_seq(cl
         await peer.close()
 
 
+async def test_a_cluster_node_serves_the_namespace_options_it_was_started_with(cluster, make_server):
+    """``--presence`` and a namespace with ``allow_publish=false`` on a ``redis+cluster://`` node:
+    presence is answered and a client's publish there is FORBIDDEN, as on a plain Redis broker.
+    Before, the hub took its namespaces from the broker and the cluster broker had none: every
+    room got the defaults (presence NOT_AVAILABLE, publishes in a read-only namespace accepted)."""
+    a = make_server(
+        "--broker", cluster.url, "--node-id", "NS", "--rate-limit", "0", "--presence",
+        "--namespaces", "ro:allow_publish=false",
+    ).start()  # fmt: skip
+    peer, _ = await joined(a.url, "lobby")
+    try:
+        listed = await peer.request("presence", room="lobby")
+        assert listed["type"] == "ack", listed
+        assert [e["conn"] for e in listed["data"]["presence"]] != []
+        ack = await peer.request("join", room="ro:news")
+        assert ack["type"] == "ack", ack
+        refused = await peer.request("publish", room="ro:news", payload={"x": 1})
+        assert refused["type"] == "error" and refused["code"] == "FORBIDDEN", refused
+    finally:
+        await peer.close()
+
+
 def _epoch_of(owner: Any, room: str) -> str:
     return owner.command("HGET", meta_key(room), "e").decode()
 

@@ -33,7 +33,7 @@ from wsfan.server.broker.history import History
 from wsfan.server.broker.publication import PresenceEntry, Publication
 from wsfan.server.broker.redis import RedisBroker
 from wsfan.server.broker.redis_layout import channel_name
-from wsfan.server.namespaces import Namespaces
+from wsfan.server.namespaces import Namespace, Namespaces
 from wsfan.server.stats import BROKER_PUBLISH_BUCKETS, Histogram
 
 log = logging.getLogger("wsfan.broker")
@@ -81,6 +81,10 @@ class RedisClusterBroker:
         self.url = url
         self.seeds = seeds(url)
         self.node_id = node_id
+        # The hub reads its namespaces from its broker (Hub.__init__): without this attribute a
+        # cluster node served every room with the defaults, whatever --presence, --join-leave,
+        # --namespaces (allow_publish=false included) said; the shards had them, the hub did not.
+        self.namespaces = namespaces or Namespaces(Namespace(history_size=history_size))
         self._options = {"history_size": history_size, "node_id": node_id, "namespaces": namespaces, "presence_ttl": presence_ttl,
                          "meta_ttl": meta_ttl}  # fmt: skip
         self.shards: list[RedisBroker] = []
