@@ -110,7 +110,9 @@ def test_echo_scenario(server: ServerProcess, tmp_path: Path, path: str) -> None
     extra = ["--echo-path", path] if path else []
     run = locust(tmp_path, "echo", server.host, "-u", "4", "-r", "4", "-t", "3s", "--echo-rate", "10", *extra)
     _assert_clean(run, "connect", "echo")
-    assert run.count("echo") >= 4 * 10, run.explain()  # ~4 users x 10/s x ~2.5 s
+    # ~4 users x 10/s x ~2.5 s = 100 on a quiet machine; 36 seen with four test workers on 2 cores
+    # (Locust's start-up eats into the 3 s). 20 still fails at the default rate of 1/s (~10).
+    assert run.count("echo") >= 4 * 5, run.explain()
 
 
 def test_idle_scenario_answers_heartbeats(server: ServerProcess, tmp_path: Path) -> None:
