@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import websockets
@@ -32,6 +33,12 @@ except ImportError:  # pragma: no cover - skipped or failed below
 
 
 def _needs_module() -> None:
+    source = Path(__file__).resolve().parents[1] / "server" / "_pools.c"
+    built = Path(_pools.__file__) if _pools is not None else None
+    if built is not None and source.exists() and built.parent == source.parent:
+        # an in-place build (make install) older than its source: these tests would test old code
+        if built.stat().st_mtime < source.stat().st_mtime:
+            pytest.fail(f"{built.name} is older than server/_pools.c: run `make install`", pytrace=False)
     if _pools is None:
         if os.environ.get("WSFAN_REQUIRE_POOLS") == "1":
             pytest.fail(
