@@ -26,8 +26,8 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -94,6 +94,9 @@ REPLY_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+_Item = TypeVar("_Item")
 
 
 class _Call:
@@ -225,8 +228,18 @@ class RedisBroker:
         self._tasks = [
             loop.create_task(self._connect_forever(), name="redis-connect"),
             loop.create_task(self._write_ops_forever(), name="redis-ops-writer"),
-            loop.create_task(self._publish_forever(), name="redis-publisher"),
-            loop.create_task(self._call_forever(), name="redis-scripts"),
+            loop.create_task(
+                self._drain_forever(
+                    self._outbox_wake, self._take_publishes, self._publish_batch, self._fail, "publishes"
+                ),
+                name="redis-publisher",
+            ),
+            loop.create_task(
+                self._drain_forever(
+                    self._calls_wake, self._take_calls, self._call_batch, self._fail_calls, "script calls"
+                ),
+                name="redis-scripts",
+            ),
             loop.create_task(self._refresh_presence_forever(), name="redis-presence"),
         ]
         await self._first_attempt.wait()
@@ -376,17 +389,39 @@ class RedisBroker:
 
     # ------------------------------------------------------------ publishing
 
-    async def _publish_forever(self) -> None:
+    async def _drain_forever(
+        self,
+        wake: asyncio.Event,
+        take: Callable[[], list[_Item]],
+        send: Callable[[list[_Item]], Awaitable[None]],
+        fail: Callable[[list[_Item], str], None],
+        what: str,
+    ) -> None:
+        """Send a queue in batches until close: ``take()`` the next batch (empty: wait for ``wake``), ``send`` it.
+
+        The one loop of both queues (publishes, script calls). A bug in ``send`` fails its batch
+        and the loop goes on (it must not stop every later publish or join of this node); a
+        cancel (``close``) fails the batch in flight too, so no waiter is left hanging.
+        """
         while not self._closing:
-            await self._outbox_wake.wait()
-            self._outbox_wake.clear()
-            while self._outbox and not self._closing:
-                batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
+            await wake.wait()
+            wake.clear()
+            while not self._closing:
+                batch = take()
+                if not batch:
+                    break
                 try:
-                    await self._publish_batch(batch)
-                except Exception:  # a bug must not stop every later publish of this node
-                    log.exception("publishing a batch failed")
-                    self._fail(batch, "internal error in the broker")
+                    await send(batch)
+                except Exception:
+                    log.exception("a batch of %s failed", what)
+                    fail(batch, "internal error in the broker")
+                except BaseException:
+                    fail(batch, "server shutting down")
+                    raise
+
+    def _take_publishes(self) -> list[tuple[str, bytes, asyncio.Future[Publication], Publication]]:
+        batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
+        return batch
 
     async def _publish_batch(
         self, batch: list[tuple[str, bytes, asyncio.Future[Publication], Publication]], retried: bool = False
@@ -491,7 +526,7 @@ class RedisBroker:
         call of that batch, and the broker goes down through ``_lost``) or with the
         ``ResponseError`` of this call alone (the caller logs it and answers with its own
         sentence). Calls go out in the order queued, ``MAX_CALLS`` per pipeline, one pipeline at
-        a time (``_call_forever``): a presence add and the leave after it reach Redis in order.
+        a time (``_drain_forever``): a presence add and the leave after it reach Redis in order.
         """
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.available:
@@ -502,22 +537,10 @@ class RedisBroker:
         self._calls_wake.set()
         return fut
 
-    async def _call_forever(self) -> None:
-        """Send the queued script calls, one pipeline per batch: what queued during a round trip
-        (or within one event-loop turn) goes in the next one."""
-        while not self._closing:
-            await self._calls_wake.wait()
-            self._calls_wake.clear()
-            while self._calls and not self._closing:
-                batch, self._calls = self._calls[:MAX_CALLS], self._calls[MAX_CALLS:]
-                try:
-                    await self._call_batch(batch)
-                except Exception:  # a bug must not stop every later join of this node
-                    log.exception("a batch of script calls failed")
-                    self._fail_calls(batch, "internal error in the broker")
-                except BaseException:  # cancelled by close(): no waiter is left hanging
-                    self._fail_calls(batch, "server shutting down")
-                    raise
+    def _take_calls(self) -> list[_Call]:
+        """The next batch of script calls: what queued during a round trip (or one loop turn), ``MAX_CALLS`` at most."""
+        batch, self._calls = self._calls[:MAX_CALLS], self._calls[MAX_CALLS:]
+        return batch
 
     async def _call_batch(self, batch: list[_Call], retried: bool = False) -> None:
         """One round trip on one pooled connection: every call's ``EVALSHA``, then every reply, in order.

@@ -89,9 +89,7 @@ class TcpProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        _shut(src, dst)
 
     def _read_into(self, src: socket.socket, chunks: queue.SimpleQueue, up: bool) -> None:
         """Each chunk read, stamped with when it is due on the other side; ``b""`` at the end."""
@@ -118,6 +116,11 @@ class TcpProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        _shut(src, dst)
+
+
+def _shut(*socks: socket.socket) -> None:
+    """Shut both directions of each socket, ignoring ones already gone: the other side sees the end."""
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
